@@ -34,6 +34,9 @@ class ModelConfig:
     norm_eps: float = 1e-5  # RMSNorm epsilon (Qwen2.5: 1e-6)
     qkv_bias: bool = False  # bias on q/k/v projections (Qwen2.5: True)
     tie_embeddings: bool = False  # share the token embedding with the output head
+    n_pos: int = 0  # learned absolute position embeddings added to the tokens (0 = none, RoPE only)
+    embed_std: float = 0.02  # init std of token/position embeddings. NOTE: a from-scratch relay model
+    # needs 1.0 (PyTorch's default): LayerNorm(h) has norm ~sqrt(D) and would drown 0.02-std tokens
     dropout: float = 0.0  # on embeddings, attention probabilities and residual branches
     mask_id: int = 0  # token id of [MASK]
     relay: bool = False  # has a relay channel (PAPER.md §2)
@@ -127,6 +130,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.embed_pos = nn.Embedding(cfg.n_pos, cfg.n_embd) if cfg.n_pos else None
         self.relay = RelayChannel(cfg.n_embd, cfg.relay_eps, cfg.relay_masked_only,
                                   cfg.relay_zero_init) if cfg.relay else None
         self.drop = nn.Dropout(cfg.dropout)
@@ -134,6 +138,9 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.apply(self._init)
+        for emb in (self.embed_tokens, self.embed_pos):
+            if emb is not None:
+                nn.init.normal_(emb.weight, std=cfg.embed_std)
         if self.relay is not None:
             self.relay.reset_parameters()  # LayerNorm init (weight 1 or 0), not the Linear init
 
@@ -149,14 +156,16 @@ class Transformer(nn.Module):
         pos (T,) positions (default 0..T-1); attn_mask: bool (T, S) or (B, 1, T, S), True = attend,
         None = full bidirectional. Returns logits (B, T, V) and h_out (B, T, D)."""
         B, T = idx.shape
+        if pos is None:
+            pos = torch.arange(T, device=idx.device)
         x = self.embed_tokens(idx)  # (B, T, D)
+        if self.embed_pos is not None:
+            x = x + self.embed_pos(pos)
         if relay is not None:
             if self.relay is None:
                 raise ValueError("relay state given to a model built without a relay channel")
             x = self.relay(x, relay, idx == self.cfg.mask_id)
         x = self.drop(x)
-        if pos is None:
-            pos = torch.arange(T, device=idx.device)
         cos, sin = rope(pos, self.cfg.head_dim, self.cfg.rope_theta)
         for layer in self.layers:
             x = layer(x, cos, sin, attn_mask)

@@ -31,10 +31,10 @@ from sampler import reveal_confidence_mass, sample_mdm
 
 PRESETS = {  # defaults per preset; any flag given explicitly wins
     "paper": dict(n_layer=4, n_embd=384, n_head=6, n_ffn=1536, dropout=0.1, batch_size=512,
-                  lr=5e-4, warmup=2000, max_steps=300_000, ema=0.9999, dtype="bfloat16",
+                  lr=5e-4, warmup=2000, max_steps=300_000, ema=0.9999, dtype="bfloat16", pos_emb="none",
                   n_train=100_000, eval_size=1000, eval_every=5000, ckpt_every=5000),
     "cpu": dict(n_layer=4, n_embd=128, n_head=4, n_ffn=512, dropout=0.0, batch_size=64,
-                lr=2e-3, warmup=100, max_steps=2000, ema=0.99, dtype="float32",
+                lr=2e-3, warmup=50, max_steps=1200, ema=0.99, dtype="float32", pos_emb="sudoku",
                 n_train=6000, eval_size=512, eval_every=500, ckpt_every=250),
 }
 TAUS = (0.05, 0.10, 0.15, 0.20, 0.25)
@@ -60,6 +60,8 @@ def get_args(argv=None):
     p.add_argument("--n-ffn", type=int)
     p.add_argument("--dropout", type=float)
     p.add_argument("--tie-embeddings", action="store_true")
+    p.add_argument("--pos-emb", choices=["none", "sudoku"], help="learned position table: none (RoPE "
+                   "only, the paper's) or sudoku (initialised as row + column + box embeddings)")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="autocast dtype")
     p.add_argument("--data", default="", help="training CSV (question,answer[,...]); default: generated")
@@ -154,7 +156,19 @@ class Stream:
 def model_config(args):
     return ModelConfig(vocab_size=10, n_layer=args.n_layer, n_head=args.n_head, n_kv_head=args.n_head,
                        n_embd=args.n_embd, n_ffn=args.n_ffn, dropout=args.dropout, mask_id=0,
+                       n_pos=81 if args.pos_emb == "sudoku" else 0, embed_std=1.0,
                        tie_embeddings=args.tie_embeddings, relay=args.objective in ("relay_sg", "relay"))
+
+
+def init_sudoku_positions(model, gen):
+    """Cell i starts as row[r] + col[c] + box[b] (random vectors): cells that share a unit start
+    with correlated positions, so attention finds a cell's 20 peers without first discovering the
+    board's geometry from 1-D positions. Then trained freely. (Not in the paper; see README.)"""
+    D = model.cfg.n_embd
+    r, c, b = (torch.randn(9, D, generator=gen) * model.cfg.embed_std / 3 ** 0.5 for _ in range(3))
+    cells = torch.arange(81)
+    with torch.no_grad():
+        model.embed_pos.weight.copy_(r[cells // 9] + c[cells % 9] + b[(cells // 27) * 3 + (cells % 9) // 3])
 
 
 def save_checkpoint(path, obj):
@@ -259,7 +273,10 @@ def main(argv=None):
 
     train, test = load_data(args)
     cfg = model_config(args)
-    model = Transformer(cfg).to(device)
+    model = Transformer(cfg)
+    if cfg.n_pos:
+        init_sudoku_positions(model, torch.Generator().manual_seed(args.seed))
+    model = model.to(device)
     print(f"model: {model.num_params() / 1e6:.2f}M parameters, objective {args.objective}, K={args.K}, "
           f"device {device}, {args.dtype}")
     ema = Transformer(cfg).to(device).eval() if args.ema > 0 else None
@@ -359,7 +376,7 @@ def finish(args, model, test, ctx, step, t_start, train_seconds=0.0, losses=(), 
         "train_rows_per_s": rows_per_s, "train_seconds": train_seconds,
         "seconds": time.time() - t_start, "curve": [{k: r[k] for k in ("tau", "exact_match", "nfe")} for r in curve]}
     print(json.dumps(result))
-    return result
+    return {**result, "losses": list(losses)}
 
 
 if __name__ == "__main__":

@@ -1,0 +1,14 @@
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture
+def tiny_cfg():
+    from model import ModelConfig
+    return ModelConfig(vocab_size=10, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, n_ffn=64, mask_id=0)

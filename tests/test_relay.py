@@ -1,0 +1,108 @@
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from model import Transformer
+from relay import RolloutBuffer, mlm_loss, rollout_loss
+from sampler import reveal_confidence_mass
+
+REVEAL = lambda logits, masked: reveal_confidence_mass(logits.float().softmax(-1).max(-1).values, masked, 0.3)
+
+
+def rows(n, T=81, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randint(1, 10, (n, T), generator=g)
+    fixed = torch.rand(n, T, generator=g) < 0.3
+    return x0, fixed
+
+
+class Spy(torch.nn.Module):
+    """Wraps the model; scales the relay state written by forward number `at` by a scalar s
+    (value 1, so nothing changes numerically) to see whether the loss gradient reaches it via h."""
+
+    def __init__(self, model, at):
+        super().__init__()
+        self.model, self.at, self.calls = model, at, 0
+        self.s = torch.ones((), requires_grad=True)
+        self.cfg = model.cfg
+
+    def forward(self, x, relay=None):
+        logits, h = self.model(x, relay=relay)
+        self.calls += 1
+        return logits, (h * self.s if self.calls == self.at else h)
+
+
+def make(tiny_cfg, objective, B=4):
+    torch.manual_seed(0)
+    m = Transformer(dataclasses.replace(tiny_cfg, relay=objective != "rollout"))
+    buf = RolloutBuffer(B, 81, 32, 0, "cpu")
+    buf.refill(lambda n: rows(n))
+    return m, buf
+
+
+def test_relay_gradient_inside_window_and_truncated_across_steps(tiny_cfg):
+    m, buf = make(tiny_cfg, "relay")
+    spy = Spy(m, at=1)
+    rollout_loss(spy, buf, 2, "relay", REVEAL).backward()
+    assert spy.s.grad is not None and spy.s.grad.abs() > 0  # L_2 reaches forward 1 through h
+    # the state written back into the buffer is detached: the next optimizer step cannot reach it
+    spy = Spy(m, at=2)
+    rollout_loss(spy, buf, 2, "relay", REVEAL)  # forward 2 writes the buffer state
+    rollout_loss(m, buf, 2, "relay", REVEAL).backward()
+    assert spy.s.grad is None
+    assert not buf.h.requires_grad and buf.h.abs().sum() > 0
+
+
+def test_relay_sg_blocks_gradient_inside_window(tiny_cfg):
+    m, buf = make(tiny_cfg, "relay_sg")
+    spy = Spy(m, at=1)
+    loss = rollout_loss(spy, buf, 2, "relay_sg", REVEAL)
+    loss.backward()
+    assert spy.s.grad is None
+    assert m.relay.norm.weight.grad.abs().sum() > 0  # the relay is still used and trained
+
+
+def test_rollout_loss_is_sum_of_masked_ce_with_teacher_forcing(tiny_cfg):
+    m, buf = make(tiny_cfg, "rollout")
+    x_before = buf.x.clone()
+    loss = rollout_loss(m, buf, 1, "rollout", REVEAL)
+    logits, _ = m(x_before)
+    masked = x_before == 0
+    torch.testing.assert_close(loss, F.cross_entropy(logits[masked], buf.x0[masked]))
+    revealed = (x_before == 0) & (buf.x != 0)
+    assert revealed.any(1).all()  # every row advanced by at least one cell
+    assert (buf.x[revealed] == buf.x0[revealed]).all()  # the ground truth, not the prediction
+    assert (buf.x[~masked] == x_before[~masked]).all()
+
+
+def test_buffer_refills_only_finished_slots(tiny_cfg):
+    buf = RolloutBuffer(3, 81, 32, 0, "cpu")
+    assert buf.refill(lambda n: rows(n, seed=1)) == 3  # cold start fills every slot
+    x0, fixed = rows(3, seed=1)
+    assert (buf.x == torch.where(fixed, x0, 0)).all() and (buf.h == 0).all()
+    buf.x[1] = buf.x0[1]  # slot 1 finished
+    buf.h[:] = 1.0
+    before = buf.x.clone()
+    got = []
+    assert buf.refill(lambda n: got.append(n) or rows(n, seed=2)) == 1 and got == [1]
+    nx0, nfixed = rows(1, seed=2)
+    assert (buf.x0[1] == nx0[0]).all() and (buf.fixed[1] == nfixed[0]).all()
+    assert (buf.x[1] == torch.where(nfixed[0], nx0[0], 0)).all()  # free cells fully masked
+    assert (buf.h[1] == 0).all() and (buf.h[[0, 2]] == 1).all()
+    assert (buf.x[[0, 2]] == before[[0, 2]]).all()
+
+
+def test_mlm_loss_never_masks_fixed_positions(tiny_cfg):
+    torch.manual_seed(0)
+    m = Transformer(tiny_cfg)
+    x0, fixed = rows(8)
+    seen = []
+    orig = m.forward
+    m.forward = lambda xt, **kw: seen.append(xt) or orig(xt, **kw)
+    loss = mlm_loss(m, x0, fixed, torch.Generator().manual_seed(0))
+    xt = seen[0]
+    assert (xt[fixed] == x0[fixed]).all() and (xt == 0).any()
+    masked = xt == 0
+    logits, _ = orig(xt)
+    torch.testing.assert_close(loss, F.cross_entropy(logits[masked], x0[masked]))
