@@ -1,0 +1,65 @@
+"""
+bench/compare_objectives.py — the four objectives of the paper's Table 1 (mlm, rollout, relay_sg,
+relay) trained under one budget and seed, their accuracy-NFE curves in one figure and a table.
+
+    python bench/compare_objectives.py                                   # CPU preset, ~1 h on 2 cores
+    python bench/compare_objectives.py --max-steps 100 --eval-size 64    # a quick look
+    python bench/compare_objectives.py --objectives mlm relay --threads 1   # a subset, e.g. in parallel
+
+Any flag it does not know goes to train_sudoku.py unchanged. Each objective's result is saved to
+OUT_DIR/OBJECTIVE/result.json and reused when the same flags run again, so an interrupted
+comparison resumes where it stopped. Prints a markdown table and one JSON line last.
+"""
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch  # noqa: E402
+
+import train_sudoku  # noqa: E402
+from relay import OBJECTIVES  # noqa: E402
+
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p.add_argument("--objectives", nargs="+", choices=OBJECTIVES, default=list(OBJECTIVES))
+p.add_argument("--out-dir", default="out/compare")
+p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+args, passthrough = p.parse_known_args()
+if args.threads:
+    torch.set_num_threads(args.threads)
+
+results = {}
+for obj in OBJECTIVES:
+    out = os.path.join(args.out_dir, obj)
+    path = os.path.join(out, "result.json")
+    flags = [*passthrough, "--objective", obj, "--out-dir", out]
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        if saved["flags"] == flags:
+            results[obj] = saved
+            continue
+    if obj not in args.objectives:
+        continue
+    r = train_sudoku.main(flags)
+    r.pop("losses")
+    results[obj] = {**r, "flags": flags, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    with open(path, "w") as f:
+        json.dump(results[obj], f)
+
+if results:
+    train_sudoku.plot_curves({k: r["curve"] for k, r in results.items()}, os.path.join(args.out_dir, "curves.png"),
+                             f"Sudoku, equal budget ({next(iter(results.values()))['steps']} steps), "
+                             f"torch {torch.__version__}")
+    pct = lambda r, tier: f"{100 * r[tier]['exact_match']:.1f}" if r.get(tier) else "-"
+    print("| objective | exact % (tau 0.15) | singles tier | search tier | token acc % | legal % | "
+          "NFE / puzzle | NFE batch | train rows/s | train s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for k, r in results.items():
+        print(f"| {k} | {100 * r['exact_match']:.1f} | {pct(r, 'singles')} | {pct(r, 'search')} | "
+              f"{100 * r['token_acc']:.1f} | {100 * r['legal_rate']:.1f} | {r['nfe']:.1f} | {r['nfe_batch']:.1f} | "
+              f"{r['train_rows_per_s']:.0f} | {r['train_seconds']:.0f} |")
+    print(f"figure: {os.path.join(args.out_dir, 'curves.png')}")
+print(json.dumps({k: {m: r[m] for m in ("exact_match", "token_acc", "nfe", "nfe_batch", "legal_rate",
+                                        "train_rows_per_s", "steps")} for k, r in results.items()}))
