@@ -190,7 +190,7 @@ def cached(path, make):
             return {k: f[k] for k in f.files}
     data = make()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp.npz"
+    tmp = f"{path}.{os.getpid()}.tmp.npz"  # unique: two runs may build the same set at once
     np.savez_compressed(tmp, **data)
     os.replace(tmp, path)
     return data

@@ -109,28 +109,26 @@ def pick_device(name):
 # ---------------------------------------------------------------------------------------------
 # data
 
-def load_data(args):
-    """Training boards and the test set (with difficulty tiers)."""
-    t0 = time.time()
+def load_train(args):
+    """Training boards: a CSV, or generated. The generator needs ~one base puzzle per 8 rows a run
+    can consume; the symmetry group (~1e12 boards per puzzle) supplies the rest, so short runs only
+    make what they need."""
     if args.data:
-        train = sudoku.read_csv(args.data, args.skip_invalid)
-    else:
-        # the generator needs ~one base puzzle per 8 rows a run can consume; the symmetry group
-        # (~1e12 boards per puzzle) supplies the rest, so short runs only make what they need
-        n = min(args.n_train, max(64, args.max_steps * args.batch_size // 8))
-        train = sudoku.cached(os.path.join(args.data_dir, f"train_s0_{n}.npz"),
-                              lambda: sudoku.generate(0, n, desc="train puzzles"))
+        return sudoku.read_csv(args.data, args.skip_invalid)
+    n = min(args.n_train, max(64, args.max_steps * args.batch_size // 8))
+    return sudoku.cached(os.path.join(args.data_dir, f"train_s0_{n}.npz"),
+                         lambda: sudoku.generate(0, n, desc="train puzzles"))
+
+
+def load_test(args):
+    """The test set with difficulty tiers: a CSV's first --eval-size rows, or generated: half
+    singles-only, half needs-search, from streams the training set never sees."""
     if args.test_data:
-        test = sudoku.read_csv(args.test_data, args.skip_invalid, limit=args.eval_size)
-        test = sudoku.add_tiers(test)
-    else:  # half singles-only, half needs-search, from streams the training set never sees
-        n = args.eval_size // 2
-        make = lambda: cat(sudoku.generate(1, n, hard=True, desc="test puzzles (search)"),
-                           sudoku.generate(2, args.eval_size - n, hard=False, desc="test puzzles (singles)"))
-        test = sudoku.cached(os.path.join(args.data_dir, f"test_{args.eval_size}.npz"), make)
-    print(f"data: {len(train['question'])} training puzzles, {len(test['question'])} test puzzles "
-          f"({(test['tier'] == 1).mean():.0%} need search), {time.time() - t0:.1f}s")
-    return train, test
+        return sudoku.add_tiers(sudoku.read_csv(args.test_data, args.skip_invalid, limit=args.eval_size))
+    n = args.eval_size // 2
+    make = lambda: cat(sudoku.generate(1, n, hard=True, desc="test puzzles (search)"),
+                       sudoku.generate(2, args.eval_size - n, hard=False, desc="test puzzles (singles)"))
+    return sudoku.cached(os.path.join(args.data_dir, f"test_{args.eval_size}.npz"), make)
 
 
 def cat(a, b):
@@ -228,7 +226,7 @@ def print_table(results):
         for name in ("all", "singles", "search"):
             s = r if name == "all" else r.get(name)
             if s:
-                print(f"{r['tau']:>5.2f} {name:>8} {s.get('n', len(TAUS) and '') or '':>5} "
+                print(f"{r['tau']:>5.2f} {name:>8} {s.get('n', ''):>5} "
                       f"{s['exact_match']:>7.1%} {s['token_acc']:>7.1%} {s['legal_rate']:>7.1%} {s['nfe']:>6.1f}")
 
 
@@ -267,11 +265,14 @@ def main(argv=None):
 
     if args.eval_only:
         model = load_model(args.checkpoint, device)
-        _, test = load_data(argparse.Namespace(**{**vars(args), "max_steps": 0}))
+        test = load_test(args)
         return finish(args, model, test, ctx, step=torch.load(args.checkpoint, weights_only=False)["step"],
                       t_start=t_start)
 
-    train, test = load_data(args)
+    t0 = time.time()
+    train, test = load_train(args), load_test(args)
+    print(f"data: {len(train['question'])} training puzzles, {len(test['question'])} test puzzles "
+          f"({(test['tier'] == 1).mean():.0%} need search), {time.time() - t0:.1f}s")
     cfg = model_config(args)
     model = Transformer(cfg)
     if cfg.n_pos:
