@@ -15,7 +15,6 @@ a PNG of the accuracy-NFE curve, and prints one JSON object as the last stdout l
 """
 import argparse
 import json
-import math
 import os
 import time
 from contextlib import nullcontext
@@ -291,6 +290,8 @@ def main(argv=None):
     step = 0
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     if args.resume:
+        if not os.path.exists(ckpt_path):
+            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path} (check --out-dir)")
         ck = torch.load(ckpt_path, map_location=device, weights_only=False)
         diff = {k: (v, ck["config"].get(k)) for k, v in model.config_dict().items() if ck["config"].get(k) != v}
         if diff or ck["args"]["objective"] != args.objective:
@@ -304,6 +305,8 @@ def main(argv=None):
         stream.rng.bit_generator.state = ck["data_rng"]
         gen.set_state(ck["gen"])
         torch.set_rng_state(ck["torch_rng"])
+        if ck.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(ck["cuda_rng"], device)
         step = ck["step"]
         print(f"resumed from {ckpt_path} at step {step}")
     train_model = torch.compile(model) if args.compile else model
@@ -315,7 +318,8 @@ def main(argv=None):
             "model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
             "optimizer": opt.state_dict(), "buffer": buf.state_dict(), "step": step,
             "config": model.config_dict(), "args": vars(args), "data_rng": stream.rng.bit_generator.state,
-            "gen": gen.get_state(), "torch_rng": torch.get_rng_state()})
+            "gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.startswith("cuda") else None})
 
     model.train()
     bar = tqdm(total=args.max_steps, initial=step, desc=args.objective, dynamic_ncols=True)
