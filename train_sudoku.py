@@ -47,6 +47,8 @@ def get_args(argv=None):
     p.add_argument("--tau", type=float, default=0.15, help="inference reveal threshold")
     p.add_argument("--train-tau", type=float, default=0.15, help="training threshold mean (jitter 0.1 std)")
     p.add_argument("--max-steps", type=int, help="optimizer steps")
+    p.add_argument("--time-limit", type=float, default=0.0,
+                   help="stop training after this many minutes (0 = no limit), then evaluate and save")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--warmup", type=int, help="linear warmup steps, then constant")
@@ -86,8 +88,8 @@ def get_args(argv=None):
     for k, v in PRESETS[preset].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    if args.K < 1 or args.max_steps < 0 or args.batch_size < 1 or args.eval_size < 2:
-        p.error("need --K >= 1, --max-steps >= 0, --batch-size >= 1, --eval-size >= 2")
+    if args.K < 1 or args.max_steps < 0 or args.batch_size < 1 or args.eval_size < 2 or args.time_limit < 0:
+        p.error("need --K >= 1, --max-steps >= 0, --batch-size >= 1, --eval-size >= 2, --time-limit >= 0")
     if args.eval_only and not args.checkpoint:
         p.error("--eval-only needs --checkpoint PATH")
     if args.n_embd % args.n_head:
@@ -323,8 +325,12 @@ def main(argv=None):
 
     model.train()
     bar = tqdm(total=args.max_steps, initial=step, desc=args.objective, dynamic_ncols=True)
-    t0, seen, losses = time.time(), 0, []
+    t0, seen, losses, monitor = time.time(), 0, [], []
     while step < args.max_steps:
+        if args.time_limit and time.time() - t0 > 60 * args.time_limit:
+            tqdm.write(f"--time-limit {args.time_limit} min reached at step {step}")
+            checkpoint()
+            break
         lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup))  # linear warmup, then constant
         for g in opt.param_groups:
             g["lr"] = lr
@@ -353,6 +359,8 @@ def main(argv=None):
             sub = {k: v[:128] for k, v in test.items()}
             r = evaluate(ema or model, sub, args.tau, args.eval_batch, ctx, desc="monitor")
             model.train()
+            monitor.append({"step": step, "exact_match": r["exact_match"], "token_acc": r["token_acc"],
+                            "nfe": r["nfe"], "seconds": time.time() - t0})
             tqdm.write(f"step {step}: loss {np.mean(losses[-50:]):.4f}, monitor exact {r['exact_match']:.1%} "
                        f"token {r['token_acc']:.1%} NFE {r['nfe']:.1f}, {seen / (time.time() - t0):.0f} new puzzles/s")
         if step % args.ckpt_every == 0 or step == args.max_steps:
@@ -360,10 +368,10 @@ def main(argv=None):
     bar.close()
     train_seconds = time.time() - t0
     return finish(args, ema or model, test, ctx, step, t_start, train_seconds, losses,
-                  rows_per_s=args.batch_size * len(losses) / max(train_seconds, 1e-9))
+                  rows_per_s=args.batch_size * len(losses) / max(train_seconds, 1e-9), monitor=monitor)
 
 
-def finish(args, model, test, ctx, step, t_start, train_seconds=0.0, losses=(), rows_per_s=0.0):
+def finish(args, model, test, ctx, step, t_start, train_seconds=0.0, losses=(), rows_per_s=0.0, monitor=()):
     """Evaluate at tau, sweep tau, draw the curve, print the table and the JSON line."""
     model.eval()
     taus = sorted(set(([] if args.no_sweep else list(TAUS)) + [args.tau]))
@@ -379,7 +387,8 @@ def finish(args, model, test, ctx, step, t_start, train_seconds=0.0, losses=(), 
         "singles": main_r.get("singles"), "search": main_r.get("search"), "steps": step,
         "train_loss": float(np.mean(losses[-50:])) if len(losses) else None,
         "train_rows_per_s": rows_per_s, "train_seconds": train_seconds,
-        "seconds": time.time() - t_start, "curve": [{k: r[k] for k in ("tau", "exact_match", "nfe")} for r in curve]}
+        "seconds": time.time() - t_start, "curve": [{k: r[k] for k in ("tau", "exact_match", "nfe")} for r in curve],
+        "monitor": list(monitor)}
     print(json.dumps(result))
     return {**result, "losses": list(losses)}
 
