@@ -88,17 +88,19 @@ class ModelConfig:
                 "mask_token_id": self.mask_id}
 
 
-def block_mask(L, bd_size, *, doubled=False, device=None):
+def block_mask(L, bd_size, *, doubled=False, q0=0, device=None):
     """Boolean attention mask, True = may attend (PAPER.md §5).
-    Inference (L, L): blocks of bd_size tokens, bidirectional inside a block, causal across blocks.
-    Training, doubled=True (2L, 2L) over [x_t ‖ x_0]: a noisy block b sees itself and the clean
-    blocks < b; clean blocks see each other block-causally and never the noisy half.
-    A KV-cached forward of the queries at [P, P+T) uses rows P..P+T of the (P+T, P+T) mask."""
-    b = torch.arange(L, device=device) // bd_size
-    causal = b[:, None] >= b[None, :]  # (L, L)
+    Inference (L - q0, L): blocks of bd_size tokens, bidirectional inside a block, causal across
+    blocks; rows are the queries at positions q0..L-1 (a KV-cached forward of [q0, L) attends to
+    keys 0..L-1). Training, doubled=True (2L, 2L) over [x_t ‖ x_0]: a noisy block b sees itself
+    and the clean blocks < b; clean blocks see each other block-causally, never the noisy half."""
+    bq = torch.arange(q0, L, device=device) // bd_size
+    bk = torch.arange(L, device=device) // bd_size
+    causal = bq[:, None] >= bk[None, :]  # (L - q0, L)
     if not doubled:
         return causal
-    top = torch.cat([b[:, None] == b[None, :], b[:, None] > b[None, :]], 1)  # noisy rows (L, 2L)
+    assert q0 == 0, "the doubled training layout has no cached variant"
+    top = torch.cat([bq[:, None] == bk[None, :], bq[:, None] > bk[None, :]], 1)  # noisy rows (L, 2L)
     bottom = torch.cat([torch.zeros_like(causal), causal], 1)  # clean rows (L, 2L)
     return torch.cat([top, bottom], 0)
 
@@ -248,7 +250,7 @@ class Transformer(nn.Module):
             pos = torch.arange(P, P + T, device=idx.device)
         if attn_mask is None and self.cfg.bd_size and not (T <= self.cfg.bd_size and P % self.cfg.bd_size == 0
                                                            and (P + T - 1) // self.cfg.bd_size == P // self.cfg.bd_size):
-            attn_mask = block_mask(P + T, self.cfg.bd_size, device=idx.device)[P:]  # else: one block, all True
+            attn_mask = block_mask(P + T, self.cfg.bd_size, q0=P, device=idx.device)  # else: one block, all True
         x = self.embed_tokens(idx)  # (B, T, D)
         if self.embed_pos is not None:
             x = x + self.embed_pos(pos)

@@ -12,3 +12,14 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 def tiny_cfg():
     from model import ModelConfig
     return ModelConfig(vocab_size=10, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, n_ffn=64, mask_id=0)
+
+
+@pytest.fixture
+def tiny_llm():
+    """A random tiny block-diffusion LLM with a relay channel (untied head so tokens vary)."""
+    from model import ModelConfig, Transformer
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, n_ffn=64, qkv_bias=True,
+                      rope_theta=1e6, norm_eps=1e-6, mask_id=63, bd_size=8, relay=True, relay_masked_only=True,
+                      relay_after_norm=True, relay_zero_init=True, relay_eps=1e-6)
+    return Transformer(cfg).eval()

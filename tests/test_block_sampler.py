@@ -1,0 +1,86 @@
+"""The KV-cached block sampler (PAPER.md §6) against its uncached oracle, batch vs alone, NFE
+accounting, no MASK left, and the per-block relay reset."""
+import pytest
+import torch
+
+from sampler import generate
+
+PROMPTS = [[1, 2, 3], list(range(1, 17)), list(range(5, 30)), list(range(10, 18)) * 3, [7] * 8]
+KW = dict(max_new_tokens=37, threshold=0.2, sub_block=4, stop_ids=[])
+
+
+@pytest.fixture
+def llm(tiny_llm):
+    torch.nn.init.normal_(tiny_llm.relay.norm.weight)  # a live relay (zero-init would inject nothing)
+    with torch.no_grad():
+        tiny_llm.lm_head.weight.mul_(40)  # sharper predictions: several reveals per step, some stops
+    return tiny_llm
+
+
+@pytest.mark.parametrize("use_relay", [True, False])
+def test_cached_equals_uncached_and_batch_equals_alone(llm, use_relay):
+    cached, st_c = generate(llm, PROMPTS, use_relay=use_relay, **KW)
+    uncached, st_u = generate(llm, PROMPTS, use_cache=False, use_relay=use_relay, **KW)
+    assert cached == uncached
+    assert st_c["nfe"] == st_u["nfe"]
+    assert st_c["forward_tokens"] < st_u["forward_tokens"]
+    alone = [generate(llm, [p], use_relay=use_relay, **KW)[0][0] for p in PROMPTS]
+    assert cached == alone
+    assert all(len(o) == KW["max_new_tokens"] for o in cached)  # no stop ids: exactly max_new_tokens
+    assert any(nfe < KW["max_new_tokens"] for nfe in st_c["nfe"])  # the threshold revealed > 1 token per step
+
+
+def test_relay_changes_the_generation(llm):
+    assert generate(llm, PROMPTS, **KW)[0] != generate(llm, PROMPTS, use_relay=False, **KW)[0]
+
+
+def test_nfe_counts_denoising_forwards_and_no_mask_left(llm):
+    calls = []
+    hook = llm.register_forward_hook(lambda m, args, kw, out: calls.append(kw), with_kwargs=True)
+    out, st = generate(llm, [PROMPTS[2]], **KW)
+    hook.remove()
+    denoise = [c for c in calls if not c["commit"]]
+    assert st["nfe"] == [len(denoise)] == [st["denoise_calls"]]
+    assert len(calls) == st["forward_calls"] == st["denoise_calls"] + st["prefill_calls"] + st["commit_calls"]
+    assert st["prefill_calls"] == 1  # a 25-token prompt has 3 complete blocks of 8
+    assert llm.cfg.mask_id not in out[0]
+
+
+def test_relay_carry_resets_every_block(llm):
+    """First denoising forward of each block injects nothing; later ones inject the previous state."""
+    calls = []
+    hook = llm.register_forward_hook(lambda m, args, kw, out: calls.append((args[0].shape[1], kw)), with_kwargs=True)
+    generate(llm, [PROMPTS[0]], **KW)
+    hook.remove()
+    kinds = []
+    for T, kw in calls:
+        if kw["commit"]:
+            assert kw["relay"] is None
+            kinds.append("C")
+        else:
+            kinds.append("R" if kw["relay"] is not None else "N")
+    blocks = "".join(kinds).split("C")
+    assert len(blocks) >= 3
+    for blk in blocks:
+        if blk:
+            assert blk[0] == "N" and set(blk[1:]) <= {"R"}, kinds
+
+
+def test_stop_token_ends_a_row_and_rows_leave_the_batch(llm):
+    free, _ = generate(llm, PROMPTS, **KW)
+    stop = free[1][5]  # a token row 1 produces: make it the stop token
+    out, st = generate(llm, PROMPTS, **{**KW, "stop_ids": [stop]})
+    first = free[1].index(stop)
+    assert out[1] == free[1][:first + 1]
+    for o, f in zip(out, free):  # every row is its free run cut at its first stop
+        assert o == (f[:f.index(stop) + 1] if stop in f else f)
+    assert out == generate(llm, PROMPTS, use_cache=False, **{**KW, "stop_ids": [stop]})[0]
+
+
+def test_bad_arguments(llm):
+    with pytest.raises(ValueError, match="mask token"):
+        generate(llm, [[1, 63, 2]], **KW)
+    with pytest.raises(ValueError, match="multiple"):
+        generate(llm, [[1]], **{**KW, "sub_block": 3})
+    with pytest.raises(ValueError, match="non-empty"):
+        generate(llm, [[]], **KW)

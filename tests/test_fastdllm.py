@@ -1,0 +1,171 @@
+"""Fast-dLLM v2 side of model.py: block masks, the loader against transformers, tampered
+checkpoints, save/load round trip, and the tiktoken tokenizer against HF tokenizers."""
+import json
+import os
+
+import pytest
+import torch
+
+from model import (ModelConfig, Transformer, block_mask, byte_tokenizer, from_pretrained, load_tokenizer,
+                   save_pretrained)
+
+
+def test_block_mask_from_definition():
+    L, bd = 12, 4
+    m = block_mask(L, bd)
+    for i in range(L):
+        for j in range(L):
+            assert m[i, j] == (j // bd <= i // bd)
+    d = block_mask(L, bd, doubled=True)
+    assert d.shape == (2 * L, 2 * L)
+    for i in range(2 * L):
+        for j in range(2 * L):
+            bi, bj = (i % L) // bd, (j % L) // bd
+            if i < L and j < L:
+                want = bi == bj  # noisy block: itself only among noisy tokens
+            elif i < L:
+                want = bj < bi  # noisy -> clean: strictly earlier clean blocks
+            elif j < L:
+                want = False  # clean never sees noisy
+            else:
+                want = bj <= bi  # clean: block-causal
+            assert d[i, j] == want, (i, j)
+
+
+def test_block_mask_is_default_and_cache_matches_full(tiny_llm):
+    """model(idx) uses the block-causal pattern, and a cached forward of the last block equals the
+    full forward's rows."""
+    from model import KVCache
+    idx = torch.randint(0, 60, (2, 24))
+    full, _ = tiny_llm(idx)
+    explicit, _ = tiny_llm(idx, attn_mask=block_mask(24, 8))
+    torch.testing.assert_close(full, explicit)
+    bidir, _ = tiny_llm(idx, attn_mask=torch.ones(24, 24, dtype=torch.bool))
+    assert not torch.allclose(full[:, :16], bidir[:, :16])  # the default is not bidirectional
+    cache = KVCache(tiny_llm.cfg.n_layer, 24)
+    tiny_llm(idx[:, :16], kv_cache=cache, commit=True)
+    tail, _ = tiny_llm(idx[:, 16:], kv_cache=cache)
+    assert cache.len == 16
+    torch.testing.assert_close(tail, full[:, 16:], atol=1e-5, rtol=1e-5)
+
+
+def hf_checkpoint(tmp_path, tie):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    c = transformers.Qwen2Config(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, rope_theta=1e6,
+                                 tie_word_embeddings=tie, max_position_embeddings=256)
+    hf = transformers.Qwen2ForCausalLM(c).eval()
+    d = str(tmp_path / f"qwen_tie{tie}")
+    hf.save_pretrained(d)
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    cfg |= {"bd_size": 1, "mask_token_id": 95}  # block size 1 = plain causal attention, as in the AR model
+    json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+    return hf, d
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_loader_matches_transformers(tmp_path, tie):
+    hf, d = hf_checkpoint(tmp_path, tie)
+    model = from_pretrained(d, dtype=torch.float32)
+    assert model.cfg.tie_embeddings == tie and (model.lm_head is None) == tie
+    idx = torch.randint(0, 95, (2, 40))
+    with torch.no_grad():
+        ref = hf(idx).logits
+        ours, _ = model(idx)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+def tamper(d, fn):
+    from safetensors.torch import load_file, save_file
+    sd = load_file(os.path.join(d, "model.safetensors"))
+    fn(sd)
+    save_file(sd, os.path.join(d, "model.safetensors"))
+
+
+def test_tampered_checkpoints_name_the_tensor(tmp_path):
+    _, d = hf_checkpoint(tmp_path, True)
+    tamper(d, lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(ValueError, match=r"missing \['model.layers.1.mlp.up_proj.weight'\]"):
+        from_pretrained(d)
+    _, d = hf_checkpoint(tmp_path / "b", True)
+    tamper(d, lambda sd: sd.__setitem__("model.layers.0.extra.weight", torch.zeros(3)))
+    with pytest.raises(ValueError, match="unexpected.*model.layers.0.extra.weight"):
+        from_pretrained(d)
+    _, d = hf_checkpoint(tmp_path / "c", True)
+    tamper(d, lambda sd: sd.__setitem__("model.norm.weight", torch.ones(63)))
+    with pytest.raises(ValueError, match=r"mis-shaped.*model.norm.weight: \(63,\)"):
+        from_pretrained(d)
+    _, d = hf_checkpoint(tmp_path / "e", True)
+    tamper(d, lambda sd: sd.__setitem__("lm_head.weight", torch.zeros(96, 64)))  # tied, but different
+    with pytest.raises(ValueError, match="lm_head.weight"):
+        from_pretrained(d)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        from_pretrained(str(tmp_path / "nowhere"))
+
+
+def test_save_load_round_trip_with_relay(tmp_path, tiny_llm):
+    torch.nn.init.normal_(tiny_llm.relay.norm.weight)
+    save_pretrained(tiny_llm, str(tmp_path / "m"))
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "m" / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+    assert {"model.relay_layer_norm.weight", "model.relay_layer_norm.bias"} <= names
+    assert "lm_head.weight" in names and "model.embed_tokens.weight" in names
+    cfg = json.load(open(tmp_path / "m" / "config.json"))
+    assert cfg["use_relay"] is True and cfg["bd_size"] == 8
+    back = from_pretrained(str(tmp_path / "m"), dtype=torch.float32)
+    assert back.cfg == tiny_llm.cfg
+    for (k, a), (_, b) in zip(tiny_llm.state_dict().items(), back.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def build_hf_tokenizer(tmp_path):
+    tk = pytest.importorskip("tokenizers")
+    from model import QWEN2_PATTERN
+    tok = tk.Tokenizer(tk.models.BPE())
+    tok.normalizer = tk.normalizers.NFC()
+    tok.pre_tokenizer = tk.pre_tokenizers.Sequence([
+        tk.pre_tokenizers.Split(tk.Regex(QWEN2_PATTERN), behavior="isolated"),
+        tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = tk.decoders.ByteLevel()
+    corpus = [open(__file__, encoding="utf-8").read(), open(os.path.join(os.path.dirname(__file__), "..", "model.py"),
+                                                            encoding="utf-8").read(),
+              "naïve café — 日本語のテキスト, emoji 🙂🚀, Ünïcödé\n\n\t\tdef f(x):\n    return x ** 2\n"] * 3
+    trainer = tk.trainers.BpeTrainer(vocab_size=600, initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(),
+                                     special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    d = tmp_path / "tok"
+    d.mkdir()
+    tok.save(str(d / "tokenizer.json"))
+    json.dump({"|<MASK>|": tok.get_vocab_size()}, open(d / "added_tokens.json", "w"))
+    tok.add_tokens(["|<MASK>|"])
+    return tok, str(d)
+
+
+TEXTS = [
+    "def fib(n):\n    if n < 2:\n        return n\n    return fib(n - 1) + fib(n - 2)\n",
+    "Hello, World!  It's   spaced\t\ttabs\n\n\n\nnewlines   \n  trailing   ",
+    "naïve café (NFD: nai\u0308ve cafe\u0301) — 日本語のテキスト; emoji 🙂🚀👩‍💻; Ünïcödé 12345 3.14159",
+    "<|im_start|>user\nWrite code<|im_end|>\n<|im_start|>assistant\n|<MASK>||<MASK>|x<|endoftext|>",
+    "I'LL we'RE they've   'd x=[1,2,3]{'a': \"b\"} # comment\r\n\r\nwindows\rline",
+    "",
+]
+
+
+def test_tokenizer_matches_hf_tokenizers(tmp_path):
+    hf, d = build_hf_tokenizer(tmp_path)
+    ours = load_tokenizer(d)
+    assert ours.mask_id == hf.token_to_id("|<MASK>|")
+    for text in TEXTS + [open(__file__, encoding="utf-8").read()]:
+        want = hf.encode(text).ids
+        assert ours.encode(text) == want, text
+        assert ours.decode(want) == hf.decode(want, skip_special_tokens=False)
+
+
+def test_byte_tokenizer_round_trip():
+    tok = byte_tokenizer()
+    text = tok.chat("héllo 🙂")
+    ids = tok.encode(text)
+    assert ids[0] == tok.added["<|im_start|>"] and tok.decode(ids) == text
+    assert tok.decode([5000]) == "<|id:5000|>"  # out-of-vocabulary ids from a random model stay visible
