@@ -26,6 +26,7 @@ from dataclasses import dataclass, asdict
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from relay import RelayChannel
 
@@ -224,6 +225,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.grad_ckpt = False  # recompute each block in the backward pass (activation memory for time)
         self.apply(self._init)
         for emb in (self.embed_tokens, self.embed_pos):
             if emb is not None:
@@ -238,11 +240,12 @@ class Transformer(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
-    def forward(self, idx, *, relay=None, pos=None, attn_mask=None, kv_cache=None, commit=False):
+    def forward(self, idx, *, relay=None, pos=None, attn_mask=None, kv_cache=None, commit=False, out=None):
         """idx (B, T) token ids; relay (B, T, D) carried state or None (= inject nothing);
         pos (T,) or (B, T) positions (default: continue after the cache); attn_mask bool (T, S) or
         (B, 1, T, S), True = attend; default: block_mask for bd_size > 0, else full bidirectional.
         kv_cache: attend to its committed prefix too; commit=True appends this input's K/V to it.
+        out: a slice of positions to return (e.g. the noisy half of [x_t ‖ x_0]; saves the head).
         Returns logits (B, T, V) and h_out (B, T, D)."""
         B, T = idx.shape
         P = kv_cache.len if kv_cache is not None else 0
@@ -261,9 +264,14 @@ class Transformer(nn.Module):
         x = self.drop(x)
         cos, sin = rope(pos, self.cfg.head_dim, self.cfg.rope_theta)
         for layer in self.layers:
-            x = layer(x, cos, sin, attn_mask, kv_cache)
+            if self.grad_ckpt and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, attn_mask, kv_cache, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, attn_mask, kv_cache)
         if kv_cache is not None and commit:
             kv_cache.len += T
+        if out is not None:
+            x = x[:, out]
         hn = self.norm(x)
         logits = self.lm_head(hn) if self.lm_head is not None else hn @ self.embed_tokens.weight.T
         return logits, (hn if self.cfg.relay_after_norm else x)

@@ -107,17 +107,21 @@ class RolloutBuffer:
 # ---------------------------------------------------------------------------------------------
 # 4. the K-step rollout loss with truncated BPTT (PAPER.md §3)
 
-def rollout_loss(model, buf, K, objective, reveal):
+def rollout_loss(model, buf, K, objective, reveal, forward=None):
     """One micro-step on the buffer. reveal(logits, masked) -> bool (B, T) picks positions by the
     model's own confidence (no gradient); the ground truth is written there (teacher forcing).
-    loss = L_1 + ... + L_K, each a token mean of CE over positions masked at that step."""
+    loss = L_1 + ... + L_K, each a token mean of CE over positions masked at that step.
+    forward(x, h) -> (logits, h_out), both aligned with x (logits[:, i] is about token i); default
+    model(x, relay=h). The block-diffusion LLM passes one that runs the [x ‖ x0] layout and undoes
+    the token shift (train_code.py)."""
     assert objective in ("rollout", "relay_sg", "relay"), objective
+    forward = forward or (lambda x, h: model(x, relay=h))
     use_relay = objective != "rollout"
     x, x0, free = buf.x.clone(), buf.x0, ~buf.fixed
     h = buf.h.clone() if use_relay else None  # detached: the truncation of BPTT between steps
     loss = 0.0
     for _ in range(K):
-        logits, h_out = model(x, relay=h)  # (B, T, V), (B, T, D)
+        logits, h_out = forward(x, h)  # (B, T, V), (B, T, D)
         masked = (x == buf.mask_id) & free
         if masked.any():
             loss = loss + F.cross_entropy(logits[masked].float(), x0[masked])

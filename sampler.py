@@ -33,6 +33,17 @@ def reveal_confidence_mass(conf, masked, tau):
     return torch.zeros_like(masked).scatter(-1, order, keep)
 
 
+def reveal_threshold_blocks(conf, masked, threshold, bd):
+    """The block-diffusion training rule: reveal masked positions with conf > threshold, plus the
+    most confident masked position of every bd-block that still has masks (every block advances).
+    conf, masked (B, T) with T a multiple of bd -> reveal (B, T) bool."""
+    B, T = conf.shape
+    reveal = masked & (conf > threshold)
+    c = torch.where(masked, conf.float(), -1.0).view(B, T // bd, bd)
+    best = torch.zeros_like(c, dtype=torch.bool).scatter_(-1, c.argmax(-1, keepdim=True), True)
+    return reveal | (best & masked.view(B, T // bd, bd)).view(B, T)
+
+
 def predict(logits, mask_id):
     """Greedy argmax and its probability, never predicting MASK itself."""
     logits = logits.float()

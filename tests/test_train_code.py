@@ -1,0 +1,127 @@
+"""train_code.py: the SFT masks and loss, the relay gradient through h, resume, chat JSONL
+validation, and 2-process gloo DDP against 1 process with the same global batch."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train_code
+from model import byte_tokenizer, block_mask
+from relay import RolloutBuffer
+from sampler import shift_right
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_sft_masks_are_complementary_over_supervised_tokens():
+    fixed = torch.zeros(3, 64, dtype=torch.bool)
+    fixed[:, :5] = True  # a prompt
+    fixed[1, 40:] = True  # padding
+    masks = train_code.sft_masks(fixed, torch.Generator().manual_seed(0), 16)
+    a, b = masks[:3], masks[3:]
+    assert not (a & b).any() and torch.equal(a | b, ~fixed)
+    assert not (masks & fixed.repeat(2, 1)).any()
+    per_block = a.view(3, 4, 16).float().mean(-1)
+    assert per_block.std() > 0.1  # one noise level per block, not per sequence
+
+
+def test_sft_loss_is_ce_over_masked_supervised_tokens(tiny_llm):
+    x0 = torch.randint(0, 60, (2, 32))
+    fixed = torch.zeros(2, 32, dtype=torch.bool)
+    fixed[:, :3] = True
+    loss = train_code.sft_loss(tiny_llm, x0, fixed, torch.Generator().manual_seed(1), 8, 63)
+    masks = train_code.sft_masks(fixed, torch.Generator().manual_seed(1), 8)
+    x0d = torch.cat([x0, x0])
+    inp = torch.cat([torch.where(masks, 63, x0d), x0d], 1)
+    logits, _ = tiny_llm(inp, pos=torch.arange(32).repeat(2), attn_mask=block_mask(32, 8, doubled=True))
+    want = F.cross_entropy(shift_right(logits[:, :32])[masks], x0d[masks])
+    torch.testing.assert_close(loss, want)
+
+
+@pytest.mark.parametrize("objective,flows", [("relay", True), ("relay_sg", False)])
+def test_relay_gradient_reaches_the_first_forward_only_for_relay(tiny_llm, objective, flows):
+    torch.nn.init.normal_(tiny_llm.relay.norm.weight)  # zero-init would block the gradient into h
+    tiny_llm.train()
+    probe = {}
+
+    def hook(mod, args, out):
+        if "z" not in probe:  # the first forward: add a zero leaf to the relay state it hands on
+            probe["z"] = torch.zeros_like(out[1], requires_grad=True)
+            return out[0], out[1] + probe["z"]
+
+    handle = tiny_llm.register_forward_hook(hook)
+    buf = RolloutBuffer(2, 32, 32, 63, "cpu")
+    buf.refill(lambda n: (torch.randint(0, 60, (n, 32)), torch.arange(32).expand(n, 32) < 4))
+    args = type("A", (), {"bd_size": 8, "K": 2, "objective": objective, "threshold": 0.85})()
+    loss = train_code.relay_step_loss(tiny_llm, buf, args, 63)
+    loss.backward()
+    handle.remove()
+    g = probe["z"].grad
+    assert (g is not None and g.abs().sum() > 0) == flows
+
+
+def run_main(argv):
+    return train_code.main(["--preset", "tiny", "--samples", "0", *argv])
+
+
+@pytest.mark.parametrize("objective", ["sft", "relay"])
+def test_resume_reproduces_the_next_losses(tmp_path, objective):
+    common = ["--objective", objective, "--max-steps", "4", "--data-dir", str(tmp_path / "data")]
+    straight = run_main(common + ["--out-dir", str(tmp_path / "a")])
+    run_main(common + ["--out-dir", str(tmp_path / "b"), "--stop-after", "2"])
+    resumed = run_main(common + ["--out-dir", str(tmp_path / "b"), "--resume"])
+    assert resumed["losses"] == straight["losses"][2:]
+    a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="another setup"):
+        run_main(common[:1] + ["sft" if objective == "relay" else "relay"] + common[2:] +
+                 ["--out-dir", str(tmp_path / "b"), "--resume"])
+
+
+def test_chat_jsonl_validation(tmp_path, capsys):
+    tok = byte_tokenizer()
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    cases = [("{not json", "2: not valid JSON"),
+             (json.dumps({"messages": []}), "2: expected an object"),
+             (json.dumps({"messages": [{"role": "bot", "content": "x"}]}), "2: message 0 needs a role"),
+             (json.dumps({"messages": [{"role": "user", "content": "only a question"}]}), "2: no assistant")]
+    for bad, msg in cases:
+        p = tmp_path / "bad.jsonl"
+        p.write_text(json.dumps(good) + "\n" + bad + "\n")
+        with pytest.raises(ValueError, match=f"{p}:{msg}"):
+            train_code.read_chat_jsonl(str(p), tok, 512, 16)
+    long = {"messages": [{"role": "user", "content": "x" * 600}, {"role": "assistant", "content": "y"}]}
+    p = tmp_path / "ok.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in [good, long, good]) + "\n")
+    rows = train_code.read_chat_jsonl(str(p), tok, 512, 16)
+    assert len(rows) == 2 and "dropped 1 rows longer than --seq-len 512 tokens (lines [2])" in capsys.readouterr().out
+    ids, sup = rows[0]
+    assert len(ids) % 16 == 0 and tok.decode(ids[sup].tolist()) == "hello<|im_end|>"
+
+
+def torchrun(args, nproc):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           os.path.join(ROOT, "train_code.py"), "--preset", "tiny", "--samples", "0", *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("objective", ["sft", "relay"])
+def test_two_process_ddp_equals_one_process(tmp_path, objective):
+    common = ["--objective", objective, "--max-steps", "3", "--batch-size", "4", "--micro-batch", "2",
+              "--data-dir", str(tmp_path / "data")]
+    one = torchrun(common + ["--out-dir", str(tmp_path / "one")], 1)  # 1 process, 2 micro-steps
+    two = torchrun(common + ["--out-dir", str(tmp_path / "two")], 2)  # 2 processes, 1 micro-step each
+    assert one["world"] == 1 and two["world"] == 2
+    a = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=False)["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=2e-6, rtol=1e-5, msg=k)
+    assert abs(one["val_loss"] - two["val_loss"]) < 1e-4
