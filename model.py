@@ -240,12 +240,15 @@ class Transformer(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
-    def forward(self, idx, *, relay=None, pos=None, attn_mask=None, kv_cache=None, commit=False, out=None):
+    def forward(self, idx, *, relay=None, pos=None, attn_mask=None, kv_cache=None, commit=False, out=None,
+                head=True):
         """idx (B, T) token ids; relay (B, T, D) carried state or None (= inject nothing);
         pos (T,) or (B, T) positions (default: continue after the cache); attn_mask bool (T, S) or
         (B, 1, T, S), True = attend; default: block_mask for bd_size > 0, else full bidirectional.
         kv_cache: attend to its committed prefix too; commit=True appends this input's K/V to it.
         out: a slice of positions to return (e.g. the noisy half of [x_t ‖ x_0]; saves the head).
+        head=(rows, cols) index tensors: logits (N, V) at those positions only (a loss needs a few,
+        and a 152k vocabulary makes full logits big); head=False returns the final-norm output instead.
         Returns logits (B, T, V) and h_out (B, T, D)."""
         B, T = idx.shape
         P = kv_cache.len if kv_cache is not None else 0
@@ -273,8 +276,11 @@ class Transformer(nn.Module):
         if out is not None:
             x = x[:, out]
         hn = self.norm(x)
-        logits = self.lm_head(hn) if self.lm_head is not None else hn @ self.embed_tokens.weight.T
-        return logits, (hn if self.cfg.relay_after_norm else x)
+        h_out = hn if self.cfg.relay_after_norm else x
+        if head is False:
+            return hn, h_out
+        z = hn if head is True else hn[head]
+        return (self.lm_head(z) if self.lm_head is not None else z @ self.embed_tokens.weight.T), h_out
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())

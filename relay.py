@@ -108,25 +108,30 @@ class RolloutBuffer:
 # 4. the K-step rollout loss with truncated BPTT (PAPER.md §3)
 
 def rollout_loss(model, buf, K, objective, reveal, forward=None):
-    """One micro-step on the buffer. reveal(logits, masked) -> bool (B, T) picks positions by the
+    """One micro-step on the buffer. reveal(conf, masked) -> bool (B, T) picks positions by the
     model's own confidence (no gradient); the ground truth is written there (teacher forcing).
     loss = L_1 + ... + L_K, each a token mean of CE over positions masked at that step.
-    forward(x, h) -> (logits, h_out), both aligned with x (logits[:, i] is about token i); default
-    model(x, relay=h). The block-diffusion LLM passes one that runs the [x ‖ x0] layout and undoes
+    forward(x, h, masked) -> (logits at the masked positions (N, V), h_out (B, T, D)); default:
+    model(x, relay=h). The block-diffusion LLM passes one that runs the [x ‖ x0] layout and applies
     the token shift (train_code.py)."""
     assert objective in ("rollout", "relay_sg", "relay"), objective
-    forward = forward or (lambda x, h: model(x, relay=h))
+    if forward is None:
+        def forward(x, h, masked):
+            logits, h_out = model(x, relay=h)  # (B, T, V), (B, T, D)
+            return logits[masked], h_out
     use_relay = objective != "rollout"
     x, x0, free = buf.x.clone(), buf.x0, ~buf.fixed
     h = buf.h.clone() if use_relay else None  # detached: the truncation of BPTT between steps
     loss = 0.0
     for _ in range(K):
-        logits, h_out = forward(x, h)  # (B, T, V), (B, T, D)
         masked = (x == buf.mask_id) & free
+        logits, h_out = forward(x, h, masked)  # (N, V) at the masked positions, (B, T, D)
         if masked.any():
-            loss = loss + F.cross_entropy(logits[masked].float(), x0[masked])
+            loss = loss + F.cross_entropy(logits.float(), x0[masked])
         with torch.no_grad():
-            x = torch.where(reveal(logits.detach(), masked), x0, x)  # model's order, true tokens
+            conf = torch.zeros(x.shape, device=x.device)
+            conf[masked] = logits.detach().float().softmax(-1).max(-1).values
+            x = torch.where(reveal(conf, masked), x0, x)  # model's order, true tokens
         if use_relay:
             h = h_out if objective == "relay" else h_out.detach()  # relay: BPTT through h
     buf.x.copy_(x)

@@ -225,16 +225,18 @@ class Rows:
 # ---------------------------------------------------------------------------------------------
 # the two losses in the doubled layout [x_t ‖ x_0]
 
-def doubled(model, xt, x0, bd, relay=None):
-    """Forward of [x_t ‖ x_0] (B, 2L); returns the noisy half's logits and relay state, shifted so
-    that index i is about token i (sampler.shift_right is the one token shift)."""
+def doubled(model, xt, x0, bd, masked, relay=None):
+    """Forward of [x_t ‖ x_0] (B, 2L) -> logits (N, V) for the tokens at `masked` (B, L) and the noisy
+    half's relay state. THE token shift (as sampler.shift_right): token i is read from position i-1
+    (token 0 from position 0), and the relay state is shifted the same way."""
     B, L = xt.shape
     pos = torch.arange(L, device=xt.device).repeat(2)
     if relay is not None:
         relay = torch.cat([relay, torch.zeros_like(relay)], 1)
+    rows, cols = masked.nonzero(as_tuple=True)  # row-major, the order of tensor[masked]
     logits, h = model(torch.cat([xt, x0], 1), pos=pos, attn_mask=block_mask(L, bd, doubled=True, device=xt.device),
-                      relay=relay, out=slice(0, L))
-    return shift_right(logits), shift_right(h)
+                      relay=relay, out=slice(0, L), head=(rows, (cols - 1).clamp(min=0)))
+    return logits, shift_right(h)
 
 
 def sft_masks(fixed, gen, bd):
@@ -250,23 +252,20 @@ def sft_loss(model, x0, fixed, gen, bd, mask_id):
     """Fast-dLLM v2 SFT: CE (token shift) over the masked supervised tokens of both copies."""
     masks = sft_masks(fixed, gen, bd)  # (2B, L)
     x0d = torch.cat([x0, x0])
-    logits, _ = doubled(model, torch.where(masks, mask_id, x0d), x0d, bd)
-    return F.cross_entropy(logits[masks].float(), x0d[masks])
+    logits, _ = doubled(model, torch.where(masks, mask_id, x0d), x0d, bd, masks)
+    return F.cross_entropy(logits.float(), x0d[masks])
 
 
 def relay_step_loss(model, buf, args, mask_id):
     """relay.py's K-step rollout on the LLM: the doubled layout with x_t = the buffer's canvas."""
     bd = args.bd_size
 
-    def forward(x, h):
-        return doubled(model, x, buf.x0, bd, relay=h)
+    def forward(x, h, masked):
+        return doubled(model, x, buf.x0, bd, masked, relay=h)
 
-    def reveal(logits, masked):
-        p = logits.float()
-        p[..., mask_id] = -torch.inf
-        return reveal_threshold_blocks(p.softmax(-1).max(-1).values, masked, args.threshold, bd)
-
-    return rollout_loss(model, buf, args.K, args.objective, reveal, forward=forward)
+    return rollout_loss(model, buf, args.K, args.objective,
+                        lambda conf, masked: reveal_threshold_blocks(conf, masked, args.threshold, bd),
+                        forward=forward)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -312,8 +312,7 @@ def main(argv=None):
         step = ck["step"]
         print(f"resumed from {ckpt_path} at step {step}")
     train_model = torch.compile(model) if args.compile else model
-    reveal = lambda tau: (lambda logits, masked: reveal_confidence_mass(
-        logits.float().softmax(-1).max(-1).values, masked, tau))
+    reveal = lambda tau: (lambda conf, masked: reveal_confidence_mass(conf, masked, tau))
 
     def checkpoint():
         save_checkpoint(ckpt_path, {

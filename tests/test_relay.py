@@ -7,7 +7,7 @@ from model import Transformer
 from relay import RolloutBuffer, mlm_loss, rollout_loss
 from sampler import reveal_confidence_mass
 
-REVEAL = lambda logits, masked: reveal_confidence_mass(logits.float().softmax(-1).max(-1).values, masked, 0.3)
+REVEAL = lambda conf, masked: reveal_confidence_mass(conf, masked, 0.3)
 
 
 def rows(n, T=81, seed=0):

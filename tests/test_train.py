@@ -68,7 +68,7 @@ def test_overfits_a_handful_of_puzzles(tiny_cfg):
     m = Transformer(cfg)
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
     buf = RolloutBuffer(4, 81, 64, 0, "cpu")
-    reveal = lambda logits, masked: reveal_confidence_mass(logits.softmax(-1).max(-1).values, masked, 0.15)
+    reveal = lambda conf, masked: reveal_confidence_mass(conf, masked, 0.15)
     for step in range(300):
         buf.refill(lambda n: (x0[buf.finished()], q[buf.finished()] > 0))  # each slot replays its puzzle
         loss = rollout_loss(m, buf, 2, "relay", reveal)

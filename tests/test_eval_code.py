@@ -1,0 +1,70 @@
+"""eval_code.py: the sandbox contains what --self-check promises; problem loading; the harness end to end."""
+import json
+import os
+import time
+
+import pytest
+
+import eval_code as ev
+
+
+def test_canonical_solutions_pass_and_bad_bodies_fail():
+    probs = ev.load_problems()
+    assert len(probs) == 164
+    for p in probs[:12]:
+        assert ev.run_sandboxed(p["prompt"] + p["canonical_solution"] + p["check"])["status"] == "passed", p["task_id"]
+        assert ev.run_sandboxed(p["prompt"] + "    pass\n" + p["check"])["status"] == "failed", p["task_id"]
+
+
+def test_infinite_loop_times_out():
+    t = time.time()
+    assert ev.run_sandboxed("while True:\n    pass\n", timeout=1.0)["status"] == "timed out"
+    assert time.time() - t < 5
+
+
+def test_fork_bomb_and_huge_allocation_are_contained():
+    r = ev.run_sandboxed("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n",
+                         timeout=1.0)
+    assert r["status"] == "timed out"
+    assert ev.count_nobody_processes() == 0
+    r = ev.run_sandboxed("x = bytearray(64 * 2**30)\n", timeout=5)
+    assert r["status"] == "failed" and "MemoryError" in r["stderr"]
+
+
+def test_no_network_and_no_signals_to_the_caller():
+    r = ev.run_sandboxed("import socket\nsocket.socket().connect(('127.0.0.1', 22))\n")
+    assert r["status"] == "failed" and "network" in r["stderr"]
+    assert ev.run_sandboxed(f"import os, signal\nos.kill({os.getpid()}, signal.SIGTERM)\n")["status"] == "failed"
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="without root the sandbox cannot switch to an unprivileged user")
+def test_cannot_touch_files_outside(tmp_path):
+    victim = tmp_path / "repo_file.py"
+    victim.write_text("keep")
+    r = ev.run_sandboxed(f"open({str(victim)!r}, 'w').write('gone')\n")
+    assert r["status"] == "failed" and "Permission" in r["stderr"]
+    assert ev.run_sandboxed(f"import os\nos.remove({str(victim)!r})\n")["status"] == "failed"
+    assert victim.read_text() == "keep"
+
+
+def test_problem_files_and_errors(tmp_path):
+    mbpp = tmp_path / "mbpp.jsonl"
+    mbpp.write_text(json.dumps({"task_id": 2, "text": "Write a function add(a, b).", "code": "def add(a, b):\n    return a + b",
+                                "test_list": ["assert add(1, 2) == 3", "assert add(0, 0) == 0"]}) + "\n")
+    (p,) = ev.load_problems(str(mbpp))
+    assert p["entry_point"] == "add"
+    assert ev.run_sandboxed(ev.check_program(p, p["canonical_solution"], base=False))["status"] == "passed"
+    assert ev.run_sandboxed(ev.check_program(p, "def add(a, b):\n    return a - b", base=False))["status"] == "failed"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"task_id": 1, "prompt": "x"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: neither HumanEval"):
+        ev.load_problems(str(bad))
+    assert ev.extract_code("def f():\n    return 1\n```\nSome prose") == "def f():\n    return 1\n"
+
+
+def test_harness_end_to_end_on_a_random_model(tmp_path):
+    out = tmp_path / "samples.jsonl"
+    s = ev.main(["--random-init", "tiny", "--limit", "2", "--max-new-tokens", "16", "--out", str(out)])
+    rows = [json.loads(l) for l in out.read_text().splitlines()]
+    assert len(rows) == 2 and s["n"] == 2 and s["pass@1"] == 0.0
+    assert all(r["status"] == "failed" and r["nfe"] >= 1 and r["latency_s"] > 0 for r in rows)
