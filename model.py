@@ -535,6 +535,28 @@ def load_tokenizer(path):
     return Tokenizer(enc, added, ranks.values(), nfc=spec.get("normalizer") is not None)
 
 
+def save_byte_tokenizer(path):
+    """Write byte_tokenizer() as a Hugging Face tokenizer.json, so a model trained with it loads like
+    any checkpoint (load_tokenizer, the tokenizers library)."""
+    tok = byte_tokenizer()
+    b2u = byte_to_unicode()
+    spec = {"version": "1.0", "truncation": None, "padding": None,
+            "added_tokens": [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
+                              "normalized": False, "special": True} for s, i in tok.added.items()],
+            "normalizer": {"type": "NFC"},
+            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": QWEN2_PATTERN}, "behavior": "Isolated", "invert": False},
+                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]},
+            "post_processor": None, "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True,
+                                                "use_regex": True},
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                      "vocab": {b2u[b]: b for b in range(256)}, "merges": []}}
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "tokenizer.json"), "w", encoding="utf-8") as f:
+        json.dump(spec, f, ensure_ascii=False)
+
+
 def byte_tokenizer():
     """A merge-free byte-level tokenizer with the ChatML and mask tokens, for random-init models."""
     import tiktoken

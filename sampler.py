@@ -301,6 +301,7 @@ def main(argv=None):
                    help="weights dtype; auto = bfloat16 on CUDA, float32 elsewhere")
     p.add_argument("--seed", type=int, default=0, help="random-init weights (decoding itself is greedy)")
     p.add_argument("--bench", action="store_true", help="cached vs uncached tokens/s table, JSON line last")
+    p.add_argument("--save", help="with --random-init: write the model and tokenizer as a checkpoint directory")
     p.add_argument("--bench-lengths", type=int, nargs="+", default=[64, 256, 1024])
     p.add_argument("--n", type=int, default=64, help="Sudoku: generated puzzles that need search")
     p.add_argument("--tau", type=float, default=0.15, help="Sudoku: reveal threshold")
@@ -326,6 +327,12 @@ def main(argv=None):
         return
     if args.random_init:
         model, tok = random_model(args.random_init, args.device, dtype, args.seed)
+        if args.save:
+            from model import save_byte_tokenizer, save_pretrained
+            save_pretrained(model, args.save)
+            save_byte_tokenizer(args.save)
+            print(f"saved a random {args.random_init} checkpoint to {args.save}")
+            return
     else:
         from model import from_pretrained, load_tokenizer
         model = from_pretrained(args.checkpoint, device=args.device, dtype=dtype)

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from model import (ModelConfig, Transformer, block_mask, byte_tokenizer, from_pretrained, load_state,
-                   load_tokenizer, save_pretrained)
+                   load_tokenizer, save_byte_tokenizer, save_pretrained)
 from relay import OBJECTIVES as _RELAY_OBJECTIVES, RelayChannel, RolloutBuffer, rollout_loss
 from sampler import generate, reveal_threshold_blocks, shift_right
 
@@ -505,6 +505,8 @@ def main(argv=None):
     hf_dir = os.path.join(args.out_dir, "hf")
     if master and not args.fsdp:
         save_pretrained(raw, hf_dir)
+        if not args.init_from:
+            save_byte_tokenizer(hf_dir)
         for f in ("tokenizer.json", "tokenizer_config.json", "added_tokens.json", "special_tokens_map.json",
                   "vocab.json", "merges.txt", "generation_config.json"):
             if args.init_from and os.path.exists(os.path.join(args.init_from, f)):

@@ -169,3 +169,13 @@ def test_byte_tokenizer_round_trip():
     ids = tok.encode(text)
     assert ids[0] == tok.added["<|im_start|>"] and tok.decode(ids) == text
     assert tok.decode([5000]) == "<|id:5000|>"  # out-of-vocabulary ids from a random model stay visible
+
+
+def test_saved_byte_tokenizer_loads_and_matches_hf(tmp_path):
+    from model import save_byte_tokenizer
+    save_byte_tokenizer(str(tmp_path))
+    text = "<|im_start|>user\ndéf f(x):\n   return 🙂<|im_end|>|<MASK>|"
+    ids = byte_tokenizer().encode(text)
+    assert load_tokenizer(str(tmp_path)).encode(text) == ids
+    tk = pytest.importorskip("tokenizers")
+    assert tk.Tokenizer.from_file(str(tmp_path / "tokenizer.json")).encode(text).ids == ids

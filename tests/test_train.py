@@ -77,3 +77,13 @@ def test_overfits_a_handful_of_puzzles(tiny_cfg):
         opt.step()
     out, st = sample_mdm(m.eval(), q)
     assert (out == x0).all(1).sum() >= 3, (out == x0).float().mean()
+
+
+def test_a_larger_cached_training_set_is_reused_by_prefix(tmp_path):
+    import train_sudoku
+    import sudoku
+    big = sudoku.cached(str(tmp_path / "train_s0_72.npz"), lambda: sudoku.generate(0, 72))
+    args = train_sudoku.get_args(["--device", "cpu", "--max-steps", "2", "--data-dir", str(tmp_path)])
+    got = train_sudoku.load_train(args)  # a short run needs the minimum, 64 puzzles
+    assert len(got["question"]) == 64 and (got["question"] == big["question"][:64]).all()
+    assert (got["question"] == sudoku.generate(0, 64)["question"]).all()
