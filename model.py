@@ -567,6 +567,15 @@ def byte_tokenizer():
 
 
 if __name__ == "__main__":
-    for name, cfg in [("xtiny (paper)", ModelConfig()),
-                      ("cpu", ModelConfig(n_embd=128, n_head=4, n_kv_head=4, n_ffn=512))]:
-        print(f"{name}: {Transformer(cfg).num_params() / 1e6:.2f}M parameters")
+    import argparse
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", help="a Fast-dLLM v2 / Qwen2 directory to load and describe")
+    args = p.parse_args()
+    if args.checkpoint:
+        m = from_pretrained(args.checkpoint, dtype=torch.float32)
+        print(json.dumps(asdict(m.cfg), indent=1))
+        print(f"{m.num_params() / 1e6:.1f}M parameters, relay {m.relay is not None}")
+    else:
+        for name, cfg in [("xtiny (paper)", ModelConfig()),
+                          ("cpu", ModelConfig(n_embd=128, n_head=4, n_kv_head=4, n_ffn=512))]:
+            print(f"{name}: {Transformer(cfg).num_params() / 1e6:.2f}M parameters")

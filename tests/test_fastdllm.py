@@ -179,3 +179,33 @@ def test_saved_byte_tokenizer_loads_and_matches_hf(tmp_path):
     assert load_tokenizer(str(tmp_path)).encode(text) == ids
     tk = pytest.importorskip("tokenizers")
     assert tk.Tokenizer.from_file(str(tmp_path / "tokenizer.json")).encode(text).ids == ids
+
+
+def test_sharded_checkpoint_loads(tmp_path, tiny_llm):
+    from safetensors.torch import load_file, save_file
+    d = tmp_path / "m"
+    save_pretrained(tiny_llm, str(d))
+    sd = load_file(str(d / "model.safetensors"))
+    os.remove(d / "model.safetensors")
+    names = sorted(sd)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for f, keys in shards.items():
+        save_file({k: sd[k] for k in keys}, str(d / f))
+    json.dump({"metadata": {}, "weight_map": {k: f for f, keys in shards.items() for k in keys}},
+              open(d / "model.safetensors.index.json", "w"))
+    back = from_pretrained(str(d), dtype=torch.float32)
+    assert all(torch.equal(a, b) for a, b in zip(tiny_llm.state_dict().values(), back.state_dict().values()))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_llm):
+    idx = torch.randint(0, 60, (2, 16))
+    tiny_llm.train()
+    grads = []
+    for ckpt in (False, True):
+        tiny_llm.grad_ckpt = ckpt
+        tiny_llm.zero_grad()
+        logits, _ = tiny_llm(idx)
+        logits.logsumexp(-1).mean().backward()
+        grads.append([p.grad.clone() for p in tiny_llm.parameters() if p.grad is not None])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
