@@ -52,12 +52,13 @@ from sampler import generate, reveal_threshold_blocks, shift_right
 OBJECTIVES = ("sft",) + _RELAY_OBJECTIVES[1:]  # sft, rollout, relay_sg, relay
 PRESETS = {  # any flag given explicitly wins
     "cpu": dict(n_layer=4, n_embd=128, n_head=4, n_kv_head=2, n_ffn=384, bd_size=32, seq_len=256,
-                batch_size=16, micro_batch=16, lr=2e-3, max_steps=300, dtype="float32", eval_every=50,
-                ckpt_every=50),
-    "paper": dict(lr=5e-6, batch_size=64, micro_batch=2, max_steps=200, seq_len=2048, dtype="bfloat16",
+                batch_size=16, micro_batch=16, lr=2e-3, max_steps=300, sft_steps=200, dtype="float32",
+                eval_every=50, ckpt_every=50),
+    "paper": dict(sft_steps=0, lr=5e-6, batch_size=64, micro_batch=2, max_steps=200, seq_len=2048, dtype="bfloat16",
                   eval_every=50, ckpt_every=50),
     "tiny": dict(n_layer=2, n_embd=32, n_head=4, n_kv_head=2, n_ffn=64, bd_size=16, seq_len=64,
-                 batch_size=4, micro_batch=2, lr=3e-3, max_steps=4, dtype="float32", eval_every=2, ckpt_every=2),
+                 batch_size=4, micro_batch=2, lr=3e-3, max_steps=4, sft_steps=0, dtype="float32", eval_every=2,
+                 ckpt_every=2),
 }
 
 
@@ -68,6 +69,8 @@ def get_args(argv=None):
     p.add_argument("--K", type=int, default=2, help="rollout forwards per micro-step (truncated BPTT window)")
     p.add_argument("--threshold", type=float, default=0.85, help="block reveal threshold (rollout and sampling)")
     p.add_argument("--max-steps", type=int, help="optimizer steps")
+    p.add_argument("--sft-steps", type=int, help="rollout objectives: train the first N steps with sft, then "
+                   "switch (Relay fine-tunes an SFT-trained model; from scratch its buffer starts slowly)")
     p.add_argument("--time-limit", type=float, default=0.0, help="stop after this many minutes (0 = none)")
     p.add_argument("--stop-after", type=int, default=0, help="stop (with a checkpoint) after this many steps "
                    "of this invocation; --resume continues (0 = run to --max-steps)")
@@ -386,7 +389,7 @@ def main(argv=None):
     elif ddp:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[int(device.split(":")[1])] if device.startswith("cuda") else None,
-            find_unused_parameters=args.objective == "sft" and raw.relay is not None)  # a relay SFT never uses
+            find_unused_parameters=raw.relay is not None and (args.objective == "sft" or args.sft_steps > 0))
     fwd_model = torch.compile(model) if args.compile else model
     opt = torch.optim.AdamW(raw.param_groups(args.weight_decay), lr=args.lr, betas=(0.9, 0.95),
                             fused=device.startswith("cuda"))
@@ -465,12 +468,15 @@ def main(argv=None):
         lr = lr_at(step, args)
         for g in opt.param_groups:
             g["lr"] = lr
+        objective = "sft" if step < args.sft_steps or args.objective == "sft" else args.objective
+        if step == args.sft_steps and objective != "sft" and step:
+            log(f"step {step}: sft warm start done, switching to {objective}")
         total = torch.zeros((), device=device)
         for i in range(accum):
             sync = nullcontext() if (not ddp or args.fsdp or i == accum - 1) else model.no_sync()
             with sync:
                 with ctx:
-                    if args.objective == "sft":
+                    if objective == "sft":
                         x0, fixed = streams[i](args.micro_batch)
                         loss = sft_loss(fwd_model, x0, fixed, gens[i], args.bd_size, mask_id)
                     else:
@@ -523,7 +529,7 @@ def main(argv=None):
                             "new_tokens": st["new_tokens"][0]})
             print(f"--- held-out signature (NFE {st['nfe'][0]} for {st['new_tokens'][0]} tokens)\n{sig}"
                   f"{samples[-1]['completion']}")
-    result = {"objective": args.objective, "steps": step, "train_loss": float(np.mean(losses[-20:])) if losses else None,
+    result = {"objective": args.objective, "sft_steps": min(args.sft_steps, step), "steps": step, "train_loss": float(np.mean(losses[-20:])) if losses else None,
               "val_loss": vals[-1]["val_loss"], "val_curve": vals, "tokens_per_s": tokens / max(train_seconds, 1e-9),
               "train_seconds": train_seconds, "seconds": time.time() - t_start, "world": world,
               "samples": [{k: s[k] for k in ("nfe", "new_tokens")} for s in samples], "hf_dir": hf_dir}

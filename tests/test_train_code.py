@@ -69,9 +69,11 @@ def run_main(argv):
     return train_code.main(["--preset", "tiny", "--samples", "0", *argv])
 
 
-@pytest.mark.parametrize("objective", ["sft", "relay"])
-def test_resume_reproduces_the_next_losses(tmp_path, objective):
-    common = ["--objective", objective, "--max-steps", "4", "--data-dir", str(tmp_path / "data")]
+@pytest.mark.parametrize("objective,warm", [("sft", 0), ("relay", 0), ("relay", 2)])
+def test_resume_reproduces_the_next_losses(tmp_path, objective, warm):
+    """warm=2: two sft warm-up steps, then relay; the switch happens right at the resume."""
+    common = ["--objective", objective, "--max-steps", "4", "--data-dir", str(tmp_path / "data"),
+              "--sft-steps", str(warm)]
     straight = run_main(common + ["--out-dir", str(tmp_path / "a")])
     run_main(common + ["--out-dir", str(tmp_path / "b"), "--stop-after", "2"])
     resumed = run_main(common + ["--out-dir", str(tmp_path / "b"), "--resume"])
