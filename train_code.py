@@ -509,8 +509,16 @@ def main(argv=None):
         checkpoint()
 
     hf_dir = os.path.join(args.out_dir, "hf")
-    if master and not args.fsdp:
-        save_pretrained(raw, hf_dir)
+    export = raw
+    if args.fsdp:  # gather the shards (a collective), then rank 0 writes an unsharded copy
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        full = get_model_state_dict(raw, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if master:
+            export = Transformer(ModelConfig(**raw.config_dict()))
+            load_state(export, full, "the gathered FSDP state")
+            export.hf_config = getattr(raw, "hf_config", None)
+    if master:
+        save_pretrained(export, hf_dir)
         if not args.init_from:
             save_byte_tokenizer(hf_dir)
         for f in ("tokenizer.json", "tokenizer_config.json", "added_tokens.json", "special_tokens_map.json",
@@ -519,8 +527,8 @@ def main(argv=None):
                 shutil.copy(os.path.join(args.init_from, f), os.path.join(hf_dir, f))
 
     samples = []
-    if master and args.samples and val_text and not args.fsdp:
-        raw.eval()
+    if master and args.samples and val_text:
+        raw = export.to(device).eval()
         for sig in held_out_signatures(val_text, args.samples):
             with ctx:
                 out, st = generate(raw, [tok.encode(sig)], max_new_tokens=96, threshold=args.threshold,

@@ -115,12 +115,16 @@ def torchrun(args, nproc):
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("objective", ["sft", "relay"])
-def test_two_process_ddp_equals_one_process(tmp_path, objective):
+@pytest.mark.parametrize("objective,shard", [("sft", []), ("relay", []), ("relay", ["--fsdp"])])
+def test_two_process_ddp_equals_one_process(tmp_path, objective, shard):
+    """DDP, and FSDP (fully_shard over gloo), give the parameters of one process with accumulation."""
     common = ["--objective", objective, "--max-steps", "3", "--batch-size", "4", "--micro-batch", "2",
               "--data-dir", str(tmp_path / "data")]
     one = torchrun(common + ["--out-dir", str(tmp_path / "one")], 1)  # 1 process, 2 micro-steps
-    two = torchrun(common + ["--out-dir", str(tmp_path / "two")], 2)  # 2 processes, 1 micro-step each
+    two = torchrun(common + shard + ["--out-dir", str(tmp_path / "two")], 2)  # 2 processes, 1 micro-step each
+    if shard:  # the gathered export loads like any checkpoint
+        from model import from_pretrained
+        assert from_pretrained(str(tmp_path / "two" / "hf"), dtype=torch.float32).cfg.relay
     assert one["world"] == 1 and two["world"] == 2
     a = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=False)["model"]
