@@ -51,7 +51,7 @@ for obj in OBJECTIVES:
     opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
     stream = ts.Stream(gen_data, 0, a.device)
     buf = RolloutBuffer(a.batch_size, 81, m.cfg.n_embd, 0, a.device)
-    reveal = lambda lg, mk: reveal_confidence_mass(lg.float().softmax(-1).max(-1).values, mk, 0.15)
+    reveal = lambda conf, mk: reveal_confidence_mass(conf, mk, 0.15)
     g = torch.Generator(device=a.device).manual_seed(0)
     for i in range(args.warmup_steps + args.steps):
         if i == args.warmup_steps:
