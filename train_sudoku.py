@@ -45,6 +45,9 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--objective", choices=OBJECTIVES, default="relay")
     p.add_argument("--preset", choices=["auto", *PRESETS], default="auto", help="auto: paper on CUDA, cpu elsewhere")
+    p.add_argument("--mlm-steps", type=int, help="rollout objectives: train the first N steps with mlm, then "
+                   "switch (a warm start: from scratch the rollout buffer starts slowly). Default: half of "
+                   "--max-steps with the cpu preset, 0 with the paper's")
     p.add_argument("--K", type=int, default=2, help="rollout steps per optimizer step (truncated BPTT window)")
     p.add_argument("--tau", type=float, default=0.15, help="inference reveal threshold")
     p.add_argument("--train-tau", type=float, default=0.15, help="training threshold mean (jitter 0.1 std)")
@@ -90,8 +93,10 @@ def get_args(argv=None):
     for k, v in PRESETS[preset].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    if args.K < 1 or args.max_steps < 0 or args.batch_size < 1 or args.eval_size < 2 or args.time_limit < 0:
-        p.error("need --K >= 1, --max-steps >= 0, --batch-size >= 1, --eval-size >= 2, --time-limit >= 0")
+    if args.mlm_steps is None:
+        args.mlm_steps = args.max_steps // 2 if preset == "cpu" and args.objective != "mlm" else 0
+    if args.K < 1 or args.mlm_steps < 0 or args.max_steps < 0 or args.batch_size < 1 or args.eval_size < 2 or args.time_limit < 0:
+        p.error("need --K >= 1, --mlm-steps >= 0, --max-steps >= 0, --batch-size >= 1, --eval-size >= 2, --time-limit >= 0")
     if args.eval_only and not args.checkpoint:
         p.error("--eval-only needs --checkpoint PATH")
     if args.n_embd % args.n_head:
@@ -340,8 +345,9 @@ def main(argv=None):
         lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup))  # linear warmup, then constant
         for g in opt.param_groups:
             g["lr"] = lr
+        objective = "mlm" if step < args.mlm_steps else args.objective
         with ctx:
-            if args.objective == "mlm":
+            if objective == "mlm":
                 x0, fixed = stream(args.batch_size)
                 loss = mlm_loss(train_model, x0, fixed, gen)
                 seen += args.batch_size
@@ -388,7 +394,7 @@ def finish(args, model, test, ctx, step, t_start, train_seconds=0.0, losses=(), 
     if len(curve) > 1:
         plot_curves({args.objective: curve}, png, f"Sudoku, {len(test['question'])} test puzzles, step {step}")
         print(f"curve: {png}")
-    result = {"objective": args.objective, **{k: main_r[k] for k in (
+    result = {"objective": args.objective, "mlm_steps": min(args.mlm_steps, step), **{k: main_r[k] for k in (
         "tau", "exact_match", "token_acc", "nfe", "nfe_batch", "legal_rate", "puzzles_per_s")},
         "singles": main_r.get("singles"), "search": main_r.get("search"), "steps": step,
         "train_loss": float(np.mean(losses[-50:])) if len(losses) else None,

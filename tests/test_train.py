@@ -11,7 +11,8 @@ from relay import RolloutBuffer, rollout_loss
 from sampler import reveal_confidence_mass, sample_mdm
 
 TINY = ["--n-layer", "2", "--n-embd", "32", "--n-head", "2", "--n-ffn", "64", "--batch-size", "8",
-        "--eval-size", "4", "--eval-batch", "4", "--no-sweep", "--eval-every", "1000", "--warmup", "2"]
+        "--eval-size", "4", "--eval-batch", "4", "--no-sweep", "--eval-every", "1000", "--warmup", "2",
+        "--mlm-steps", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -23,11 +24,13 @@ def run(tmp, data_dir, *extra):
     return train_sudoku.main([*TINY, "--out-dir", str(tmp), "--data-dir", data_dir, *extra])
 
 
-@pytest.mark.parametrize("objective", ["mlm", "relay"])
-def test_resume_reproduces_the_next_losses(tmp_path, data_dir, objective):
-    full = run(tmp_path / "a", data_dir, "--objective", objective, "--max-steps", "4")
-    run(tmp_path / "b", data_dir, "--objective", objective, "--max-steps", "2")
-    resumed = run(tmp_path / "b", data_dir, "--objective", objective, "--max-steps", "4", "--resume")
+@pytest.mark.parametrize("objective,warm", [("mlm", "0"), ("relay", "0"), ("relay", "2")])
+def test_resume_reproduces_the_next_losses(tmp_path, data_dir, objective, warm):
+    """warm=2: an MLM warm start whose switch to relay happens right at the resume."""
+    full = run(tmp_path / "a", data_dir, "--objective", objective, "--max-steps", "4", "--mlm-steps", warm)
+    run(tmp_path / "b", data_dir, "--objective", objective, "--max-steps", "2", "--mlm-steps", warm)
+    resumed = run(tmp_path / "b", data_dir, "--objective", objective, "--max-steps", "4", "--resume",
+                  "--mlm-steps", warm)
     assert resumed["losses"] == full["losses"][2:]  # bit-for-bit on CPU
     assert resumed["steps"] == 4
 
