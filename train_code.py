@@ -52,7 +52,7 @@ from sampler import generate, reveal_threshold_blocks, shift_right
 OBJECTIVES = ("sft",) + _RELAY_OBJECTIVES[1:]  # sft, rollout, relay_sg, relay
 PRESETS = {  # any flag given explicitly wins
     "cpu": dict(n_layer=4, n_embd=128, n_head=4, n_kv_head=2, n_ffn=384, bd_size=32, seq_len=256,
-                batch_size=16, micro_batch=16, lr=2e-3, max_steps=300, sft_steps=200, dtype="float32",
+                batch_size=16, micro_batch=0, lr=2e-3, max_steps=300, dtype="float32",
                 eval_every=50, ckpt_every=50),
     "paper": dict(sft_steps=0, lr=5e-6, batch_size=64, micro_batch=2, max_steps=200, seq_len=2048, dtype="bfloat16",
                   eval_every=50, ckpt_every=50),
@@ -70,12 +70,14 @@ def get_args(argv=None):
     p.add_argument("--threshold", type=float, default=0.85, help="block reveal threshold (rollout and sampling)")
     p.add_argument("--max-steps", type=int, help="optimizer steps")
     p.add_argument("--sft-steps", type=int, help="rollout objectives: train the first N steps with sft, then "
-                   "switch (Relay fine-tunes an SFT-trained model; from scratch its buffer starts slowly)")
+                   "switch (Relay fine-tunes an SFT-trained model; from scratch its buffer starts slowly). "
+                   "Default: 2/3 of --max-steps with the cpu preset, else 0")
     p.add_argument("--time-limit", type=float, default=0.0, help="stop after this many minutes (0 = none)")
     p.add_argument("--stop-after", type=int, default=0, help="stop (with a checkpoint) after this many steps "
                    "of this invocation; --resume continues (0 = run to --max-steps)")
     p.add_argument("--batch-size", type=int, help="global rows per optimizer step")
-    p.add_argument("--micro-batch", type=int, help="rows per process per forward (and rollout buffer size)")
+    p.add_argument("--micro-batch", type=int, help="rows per process per forward (and rollout buffer size); "
+                   "0 = batch size / processes, no accumulation")
     p.add_argument("--seq-len", type=int, help="tokens per row (a multiple of the block size)")
     p.add_argument("--lr", type=float, help="peak learning rate (cosine to 10%% after 3%% warmup)")
     p.add_argument("--warmup-frac", type=float, default=0.03)
@@ -112,8 +114,10 @@ def get_args(argv=None):
     for k in ("n_layer", "n_embd", "n_head", "n_kv_head", "n_ffn", "bd_size"):
         if getattr(args, k) is None:
             setattr(args, k, PRESETS["cpu"][k])
-    if args.max_steps < 1 or args.K < 1 or args.micro_batch < 1:
-        p.error("need --max-steps >= 1, --K >= 1, --micro-batch >= 1")
+    if args.sft_steps is None:
+        args.sft_steps = 2 * args.max_steps // 3 if preset == "cpu" and args.objective != "sft" else 0
+    if args.max_steps < 1 or args.K < 1 or args.micro_batch < 0:
+        p.error("need --max-steps >= 1, --K >= 1, --micro-batch >= 0")
     if args.preset == "paper" and not args.init_from:
         p.error("--preset paper fine-tunes pretrained weights: give --init-from DIR")
     return args
@@ -331,7 +335,9 @@ def main(argv=None):
             "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
-    if args.batch_size % (world * args.micro_batch):
+    if args.micro_batch == 0:
+        args.micro_batch = args.batch_size // world
+    if args.micro_batch < 1 or args.batch_size % (world * args.micro_batch):
         raise ValueError(f"--batch-size {args.batch_size} is not a multiple of world size {world} x "
                          f"--micro-batch {args.micro_batch}")
     accum = args.batch_size // (world * args.micro_batch)
