@@ -120,6 +120,10 @@ def generate(model, prompts, *, max_new_tokens=256, threshold=0.85, block_size=N
         raise ValueError("need a model with a mask token, max_new_tokens >= 1 and non-empty prompts")
     if any(mask_id in p for p in prompts):
         raise ValueError(f"a prompt contains the mask token id {mask_id}")
+    limit = (getattr(model, "hf_config", None) or {}).get("max_position_embeddings")
+    if limit and max(map(len, prompts)) + max_new_tokens > limit:
+        raise ValueError(f"prompt ({max(map(len, prompts))} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                         f"checkpoint's max_position_embeddings ({limit})")
     relay_on = use_relay and model.relay is not None
     B = len(prompts)
     L = torch.tensor([len(p) for p in prompts], device=dev)

@@ -84,3 +84,6 @@ def test_bad_arguments(llm):
         generate(llm, [[1]], **{**KW, "sub_block": 3})
     with pytest.raises(ValueError, match="non-empty"):
         generate(llm, [[]], **KW)
+    llm.hf_config = {"max_position_embeddings": 40}
+    with pytest.raises(ValueError, match=r"prompt \(8 tokens\) \+ max_new_tokens \(37\) exceeds"):
+        generate(llm, [[1] * 8], **KW)
