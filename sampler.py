@@ -94,12 +94,6 @@ def shift_right(t):
     return torch.cat([t[:, :1], t[:, :-1]], 1)
 
 
-def argmax_no_mask(logits, mask_id):
-    logits = logits.float()
-    logits[..., mask_id] = -torch.inf
-    return logits.argmax(-1)
-
-
 @torch.no_grad()
 def generate(model, prompts, *, max_new_tokens=256, threshold=0.85, block_size=None, sub_block=8,
              stop_ids=(), use_cache=True, use_relay=True, pad_id=0):
@@ -162,8 +156,8 @@ def generate(model, prompts, *, max_new_tokens=256, threshold=0.85, block_size=N
     def retire():  # rows with nothing left to decode leave the batch
         nonlocal x, valid, pos, ids, start, end, nfe, h
         gen = (ar[None] >= start[:, None]) & (ar[None] < end[:, None])
-        stop_at = torch.where((torch.isin(x, stops) & gen).any(1),
-                              (torch.isin(x, stops) & gen).float().argmax(1), end - 1)
+        is_stop = torch.isin(x, stops) & gen
+        stop_at = torch.where(is_stop.any(1), is_stop.float().argmax(1), end - 1)
         done = ~((x == mask_id) & gen & (ar[None] <= stop_at[:, None])).any(1)
         for r in done.nonzero().flatten().tolist():
             out[ids[r]] = x[r, start[r]:stop_at[r] + 1].tolist()
@@ -180,7 +174,7 @@ def generate(model, prompts, *, max_new_tokens=256, threshold=0.85, block_size=N
         logits, _ = forward(0, G * bs, commit=True)
         n["prefill"] += 1
         first = (start == G * bs) & (start < end)  # prompt ends on a block boundary: its last logit is token 1
-        x[first, G * bs] = argmax_no_mask(logits[first, -1], mask_id)
+        x[first, G * bs] = predict(logits[first, -1], mask_id)[0]
         retire()
     for b in range(G, T // bs):
         if len(x) == 0:
@@ -194,9 +188,7 @@ def generate(model, prompts, *, max_new_tokens=256, threshold=0.85, block_size=N
             logits, h_out = forward(q0, q1, relay=shift_right(h) if h is not None else None)
             n["denoise"] += 1
             nfe += stepping
-            p = shift_right(logits).float()
-            p[..., mask_id] = -torch.inf
-            conf, pred = p.softmax(-1).max(-1)
+            pred, conf = predict(shift_right(logits), mask_id)
             sub = todo.view(len(x), bs // sb, sb).any(-1).float().argmax(-1)  # current sub-block per row
             cand = todo & ((torch.arange(bs, device=dev) // sb)[None] == sub[:, None])
             reveal = cand & (conf > threshold)
@@ -212,7 +204,7 @@ def generate(model, prompts, *, max_new_tokens=256, threshold=0.85, block_size=N
         logits, _ = forward(q0, q1, commit=True)  # the block is complete: cache it, predict the next token
         n["commit"] += 1
         if q1 < T:
-            nxt = argmax_no_mask(logits[:, -1], mask_id)
+            nxt = predict(logits[:, -1], mask_id)[0]
             x[:, q1] = torch.where(q1 < end, nxt, x[:, q1])
         retire()
     if dev.type == "cuda":
@@ -252,6 +244,7 @@ def random_model(name, device, dtype, seed):
 
 
 def pick_device(name):
+    """auto -> cuda, then mps, then cpu; anything else as given."""
     if name != "auto":
         return name
     return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"

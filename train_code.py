@@ -30,12 +30,8 @@ import argparse
 import json
 import math
 import os
-import re
 import shutil
-import sys
-import sysconfig
 import time
-import zlib
 from contextlib import nullcontext
 
 import numpy as np
@@ -44,10 +40,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from code_data import Rows, held_out_signatures, load_stdlib, read_chat_jsonl
 from model import (ModelConfig, Transformer, block_mask, byte_tokenizer, from_pretrained, load_state,
                    load_tokenizer, save_byte_tokenizer, save_pretrained)
 from relay import OBJECTIVES as _RELAY_OBJECTIVES, RelayChannel, RolloutBuffer, rollout_loss
-from sampler import generate, reveal_threshold_blocks, shift_right
+from sampler import generate, pick_device, reveal_threshold_blocks, shift_right
 
 OBJECTIVES = ("sft",) + _RELAY_OBJECTIVES[1:]  # sft, rollout, relay_sg, relay
 PRESETS = {  # any flag given explicitly wins
@@ -124,112 +121,6 @@ def get_args(argv=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# data
-
-def stdlib_files():
-    root = sysconfig.get_paths()["stdlib"]
-    out = []
-    for d, dirs, files in os.walk(root):
-        dirs[:] = sorted(x for x in dirs if x not in ("site-packages", "dist-packages", "test", "tests",
-                                                      "idlelib", "__pycache__"))
-        out += [os.path.join(d, f) for f in sorted(files) if f.endswith(".py")]
-    return root, out
-
-
-def load_stdlib(tok, cache_dir):
-    """Token streams of the standard library, split by file (crc32(path) % 50 == 0 is held out);
-    files joined by <|endoftext|>. Cached per Python version."""
-    root, files = stdlib_files()
-    path = os.path.join(cache_dir, f"stdlib_py{sys.version_info[0]}{sys.version_info[1]}_{tok.enc.name}_{tok.n_vocab}.npz")
-    if os.path.exists(path):
-        with np.load(path) as z:
-            return {k: z[k] for k in z.files}
-    eot = tok.added["<|endoftext|>"]
-    parts = {"train": [], "val": [], "val_files": []}
-    for f in tqdm(files, desc="tokenizing the standard library", leave=False):
-        rel = os.path.relpath(f, root)
-        with open(f, encoding="utf-8", errors="replace") as fh:
-            ids = tok.encode(fh.read()) + [eot]
-        split = "val" if zlib.crc32(rel.encode()) % 50 == 0 else "train"
-        parts[split].append(np.array(ids, dtype=np.int32))
-        if split == "val":
-            parts["val_files"].append(rel)
-    data = {"train": np.concatenate(parts["train"]), "val": np.concatenate(parts["val"]),
-            "val_files": np.array(parts["val_files"])}
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp.npz"
-    np.savez(tmp, **data)
-    os.replace(tmp, path)
-    return data
-
-
-def read_chat_jsonl(path, tok, seq_len, bd):
-    """Chat rows -> list of (ids, supervised) int32/bool arrays padded to a block multiple. Bad rows
-    raise `file:line: reason`; rows longer than seq_len are dropped and reported (count, lines)."""
-    rows, too_long = [], []
-    pad = tok.added["<|endoftext|>"]
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-            msgs = obj.get("messages") if isinstance(obj, dict) else None
-            if not isinstance(msgs, list) or not msgs:
-                raise ValueError(f"{where}: expected an object with a non-empty \"messages\" list")
-            ids, sup = [], []
-            for i, m in enumerate(msgs):
-                if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
-                        or not isinstance(m.get("content"), str):
-                    raise ValueError(f"{where}: message {i} needs a role (system/user/assistant) and string content")
-                head = tok.encode(f"<|im_start|>{m['role']}\n")
-                body = tok.encode(m["content"] + "<|im_end|>")
-                tail = tok.encode("\n")
-                ids += head + body + tail
-                sup += [False] * len(head) + [m["role"] == "assistant"] * len(body) + [False] * len(tail)
-            if not any(sup):
-                raise ValueError(f"{where}: no assistant message to learn from")
-            if len(ids) > seq_len:
-                too_long.append(n)
-                continue
-            L = -(-len(ids) // bd) * bd
-            rows.append((np.array(ids + [pad] * (L - len(ids)), dtype=np.int32),
-                         np.array(sup + [False] * (L - len(ids)), dtype=bool)))
-    if too_long:
-        print(f"{path}: dropped {len(too_long)} rows longer than --seq-len {seq_len} tokens "
-              f"(lines {too_long[:10]}{' ...' if len(too_long) > 10 else ''})")
-    if not rows:
-        raise ValueError(f"{path}: no usable rows")
-    return rows
-
-
-class Rows:
-    """Training rows for one chunk of the global batch: a numpy stream whose state is the data
-    position. fetch(n) -> x0 (n, L) long, fixed (n, L) bool (True = context, never masked)."""
-
-    def __init__(self, data, seq_len, seed, chunk, pad_id, device):
-        self.data, self.L, self.pad, self.device = data, seq_len, pad_id, device
-        self.rng = np.random.default_rng([seed, chunk])
-
-    def __call__(self, n):
-        if isinstance(self.data, np.ndarray):  # a token stream: random windows, token 0 is context
-            i = self.rng.integers(0, len(self.data) - self.L, size=n)
-            x0 = np.stack([self.data[j:j + self.L] for j in i])
-            fixed = np.zeros_like(x0, dtype=bool)
-            fixed[:, 0] = True
-        else:  # chat rows, right-padded to L (padding is context)
-            x0 = np.full((n, self.L), self.pad, dtype=np.int32)
-            fixed = np.ones((n, self.L), dtype=bool)
-            for r, j in enumerate(self.rng.integers(0, len(self.data), size=n)):
-                ids, sup = self.data[j]
-                x0[r, :len(ids)], fixed[r, :len(ids)] = ids, ~sup
-        return (torch.from_numpy(x0).long().to(self.device), torch.from_numpy(fixed).to(self.device))
-
-
-# ---------------------------------------------------------------------------------------------
 # the two losses in the doubled layout [x_t ‖ x_0]
 
 def doubled(model, xt, x0, bd, masked, relay=None):
@@ -292,16 +183,6 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
-def held_out_signatures(val_text, n):
-    """The first n `def name(...):` lines (with their docstring's first line) of held-out files."""
-    out = []
-    for m in re.finditer(r'^def [a-z_]\w*\([^)\n]*\)(?: -> [^:\n]+)?:\n(?:    """[^\n]*\n)?', val_text, re.M):
-        out.append(m.group(0))
-        if len(out) == n:
-            break
-    return out
-
-
 @torch.no_grad()
 def evaluate(model, val_rows, args, mask_id, ctx):
     """Held-out SFT loss with fixed rows and noise (comparable across objectives; no relay)."""
@@ -330,9 +211,7 @@ def main(argv=None):
         if cuda:
             torch.cuda.set_device(device)
     else:
-        rank, world = 0, 1
-        device = args.device if args.device != "auto" else (
-            "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
+        rank, world, device = 0, 1, pick_device(args.device)
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
     if args.micro_batch == 0:
@@ -415,19 +294,22 @@ def main(argv=None):
         return {"streams": [s.rng.bit_generator.state for s in streams], "gens": [g.get_state() for g in gens],
                 "bufs": [b.state_dict() for b in bufs], "torch_rng": torch.get_rng_state()}
 
+    def full_state(with_optimizer=True):  # FSDP: gathers the shards (a collective: every rank calls it)
+        if not args.fsdp:
+            return raw.state_dict(), opt.state_dict() if with_optimizer else None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, \
+            get_optimizer_state_dict
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return (get_model_state_dict(raw, options=opts),
+                get_optimizer_state_dict(raw, opt, options=opts) if with_optimizer else None)
+
     def checkpoint():
         states = [None] * world
         if ddp:
             dist.all_gather_object(states, state())
         else:
             states = [state()]
-        if args.fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, \
-                get_optimizer_state_dict
-            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            msd, osd = get_model_state_dict(raw, options=opts), get_optimizer_state_dict(raw, opt, options=opts)
-        else:
-            msd, osd = raw.state_dict(), opt.state_dict()
+        msd, osd = full_state()
         if master:
             save_atomic({"model": msd, "optimizer": osd, "step": step, "config": raw.config_dict(),
                          "args": vars(args), "world": world, "ranks": states}, ckpt_path)
@@ -516,9 +398,8 @@ def main(argv=None):
 
     hf_dir = os.path.join(args.out_dir, "hf")
     export = raw
-    if args.fsdp:  # gather the shards (a collective), then rank 0 writes an unsharded copy
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        full = get_model_state_dict(raw, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if args.fsdp:  # rank 0 writes an unsharded copy
+        full, _ = full_state(with_optimizer=False)
         if master:
             export = Transformer(ModelConfig(**raw.config_dict()))
             load_state(export, full, "the gathered FSDP state")

@@ -28,7 +28,7 @@ from tqdm import tqdm
 import sudoku
 from model import ModelConfig, Transformer, load_state
 from relay import OBJECTIVES, RolloutBuffer, mlm_loss, rollout_loss
-from sampler import reveal_confidence_mass, sample_mdm
+from sampler import pick_device, reveal_confidence_mass, sample_mdm
 
 PRESETS = {  # defaults per preset; any flag given explicitly wins
     "paper": dict(n_layer=4, n_embd=384, n_head=6, n_ffn=1536, dropout=0.1, batch_size=512,
@@ -102,16 +102,6 @@ def get_args(argv=None):
     if args.n_embd % args.n_head:
         p.error(f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}")
     return args
-
-
-def pick_device(name):
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from model import (ModelConfig, Transformer, block_mask, byte_tokenizer, from_pretrained, load_tokenizer,
+from model import (block_mask, byte_tokenizer, from_pretrained, load_tokenizer,
                    save_pretrained)
 
 

@@ -5,11 +5,11 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+import code_data
 import train_code
 from model import byte_tokenizer, block_mask
 from relay import RolloutBuffer
@@ -97,11 +97,11 @@ def test_chat_jsonl_validation(tmp_path, capsys):
         p = tmp_path / "bad.jsonl"
         p.write_text(json.dumps(good) + "\n" + bad + "\n")
         with pytest.raises(ValueError, match=f"{p}:{msg}"):
-            train_code.read_chat_jsonl(str(p), tok, 512, 16)
+            code_data.read_chat_jsonl(str(p), tok, 512, 16)
     long = {"messages": [{"role": "user", "content": "x" * 600}, {"role": "assistant", "content": "y"}]}
     p = tmp_path / "ok.jsonl"
     p.write_text("\n".join(json.dumps(r) for r in [good, long, good]) + "\n")
-    rows = train_code.read_chat_jsonl(str(p), tok, 512, 16)
+    rows = code_data.read_chat_jsonl(str(p), tok, 512, 16)
     assert len(rows) == 2 and "dropped 1 rows longer than --seq-len 512 tokens (lines [2])" in capsys.readouterr().out
     ids, sup = rows[0]
     assert len(ids) % 16 == 0 and tok.decode(ids[sup].tolist()) == "hello<|im_end|>"

@@ -1,0 +1,154 @@
+"""
+code_data.py — the code model's data (PAPER.md §5): the Python standard library as an offline corpus,
+chat JSONL for fine-tuning, and the row stream train_code.py draws its batches from.
+
+    python code_data.py                       # tokenize (and cache) the standard library, print its size
+    python code_data.py --check chat.jsonl    # validate a chat file: `file:line: reason` on the first bad row
+
+- load_stdlib: this interpreter's standard library (no test/site-packages dirs), byte-level tiktoken
+  ids, split by file (crc32(path) % 50 == 0 is held out), files joined by <|endoftext|>, cached.
+- read_chat_jsonl: {"messages": [{"role", "content"}, ...]} rows in ChatML, assistant tokens supervised.
+- Rows: random training rows as (x0, fixed) tensors; its numpy state is the data position.
+"""
+import argparse
+import json
+import os
+import re
+import sys
+import sysconfig
+import zlib
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+
+
+def stdlib_files():
+    root = sysconfig.get_paths()["stdlib"]
+    out = []
+    for d, dirs, files in os.walk(root):
+        dirs[:] = sorted(x for x in dirs if x not in ("site-packages", "dist-packages", "test", "tests",
+                                                      "idlelib", "__pycache__"))
+        out += [os.path.join(d, f) for f in sorted(files) if f.endswith(".py")]
+    return root, out
+
+
+def load_stdlib(tok, cache_dir):
+    """Token streams of the standard library, split by file (crc32(path) % 50 == 0 is held out);
+    files joined by <|endoftext|>. Cached per Python version."""
+    root, files = stdlib_files()
+    path = os.path.join(cache_dir, f"stdlib_py{sys.version_info[0]}{sys.version_info[1]}_{tok.enc.name}_{tok.n_vocab}.npz")
+    if os.path.exists(path):
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+    eot = tok.added["<|endoftext|>"]
+    parts = {"train": [], "val": [], "val_files": []}
+    for f in tqdm(files, desc="tokenizing the standard library", leave=False):
+        rel = os.path.relpath(f, root)
+        with open(f, encoding="utf-8", errors="replace") as fh:
+            ids = tok.encode(fh.read()) + [eot]
+        split = "val" if zlib.crc32(rel.encode()) % 50 == 0 else "train"
+        parts[split].append(np.array(ids, dtype=np.int32))
+        if split == "val":
+            parts["val_files"].append(rel)
+    data = {"train": np.concatenate(parts["train"]), "val": np.concatenate(parts["val"]),
+            "val_files": np.array(parts["val_files"])}
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp.npz"
+    np.savez(tmp, **data)
+    os.replace(tmp, path)
+    return data
+
+
+def read_chat_jsonl(path, tok, seq_len, bd):
+    """Chat rows -> list of (ids, supervised) int32/bool arrays padded to a block multiple. Bad rows
+    raise `file:line: reason`; rows longer than seq_len are dropped and reported (count, lines)."""
+    rows, too_long = [], []
+    pad = tok.added["<|endoftext|>"]
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+            msgs = obj.get("messages") if isinstance(obj, dict) else None
+            if not isinstance(msgs, list) or not msgs:
+                raise ValueError(f"{where}: expected an object with a non-empty \"messages\" list")
+            ids, sup = [], []
+            for i, m in enumerate(msgs):
+                if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
+                        or not isinstance(m.get("content"), str):
+                    raise ValueError(f"{where}: message {i} needs a role (system/user/assistant) and string content")
+                head = tok.encode(f"<|im_start|>{m['role']}\n")
+                body = tok.encode(m["content"] + "<|im_end|>")
+                tail = tok.encode("\n")
+                ids += head + body + tail
+                sup += [False] * len(head) + [m["role"] == "assistant"] * len(body) + [False] * len(tail)
+            if not any(sup):
+                raise ValueError(f"{where}: no assistant message to learn from")
+            if len(ids) > seq_len:
+                too_long.append(n)
+                continue
+            L = -(-len(ids) // bd) * bd
+            rows.append((np.array(ids + [pad] * (L - len(ids)), dtype=np.int32),
+                         np.array(sup + [False] * (L - len(ids)), dtype=bool)))
+    if too_long:
+        print(f"{path}: dropped {len(too_long)} rows longer than --seq-len {seq_len} tokens "
+              f"(lines {too_long[:10]}{' ...' if len(too_long) > 10 else ''})")
+    if not rows:
+        raise ValueError(f"{path}: no usable rows")
+    return rows
+
+
+class Rows:
+    """Training rows for one chunk of the global batch: a numpy stream whose state is the data
+    position. fetch(n) -> x0 (n, L) long, fixed (n, L) bool (True = context, never masked)."""
+
+    def __init__(self, data, seq_len, seed, chunk, pad_id, device):
+        self.data, self.L, self.pad, self.device = data, seq_len, pad_id, device
+        self.rng = np.random.default_rng([seed, chunk])
+
+    def __call__(self, n):
+        if isinstance(self.data, np.ndarray):  # a token stream: random windows, token 0 is context
+            i = self.rng.integers(0, len(self.data) - self.L, size=n)
+            x0 = np.stack([self.data[j:j + self.L] for j in i])
+            fixed = np.zeros_like(x0, dtype=bool)
+            fixed[:, 0] = True
+        else:  # chat rows, right-padded to L (padding is context)
+            x0 = np.full((n, self.L), self.pad, dtype=np.int32)
+            fixed = np.ones((n, self.L), dtype=bool)
+            for r, j in enumerate(self.rng.integers(0, len(self.data), size=n)):
+                ids, sup = self.data[j]
+                x0[r, :len(ids)], fixed[r, :len(ids)] = ids, ~sup
+        return (torch.from_numpy(x0).long().to(self.device), torch.from_numpy(fixed).to(self.device))
+
+
+def held_out_signatures(val_text, n):
+    """The first n `def name(...):` lines (with their docstring's first line) of held-out files."""
+    out = []
+    for m in re.finditer(r'^def [a-z_]\w*\([^)\n]*\)(?: -> [^:\n]+)?:\n(?:    """[^\n]*\n)?', val_text, re.M):
+        out.append(m.group(0))
+        if len(out) == n:
+            break
+    return out
+
+
+if __name__ == "__main__":
+    from model import byte_tokenizer
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--check", help="a chat JSONL file to validate")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--data-dir", default="data")
+    args = p.parse_args()
+    tok = byte_tokenizer()
+    if args.check:
+        rows = read_chat_jsonl(args.check, tok, args.seq_len, 32)
+        print(f"{args.check}: {len(rows)} usable rows, {sum(int(s.sum()) for _, s in rows)} supervised tokens")
+    else:
+        d = load_stdlib(tok, args.data_dir)
+        print(f"standard library: {len(d['train']):,} training tokens, {len(d['val']):,} held out "
+              f"({len(d['val_files'])} files)")
