@@ -248,7 +248,7 @@ class Transformer(nn.Module):
         kv_cache: attend to its committed prefix too; commit=True appends this input's K/V to it.
         out: a slice of positions to return (e.g. the noisy half of [x_t ‖ x_0]; saves the head).
         head=(rows, cols) index tensors: logits (N, V) at those positions only (a loss needs a few,
-        and a 152k vocabulary makes full logits big); head=False returns the final-norm output instead.
+        and a 152k vocabulary makes full logits big).
         Returns logits (B, T, V) and h_out (B, T, D)."""
         B, T = idx.shape
         P = kv_cache.len if kv_cache is not None else 0
@@ -277,8 +277,6 @@ class Transformer(nn.Module):
             x = x[:, out]
         hn = self.norm(x)
         h_out = hn if self.cfg.relay_after_norm else x
-        if head is False:
-            return hn, h_out
         z = hn if head is True else hn[head]
         return (self.lm_head(z) if self.lm_head is not None else z @ self.embed_tokens.weight.T), h_out
 
@@ -391,12 +389,12 @@ def from_pretrained(path, *, device="cpu", dtype=torch.bfloat16):
     return model.eval()
 
 
-def save_pretrained(model, path, hf_config=None):
+def save_pretrained(model, path):
     """Write config.json + model.safetensors under Qwen2 / Fast-dLLM v2 names (relay as the authors
     name it), keeping the other keys of the config the model was loaded from."""
     from safetensors.torch import save_file
     os.makedirs(path, exist_ok=True)
-    cfg = {**(hf_config or getattr(model, "hf_config", None) or {}), **model.cfg.to_hf()}
+    cfg = {**(getattr(model, "hf_config", None) or {}), **model.cfg.to_hf()}
     if not cfg["use_relay"]:
         cfg.pop("use_relay")
     tensors = {hf_name(k): v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
