@@ -1,5 +1,5 @@
 """
-code_data.py — the code model's data (PAPER.md §5): the Python standard library as an offline corpus,
+code_data.py — the code model's data (NOTES.md §5): the Python standard library as an offline corpus,
 chat JSONL for fine-tuning, and the row stream train_code.py draws its batches from.
 
     python code_data.py                       # tokenize (and cache) the standard library, print its size
@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from tokenizer import byte_tokenizer
 
 
 def stdlib_files():
@@ -138,7 +139,6 @@ def held_out_signatures(val_text, n):
 
 
 if __name__ == "__main__":
-    from model import byte_tokenizer
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--check", help="a chat JSONL file to validate")
     p.add_argument("--seq-len", type=int, default=2048)

@@ -1,6 +1,6 @@
 """
 eval_code.py — HumanEval (or any HumanEval/MBPP-format JSONL) for block-diffusion models: pass@1,
-NFE and latency per problem, with model-written code run in a sandbox (PAPER.md §5, Table 2).
+NFE and latency per problem, with model-written code run in a sandbox (arXiv 2605.22967 Table 2; NOTES.md §5).
 
     python eval_code.py --self-check                             # prove the sandbox (CPU, ~30 s)
     python eval_code.py --checkpoint out/code/hf --limit 10      # a train_code.py model
@@ -31,6 +31,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from tqdm import tqdm
+
+from model import from_pretrained, pick_device, random_model
+from sampler import generate
+from tokenizer import load_tokenizer
 
 INSTRUCTION = "Please provide a self-contained Python script that solves the following problem in a markdown code block:"
 RESPONSE = "Below is a Python script with a self-contained function that solves the problem and passes corresponding tests:"
@@ -225,7 +229,7 @@ def main(argv=None):
     p.add_argument("--system", default=QWEN_SYSTEM, help="ChatML system message ('' for none)")
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--threshold", type=float, default=0.85)
-    p.add_argument("--block-size", type=int)
+    p.add_argument("--bd-size", type=int, help="diffusion block size (default: the checkpoint's)")
     p.add_argument("--sub-block", type=int, default=8)
     p.add_argument("--no-relay", action="store_true")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per program")
@@ -242,8 +246,6 @@ def main(argv=None):
             print(f"{k:>30}: {v}")
         print(json.dumps({"self_check": res}))
         return res
-    from sampler import generate, pick_device, random_model
-    from model import from_pretrained, load_tokenizer
     if (args.checkpoint is None) == (args.random_init is None):
         p.error("give exactly one of --checkpoint, --random-init (or --self-check)")
     device = pick_device(args.device)
@@ -259,7 +261,7 @@ def main(argv=None):
             text = prob["prompt"] if args.base else chat_prompt(tok, prob, args.system or None)
             ids = tok.encode(text)
             out, st = generate(model, [ids], max_new_tokens=args.max_new_tokens, threshold=args.threshold,
-                               block_size=args.block_size, sub_block=args.sub_block, stop_ids=tok.stop_ids,
+                               bd_size=args.bd_size, sub_block=args.sub_block, stop_ids=tok.stop_ids,
                                use_relay=not args.no_relay, pad_id=tok.stop_ids[-1])
             completion = tok.decode(out[0], skip_special=True)
             code = truncate_base(completion) if args.base else extract_code(completion)

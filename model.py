@@ -1,34 +1,35 @@
 """
-model.py — the one Transformer of this project: a masked-diffusion Transformer written with Qwen2.5
-conventions (RMSNorm, SwiGLU MLP, grouped-query attention, optional q/k/v bias, rotate-half RoPE
-with a configurable base, optional tied embeddings), the relay input of PAPER.md §2 (the channel
-itself lives in relay.py), and the Fast-dLLM v2 (arXiv 2509.26328) checkpoint and tokenizer loader.
+model.py — running the network: one masked-diffusion Transformer with Qwen2.5 conventions (RMSNorm,
+SwiGLU, grouped-query attention, optional q/k/v bias, rotate-half RoPE, optional tied embeddings),
+the relay channel it owns, block-diffusion attention with a KV cache, the token shift, the doubled
+training layout, checkpoints, and the Fast-dLLM v2 (arXiv 2509.26328) loader/saver.
 
     python model.py                       # parameter counts of the built-in shapes
-    python model.py --checkpoint DIR      # load a Fast-dLLM v2 directory, print its config
+    python model.py --checkpoint DIR      # load a Fast-dLLM v2 / Qwen2 directory, print its config
 
-One class serves the Sudoku model trained from scratch (bd_size 0: full bidirectional attention over
-81 cells) and the block-diffusion LLM (bd_size 32: bidirectional inside a block, causal across
-blocks; PAPER.md §5), which a KV cache can decode block by block.
+One class serves both experiments of Relay (arXiv 2605.22967):
+- the Sudoku model trained from scratch: bd_size 0, full bidirectional attention over 81 cells;
+- the block-diffusion LLM: bd_size 32, bidirectional inside a block and causal across blocks
+  (NOTES.md §5), which a KV cache decodes block by block.
 
-forward(idx, relay=h) returns (logits, h_out): raw logits at every position and the hidden state the
-relay reads — the last block's output before the final norm (Sudoku) or after it (the LLM,
-`relay_after_norm`), as in the authors' code. NOTE: the LLM's logits are next-token logits (position
-i predicts token i+1, as in an AR model); the shift is applied by the consumers, see
-`shift_right` in sampler.py.
+forward(idx, relay=h) -> (logits, h_out): raw logits at every position, and the hidden state the
+relay carries to the next denoising step (NOTES.md §1). NOTE: the LLM's logits are its AR parent's
+next-token logits; `shift_right` below is the one place that turns them into per-token logits.
 """
+import argparse
 import json
 import os
 import re
-import unicodedata
-from dataclasses import dataclass, asdict
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 
-from relay import RelayChannel
+from tokenizer import MASK_TOKEN, byte_tokenizer, find_token
 
 
 @dataclass
@@ -48,7 +49,7 @@ class ModelConfig:
     # needs 1.0 (PyTorch's default): LayerNorm(h) has norm ~sqrt(D) and would drown 0.02-std tokens
     dropout: float = 0.0  # on embeddings, attention probabilities and residual branches
     mask_id: int = 0  # token id of [MASK]
-    relay: bool = False  # has a relay channel (PAPER.md §2)
+    relay: bool = False  # has a relay channel (NOTES.md §1)
     relay_masked_only: bool = False  # inject the relay at MASK positions only (LLM) vs everywhere
     relay_after_norm: bool = False  # relay reads the final-norm output (LLM) vs the pre-norm one
     relay_zero_init: bool = False  # relay LayerNorm weight starts at 0 (fine-tuning) vs 1
@@ -61,23 +62,23 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, c):
-        """Our config from a Qwen2 / Fast-dLLM v2 config.json dict (PAPER.md §5)."""
+        """Our config from a Qwen2 / Fast-dLLM v2 config.json dict (NOTES.md §5)."""
         need = ["vocab_size", "num_hidden_layers", "num_attention_heads", "hidden_size", "intermediate_size"]
         if missing := [k for k in need if k not in c]:
             raise ValueError(f"config.json lacks {missing}")
         if c.get("head_dim", c["hidden_size"] // c["num_attention_heads"]) * c["num_attention_heads"] != c["hidden_size"]:
             raise ValueError("config.json: head_dim * num_attention_heads != hidden_size is not supported")
-        eps = c.get("rms_norm_eps", 1e-6)
         rp = c.get("rope_parameters") or c.get("rope_scaling") or {}  # transformers >= 5 nests rope_theta here
         if rp.get("rope_type", rp.get("type", "default")) != "default" or c.get("use_sliding_window"):
             raise ValueError(f"config.json: rope scaling {rp} / sliding window are not supported")
-        return cls(vocab_size=c["vocab_size"], n_layer=c["num_hidden_layers"], n_head=c["num_attention_heads"],
-                   n_kv_head=c.get("num_key_value_heads", c["num_attention_heads"]), n_embd=c["hidden_size"],
-                   n_ffn=c["intermediate_size"], rope_theta=rp.get("rope_theta", c.get("rope_theta", 10000.0)), norm_eps=eps,
-                   qkv_bias=c.get("attention_bias", True), tie_embeddings=c.get("tie_word_embeddings", False),
-                   mask_id=c.get("mask_token_id", -1), relay=bool(c.get("use_relay", False)),
-                   relay_masked_only=True, relay_after_norm=True, relay_zero_init=True, relay_eps=eps,
-                   bd_size=c.get("bd_size", 32))
+        eps = c.get("rms_norm_eps", 1e-6)
+        return cls(**{**QWEN2, "vocab_size": c["vocab_size"], "n_layer": c["num_hidden_layers"],
+                      "n_head": c["num_attention_heads"], "n_kv_head": c.get("num_key_value_heads", c["num_attention_heads"]),
+                      "n_embd": c["hidden_size"], "n_ffn": c["intermediate_size"],
+                      "rope_theta": rp.get("rope_theta", c.get("rope_theta", 10000.0)), "norm_eps": eps,
+                      "relay_eps": eps, "qkv_bias": c.get("attention_bias", True),
+                      "tie_embeddings": c.get("tie_word_embeddings", False), "mask_id": c.get("mask_token_id", -1),
+                      "relay": bool(c.get("use_relay", False)), "bd_size": c.get("bd_size", 32)})
 
     def to_hf(self):
         return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": self.vocab_size,
@@ -89,8 +90,21 @@ class ModelConfig:
                 "mask_token_id": self.mask_id}
 
 
+# The Qwen2.5 / Fast-dLLM v2 conventions, the one place they are written: every block-diffusion LLM here
+# (loaded, random or trained from scratch) is ModelConfig(**QWEN2, **shape, ...). The relay fields are
+# the fine-tuning relay of NOTES.md §1: MASK positions only, reads the final-norm output, starts at zero.
+QWEN2 = dict(rope_theta=1e6, norm_eps=1e-6, qkv_bias=True, tie_embeddings=True, bd_size=32,
+             relay_masked_only=True, relay_after_norm=True, relay_zero_init=True, relay_eps=1e-6)
+# Named Qwen2.5 shapes. "tiny" (byte vocabulary) is the from-scratch code model of train_code.py's cpu
+# preset; "1.5b" is Fast-dLLM v2 1.5B, for speed and memory checks with random weights.
+SHAPES = {
+    "tiny": dict(vocab_size=260, n_layer=4, n_head=4, n_kv_head=2, n_embd=128, n_ffn=384),
+    "1.5b": dict(vocab_size=151936, n_layer=28, n_head=12, n_kv_head=2, n_embd=1536, n_ffn=8960),
+}
+
+
 def block_mask(L, bd_size, *, doubled=False, q0=0, device=None):
-    """Boolean attention mask, True = may attend (PAPER.md §5).
+    """Boolean attention mask, True = may attend (NOTES.md §5).
     Inference (L - q0, L): blocks of bd_size tokens, bidirectional inside a block, causal across
     blocks; rows are the queries at positions q0..L-1 (a KV-cached forward of [q0, L) attends to
     keys 0..L-1). Training, doubled=True (2L, 2L) over [x_t ‖ x_0]: a noisy block b sees itself
@@ -213,6 +227,31 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.post_attention_layernorm(x)))
 
 
+
+
+class RelayChannel(nn.Module):
+    """R(h) = LayerNorm(h), a single affine LayerNorm over D (no projection), added to the token
+    embeddings of the next denoising step (NOTES.md §1). Sudoku: at every position, weight starts at
+    1. Fine-tuning an LLM: at MASK positions only, weight starts at 0, so the model begins exactly
+    as the pretrained one. Lives in the model so that checkpoints store it (`relay.norm.*`)."""
+
+    def __init__(self, n_embd, eps, masked_only, zero_init):
+        super().__init__()
+        self.norm = nn.LayerNorm(n_embd, eps=eps)
+        self.masked_only, self.zero_init = masked_only, zero_init
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        nn.init.constant_(self.norm.weight, 0.0 if self.zero_init else 1.0)
+        nn.init.zeros_(self.norm.bias)
+
+    def forward(self, e, h, is_mask):  # e (B, T, D) embeddings, h (B, T, D), is_mask (B, T)
+        r = self.norm(h.to(self.norm.weight.dtype)).to(e.dtype)
+        if self.masked_only:
+            return torch.where(is_mask[..., None], e + r, e)
+        return e + r
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -241,26 +280,27 @@ class Transformer(nn.Module):
             nn.init.zeros_(m.bias)
 
     def forward(self, idx, *, relay=None, pos=None, attn_mask=None, kv_cache=None, commit=False, out=None,
-                head=True):
-        """idx (B, T) token ids; relay (B, T, D) carried state or None (= inject nothing);
-        pos (T,) or (B, T) positions (default: continue after the cache); attn_mask bool (T, S) or
-        (B, 1, T, S), True = attend; default: block_mask for bd_size > 0, else full bidirectional.
-        kv_cache: attend to its committed prefix too; commit=True appends this input's K/V to it.
-        out: a slice of positions to return (e.g. the noisy half of [x_t ‖ x_0]; saves the head).
-        head=(rows, cols) index tensors: logits (N, V) at those positions only (a loss needs a few,
-        and a 152k vocabulary makes full logits big).
-        Returns logits (B, T, V) and h_out (B, T, D)."""
+                head=None):
+        """idx (B, T) token ids; relay (B, T, D) carried state, or None = inject nothing (the first
+        step of a trajectory); pos (T,) or (B, T) positions (default: continue after the cache);
+        attn_mask bool (T, S) or (B, 1, T, S), True = may attend; default: block_mask for bd_size > 0,
+        else full bidirectional. kv_cache: attend to its committed prefix too; commit=True appends
+        this input's K/V to it. out: a slice of positions to return (the noisy half of [x_t ‖ x_0]).
+        head: (rows, cols) index tensors -> logits (N, V) at those positions only (a loss needs a
+        few, and a 152k vocabulary makes full logits the largest tensor).
+        Returns logits (B, T, V) or (N, V), and h_out (B, T, D)."""
         B, T = idx.shape
         P = kv_cache.len if kv_cache is not None else 0
+        bd = self.cfg.bd_size
         if pos is None:
             pos = torch.arange(P, P + T, device=idx.device)
-        if attn_mask is None and self.cfg.bd_size and not (T <= self.cfg.bd_size and P % self.cfg.bd_size == 0
-                                                           and (P + T - 1) // self.cfg.bd_size == P // self.cfg.bd_size):
-            attn_mask = block_mask(P + T, self.cfg.bd_size, q0=P, device=idx.device)  # else: one block, all True
+        one_block = T <= bd and P % bd == 0 and (P + T - 1) // bd == P // bd  # then the mask is all True
+        if attn_mask is None and bd and not one_block:
+            attn_mask = block_mask(P + T, bd, q0=P, device=idx.device)
         x = self.embed_tokens(idx)  # (B, T, D)
         if self.embed_pos is not None:
             x = x + self.embed_pos(pos)
-        if relay is not None:
+        if relay is not None:  # the relay: the previous step's state joins this step's input
             if self.relay is None:
                 raise ValueError("relay state given to a model built without a relay channel")
             x = self.relay(x, relay, idx == self.cfg.mask_id)
@@ -276,21 +316,106 @@ class Transformer(nn.Module):
         if out is not None:
             x = x[:, out]
         hn = self.norm(x)
-        h_out = hn if self.cfg.relay_after_norm else x
-        z = hn if head is True else hn[head]
+        h_out = hn if self.cfg.relay_after_norm else x  # what the relay hands to the next step
+        z = hn if head is None else hn[head]
         return (self.lm_head(z) if self.lm_head is not None else z @ self.embed_tokens.weight.T), h_out
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
     def param_groups(self, weight_decay):
-        """AdamW groups: decay matrices and embeddings, not biases or norm weights (PAPER.md §4)."""
+        """AdamW groups: decay matrices and embeddings, not biases or norm weights (NOTES.md §4)."""
         decay = [p for p in self.parameters() if p.dim() >= 2]
         other = [p for p in self.parameters() if p.dim() < 2]
         return [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
 
     def config_dict(self):
         return asdict(self.cfg)
+
+
+def unwrap(model):
+    """The Transformer inside a DDP or torch.compile wrapper (FSDP's fully_shard wraps in place)."""
+    while True:
+        if hasattr(model, "module"):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+# ---------------------------------------------------------------------------------------------
+# the token shift and the doubled training layout of the block-diffusion LLM (NOTES.md §5)
+
+def shift_right(t):
+    """THE token shift, the only place it is written. Fast-dLLM v2 keeps its AR parent's head: the
+    output at position j-1 is about token j. shift_right turns anything indexed by position into
+    something indexed by token: shifted[:, j] = t[:, j-1], and shifted[:, 0] = t[:, 0] as in the
+    reference (position 0 of a block is always known, so it is never read). Applied to the logits
+    and the relay state in the sampler, and in training to the relay state and to the position
+    index (shift_right(arange) = the position each token is read from), so both agree exactly."""
+    return torch.cat([t[:, :1], t[:, :-1]], 1)
+
+
+def forward_doubled(model, xt, x0, masked, relay=None):
+    """One training forward of the block-diffusion LLM over [x_t ‖ x_0] (NOTES.md §5): length 2L, the
+    same positions 0..L-1 in both halves; a noisy block sees itself and the clean blocks before it.
+    xt, x0 (B, L) tokens; masked (B, L) bool: the tokens to predict; relay (B, L, D) or None, the
+    relay state of x_t (already indexed by token). Calls `model` itself, so DDP/FSDP/compile wrappers
+    see the call. Returns logits (N, V) of the masked tokens (row-major, the order of tensor[masked])
+    and the noisy half's relay state indexed by token (B, L, D)."""
+    B, L = xt.shape
+    pos = torch.arange(L, device=xt.device)
+    if relay is not None:
+        relay = torch.cat([relay, torch.zeros_like(relay)], 1)  # the clean half gets no relay
+    rows, cols = masked.nonzero(as_tuple=True)
+    src = shift_right(pos[None])[0]  # (L,): token j is read from position src[j]
+    mask = block_mask(L, unwrap(model).cfg.bd_size, doubled=True, device=xt.device)  # (2L, 2L)
+    logits, h = model(torch.cat([xt, x0], 1), pos=pos.repeat(2), attn_mask=mask, relay=relay,
+                      out=slice(0, L), head=(rows, src[cols]))  # (N, V), (B, L, D)
+    return logits, shift_right(h)
+
+
+# ---------------------------------------------------------------------------------------------
+# devices and checkpoints
+
+def pick_device(name="auto"):
+    """auto -> cuda, then mps, then cpu; anything else as given."""
+    if name != "auto":
+        return name
+    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def save_checkpoint(obj, path):
+    """torch.save through a temp file + rename: a crash never leaves a half-written checkpoint."""
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, device="cpu"):
+    """A training checkpoint (one file: model, optimizer, step, config, args, RNG, data position)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    try:
+        ck = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ck, dict) or not {"model", "config", "step"} <= set(ck):
+        raise ValueError(f"{path}: not a training checkpoint of this repository (needs model, config, step)")
+    return ck
+
+
+def load_model(path, device="cpu"):
+    """The evaluated weights (EMA when the run kept one) of a training checkpoint, in eval mode.
+    Returns (model, checkpoint dict)."""
+    ck = load_checkpoint(path, device)
+    names = {f.name for f in fields(ModelConfig)}
+    if unknown := sorted(set(ck["config"]) - names):
+        raise ValueError(f"{path}: config has fields this model.py does not know: {unknown}")
+    model = Transformer(ModelConfig(**ck["config"])).to(device)
+    load_state(model, ck.get("ema") or ck["model"], path)
+    return model.eval(), ck
 
 
 def load_state(model, sd, where):
@@ -306,9 +431,19 @@ def load_state(model, sd, where):
     model.load_state_dict(sd)
 
 
+def random_model(shape, device="cpu", dtype=torch.float32, seed=0):
+    """A Qwen2.5-shaped block-diffusion LLM with random weights and a relay, and the byte tokenizer:
+    speed and memory checks without a download. Returns (model in eval mode, tokenizer)."""
+    tok = byte_tokenizer()
+    cfg = ModelConfig(**{**QWEN2, **SHAPES[shape], "mask_id": tok.mask_id, "relay": True})
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = Transformer(cfg)
+    return model.to(dtype).eval(), tok
+
 
 # ---------------------------------------------------------------------------------------------
-# Fast-dLLM v2 / Qwen2 checkpoints (PAPER.md §5)
+# Fast-dLLM v2 / Qwen2 checkpoint directories (NOTES.md §5)
 
 # our parameter name -> Hugging Face Qwen2 name; {i} = layer index. Relay tensors use the authors'.
 HF_NAMES = {
@@ -343,7 +478,6 @@ def from_pretrained(path, *, device="cpu", dtype=torch.bfloat16):
     """A Fast-dLLM v2 (or Qwen2) directory -> Transformer in eval mode. Reads config.json and
     model.safetensors or model.safetensors.index.json + shards; strict: missing, unexpected or
     mis-shaped tensors raise one error naming them. Relay checkpoints: use_relay + relay_layer_norm."""
-    from safetensors import safe_open
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{path}: no config.json (expected a Fast-dLLM v2 / Qwen2 checkpoint directory)")
@@ -392,7 +526,6 @@ def from_pretrained(path, *, device="cpu", dtype=torch.bfloat16):
 def save_pretrained(model, path):
     """Write config.json + model.safetensors under Qwen2 / Fast-dLLM v2 names (relay as the authors
     name it), keeping the other keys of the config the model was loaded from."""
-    from safetensors.torch import save_file
     os.makedirs(path, exist_ok=True)
     cfg = {**(getattr(model, "hf_config", None) or {}), **model.cfg.to_hf()}
     if not cfg["use_relay"]:
@@ -405,167 +538,7 @@ def save_pretrained(model, path):
         json.dump(cfg, f, indent=2)
 
 
-# ---------------------------------------------------------------------------------------------
-# tokenizer: the checkpoint's tokenizer.json as a tiktoken.Encoding (no network, no HF libraries)
-
-MASK_TOKEN = "|<MASK>|"
-# Qwen2's pre-tokenizer split (tokenizer.json pre_tokenizer.pretokenizers[0].pattern.Regex)
-QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-
-
-def byte_to_unicode():
-    """GPT-2's byte-level alphabet: printable bytes stand for themselves, the rest map to 256+n."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    extra = [b for b in range(256) if b not in keep]
-    return {b: chr(b) for b in keep} | {b: chr(256 + n) for n, b in enumerate(extra)}
-
-
-def read_added_tokens(path):
-    """content -> id of the added/special tokens in tokenizer.json and added_tokens.json."""
-    out = {}
-    tj = os.path.join(path, "tokenizer.json")
-    if os.path.isfile(tj):
-        with open(tj, encoding="utf-8") as f:
-            for t in json.load(f).get("added_tokens", []):
-                if t.get("lstrip") or t.get("rstrip") or t.get("single_word"):
-                    raise ValueError(f"{tj}: added token {t['content']!r} uses lstrip/rstrip/single_word, "
-                                     f"which this tokenizer does not implement")
-                out[t["content"]] = t["id"]
-    aj = os.path.join(path, "added_tokens.json")
-    if os.path.isfile(aj):
-        with open(aj, encoding="utf-8") as f:
-            out |= json.load(f)
-    return out
-
-
-def find_token(path, content):
-    ids = read_added_tokens(path)
-    if content not in ids:
-        raise ValueError(f"{path}: token {content!r} is in neither config.json (mask_token_id) nor "
-                         f"tokenizer.json/added_tokens.json")
-    return ids[content]
-
-
-class Tokenizer:
-    """Byte-level BPE through tiktoken, with the Hugging Face tokenizers semantics Qwen2 uses:
-    added tokens are matched in the raw text first, the rest is NFC-normalised, split by the
-    pre-tokenizer regex and BPE-encoded. `enc` is the tiktoken.Encoding."""
-
-    def __init__(self, enc, added, bpe_ids, nfc=True):
-        self.enc, self.added, self.nfc = enc, added, nfc
-        self.bpe_ids = frozenset(bpe_ids)
-        self.id_to_added = {i: s for s, i in added.items()}
-        self.split = re.compile("(" + "|".join(re.escape(s) for s in sorted(added, key=len, reverse=True)) + ")") \
-            if added else None
-        self.mask_id = added.get(MASK_TOKEN)
-        self.stop_ids = [added[s] for s in ("<|im_end|>", "<|endoftext|>") if s in added]
-        self.n_vocab = max([enc.max_token_value, *added.values()]) + 1
-
-    def encode(self, text):
-        ids = []
-        for i, part in enumerate(self.split.split(text) if self.split else [text]):
-            if i % 2:  # an added token
-                ids.append(self.added[part])
-            elif part:
-                ids += self.enc.encode_ordinary(unicodedata.normalize("NFC", part) if self.nfc else part)
-        return ids
-
-    def decode(self, ids, skip_special=False):
-        out, run = [], []
-        for i in ids:
-            if i not in self.bpe_ids:
-                out.append(self.enc.decode(run))
-                run = []
-                if not skip_special:  # NOTE: ids beyond the vocabulary (random models) print as <|id:N|>
-                    out.append(self.id_to_added.get(i, f"<|id:{i}|>"))
-            else:
-                run.append(i)
-        return "".join(out) + self.enc.decode(run)
-
-    @staticmethod
-    def chat(prompt, system=None):
-        """ChatML, as Qwen2.5 and Fast-dLLM v2 format a single user turn."""
-        sys_part = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
-        return f"{sys_part}<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
-
-
-def load_tokenizer(path):
-    """tokenizer.json (+ added_tokens.json) of a checkpoint directory -> Tokenizer."""
-    import tiktoken
-    tj = os.path.join(path, "tokenizer.json")
-    if not os.path.isfile(tj):
-        raise FileNotFoundError(f"{path}: no tokenizer.json")
-    with open(tj, encoding="utf-8") as f:
-        spec = json.load(f)
-    m = spec.get("model") or {}
-    if m.get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
-        raise ValueError(f"{tj}: only byte-level BPE tokenizers are supported (model {m.get('type')})")
-    pattern = QWEN2_PATTERN
-    for pt in (spec["pre_tokenizer"].get("pretokenizers") or [spec["pre_tokenizer"]]):
-        if pt.get("type") == "Split":
-            pattern = pt["pattern"].get("Regex") or re.escape(pt["pattern"]["String"])
-    norm = json.dumps(spec.get("normalizer"))
-    if spec.get("normalizer") and "NFC" not in norm:
-        raise ValueError(f"{tj}: unsupported normalizer {norm} (NFC or none)")
-    u2b = {u: b for b, u in byte_to_unicode().items()}
-    to_bytes = lambda tok: bytes(u2b[ch] for ch in tok)
-    added = read_added_tokens(path)
-    ranks = {}
-    for tok, i in m["vocab"].items():
-        if tok in added:
-            continue
-        try:
-            ranks[to_bytes(tok)] = i
-        except KeyError:
-            raise ValueError(f"{tj}: vocabulary entry {tok!r} (id {i}) is not in the byte-level alphabet") from None
-    # tiktoken merges the pair whose result has the lowest rank, HF the earliest merge rule: the two
-    # agree when ids grow with merge order, which byte-level BPE training guarantees. Check it.
-    last = -1
-    for n, mg in enumerate(m.get("merges", [])):
-        a, b = mg.split(" ", 1) if isinstance(mg, str) else mg
-        i = m["vocab"].get(a + b)
-        if i is None or i <= last:
-            raise ValueError(f"{tj}: merge {n} ({a!r} + {b!r}) is out of id order; tiktoken cannot reproduce it")
-        last = i
-    enc = tiktoken.Encoding(name=os.path.basename(os.path.abspath(path)), pat_str=pattern,
-                            mergeable_ranks=ranks, special_tokens=added)
-    return Tokenizer(enc, added, ranks.values(), nfc=spec.get("normalizer") is not None)
-
-
-def save_byte_tokenizer(path):
-    """Write byte_tokenizer() as a Hugging Face tokenizer.json, so a model trained with it loads like
-    any checkpoint (load_tokenizer, the tokenizers library)."""
-    tok = byte_tokenizer()
-    b2u = byte_to_unicode()
-    spec = {"version": "1.0", "truncation": None, "padding": None,
-            "added_tokens": [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
-                              "normalized": False, "special": True} for s, i in tok.added.items()],
-            "normalizer": {"type": "NFC"},
-            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-                {"type": "Split", "pattern": {"Regex": QWEN2_PATTERN}, "behavior": "Isolated", "invert": False},
-                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]},
-            "post_processor": None, "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True,
-                                                "use_regex": True},
-            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
-                      "vocab": {b2u[b]: b for b in range(256)}, "merges": []}}
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, "tokenizer.json"), "w", encoding="utf-8") as f:
-        json.dump(spec, f, ensure_ascii=False)
-
-
-def byte_tokenizer():
-    """A merge-free byte-level tokenizer with the ChatML and mask tokens, for random-init models."""
-    import tiktoken
-    added = {s: 256 + n for n, s in enumerate(["<|endoftext|>", "<|im_start|>", "<|im_end|>", MASK_TOKEN])}
-    enc = tiktoken.Encoding(name="bytes", pat_str=QWEN2_PATTERN,
-                            mergeable_ranks={bytes([b]): b for b in range(256)}, special_tokens=added)
-    return Tokenizer(enc, added, range(256))
-
-
 if __name__ == "__main__":
-    import argparse
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="a Fast-dLLM v2 / Qwen2 directory to load and describe")
     args = p.parse_args()
@@ -574,6 +547,9 @@ if __name__ == "__main__":
         print(json.dumps(asdict(m.cfg), indent=1))
         print(f"{m.num_params() / 1e6:.1f}M parameters, relay {m.relay is not None}")
     else:
-        for name, cfg in [("xtiny (paper)", ModelConfig()),
-                          ("cpu", ModelConfig(n_embd=128, n_head=4, n_kv_head=4, n_ffn=512))]:
-            print(f"{name}: {Transformer(cfg).num_params() / 1e6:.2f}M parameters")
+        shapes = [("sudoku xtiny (paper)", ModelConfig()),
+                  ("sudoku cpu", ModelConfig(n_embd=128, n_head=4, n_kv_head=4, n_ffn=512))]
+        shapes += [(f"qwen2 {name}", ModelConfig(**QWEN2, **s)) for name, s in SHAPES.items()]
+        for name, cfg in shapes:
+            with torch.device("meta"):
+                print(f"{name}: {Transformer(cfg).num_params() / 1e6:.2f}M parameters")

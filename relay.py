@@ -1,69 +1,117 @@
 """
-relay.py — Learned Relay Representations (arXiv 2605.22967): the relay channel, the rollout buffer
-and the K-step rollout loss trained with truncated backpropagation through time (PAPER.md §2–3).
+relay.py — the method of Learned Relay Representations (arXiv 2605.22967), top to bottom:
 
-Read it top to bottom:
-  1. RelayChannel   h -> LayerNorm(h) added to the token embeddings of the next denoising step.
-  2. mlm_loss       the plain masked-diffusion objective (Table 1, row "MLM").
-  3. RolloutBuffer  per-slot trajectories that walk from fully masked to solved across steps.
-  4. rollout_loss   K forwards on the buffer, revealing ground truth where the model is confident;
-                    objective "rollout" (no relay), "relay_sg" (h detached between the K steps)
-                    or "relay" (gradient flows through h across the K steps: truncated BPTT).
+  1. predict, reveal rules  which masked positions a denoising step commits (NOTES.md §3); the
+                            sampler uses the same functions at inference.
+  2. add_relay              give a pretrained LLM a relay channel that starts at zero (NOTES.md §1).
+  3. mlm_loss, sft_loss     the baselines: plain masked diffusion (Table 1, "MLM") and Fast-dLLM v2's
+                            block-diffusion SFT over [x_t ‖ x_0] (NOTES.md §5).
+  4. RolloutBuffer          per-slot trajectories that walk from fully masked to solved across steps.
+  5. rollout_loss           K forwards on the buffer, revealing the ground truth where the model is
+                            confident: "rollout" (no relay), "relay_sg" (h detached between the K
+                            steps) or "relay" (the gradient flows through h: truncated BPTT) (NOTES.md §2).
 
-No command of its own: train_sudoku.py drives it (`python train_sudoku.py --objective relay`).
+The relay channel itself (h -> LayerNorm(h) added to the next step's embeddings) is part of the
+network and lives in model.py. No command of its own: `python train_sudoku.py` and
+`python train_code.py` drive it.
 """
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-OBJECTIVES = ("mlm", "rollout", "relay_sg", "relay")
+from model import RelayChannel, forward_doubled, unwrap
+
+OBJECTIVES = ("mlm", "rollout", "relay_sg", "relay")  # the four rows of Table 1
 
 
 # ---------------------------------------------------------------------------------------------
-# 1. the relay channel (PAPER.md §2)
+# 1. predictions and reveal rules (NOTES.md §3)
 
-class RelayChannel(nn.Module):
-    """R(h) = LayerNorm(h): a single affine LayerNorm over D, no projection. Sudoku: added at every
-    position, weight starts at 1. Fine-tuning an LLM: added at MASK positions only, weight starts at
-    0 so the model begins exactly as the pretrained one."""
+def predict(logits, mask_id=None):
+    """Greedy argmax and its probability -> (pred, conf), each logits.shape[:-1]. mask_id: never
+    predict that token (the sampler); None: softmax over the whole vocabulary (training's
+    confidence, as the authors compute it)."""
+    logits = logits.float()
+    if mask_id is not None:
+        logits = logits.index_fill(-1, torch.tensor([mask_id], device=logits.device), -torch.inf)
+    conf, pred = logits.softmax(-1).max(-1)
+    return pred, conf
 
-    def __init__(self, n_embd, eps, masked_only, zero_init):
-        super().__init__()
-        self.norm = nn.LayerNorm(n_embd, eps=eps)
-        self.masked_only, self.zero_init = masked_only, zero_init
-        self.reset_parameters()
 
-    def reset_parameters(self):
-        nn.init.constant_(self.norm.weight, 0.0 if self.zero_init else 1.0)
-        nn.init.zeros_(self.norm.bias)
+def reveal_confidence_mass(conf, masked, tau):
+    """The Sudoku rule. conf (B, T) confidence of the argmax token, masked (B, T) bool -> reveal (B, T)
+    bool: sort masked cells by uncertainty 1 - conf, reveal the prefix whose inclusive cumulative
+    uncertainty stays < tau; if none qualifies, the single most confident cell."""
+    u = torch.where(masked, 1.0 - conf.float(), torch.inf)  # uncertainty; inf = not a candidate
+    u_sorted, order = u.sort(dim=-1, stable=True)
+    keep = u_sorted.cumsum(-1) < tau
+    keep[:, 0] |= masked.any(-1)  # at least one cell per row that has any
+    return torch.zeros_like(masked).scatter(-1, order, keep)
 
-    def forward(self, e, h, is_mask):  # e (B, T, D) embeddings, h (B, T, D), is_mask (B, T)
-        r = self.norm(h.to(self.norm.weight.dtype)).to(e.dtype)
-        if self.masked_only:
-            return torch.where(is_mask[..., None], e + r, e)
-        return e + r
+
+def reveal_threshold_blocks(conf, masked, threshold, bd_size):
+    """The block-diffusion training rule: masked positions with conf > threshold, plus the most
+    confident masked position of every bd_size-block that still has masks (every block advances).
+    conf, masked (B, T) with T a multiple of bd_size -> reveal (B, T) bool. (The sampler applies the
+    same rule per sub-block of the current block: sampler.denoise_step.)"""
+    B, T = conf.shape
+    reveal = masked & (conf > threshold)
+    c = torch.where(masked, conf.float(), -1.0).view(B, T // bd_size, bd_size)
+    best = torch.zeros_like(c, dtype=torch.bool).scatter_(-1, c.argmax(-1, keepdim=True), True)
+    return reveal | (best & masked.view(B, T // bd_size, bd_size)).view(B, T)
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. MLM: t ~ U[0,1] per example, mask each free position with probability t, CE on masked ones
+# 2. a relay for a pretrained model
+
+def add_relay(model):
+    """Add the relay channel to a model that has none (a pretrained Fast-dLLM v2). With the LLM's
+    config it starts at zero, so the model computes exactly what it did before (NOTES.md §1)."""
+    if model.relay is None:
+        cfg = model.cfg
+        cfg.relay = True
+        model.relay = RelayChannel(cfg.n_embd, cfg.relay_eps, cfg.relay_masked_only, cfg.relay_zero_init).to(
+            model.norm.weight.device)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. the baselines
 
 def mlm_loss(model, x0, fixed, gen):
-    """x0 (B, T) clean tokens, fixed (B, T) bool (clues/prompt: never masked, never in the loss).
-    Plain token mean over masked positions (no 1/t weight)."""
+    """MLM: t ~ U[0,1] per row, mask every free position with probability t, CE on the masked ones
+    (plain token mean, no 1/t weight). x0 (B, T) clean tokens, fixed (B, T) bool: clues or prompt,
+    never masked and never in the loss."""
     B, T = x0.shape
     t = torch.rand(B, 1, generator=gen, device=x0.device)
     masked = (torch.rand(B, T, generator=gen, device=x0.device) < t) & ~fixed
-    xt = torch.where(masked, model_mask_id(model), x0)
-    logits, _ = model(xt)
+    xt = torch.where(masked, unwrap(model).cfg.mask_id, x0)
+    logits, _ = model(xt)  # (B, T, V)
     return F.cross_entropy(logits[masked].float(), x0[masked])
 
 
-def model_mask_id(model):
-    return getattr(model, "module", model).cfg.mask_id
+def sft_masks(fixed, gen, bd_size):
+    """Fast-dLLM v2's noise: per block t ~ U(0,1), mask supervised tokens with probability
+    (1-1e-3)t + 1e-3; then the complementary copy, so every supervised token is masked in exactly
+    one of the two. fixed (B, L) -> masks (2B, L) bool."""
+    B, L = fixed.shape
+    n_blocks = L // bd_size
+    t = torch.rand(B, n_blocks, 1, generator=gen, device=fixed.device).expand(B, n_blocks, bd_size).reshape(B, L)
+    m = (torch.rand(B, L, generator=gen, device=fixed.device) < (1 - 1e-3) * t + 1e-3) & ~fixed
+    return torch.cat([m, ~m & ~fixed])
+
+
+def sft_loss(model, x0, fixed, gen):
+    """Block-diffusion SFT (NOTES.md §5): both noisy copies in the [x_t ‖ x_0] layout, CE over the
+    masked supervised tokens. x0 (B, L), fixed (B, L) bool (prompt and padding)."""
+    cfg = unwrap(model).cfg
+    masks = sft_masks(fixed, gen, cfg.bd_size)  # (2B, L)
+    x0 = torch.cat([x0, x0])
+    logits, _ = forward_doubled(model, torch.where(masks, cfg.mask_id, x0), x0, masks)  # (N, V)
+    return F.cross_entropy(logits.float(), x0[masks])
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. the rollout buffer
+# 4. the rollout buffer (NOTES.md §2)
 
 class RolloutBuffer:
     """A persistent set of `capacity` trajectories. Per slot: clean target x0, current canvas x,
@@ -105,35 +153,39 @@ class RolloutBuffer:
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. the K-step rollout loss with truncated BPTT (PAPER.md §3)
+# 5. the K-step rollout loss with truncated BPTT (NOTES.md §2)
 
-def rollout_loss(model, buf, K, objective, reveal, forward=None):
-    """One micro-step on the buffer. reveal(conf, masked) -> bool (B, T) picks positions by the
-    model's own confidence (no gradient); the ground truth is written there (teacher forcing).
-    loss = L_1 + ... + L_K, each a token mean of CE over positions masked at that step.
-    forward(x, h, masked) -> (logits at the masked positions (N, V), h_out (B, T, D)); default:
-    model(x, relay=h). The block-diffusion LLM passes one that runs the [x ‖ x0] layout and applies
-    the token shift (train_code.py)."""
+def rollout_loss(model, buf, K, objective, reveal, doubled=False):
+    """One micro-step on the buffer; returns loss = L_1 + ... + L_K, each the mean CE over the
+    positions masked at that step. reveal(conf, masked) -> bool (B, T) picks positions by the model's
+    own confidence (no gradient); the ground truth is written there (teacher forcing: the trajectory
+    follows the model's order but never its mistakes). doubled: the block-diffusion LLM's
+    [x_t ‖ x_0] layout with x_t = the buffer's canvas (model.forward_doubled); else model(x, relay=h)."""
     assert objective in ("rollout", "relay_sg", "relay"), objective
-    if forward is None:
-        def forward(x, h, masked):
-            logits, h_out = model(x, relay=h)  # (B, T, V), (B, T, D)
-            return logits[masked], h_out
     use_relay = objective != "rollout"
     x, x0, free = buf.x.clone(), buf.x0, ~buf.fixed
-    h = buf.h.clone() if use_relay else None  # detached: the truncation of BPTT between steps
+    h = buf.h.clone() if use_relay else None  # detached: the truncation of BPTT between optimizer steps
     loss = 0.0
     for _ in range(K):
-        masked = (x == buf.mask_id) & free
-        logits, h_out = forward(x, h, masked)  # (N, V) at the masked positions, (B, T, D)
+        # 1) forward on the current canvas, with the relay state of the previous step
+        masked = (x == buf.mask_id) & free  # (B, T) the positions still to predict
+        if doubled:
+            logits, h_out = forward_doubled(model, x, x0, masked, relay=h)  # (N, V), (B, T, D)
+        else:
+            logits, h_out = model(x, relay=h)  # (B, T, V), (B, T, D)
+            logits = logits[masked]  # (N, V)
+        # 2) L_k: CE over the masked positions
         if masked.any():
             loss = loss + F.cross_entropy(logits.float(), x0[masked])
+        # 3) reveal the ground truth where the model is most confident
         with torch.no_grad():
             conf = torch.zeros(x.shape, device=x.device)
-            conf[masked] = logits.detach().float().softmax(-1).max(-1).values
-            x = torch.where(reveal(conf, masked), x0, x)  # model's order, true tokens
+            conf[masked] = predict(logits.detach())[1]
+            x = torch.where(reveal(conf, masked), x0, x)
+        # 4) hand h to the next step: relay keeps the graph (BPTT), relay_sg cuts it
         if use_relay:
-            h = h_out if objective == "relay" else h_out.detach()  # relay: BPTT through h
+            h = h_out if objective == "relay" else h_out.detach()
+    # 5) write back: the next optimizer step continues these trajectories, detached
     buf.x.copy_(x)
     if use_relay:
         buf.h.copy_(h.detach().float())

@@ -1,5 +1,5 @@
 """
-sudoku.py — Sudoku data for the Relay experiment (PAPER.md §4): a CSV reader for the public
+sudoku.py — Sudoku data for the Relay experiment (arXiv 2605.22967 §4.1; NOTES.md §4): a CSV reader for the public
 Sudoku-Extreme files, an offline generator of unique-solution puzzles with a difficulty rating,
 and the Sudoku symmetry group as augmentation.
 

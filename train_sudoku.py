@@ -1,17 +1,21 @@
 """
-train_sudoku.py — train and evaluate Relay on Sudoku (PAPER.md §4), the project's main job.
+train_sudoku.py — train and evaluate Relay on Sudoku (arXiv 2605.22967 §4.1; NOTES.md §4), the
+project's main job.
 
-    python train_sudoku.py                                   # CPU preset, ~15 min on 2 cores
+    python train_sudoku.py                                   # cpu preset, ~13 min on 2 cores
     python train_sudoku.py --max-steps 20 --eval-size 32     # smoke run, well under a minute
     python train_sudoku.py --objective mlm                   # a Table 1 baseline
+    python train_sudoku.py --preset paper                    # the paper's recipe (GPU; 300k steps: hours)
     python train_sudoku.py --eval-only --checkpoint out/sudoku/ckpt.pt
     python train_sudoku.py --data train.csv --test-data test.csv   # the real Sudoku-Extreme files
 
-On CUDA the defaults are the paper's (xtiny, batch 512, AdamW 5e-4, 2000 warmup, clip 0.5, bf16,
-EMA 0.9999); elsewhere a small fp32 preset (bf16 has no fast path on CPUs without AVX-512 BF16/AMX).
-Without --data it trains on generated puzzles (sudoku.py) with the symmetry group as augmentation
-and tests on a generated set of which half needs search. Prints a table, saves the checkpoint and
-a PNG of the accuracy-NFE curve, and prints one JSON object as the last stdout line.
+Presets set the flags' defaults before parsing, so `--help` shows what will run; any flag given
+wins. `cpu` (default on every machine) is a small fp32 model that learns something in ~13 minutes
+on 2 cores; `paper` is the authors' (xtiny, batch 512, AdamW 5e-4, 2000 warmup, clip 0.5, bf16,
+EMA 0.9999, 300k steps). Without --data it trains on generated puzzles (sudoku.py) with the symmetry
+group as augmentation and tests on a generated set of which half needs search. It prints a table,
+saves the checkpoint and a PNG of the accuracy-NFE curve, and prints one JSON object as the last
+stdout line.
 """
 import argparse
 import glob
@@ -20,87 +24,96 @@ import os
 import re
 import time
 from contextlib import nullcontext
+from functools import partial
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 import sudoku
-from model import ModelConfig, Transformer, load_state
-from relay import OBJECTIVES, RolloutBuffer, mlm_loss, rollout_loss
-from sampler import pick_device, reveal_confidence_mass, sample_mdm
+from model import ModelConfig, Transformer, load_checkpoint, load_model, load_state, pick_device, save_checkpoint
+from relay import OBJECTIVES, RolloutBuffer, mlm_loss, reveal_confidence_mass, rollout_loss
+from sampler import sample_mdm
 
-PRESETS = {  # defaults per preset; any flag given explicitly wins
-    "paper": dict(n_layer=4, n_embd=384, n_head=6, n_ffn=1536, dropout=0.1, batch_size=512,
-                  lr=5e-4, warmup=2000, max_steps=300_000, ema=0.9999, dtype="bfloat16", pos_emb="none",
-                  n_train=100_000, eval_size=1000, eval_every=5000, ckpt_every=5000),
-    "cpu": dict(n_layer=4, n_embd=128, n_head=4, n_ffn=512, dropout=0.0, batch_size=64,
-                lr=2e-3, warmup=50, max_steps=1200, ema=0.99, dtype="float32", pos_emb="sudoku",
-                n_train=6000, eval_size=512, eval_every=500, ckpt_every=250),
+PRESETS = {  # flag defaults per preset; "cpu" is what the add_argument defaults below already say
+    "cpu": {},
+    "paper": dict(n_layer=4, n_embd=384, n_head=6, n_ffn=1536, dropout=0.1, batch_size=512, lr=5e-4, warmup=2000,
+                  max_steps=300_000, ema=0.9999, dtype="bfloat16", pos_emb="none", mlm_frac=0.0, n_train=100_000,
+                  eval_size=1000, eval_every=5000, ckpt_every=5000),
 }
 TAUS = (0.05, 0.10, 0.15, 0.20, 0.25)
+H100_STEPS_PER_S = 16.3  # measured: paper preset, relay, one H100 (RESULTS.md)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--objective", choices=OBJECTIVES, default="relay")
-    p.add_argument("--preset", choices=["auto", *PRESETS], default="auto", help="auto: paper on CUDA, cpu elsewhere")
-    p.add_argument("--mlm-steps", type=int, help="rollout objectives: train the first N steps with mlm, then "
-                   "switch (a warm start: from scratch the rollout buffer starts slowly). Default: half of "
-                   "--max-steps with the cpu preset, 0 with the paper's")
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", choices=list(PRESETS), default="cpu")
+    preset = pre.parse_known_args(argv)[0].preset
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--preset", choices=list(PRESETS), default="cpu", help="flag defaults: cpu or the paper's")
+    # the method
+    p.add_argument("--objective", choices=OBJECTIVES, default="relay", help="a row of Table 1")
     p.add_argument("--K", type=int, default=2, help="rollout steps per optimizer step (truncated BPTT window)")
+    p.add_argument("--mlm-frac", type=float, default=0.5, help="rollout objectives: train this fraction of "
+                   "--max-steps with mlm first (a warm start: from scratch the rollout buffer starts slowly)")
     p.add_argument("--tau", type=float, default=0.15, help="inference reveal threshold")
     p.add_argument("--train-tau", type=float, default=0.15, help="training threshold mean (jitter 0.1 std)")
-    p.add_argument("--max-steps", type=int, help="optimizer steps")
+    # optimisation
+    p.add_argument("--max-steps", type=int, default=1200, help="optimizer steps")
+    p.add_argument("--stop-after", type=int, default=0, help="stop (with a checkpoint) after this many steps of "
+                   "this invocation; --resume continues (0 = run to --max-steps)")
     p.add_argument("--time-limit", type=float, default=0.0,
                    help="stop training after this many minutes (0 = no limit), then evaluate and save")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--warmup", type=int, help="linear warmup steps, then constant")
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--clip", type=float, default=0.5)
-    p.add_argument("--ema", type=float, help="EMA decay of the evaluated weights (0 = off)")
-    p.add_argument("--n-layer", type=int)
-    p.add_argument("--n-embd", type=int)
-    p.add_argument("--n-head", type=int)
-    p.add_argument("--n-ffn", type=int)
-    p.add_argument("--dropout", type=float)
-    p.add_argument("--tie-embeddings", action="store_true")
-    p.add_argument("--pos-emb", choices=["none", "sudoku"], help="learned position table: none (RoPE "
-                   "only, the paper's) or sudoku (initialised as row + column + box embeddings)")
+    p.add_argument("--batch-size", type=int, default=64, help="rows per step (= rollout buffer slots)")
+    p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate after warmup (constant)")
+    p.add_argument("--warmup", type=int, default=50, help="linear warmup steps, then constant")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not on biases/norms)")
+    p.add_argument("--clip", type=float, default=0.5, help="gradient norm clip")
+    p.add_argument("--ema", type=float, default=0.99, help="EMA decay of the evaluated weights (0 = off)")
+    # model
+    p.add_argument("--n-layer", type=int, default=4, help="Transformer blocks")
+    p.add_argument("--n-embd", type=int, default=128, help="model width")
+    p.add_argument("--n-head", type=int, default=4, help="attention heads")
+    p.add_argument("--n-ffn", type=int, default=512, help="SwiGLU hidden width")
+    p.add_argument("--dropout", type=float, default=0.0, help="dropout")
+    p.add_argument("--tie-embeddings", action="store_true", help="share the token embedding with the head")
+    p.add_argument("--pos-emb", choices=["none", "sudoku"], default="sudoku", help="learned position table: "
+                   "none (RoPE only, the paper's) or sudoku (initialised as row + column + box embeddings)")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="autocast dtype")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="autocast dtype")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training forward")
+    # data, evaluation, files
     p.add_argument("--data", default="", help="training CSV (question,answer[,...]); default: generated")
     p.add_argument("--test-data", default="", help="test CSV; default: generated, half need search")
     p.add_argument("--skip-invalid", action="store_true", help="skip and count invalid CSV rows")
-    p.add_argument("--n-train", type=int, help="generated training puzzles (before augmentation)")
-    p.add_argument("--eval-size", type=int, help="test puzzles")
-    p.add_argument("--eval-batch", type=int, default=256)
-    p.add_argument("--eval-every", type=int, help="steps between monitoring evals (128 test puzzles)")
-    p.add_argument("--ckpt-every", type=int)
+    p.add_argument("--n-train", type=int, default=6000, help="generated training puzzles (before augmentation)")
+    p.add_argument("--eval-size", type=int, default=512, help="test puzzles")
+    p.add_argument("--eval-batch", type=int, default=256, help="puzzles per sampler batch")
+    p.add_argument("--eval-every", type=int, default=500, help="steps between monitoring evals (128 test puzzles)")
+    p.add_argument("--ckpt-every", type=int, default=250, help="steps between checkpoints")
     p.add_argument("--no-sweep", action="store_true", help="skip the tau sweep / curve")
-    p.add_argument("--out-dir", default="out/sudoku")
+    p.add_argument("--out-dir", default="out/sudoku", help="checkpoint, curve")
     p.add_argument("--data-dir", default="data", help="cache of generated puzzle sets")
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt.pt")
-    p.add_argument("--eval-only", action="store_true")
+    p.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint, no training")
     p.add_argument("--checkpoint", default="", help="checkpoint for --eval-only")
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--seed", type=int, default=1337, help="model init, data order, noise")
+    p.set_defaults(**PRESETS[preset])
     args = p.parse_args(argv)
     args.device = pick_device(args.device)
-    preset = args.preset if args.preset != "auto" else ("paper" if args.device.startswith("cuda") else "cpu")
-    args.preset = preset
-    for k, v in PRESETS[preset].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    if args.mlm_steps is None:
-        args.mlm_steps = args.max_steps // 2 if preset == "cpu" and args.objective != "mlm" else 0
-    if args.K < 1 or args.mlm_steps < 0 or args.max_steps < 0 or args.batch_size < 1 or args.eval_size < 2 or args.time_limit < 0:
-        p.error("need --K >= 1, --mlm-steps >= 0, --max-steps >= 0, --batch-size >= 1, --eval-size >= 2, --time-limit >= 0")
+    if args.K < 1 or not 0 <= args.mlm_frac <= 1 or args.max_steps < 0 or args.batch_size < 1 or args.eval_size < 2 \
+            or args.time_limit < 0 or args.stop_after < 0:
+        p.error("need --K >= 1, 0 <= --mlm-frac <= 1, --max-steps >= 0, --batch-size >= 1, --eval-size >= 2, "
+                "--time-limit >= 0, --stop-after >= 0")
     if args.eval_only and not args.checkpoint:
         p.error("--eval-only needs --checkpoint PATH")
     if args.n_embd % args.n_head:
         p.error(f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}")
+    args.mlm_steps = 0 if args.objective == "mlm" else round(args.mlm_frac * args.max_steps)  # derived
     return args
 
 
@@ -152,19 +165,24 @@ class Stream:
 
 
 # ---------------------------------------------------------------------------------------------
-# model, checkpoints
+# model and checkpoints
 
-def model_config(args):
-    return ModelConfig(vocab_size=10, n_layer=args.n_layer, n_head=args.n_head, n_kv_head=args.n_head,
-                       n_embd=args.n_embd, n_ffn=args.n_ffn, dropout=args.dropout, mask_id=0,
-                       n_pos=81 if args.pos_emb == "sudoku" else 0, embed_std=1.0,
-                       tie_embeddings=args.tie_embeddings, relay=args.objective in ("relay_sg", "relay"))
+def build_model(args):
+    """The from-scratch Sudoku Transformer: 10 tokens (0 = MASK), 81 cells, full attention."""
+    cfg = ModelConfig(vocab_size=10, n_layer=args.n_layer, n_head=args.n_head, n_kv_head=args.n_head,
+                      n_embd=args.n_embd, n_ffn=args.n_ffn, dropout=args.dropout, mask_id=0,
+                      n_pos=81 if args.pos_emb == "sudoku" else 0, embed_std=1.0,
+                      tie_embeddings=args.tie_embeddings, relay=args.objective in ("relay_sg", "relay"))
+    model = Transformer(cfg)
+    if cfg.n_pos:
+        init_sudoku_positions(model, torch.Generator().manual_seed(args.seed))
+    return model.to(args.device)
 
 
 def init_sudoku_positions(model, gen):
     """Cell i starts as row[r] + col[c] + box[b] (random vectors): cells that share a unit start
     with correlated positions, so attention finds a cell's 20 peers without first discovering the
-    board's geometry from 1-D positions. Then trained freely. (Not in the paper; see README.)"""
+    board's geometry from 1-D positions. Then trained freely. (Not in the paper; see RESULTS.md.)"""
     D = model.cfg.n_embd
     r, c, b = (torch.randn(9, D, generator=gen) * model.cfg.embed_std / 3 ** 0.5 for _ in range(3))
     cells = torch.arange(81)
@@ -172,18 +190,36 @@ def init_sudoku_positions(model, gen):
         model.embed_pos.weight.copy_(r[cells // 9] + c[cells % 9] + b[(cells // 27) * 3 + (cells % 9) // 3])
 
 
-def save_checkpoint(path, obj):
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # atomic: a crash never leaves a half-written checkpoint
+def training_state(args, step, model, ema, opt, buf, stream, gen):
+    """Everything a bit-exact resume needs, in one dict."""
+    return {"model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+            "optimizer": opt.state_dict(), "buffer": buf.state_dict(), "step": step, "config": model.config_dict(),
+            "args": vars(args), "data_rng": stream.rng.bit_generator.state, "gen": gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(args.device) if args.device.startswith("cuda") else None}
 
 
-def load_model(path, device):
-    """The evaluated (EMA) weights of a checkpoint, in eval mode."""
-    ck = torch.load(path, map_location=device, weights_only=False)
-    model = Transformer(ModelConfig(**ck["config"])).to(device)
-    load_state(model, ck.get("ema") or ck["model"], path)
-    return model.eval()
+def resume(path, args, model, ema, opt, buf, stream, gen):
+    """Restore training_state() from `path` into the live objects; returns the step."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--resume: no checkpoint at {path} (check --out-dir)")
+    ck = load_checkpoint(path, args.device)
+    diff = {k: (v, ck["config"].get(k)) for k, v in model.config_dict().items() if ck["config"].get(k) != v}
+    if diff or ck["args"]["objective"] != args.objective:
+        raise ValueError(f"{path} was trained with another configuration: "
+                         f"{diff or {'objective': (args.objective, ck['args']['objective'])}} (ours, theirs)")
+    load_state(model, ck["model"], path)
+    if ema is not None:
+        load_state(ema, ck["ema"], path + " (ema)")
+    opt.load_state_dict(ck["optimizer"])
+    buf.load_state_dict(ck["buffer"])
+    stream.rng.bit_generator.state = ck["data_rng"]
+    gen.set_state(ck["gen"])
+    torch.set_rng_state(ck["torch_rng"])
+    if ck.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(ck["cuda_rng"], args.device)
+    print(f"resumed from {path} at step {ck['step']}")
+    return ck["step"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,6 +227,8 @@ def load_model(path, device):
 
 @torch.no_grad()
 def evaluate(model, test, tau, batch, ctx, desc="eval"):
+    """Sample every test puzzle at threshold tau -> exact match, token accuracy, legal rate, NFE,
+    overall and per difficulty tier."""
     q, a = test["question"], test["answer"]
     outs, nfe, nfe_batch, secs = [], [], [], 0.0
     for i in tqdm(range(0, len(q), batch), desc=desc, leave=False):
@@ -235,7 +273,7 @@ def print_table(results):
 
 def plot_curves(curves, path, title):
     """curves: {label: [eval result per tau]} -> accuracy-NFE PNG."""
-    import matplotlib
+    import matplotlib  # only the final figure needs it
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4.2))
@@ -254,126 +292,7 @@ def plot_curves(curves, path, title):
     plt.close(fig)
 
 
-# ---------------------------------------------------------------------------------------------
-
-def main(argv=None):
-    args = get_args(argv)
-    print(json.dumps({"args": vars(args)}))
-    torch.manual_seed(args.seed)
-    device = args.device
-    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
-    ctx = torch.autocast(device.split(":")[0], dtype=dtype) if dtype != torch.float32 else nullcontext()
-    os.makedirs(args.out_dir, exist_ok=True)
-    t_start = time.time()
-
-    if args.eval_only:
-        model = load_model(args.checkpoint, device)
-        test = load_test(args)
-        return finish(args, model, test, ctx, step=torch.load(args.checkpoint, weights_only=False)["step"],
-                      t_start=t_start)
-
-    t0 = time.time()
-    train, test = load_train(args), load_test(args)
-    print(f"data: {len(train['question'])} training puzzles, {len(test['question'])} test puzzles "
-          f"({(test['tier'] == 1).mean():.0%} need search), {time.time() - t0:.1f}s")
-    cfg = model_config(args)
-    model = Transformer(cfg)
-    if cfg.n_pos:
-        init_sudoku_positions(model, torch.Generator().manual_seed(args.seed))
-    model = model.to(device)
-    print(f"model: {model.num_params() / 1e6:.2f}M parameters, objective {args.objective}, K={args.K}, "
-          f"device {device}, {args.dtype}")
-    ema = Transformer(cfg).to(device).eval() if args.ema > 0 else None
-    if ema is not None:
-        ema.load_state_dict(model.state_dict())
-    opt = torch.optim.AdamW(model.param_groups(args.weight_decay), lr=args.lr,
-                            fused=device.startswith("cuda"))
-    stream = Stream(train, args.seed, device)
-    gen = torch.Generator(device=device).manual_seed(args.seed)  # tau jitter and MLM noise
-    buf = RolloutBuffer(args.batch_size, 81, cfg.n_embd, cfg.mask_id, device)
-    step = 0
-    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-    if args.resume:
-        if not os.path.exists(ckpt_path):
-            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path} (check --out-dir)")
-        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
-        diff = {k: (v, ck["config"].get(k)) for k, v in model.config_dict().items() if ck["config"].get(k) != v}
-        if diff or ck["args"]["objective"] != args.objective:
-            raise ValueError(f"{ckpt_path} was trained with another configuration: "
-                             f"{diff or {'objective': (args.objective, ck['args']['objective'])}} (ours, theirs)")
-        load_state(model, ck["model"], ckpt_path)
-        if ema is not None:
-            load_state(ema, ck["ema"], ckpt_path + " (ema)")
-        opt.load_state_dict(ck["optimizer"])
-        buf.load_state_dict(ck["buffer"])
-        stream.rng.bit_generator.state = ck["data_rng"]
-        gen.set_state(ck["gen"])
-        torch.set_rng_state(ck["torch_rng"])
-        if ck.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(ck["cuda_rng"], device)
-        step = ck["step"]
-        print(f"resumed from {ckpt_path} at step {step}")
-    train_model = torch.compile(model) if args.compile else model
-    reveal = lambda tau: (lambda conf, masked: reveal_confidence_mass(conf, masked, tau))
-
-    def checkpoint():
-        save_checkpoint(ckpt_path, {
-            "model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-            "optimizer": opt.state_dict(), "buffer": buf.state_dict(), "step": step,
-            "config": model.config_dict(), "args": vars(args), "data_rng": stream.rng.bit_generator.state,
-            "gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state(device) if device.startswith("cuda") else None})
-
-    model.train()
-    bar = tqdm(total=args.max_steps, initial=step, desc=args.objective, dynamic_ncols=True)
-    t0, seen, losses, monitor = time.time(), 0, [], []
-    while step < args.max_steps:
-        if args.time_limit and time.time() - t0 > 60 * args.time_limit:
-            tqdm.write(f"--time-limit {args.time_limit} min reached at step {step}")
-            checkpoint()
-            break
-        lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup))  # linear warmup, then constant
-        for g in opt.param_groups:
-            g["lr"] = lr
-        objective = "mlm" if step < args.mlm_steps else args.objective
-        with ctx:
-            if objective == "mlm":
-                x0, fixed = stream(args.batch_size)
-                loss = mlm_loss(train_model, x0, fixed, gen)
-                seen += args.batch_size
-            else:
-                seen += buf.refill(stream)
-                tau = max(0.0, args.train_tau + 0.1 * torch.randn(1, generator=gen, device=device).item())
-                loss = rollout_loss(train_model, buf, args.K, args.objective, reveal(tau))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-        opt.step()
-        step += 1
-        if ema is not None:
-            d = min(args.ema, (1 + step) / (10 + step))  # warm EMA so short runs are not stuck at init
-            with torch.no_grad():
-                torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - d)
-        losses.append(loss.item())
-        bar.update(1)
-        bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.1e}")
-        if step % args.eval_every == 0 or step == args.max_steps:
-            sub = {k: v[:128] for k, v in test.items()}
-            r = evaluate(ema or model, sub, args.tau, args.eval_batch, ctx, desc="monitor")
-            model.train()
-            monitor.append({"step": step, "exact_match": r["exact_match"], "token_acc": r["token_acc"],
-                            "nfe": r["nfe"], "seconds": time.time() - t0})
-            tqdm.write(f"step {step}: loss {np.mean(losses[-50:]):.4f}, monitor exact {r['exact_match']:.1%} "
-                       f"token {r['token_acc']:.1%} NFE {r['nfe']:.1f}, {seen / (time.time() - t0):.0f} new puzzles/s")
-        if step % args.ckpt_every == 0 or step == args.max_steps:
-            checkpoint()
-    bar.close()
-    train_seconds = time.time() - t0
-    return finish(args, ema or model, test, ctx, step, t_start, train_seconds, losses,
-                  rows_per_s=args.batch_size * len(losses) / max(train_seconds, 1e-9), monitor=monitor)
-
-
-def finish(args, model, test, ctx, step, t_start, train_seconds=0.0, losses=(), rows_per_s=0.0, monitor=()):
+def finish(args, model, test, ctx, step, t_start, train_seconds=0.0, losses=(), monitor=()):
     """Evaluate at tau, sweep tau, draw the curve, print the table and the JSON line."""
     model.eval()
     taus = sorted(set(([] if args.no_sweep else list(TAUS)) + [args.tau]))
@@ -388,11 +307,115 @@ def finish(args, model, test, ctx, step, t_start, train_seconds=0.0, losses=(), 
         "tau", "exact_match", "token_acc", "nfe", "nfe_batch", "legal_rate", "puzzles_per_s")},
         "singles": main_r.get("singles"), "search": main_r.get("search"), "steps": step,
         "train_loss": float(np.mean(losses[-50:])) if len(losses) else None,
-        "train_rows_per_s": rows_per_s, "train_seconds": train_seconds,
+        "train_rows_per_s": args.batch_size * len(losses) / max(train_seconds, 1e-9), "train_seconds": train_seconds,
         "seconds": time.time() - t_start, "curve": [{k: r[k] for k in ("tau", "exact_match", "nfe")} for r in curve],
         "monitor": list(monitor)}
     print(json.dumps(result))
     return {**result, "losses": list(losses)}
+
+
+# ---------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    # 1) arguments and device
+    args = get_args(argv)
+    print(json.dumps({"args": vars(args)}))
+    if args.device.startswith("cuda") and args.preset == "cpu":
+        print(f"CUDA found, running the cpu preset. The paper's recipe is `python train_sudoku.py --preset paper`: "
+              f"300k steps, about {300_000 / H100_STEPS_PER_S / 3600:.0f} h on one H100.")
+    torch.manual_seed(args.seed)
+    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    ctx = torch.autocast(args.device.split(":")[0], dtype=dtype) if dtype != torch.float32 else nullcontext()
+    os.makedirs(args.out_dir, exist_ok=True)
+    t_start = time.time()
+    if args.eval_only:
+        model, ck = load_model(args.checkpoint, args.device)
+        return finish(args, model, load_test(args), ctx, ck["step"], t_start)
+
+    # 2) data: training puzzles (augmented on the fly) and the tiered test set
+    t0 = time.time()
+    train, test = load_train(args), load_test(args)
+    print(f"data: {len(train['question'])} training puzzles, {len(test['question'])} test puzzles "
+          f"({(test['tier'] == 1).mean():.0%} need search), {time.time() - t0:.1f}s")
+    # 3) model, its EMA copy (the evaluated weights), optimizer, rollout buffer
+    model = build_model(args)
+    print(f"model: {model.num_params() / 1e6:.2f}M parameters, objective {args.objective}, K={args.K}, "
+          f"device {args.device}, {args.dtype}")
+    ema = None
+    if args.ema > 0:
+        ema = Transformer(model.cfg).to(args.device).eval()
+        ema.load_state_dict(model.state_dict())
+    opt = torch.optim.AdamW(model.param_groups(args.weight_decay), lr=args.lr, fused=args.device.startswith("cuda"))
+    stream = Stream(train, args.seed, args.device)
+    gen = torch.Generator(device=args.device).manual_seed(args.seed)  # tau jitter and MLM noise
+    buf = RolloutBuffer(args.batch_size, 81, model.cfg.n_embd, model.cfg.mask_id, args.device)
+    # 4) resume: model, EMA, optimizer, buffer, data position and every RNG
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    step = resume(ckpt_path, args, model, ema, opt, buf, stream, gen) if args.resume else 0
+    train_model = torch.compile(model) if args.compile else model
+    save = lambda: save_checkpoint(training_state(args, step, model, ema, opt, buf, stream, gen), ckpt_path)
+
+    # 5) the training loop
+    model.train()
+    bar = tqdm(total=args.max_steps, initial=step, desc=args.objective, dynamic_ncols=True)
+    t0, step0, losses, monitor, seen = time.time(), step, [], [], 0
+    while step < args.max_steps:
+        if (args.time_limit and time.time() - t0 > 60 * args.time_limit) or \
+                (args.stop_after and step - step0 >= args.stop_after):
+            tqdm.write(f"stopping at step {step}: " + ("--time-limit" if args.time_limit else "--stop-after"))
+            save()
+            break
+        loss, lr, new_rows = train_step(args, step, train_model, model, ema, opt, buf, stream, gen, ctx)
+        step += 1
+        seen += new_rows
+        losses.append(loss)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.1e}")
+        # a) monitor: the EMA weights solve the first 128 test puzzles
+        if step % args.eval_every == 0 or step == args.max_steps:
+            r = evaluate(ema or model, {k: v[:128] for k, v in test.items()}, args.tau, args.eval_batch, ctx,
+                         desc="monitor")
+            model.train()
+            monitor.append({"step": step, "exact_match": r["exact_match"], "token_acc": r["token_acc"],
+                            "nfe": r["nfe"], "seconds": time.time() - t0})
+            tqdm.write(f"step {step}: loss {np.mean(losses[-50:]):.4f}, monitor exact {r['exact_match']:.1%} "
+                       f"token {r['token_acc']:.1%} NFE {r['nfe']:.1f}, {seen / (time.time() - t0):.0f} new puzzles/s")
+        # b) checkpoint (atomic)
+        if step % args.ckpt_every == 0 or step == args.max_steps:
+            save()
+    bar.close()
+    # 6) finish: evaluate at tau, sweep tau, curve, table, JSON line
+    return finish(args, ema or model, test, ctx, step, t_start, time.time() - t0, losses, monitor)
+
+
+def train_step(args, step, train_model, model, ema, opt, buf, stream, gen, ctx):
+    """One optimizer step; returns (loss, lr, fresh training rows it used)."""
+    # 1) learning rate: linear warmup, then constant (the authors')
+    lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
+    for g in opt.param_groups:
+        g["lr"] = lr
+    # 2) the loss: MLM on fresh rows, or K rollout steps on the buffer (refilled with fresh rows)
+    with ctx:
+        if step < args.mlm_steps or args.objective == "mlm":
+            x0, fixed = stream(args.batch_size)  # (B, 81) answers, (B, 81) clue mask
+            loss = mlm_loss(train_model, x0, fixed, gen)
+            new_rows = args.batch_size
+        else:
+            new_rows = buf.refill(stream)  # finished slots get fresh puzzles
+            # NOTE: one threshold per step, jittered, as the authors train: tau ~ max(0, N(0.15, 0.1))
+            tau = max(0.0, args.train_tau + 0.1 * torch.randn(1, generator=gen, device=args.device).item())
+            loss = rollout_loss(train_model, buf, args.K, args.objective, partial(reveal_confidence_mass, tau=tau))
+    # 3) backward, clip, step
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+    opt.step()
+    # 4) EMA of the weights, warmed so that short runs are not stuck near the initialisation
+    if ema is not None:
+        d = min(args.ema, (2 + step) / (11 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - d)
+    return loss.item(), lr, new_rows
 
 
 if __name__ == "__main__":

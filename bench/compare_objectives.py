@@ -6,7 +6,7 @@ relay) trained under one budget and seed, their accuracy-NFE curves in one figur
     python bench/compare_objectives.py --max-steps 100 --eval-size 64    # a quick look
     python bench/compare_objectives.py --objectives mlm relay --threads 1   # a subset, e.g. in parallel
 
-Any flag it does not know goes to train_sudoku.py unchanged; --mlm-steps defaults to 0 here, so every
+Any flag it does not know goes to train_sudoku.py unchanged; --mlm-frac defaults to 0 here, so every
 row is its pure objective. Each objective's result is saved to
 OUT_DIR/OBJECTIVE/result.json and reused when the same flags run again, so an interrupted
 comparison resumes where it stopped. Prints a markdown table and one JSON line last.
@@ -27,8 +27,8 @@ p.add_argument("--objectives", nargs="+", choices=OBJECTIVES, default=list(OBJEC
 p.add_argument("--out-dir", default="out/compare")
 p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
 args, passthrough = p.parse_known_args()
-if not any(f.startswith("--mlm-steps") for f in passthrough):
-    passthrough += ["--mlm-steps", "0"]  # Table 1's rows are pure objectives (no MLM warm start)
+if not any(f.startswith("--mlm-frac") for f in passthrough):
+    passthrough += ["--mlm-frac", "0"]  # Table 1's rows are pure objectives (no MLM warm start)
 if args.threads:
     torch.set_num_threads(args.threads)
 

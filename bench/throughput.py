@@ -22,9 +22,9 @@ import torch  # noqa: E402
 
 import sudoku  # noqa: E402
 import train_sudoku as ts  # noqa: E402
-from model import Transformer  # noqa: E402
-from relay import OBJECTIVES, RolloutBuffer, mlm_loss, rollout_loss  # noqa: E402
-from sampler import reveal_confidence_mass, sample_mdm  # noqa: E402
+from model import load_model  # noqa: E402
+from relay import OBJECTIVES, RolloutBuffer, mlm_loss, reveal_confidence_mass, rollout_loss  # noqa: E402
+from sampler import sample_mdm  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--steps", type=int, default=20)
@@ -47,7 +47,7 @@ for obj in OBJECTIVES:
     a = ts.get_args([*rest, "--objective", obj])
     ctx = (torch.autocast(a.device.split(":")[0], dtype=torch.bfloat16) if a.dtype == "bfloat16"
            else torch.autocast("cpu", enabled=False))
-    m = Transformer(ts.model_config(a)).to(a.device)
+    m = ts.build_model(a)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
     stream = ts.Stream(gen_data, 0, a.device)
     buf = RolloutBuffer(a.batch_size, 81, m.cfg.n_embd, 0, a.device)
@@ -70,7 +70,7 @@ for obj in OBJECTIVES:
     out[f"train_rows_per_s_{obj}"] = a.batch_size * args.steps / (time.time() - t)
     out["device"], out["preset"], out["batch_size"] = a.device, a.preset, a.batch_size
 if args.checkpoint:
-    model = ts.load_model(args.checkpoint, out["device"])
+    model, _ = load_model(args.checkpoint, out["device"])
     x = torch.from_numpy(gen_data["question"]).long().to(out["device"])
     sample_mdm(model, x[:16])
     sync(out["device"])

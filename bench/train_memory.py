@@ -1,6 +1,6 @@
 """
 bench/train_memory.py — peak memory and step time of Fast-dLLM v2 SFT against Relay (K = 2) at the
-same per-device batch and sequence length (PAPER.md §5: Relay 20.1 GiB vs SFT 21.2 GiB at 1.5B,
+same per-device batch and sequence length (arXiv 2605.22967, NOTES.md §5: Relay 20.1 GiB vs SFT 21.2 GiB at 1.5B,
 seq 2048, per-device batch 2).
 
     python bench/train_memory.py                                       # CPU: the tiny shape
@@ -22,9 +22,10 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import train_code  # noqa: E402
-from relay import RolloutBuffer  # noqa: E402
-from sampler import pick_device, random_model  # noqa: E402
+from functools import partial  # noqa: E402
+
+from model import pick_device, random_model  # noqa: E402
+from relay import RolloutBuffer, reveal_threshold_blocks, rollout_loss, sft_loss  # noqa: E402
 
 
 def one(args):
@@ -45,7 +46,7 @@ def one(args):
         return x0, fixed
 
     buf = RolloutBuffer(args.batch, args.seq_len, cfg.n_embd, cfg.mask_id, device)
-    a = argparse.Namespace(bd_size=cfg.bd_size, K=2, objective=args.only, threshold=0.85)
+    reveal = partial(reveal_threshold_blocks, threshold=0.85, bd_size=cfg.bd_size)
     times = []
     for i in range(2 + args.steps):
         if cuda:
@@ -54,10 +55,10 @@ def one(args):
         with ctx:
             if args.only == "sft":
                 x0, fixed = rows(args.batch)
-                loss = train_code.sft_loss(model, x0, fixed, gen, cfg.bd_size, cfg.mask_id)
+                loss = sft_loss(model, x0, fixed, gen)
             else:
                 buf.refill(rows)
-                loss = train_code.relay_step_loss(model, buf, a, cfg.mask_id)
+                loss = rollout_loss(model, buf, 2, args.only, reveal, doubled=True)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

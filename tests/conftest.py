@@ -17,9 +17,8 @@ def tiny_cfg():
 @pytest.fixture
 def tiny_llm():
     """A random tiny block-diffusion LLM with a relay channel (untied head so tokens vary)."""
-    from model import ModelConfig, Transformer
+    from model import QWEN2, ModelConfig, Transformer
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, n_ffn=64, qkv_bias=True,
-                      rope_theta=1e6, norm_eps=1e-6, mask_id=63, bd_size=8, relay=True, relay_masked_only=True,
-                      relay_after_norm=True, relay_zero_init=True, relay_eps=1e-6)
+    cfg = ModelConfig(**{**QWEN2, "vocab_size": 64, "n_layer": 2, "n_head": 4, "n_kv_head": 2, "n_embd": 32,
+                         "n_ffn": 64, "tie_embeddings": False, "mask_id": 63, "bd_size": 8, "relay": True})
     return Transformer(cfg).eval()

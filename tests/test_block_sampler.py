@@ -1,4 +1,4 @@
-"""The KV-cached block sampler (PAPER.md §6) against its uncached oracle, batch vs alone, NFE
+"""The KV-cached block sampler (NOTES.md §6) against its uncached oracle, batch vs alone, NFE
 accounting, no MASK left, and the per-block relay reset."""
 import pytest
 import torch

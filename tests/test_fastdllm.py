@@ -6,8 +6,8 @@ import os
 import pytest
 import torch
 
-from model import (block_mask, byte_tokenizer, from_pretrained, load_tokenizer,
-                   save_pretrained)
+from model import block_mask, from_pretrained, save_pretrained
+from tokenizer import byte_tokenizer, load_tokenizer
 
 
 def test_block_mask_from_definition():
@@ -122,14 +122,14 @@ def test_save_load_round_trip_with_relay(tmp_path, tiny_llm):
 
 def build_hf_tokenizer(tmp_path):
     tk = pytest.importorskip("tokenizers")
-    from model import QWEN2_PATTERN
+    from tokenizer import QWEN2_PATTERN
     tok = tk.Tokenizer(tk.models.BPE())
     tok.normalizer = tk.normalizers.NFC()
     tok.pre_tokenizer = tk.pre_tokenizers.Sequence([
         tk.pre_tokenizers.Split(tk.Regex(QWEN2_PATTERN), behavior="isolated"),
         tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = tk.decoders.ByteLevel()
-    corpus = [open(__file__, encoding="utf-8").read(), open(os.path.join(os.path.dirname(__file__), "..", "model.py"),
+    corpus = [open(__file__, encoding="utf-8").read(), open(os.path.join(os.path.dirname(__file__), "..", "tokenizer.py"),
                                                             encoding="utf-8").read(),
               "naïve café — 日本語のテキスト, emoji 🙂🚀, Ünïcödé\n\n\t\tdef f(x):\n    return x ** 2\n"] * 3
     trainer = tk.trainers.BpeTrainer(vocab_size=600, initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(),
@@ -172,7 +172,7 @@ def test_byte_tokenizer_round_trip():
 
 
 def test_saved_byte_tokenizer_loads_and_matches_hf(tmp_path):
-    from model import save_byte_tokenizer
+    from tokenizer import save_byte_tokenizer
     save_byte_tokenizer(str(tmp_path))
     text = "<|im_start|>user\ndéf f(x):\n   return 🙂<|im_end|>|<MASK>|"
     ids = byte_tokenizer().encode(text)

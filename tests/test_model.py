@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from model import Transformer, load_state
-from relay import RelayChannel
+from model import RelayChannel
 
 
 def test_shapes_and_gqa(tiny_cfg):

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from model import Transformer
 from relay import RolloutBuffer, mlm_loss, rollout_loss
-from sampler import reveal_confidence_mass
+from relay import reveal_confidence_mass
 
 REVEAL = lambda conf, masked: reveal_confidence_mass(conf, masked, 0.3)
 

@@ -3,7 +3,8 @@ import dataclasses
 import torch
 
 from model import Transformer
-from sampler import reveal_confidence_mass, sample_mdm
+from relay import reveal_confidence_mass
+from sampler import sample_mdm
 
 
 def test_reveal_rule_on_hand_made_confidences():

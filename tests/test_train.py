@@ -8,11 +8,12 @@ import sudoku
 import train_sudoku
 from model import Transformer
 from relay import RolloutBuffer, rollout_loss
-from sampler import reveal_confidence_mass, sample_mdm
+from relay import reveal_confidence_mass
+from sampler import sample_mdm
 
 TINY = ["--n-layer", "2", "--n-embd", "32", "--n-head", "2", "--n-ffn", "64", "--batch-size", "8",
         "--eval-size", "4", "--eval-batch", "4", "--no-sweep", "--eval-every", "1000", "--warmup", "2",
-        "--mlm-steps", "0"]
+        "--mlm-frac", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -24,13 +25,13 @@ def run(tmp, data_dir, *extra):
     return train_sudoku.main([*TINY, "--out-dir", str(tmp), "--data-dir", data_dir, *extra])
 
 
-@pytest.mark.parametrize("objective,warm", [("mlm", "0"), ("relay", "0"), ("relay", "2")])
+@pytest.mark.parametrize("objective,warm", [("mlm", "0"), ("relay", "0"), ("relay", "0.5")])
 def test_resume_reproduces_the_next_losses(tmp_path, data_dir, objective, warm):
-    """warm=2: an MLM warm start whose switch to relay happens right at the resume."""
-    full = run(tmp_path / "a", data_dir, "--objective", objective, "--max-steps", "4", "--mlm-steps", warm)
-    run(tmp_path / "b", data_dir, "--objective", objective, "--max-steps", "2", "--mlm-steps", warm)
-    resumed = run(tmp_path / "b", data_dir, "--objective", objective, "--max-steps", "4", "--resume",
-                  "--mlm-steps", warm)
+    """warm=0.5: an MLM warm start whose switch to relay happens right at the resume."""
+    common = ["--objective", objective, "--max-steps", "4", "--mlm-frac", warm]
+    full = run(tmp_path / "a", data_dir, *common)
+    run(tmp_path / "b", data_dir, *common, "--stop-after", "2")
+    resumed = run(tmp_path / "b", data_dir, *common, "--resume")
     assert resumed["losses"] == full["losses"][2:]  # bit-for-bit on CPU
     assert resumed["steps"] == 4
 
@@ -90,3 +91,24 @@ def test_a_larger_cached_training_set_is_reused_by_prefix(tmp_path):
     got = train_sudoku.load_train(args)  # a short run needs the minimum, 64 puzzles
     assert len(got["question"]) == 64 and (got["question"] == big["question"][:64]).all()
     assert (got["question"] == sudoku.generate(0, 64)["question"]).all()
+
+
+def test_presets_are_defaults_that_help_shows_and_flags_override(capsys):
+    cpu = train_sudoku.get_args(["--device", "cpu"])
+    assert cpu.preset == "cpu" and cpu.max_steps == 1200 and cpu.mlm_steps == 600  # the default everywhere
+    paper = train_sudoku.get_args(["--device", "cpu", "--preset", "paper", "--max-steps", "10"])
+    assert paper.batch_size == 512 and paper.max_steps == 10 and paper.mlm_steps == 0  # a given flag wins
+    with pytest.raises(SystemExit):
+        train_sudoku.get_args(["--preset", "paper", "--help"])
+    assert "(default: 300000)" in capsys.readouterr().out.replace("\n", " ").replace("  ", " ")
+
+
+def test_a_corrupt_checkpoint_names_the_file(tmp_path):
+    from model import load_model
+    bad = tmp_path / "ckpt.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=f"{bad}: not a readable checkpoint"):
+        load_model(str(bad))
+    torch.save({"model": {}}, bad)
+    with pytest.raises(ValueError, match="not a training checkpoint"):
+        load_model(str(bad))

@@ -4,16 +4,18 @@ import json
 import os
 import subprocess
 import sys
+from functools import partial
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import code_data
+import relay
 import train_code
-from model import byte_tokenizer, block_mask
+from model import block_mask, shift_right
 from relay import RolloutBuffer
-from sampler import shift_right
+from tokenizer import byte_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,7 +24,7 @@ def test_sft_masks_are_complementary_over_supervised_tokens():
     fixed = torch.zeros(3, 64, dtype=torch.bool)
     fixed[:, :5] = True  # a prompt
     fixed[1, 40:] = True  # padding
-    masks = train_code.sft_masks(fixed, torch.Generator().manual_seed(0), 16)
+    masks = relay.sft_masks(fixed, torch.Generator().manual_seed(0), 16)
     a, b = masks[:3], masks[3:]
     assert not (a & b).any() and torch.equal(a | b, ~fixed)
     assert not (masks & fixed.repeat(2, 1)).any()
@@ -34,8 +36,8 @@ def test_sft_loss_is_ce_over_masked_supervised_tokens(tiny_llm):
     x0 = torch.randint(0, 60, (2, 32))
     fixed = torch.zeros(2, 32, dtype=torch.bool)
     fixed[:, :3] = True
-    loss = train_code.sft_loss(tiny_llm, x0, fixed, torch.Generator().manual_seed(1), 8, 63)
-    masks = train_code.sft_masks(fixed, torch.Generator().manual_seed(1), 8)
+    loss = relay.sft_loss(tiny_llm, x0, fixed, torch.Generator().manual_seed(1))
+    masks = relay.sft_masks(fixed, torch.Generator().manual_seed(1), 8)
     x0d = torch.cat([x0, x0])
     inp = torch.cat([torch.where(masks, 63, x0d), x0d], 1)
     logits, _ = tiny_llm(inp, pos=torch.arange(32).repeat(2), attn_mask=block_mask(32, 8, doubled=True))
@@ -57,8 +59,8 @@ def test_relay_gradient_reaches_the_first_forward_only_for_relay(tiny_llm, objec
     handle = tiny_llm.register_forward_hook(hook)
     buf = RolloutBuffer(2, 32, 32, 63, "cpu")
     buf.refill(lambda n: (torch.randint(0, 60, (n, 32)), torch.arange(32).expand(n, 32) < 4))
-    args = type("A", (), {"bd_size": 8, "K": 2, "objective": objective, "threshold": 0.85})()
-    loss = train_code.relay_step_loss(tiny_llm, buf, args, 63)
+    reveal = partial(relay.reveal_threshold_blocks, threshold=0.85, bd_size=8)
+    loss = relay.rollout_loss(tiny_llm, buf, 2, objective, reveal, doubled=True)
     loss.backward()
     handle.remove()
     g = probe["z"].grad
@@ -69,11 +71,11 @@ def run_main(argv):
     return train_code.main(["--preset", "tiny", "--samples", "0", *argv])
 
 
-@pytest.mark.parametrize("objective,warm", [("sft", 0), ("relay", 0), ("relay", 2)])
+@pytest.mark.parametrize("objective,warm", [("sft", 0), ("relay", 0), ("relay", 0.5)])
 def test_resume_reproduces_the_next_losses(tmp_path, objective, warm):
-    """warm=2: two sft warm-up steps, then relay; the switch happens right at the resume."""
+    """warm=0.5: two sft warm-up steps, then relay; the switch happens right at the resume."""
     common = ["--objective", objective, "--max-steps", "4", "--data-dir", str(tmp_path / "data"),
-              "--sft-steps", str(warm)]
+              "--sft-frac", str(warm)]
     straight = run_main(common + ["--out-dir", str(tmp_path / "a")])
     run_main(common + ["--out-dir", str(tmp_path / "b"), "--stop-after", "2"])
     resumed = run_main(common + ["--out-dir", str(tmp_path / "b"), "--resume"])
@@ -131,3 +133,14 @@ def test_two_process_ddp_equals_one_process(tmp_path, objective, shard):
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=2e-6, rtol=1e-5, msg=k)
     assert abs(one["val_loss"] - two["val_loss"]) < 1e-4
+
+
+def test_presets_are_defaults_and_the_paper_preset_needs_weights(capsys):
+    cpu = train_code.get_args([])
+    assert cpu.preset == "cpu" and cpu.max_steps == 300 and cpu.sft_steps == 200 and cpu.n_embd == 128
+    assert train_code.get_args(["--objective", "sft"]).sft_steps == 0
+    paper = train_code.get_args(["--preset", "paper", "--init-from", "DIR"])
+    assert paper.lr == 5e-6 and paper.seq_len == 2048 and paper.sft_steps == 0
+    with pytest.raises(SystemExit):
+        train_code.get_args(["--preset", "paper"])
+    assert "give --init-from DIR" in capsys.readouterr().err

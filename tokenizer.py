@@ -1,0 +1,188 @@
+"""
+tokenizer.py — text <-> token ids for the code model, with no network and no Hugging Face libraries.
+
+    python tokenizer.py DIR "some text"      # encode with DIR/tokenizer.json, print ids and the round trip
+    python tokenizer.py --bytes "some text"  # the same with the byte tokenizer of the from-scratch models
+
+- load_tokenizer(dir): a Qwen2.5 / Fast-dLLM v2 `tokenizer.json` (byte-level BPE) as a tiktoken.Encoding,
+  with the semantics of the `tokenizers` library that Qwen2 relies on: added tokens are matched in the
+  raw text first, the rest is NFC-normalised, split by the pre-tokenizer regex and BPE-encoded.
+- byte_tokenizer(): 256 bytes + the ChatML and mask tokens, for models trained from scratch;
+  save_byte_tokenizer(dir) writes it as a tokenizer.json so those models load like any checkpoint.
+- Tokenizer.chat(prompt): a ChatML user turn, as Qwen2.5 and Fast-dLLM v2 expect (NOTES.md §5).
+"""
+import argparse
+import json
+import os
+import re
+import unicodedata
+
+import tiktoken
+
+
+MASK_TOKEN = "|<MASK>|"
+# Qwen2's pre-tokenizer split (tokenizer.json pre_tokenizer.pretokenizers[0].pattern.Regex)
+QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def byte_to_unicode():
+    """GPT-2's byte-level alphabet: printable bytes stand for themselves, the rest map to 256+n."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = [b for b in range(256) if b not in keep]
+    return {b: chr(b) for b in keep} | {b: chr(256 + n) for n, b in enumerate(extra)}
+
+
+def read_added_tokens(path):
+    """content -> id of the added/special tokens in tokenizer.json and added_tokens.json."""
+    out = {}
+    tj = os.path.join(path, "tokenizer.json")
+    if os.path.isfile(tj):
+        with open(tj, encoding="utf-8") as f:
+            for t in json.load(f).get("added_tokens", []):
+                if t.get("lstrip") or t.get("rstrip") or t.get("single_word"):
+                    raise ValueError(f"{tj}: added token {t['content']!r} uses lstrip/rstrip/single_word, "
+                                     f"which this tokenizer does not implement")
+                out[t["content"]] = t["id"]
+    aj = os.path.join(path, "added_tokens.json")
+    if os.path.isfile(aj):
+        with open(aj, encoding="utf-8") as f:
+            out |= json.load(f)
+    return out
+
+
+def find_token(path, content):
+    ids = read_added_tokens(path)
+    if content not in ids:
+        raise ValueError(f"{path}: token {content!r} is in neither config.json (mask_token_id) nor "
+                         f"tokenizer.json/added_tokens.json")
+    return ids[content]
+
+
+class Tokenizer:
+    """Byte-level BPE through tiktoken, with the Hugging Face tokenizers semantics Qwen2 uses:
+    added tokens are matched in the raw text first, the rest is NFC-normalised, split by the
+    pre-tokenizer regex and BPE-encoded. `enc` is the tiktoken.Encoding."""
+
+    def __init__(self, enc, added, bpe_ids, nfc=True):
+        self.enc, self.added, self.nfc = enc, added, nfc
+        self.bpe_ids = frozenset(bpe_ids)
+        self.id_to_added = {i: s for s, i in added.items()}
+        self.split = re.compile("(" + "|".join(re.escape(s) for s in sorted(added, key=len, reverse=True)) + ")") \
+            if added else None
+        self.mask_id = added.get(MASK_TOKEN)
+        self.stop_ids = [added[s] for s in ("<|im_end|>", "<|endoftext|>") if s in added]
+        self.n_vocab = max([enc.max_token_value, *added.values()]) + 1
+
+    def encode(self, text):
+        ids = []
+        for i, part in enumerate(self.split.split(text) if self.split else [text]):
+            if i % 2:  # an added token
+                ids.append(self.added[part])
+            elif part:
+                ids += self.enc.encode_ordinary(unicodedata.normalize("NFC", part) if self.nfc else part)
+        return ids
+
+    def decode(self, ids, skip_special=False):
+        out, run = [], []
+        for i in ids:
+            if i not in self.bpe_ids:
+                out.append(self.enc.decode(run))
+                run = []
+                if not skip_special:  # NOTE: ids beyond the vocabulary (random models) print as <|id:N|>
+                    out.append(self.id_to_added.get(i, f"<|id:{i}|>"))
+            else:
+                run.append(i)
+        return "".join(out) + self.enc.decode(run)
+
+    @staticmethod
+    def chat(prompt, system=None):
+        """ChatML, as Qwen2.5 and Fast-dLLM v2 format a single user turn."""
+        sys_part = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
+        return f"{sys_part}<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def load_tokenizer(path):
+    """tokenizer.json (+ added_tokens.json) of a checkpoint directory -> Tokenizer."""
+    tj = os.path.join(path, "tokenizer.json")
+    if not os.path.isfile(tj):
+        raise FileNotFoundError(f"{path}: no tokenizer.json")
+    with open(tj, encoding="utf-8") as f:
+        spec = json.load(f)
+    m = spec.get("model") or {}
+    if m.get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
+        raise ValueError(f"{tj}: only byte-level BPE tokenizers are supported (model {m.get('type')})")
+    pattern = QWEN2_PATTERN
+    for pt in (spec["pre_tokenizer"].get("pretokenizers") or [spec["pre_tokenizer"]]):
+        if pt.get("type") == "Split":
+            pattern = pt["pattern"].get("Regex") or re.escape(pt["pattern"]["String"])
+    norm = json.dumps(spec.get("normalizer"))
+    if spec.get("normalizer") and "NFC" not in norm:
+        raise ValueError(f"{tj}: unsupported normalizer {norm} (NFC or none)")
+    u2b = {u: b for b, u in byte_to_unicode().items()}
+    to_bytes = lambda tok: bytes(u2b[ch] for ch in tok)
+    added = read_added_tokens(path)
+    ranks = {}
+    for tok, i in m["vocab"].items():
+        if tok in added:
+            continue
+        try:
+            ranks[to_bytes(tok)] = i
+        except KeyError:
+            raise ValueError(f"{tj}: vocabulary entry {tok!r} (id {i}) is not in the byte-level alphabet") from None
+    # tiktoken merges the pair whose result has the lowest rank, HF the earliest merge rule: the two
+    # agree when ids grow with merge order, which byte-level BPE training guarantees. Check it.
+    last = -1
+    for n, mg in enumerate(m.get("merges", [])):
+        a, b = mg.split(" ", 1) if isinstance(mg, str) else mg
+        i = m["vocab"].get(a + b)
+        if i is None or i <= last:
+            raise ValueError(f"{tj}: merge {n} ({a!r} + {b!r}) is out of id order; tiktoken cannot reproduce it")
+        last = i
+    enc = tiktoken.Encoding(name=os.path.basename(os.path.abspath(path)), pat_str=pattern,
+                            mergeable_ranks=ranks, special_tokens=added)
+    return Tokenizer(enc, added, ranks.values(), nfc=spec.get("normalizer") is not None)
+
+
+def save_byte_tokenizer(path):
+    """Write byte_tokenizer() as a Hugging Face tokenizer.json, so a model trained with it loads like
+    any checkpoint (load_tokenizer, the tokenizers library)."""
+    tok = byte_tokenizer()
+    b2u = byte_to_unicode()
+    spec = {"version": "1.0", "truncation": None, "padding": None,
+            "added_tokens": [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
+                              "normalized": False, "special": True} for s, i in tok.added.items()],
+            "normalizer": {"type": "NFC"},
+            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": QWEN2_PATTERN}, "behavior": "Isolated", "invert": False},
+                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]},
+            "post_processor": None, "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True,
+                                                "use_regex": True},
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                      "vocab": {b2u[b]: b for b in range(256)}, "merges": []}}
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "tokenizer.json"), "w", encoding="utf-8") as f:
+        json.dump(spec, f, ensure_ascii=False)
+
+
+def byte_tokenizer():
+    """A merge-free byte-level tokenizer with the ChatML and mask tokens, for random-init models."""
+    added = {s: 256 + n for n, s in enumerate(["<|endoftext|>", "<|im_start|>", "<|im_end|>", MASK_TOKEN])}
+    enc = tiktoken.Encoding(name="bytes", pat_str=QWEN2_PATTERN,
+                            mergeable_ranks={bytes([b]): b for b in range(256)}, special_tokens=added)
+    return Tokenizer(enc, added, range(256))
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dir", nargs="?", help="a checkpoint directory with tokenizer.json")
+    p.add_argument("text", help="text to encode")
+    p.add_argument("--bytes", action="store_true", help="use the byte tokenizer instead of DIR")
+    args = p.parse_args()
+    if args.bytes == (args.dir is not None):
+        p.error("give either DIR or --bytes")
+    tok = byte_tokenizer() if args.bytes else load_tokenizer(args.dir)
+    ids = tok.encode(args.text)
+    print(json.dumps({"ids": ids, "n": len(ids), "decoded": tok.decode(ids), "mask_id": tok.mask_id,
+                      "stop_ids": tok.stop_ids, "n_vocab": tok.n_vocab}))
