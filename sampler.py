@@ -238,27 +238,27 @@ def generate(model, prompts, *, max_new_tokens=256, threshold=0.85, bd_size=None
     recomputes the whole prefix every forward: the oracle. bd_size defaults to the model's."""
     t0 = time.time()
     dev = next(model.parameters()).device
-    bd_size = bd_size or model.cfg.bd_size
+    bd_size = bd_size or model.cfg.bd_size  # one name for the block size, everywhere
     # 1) argument checks, and the batch layout: rows left-padded so generation starts in block G
     check_generate_args(model, prompts, max_new_tokens, bd_size, sub_block)
     st, G = left_pad(prompts, max_new_tokens, bd_size, model.cfg.mask_id, pad_id, dev)
     st.stops = torch.tensor(list(stop_ids), device=dev, dtype=torch.long)
-    st.cache = KVCache(model.cfg.n_layer, st.x.shape[1]) if use_cache else None
+    st.cache = KVCache(model.cfg.n_layer, st.x.shape[1]) if use_cache else None  # pre-allocated, batch T
     relay_on = use_relay and model.relay is not None
     # 2) prefill: the prompts' complete blocks go into the cache
     prefill(model, st, G)
-    for b in range(G, st.x.shape[1] // bd_size):
-        if len(st.x) == 0:
+    for b in range(G, st.x.shape[1] // bd_size):  # the generation blocks, left to right
+        if len(st.x) == 0:  # every row stopped
             break
         q0, q1 = b * bd_size, (b + 1) * bd_size
         # 3) denoise the block, sub-block by sub-block; the relay carry starts empty in every block
         st.h = None
-        while denoise_step(model, st, q0, q1, threshold, sub_block, relay_on):
+        while denoise_step(model, st, q0, q1, threshold, sub_block, relay_on):  # one NFE per call
             pass
         # 4) commit it: cache its K/V and predict the first token of the next block
         if len(st.x) > 0:
             commit_block(model, st, q0, q1)
-    if dev.type == "cuda":
+    if dev.type == "cuda":  # the clock stops when the device is done, not when the launches are
         torch.cuda.synchronize(dev)
     secs = time.time() - t0
     n = st.counts

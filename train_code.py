@@ -335,13 +335,13 @@ def train_step(args, d, step, model, fwd_model, opt, streams, gens, bufs, ctx):
                 if objective == "sft":
                     x0, fixed = streams[i](args.micro_batch)  # (b, L) tokens, (b, L) prompt/padding mask
                     loss = sft_loss(fwd_model, x0, fixed, gens[i])
-                else:
+                else:  # finished trajectories take fresh rows; K forwards of [canvas ‖ x0]
                     bufs[i].refill(streams[i])
                     loss = rollout_loss(fwd_model, bufs[i], args.K, args.objective, reveal, doubled=True)
-            (loss / len(streams)).backward()
+            (loss / len(streams)).backward()  # gradients of the mean over chunks, as one big batch
         total += loss.detach() / len(streams)
     # 3) clip, step; the logged loss is averaged over the processes
-    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)  # FSDP: over all shards
     opt.step()
     opt.zero_grad(set_to_none=True)
     if d.ddp:  # gloo has no AVG
@@ -371,13 +371,16 @@ def main(argv=None):
     # 1) arguments, processes, tokenizer, data
     args = get_args(argv)
     d = setup_distributed(args)
-    args.micro_batch = args.micro_batch or args.batch_size // d.world
+    args.micro_batch = args.micro_batch or args.batch_size // d.world  # 0 = no gradient accumulation
     if args.micro_batch < 1 or args.batch_size % (d.world * args.micro_batch):
         raise ValueError(f"--batch-size {args.batch_size} is not a multiple of world size {d.world} x "
                          f"--micro-batch {args.micro_batch}")
+    # the global batch is world x accum chunks; this process owns chunks rank, rank + world, ... so any
+    # split of the same global batch over processes sees the same rows and noise
     chunks = [m * d.world + d.rank for m in range(args.batch_size // (d.world * args.micro_batch))]
     d.log(json.dumps({"args": vars(args), "world": d.world, "accum": len(chunks), "device": d.device}))
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # the same on every rank: identical initial weights
+    # bf16 autocast: matmuls in bf16, weights and optimizer state stay fp32
     ctx = torch.autocast(d.device.split(":")[0], dtype=torch.bfloat16) if args.dtype == "bfloat16" else nullcontext()
     os.makedirs(args.out_dir, exist_ok=True)
     t_start = time.time()
@@ -389,11 +392,12 @@ def main(argv=None):
     raw = build_model(args, tok).to(d.device).train()
     d.log(f"model: {raw.num_params() / 1e6:.2f}M parameters, objective {args.objective}, bd_size {args.bd_size}, "
           f"{d.world} process(es) x {args.micro_batch} rows x {len(chunks)} micro-steps, {d.device} {args.dtype}")
-    model = wrap_model(args, raw, d)
-    fwd_model = torch.compile(model) if args.compile else model
+    model = wrap_model(args, raw, d)  # what backward/no_sync go through; raw = the unwrapped weights
+    fwd_model = torch.compile(model) if args.compile else model  # what the losses call
     opt = torch.optim.AdamW(raw.param_groups(args.weight_decay), lr=args.lr, betas=(0.9, 0.95),
                             fused=d.device.startswith("cuda"))
     pad_id = tok.added["<|endoftext|>"]
+    # each chunk draws its rows, noise and rollout trajectories from its own seeded state
     streams = [Rows(train_data, args.seq_len, args.seed, c, pad_id, d.device) for c in chunks]
     val_rows = Rows(val_data, args.seq_len, args.seed, 10 ** 6, pad_id, d.device)
     gens = [torch.Generator(device=d.device).manual_seed(args.seed * 1000 + c) for c in chunks]
@@ -402,30 +406,33 @@ def main(argv=None):
     # 3) resume
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     step = resume(args, d, ckpt_path, raw, opt, streams, gens, bufs) if args.resume else 0
-    checkpoint = lambda: save(args, d, ckpt_path, step, raw, opt, streams, gens, bufs)
+    checkpoint = lambda: save(  # a collective under DDP/FSDP: every rank calls it
+        args, d, ckpt_path, step, raw, opt, streams, gens, bufs)
 
     # 4) the training loop
     bar = tqdm(total=args.max_steps, initial=step, desc=args.objective, disable=not d.master, dynamic_ncols=True)
     t0, step0, losses, vals = time.time(), step, [], []
     while step < args.max_steps:
+        # a) a budget of this invocation ends the loop; the checkpoint after it makes --resume exact
         if (args.stop_after and step - step0 >= args.stop_after) or \
                 (args.time_limit and time.time() - t0 > 60 * args.time_limit):
             d.log(f"stopping at step {step}: " + ("--stop-after" if args.stop_after else "--time-limit"))
             break
+        # b) one optimizer step over all of this process's chunks
         loss, lr, gnorm = train_step(args, d, step, model, fwd_model, opt, streams, gens, bufs, ctx)
         step += 1
         losses.append(loss)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.1e}", gnorm=f"{gnorm:.2f}")
-        if step % args.eval_every == 0 or step == args.max_steps:  # a) held-out SFT loss
+        if step % args.eval_every == 0 or step == args.max_steps:  # c) held-out SFT loss
             vals.append({"step": step, "val_loss": evaluate(raw, val_rows, args, ctx)})
             d.log(f"step {step}: train loss {np.mean(losses[-20:]):.4f}, val loss {vals[-1]['val_loss']:.4f}, "
                   f"{(step - step0) * args.batch_size * args.seq_len / (time.time() - t0):.0f} tokens/s")
-        if step % args.ckpt_every == 0 or step == args.max_steps:  # b) checkpoint (atomic)
+        if step % args.ckpt_every == 0 or step == args.max_steps:  # d) checkpoint (atomic)
             checkpoint()
     bar.close()
     train_seconds = time.time() - t0
-    if not vals or vals[-1]["step"] != step:
+    if not vals or vals[-1]["step"] != step:  # stopped early: validate and save where we are
         vals.append({"step": step, "val_loss": evaluate(raw, val_rows, args, ctx)})
         checkpoint()
     # 5) finish: export in the Fast-dLLM v2 layout, complete held-out signatures, JSON line

@@ -2,7 +2,7 @@
 train_sudoku.py — train and evaluate Relay on Sudoku (arXiv 2605.22967 §4.1; NOTES.md §4), the
 project's main job.
 
-    python train_sudoku.py                                   # cpu preset, ~13 min on 2 cores
+    python train_sudoku.py                                   # cpu preset, ~15 min on 2 cores
     python train_sudoku.py --max-steps 20 --eval-size 32     # smoke run, well under a minute
     python train_sudoku.py --objective mlm                   # a Table 1 baseline
     python train_sudoku.py --preset paper                    # the paper's recipe (GPU; 300k steps: hours)
@@ -10,7 +10,7 @@ project's main job.
     python train_sudoku.py --data train.csv --test-data test.csv   # the real Sudoku-Extreme files
 
 Presets set the flags' defaults before parsing, so `--help` shows what will run; any flag given
-wins. `cpu` (default on every machine) is a small fp32 model that learns something in ~13 minutes
+wins. `cpu` (default on every machine) is a small fp32 model that learns something in ~15 minutes
 on 2 cores; `paper` is the authors' (xtiny, batch 512, AdamW 5e-4, 2000 warmup, clip 0.5, bf16,
 EMA 0.9999, 300k steps). Without --data it trains on generated puzzles (sudoku.py) with the symmetry
 group as augmentation and tests on a generated set of which half needs search. It prints a table,
@@ -323,8 +323,9 @@ def main(argv=None):
     if args.device.startswith("cuda") and args.preset == "cpu":
         print(f"CUDA found, running the cpu preset. The paper's recipe is `python train_sudoku.py --preset paper`: "
               f"300k steps, about {300_000 / H100_STEPS_PER_S / 3600:.0f} h on one H100.")
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # model init; data order and noise have their own generators below
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    # bf16 autocast only when asked: on CPUs without AMX / AVX512-BF16 it is slower than fp32
     ctx = torch.autocast(args.device.split(":")[0], dtype=dtype) if dtype != torch.float32 else nullcontext()
     os.makedirs(args.out_dir, exist_ok=True)
     t_start = time.time()
@@ -352,7 +353,7 @@ def main(argv=None):
     # 4) resume: model, EMA, optimizer, buffer, data position and every RNG
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     step = resume(ckpt_path, args, model, ema, opt, buf, stream, gen) if args.resume else 0
-    train_model = torch.compile(model) if args.compile else model
+    train_model = torch.compile(model) if args.compile else model  # what the losses call
     save = lambda: save_checkpoint(training_state(args, step, model, ema, opt, buf, stream, gen), ckpt_path)
 
     # 5) the training loop
@@ -360,6 +361,7 @@ def main(argv=None):
     bar = tqdm(total=args.max_steps, initial=step, desc=args.objective, dynamic_ncols=True)
     t0, step0, losses, monitor, seen = time.time(), step, [], [], 0
     while step < args.max_steps:
+        # a budget of this invocation ends the loop with a checkpoint, so --resume continues exactly
         if (args.time_limit and time.time() - t0 > 60 * args.time_limit) or \
                 (args.stop_after and step - step0 >= args.stop_after):
             tqdm.write(f"stopping at step {step}: " + ("--time-limit" if args.time_limit else "--stop-after"))
@@ -367,11 +369,11 @@ def main(argv=None):
             break
         loss, lr, new_rows = train_step(args, step, train_model, model, ema, opt, buf, stream, gen, ctx)
         step += 1
-        seen += new_rows
+        seen += new_rows  # fresh puzzles: with a cold rollout buffer few slots finish per step
         losses.append(loss)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.1e}")
-        # a) monitor: the EMA weights solve the first 128 test puzzles
+        # a) monitor: the EMA weights solve the first 128 test puzzles (nothing is selected on it)
         if step % args.eval_every == 0 or step == args.max_steps:
             r = evaluate(ema or model, {k: v[:128] for k, v in test.items()}, args.tau, args.eval_batch, ctx,
                          desc="monitor")
