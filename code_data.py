@@ -141,8 +141,8 @@ def held_out_signatures(val_text, n):
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--check", help="a chat JSONL file to validate")
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--data-dir", default="data")
+    p.add_argument("--seq-len", type=int, default=2048, help="--check: longest row kept, in tokens")
+    p.add_argument("--data-dir", default="data", help="cache of the tokenized standard library")
     args = p.parse_args()
     tok = byte_tokenizer()
     if args.check:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 import sudoku
-from model import KVCache, block_mask, from_pretrained, load_model, pick_device, random_model, \
+from model import SHAPES, KVCache, block_mask, from_pretrained, load_model, pick_device, random_model, \
     save_pretrained, shift_right
 from relay import predict, reveal_confidence_mass
 from tokenizer import load_tokenizer, save_byte_tokenizer
@@ -322,7 +322,7 @@ def solve_sudoku(args):
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="a Fast-dLLM v2 directory, or a train_sudoku.py checkpoint (.pt)")
-    p.add_argument("--random-init", choices=["tiny", "1.5b"], help="random weights of this shape, byte tokenizer")
+    p.add_argument("--random-init", choices=list(SHAPES), help="random weights of this shape, byte tokenizer")
     p.add_argument("--prompt", help="text to continue (see --chat)")
     p.add_argument("--prompt-file", help="read the prompt from this file")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a ChatML user turn")

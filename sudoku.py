@@ -314,7 +314,7 @@ def is_legal(boards):
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=200, help="puzzles to generate")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="puzzle stream: puzzle i depends only on (seed, i)")
     p.add_argument("--hard", action="store_true", help="keep only puzzles that need search")
     p.add_argument("--out", default="", help="write the generated puzzles to this CSV")
     p.add_argument("--check", default="", help="validate this CSV and print a summary")

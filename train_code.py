@@ -145,9 +145,9 @@ class Dist:
     def master(self):
         return self.rank == 0
 
-    def log(self, *a, **k):
+    def log(self, msg):
         if self.master:
-            print(*a, **k)
+            tqdm.write(msg)  # prints above the progress bar instead of through it
 
 
 def setup_distributed(args):

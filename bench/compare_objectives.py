@@ -23,8 +23,9 @@ import train_sudoku  # noqa: E402
 from relay import OBJECTIVES  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-p.add_argument("--objectives", nargs="+", choices=OBJECTIVES, default=list(OBJECTIVES))
-p.add_argument("--out-dir", default="out/compare")
+p.add_argument("--objectives", nargs="+", choices=OBJECTIVES, default=list(OBJECTIVES),
+               help="objectives to train now (saved results of the others are reused)")
+p.add_argument("--out-dir", default="out/compare", help="one folder per objective, the figure")
 p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
 args, passthrough = p.parse_known_args()
 if not any(f.startswith("--mlm-frac") for f in passthrough):

@@ -27,8 +27,8 @@ from relay import OBJECTIVES, RolloutBuffer, mlm_loss, reveal_confidence_mass, r
 from sampler import sample_mdm  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-p.add_argument("--steps", type=int, default=20)
-p.add_argument("--warmup-steps", type=int, default=3)
+p.add_argument("--steps", type=int, default=20, help="timed optimizer steps per objective")
+p.add_argument("--warmup-steps", type=int, default=3, help="untimed steps first")
 p.add_argument("--checkpoint", default="", help="trained checkpoint for the sampler timing")
 p.add_argument("--n-gen", type=int, default=200, help="puzzles to generate for the generator timing")
 args, rest = p.parse_known_args()

@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from functools import partial  # noqa: E402
 
-from model import pick_device, random_model  # noqa: E402
+from model import SHAPES, pick_device, random_model  # noqa: E402
 from relay import RolloutBuffer, reveal_threshold_blocks, rollout_loss, sft_loss  # noqa: E402
 
 
@@ -74,12 +74,12 @@ def one(args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", choices=["tiny", "1.5b"], default="tiny")
+    p.add_argument("--shape", choices=list(SHAPES), default="tiny", help="random Qwen2.5 shape (model.SHAPES)")
     p.add_argument("--batch", type=int, default=2, help="rows per device")
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--grad-ckpt", action="store_true")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per row")
+    p.add_argument("--steps", type=int, default=3, help="timed steps after 2 warm-up steps")
+    p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing of every block")
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda")
     p.add_argument("--only", choices=["sft", "relay"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.only:
