@@ -39,7 +39,7 @@ class ModelConfig:
     n_head: int = 6  # query heads
     n_kv_head: int = 6  # key/value heads (< n_head: grouped-query attention)
     n_embd: int = 384  # model width D
-    n_ffn: int = 1536  # SwiGLU hidden width
+    n_ffn: int = 1024  # SwiGLU hidden width (1024: the parameter count of the authors' xtiny ReLU MLP of 1536)
     rope_theta: float = 10000.0  # RoPE base (Qwen2.5: 1e6)
     norm_eps: float = 1e-5  # RMSNorm epsilon (Qwen2.5: 1e-6)
     qkv_bias: bool = False  # bias on q/k/v projections (Qwen2.5: True)
@@ -47,7 +47,8 @@ class ModelConfig:
     n_pos: int = 0  # learned absolute position embeddings added to the tokens (0 = none, RoPE only)
     embed_std: float = 0.02  # init std of token/position embeddings. NOTE: a from-scratch relay model
     # needs 1.0 (PyTorch's default): LayerNorm(h) has norm ~sqrt(D) and would drown 0.02-std tokens
-    dropout: float = 0.0  # on embeddings, attention probabilities and residual branches
+    dropout: float = 0.0  # on attention probabilities and residual branches (none on the embeddings,
+    # where the relay is added: the authors' Sudoku model has none there)
     mask_id: int = 0  # token id of [MASK]
     relay: bool = False  # has a relay channel (NOTES.md §1)
     relay_masked_only: bool = False  # inject the relay at MASK positions only (LLM) vs everywhere
@@ -260,7 +261,6 @@ class Transformer(nn.Module):
         self.embed_pos = nn.Embedding(cfg.n_pos, cfg.n_embd) if cfg.n_pos else None
         self.relay = RelayChannel(cfg.n_embd, cfg.relay_eps, cfg.relay_masked_only,
                                   cfg.relay_zero_init) if cfg.relay else None
-        self.drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
@@ -304,7 +304,6 @@ class Transformer(nn.Module):
             if self.relay is None:
                 raise ValueError("relay state given to a model built without a relay channel")
             x = self.relay(x, relay, idx == self.cfg.mask_id)
-        x = self.drop(x)
         cos, sin = rope(pos, self.cfg.head_dim, self.cfg.rope_theta)
         for layer in self.layers:
             if self.grad_ckpt and self.training and torch.is_grad_enabled():

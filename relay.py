@@ -48,6 +48,13 @@ def reveal_confidence_mass(conf, masked, tau):
     return torch.zeros_like(masked).scatter(-1, order, keep)
 
 
+def reveal_jittered_mass(conf, masked, tau, gen, std=0.1):
+    """The Sudoku rule as the authors train it: a fresh threshold max(0, N(tau, std)) at every call,
+    i.e. at every rollout step. The draw stays on the device (no host sync)."""
+    jittered = (tau + std * torch.randn((), generator=gen, device=conf.device)).clamp(min=0.0)
+    return reveal_confidence_mass(conf, masked, jittered)
+
+
 def reveal_threshold_blocks(conf, masked, threshold, bd_size):
     """The block-diffusion training rule: masked positions with conf > threshold, plus the most
     confident masked position of every bd_size-block that still has masks (every block advances).
@@ -77,6 +84,12 @@ def add_relay(model):
 # ---------------------------------------------------------------------------------------------
 # 3. the baselines
 
+def masked_ce(logits, targets):
+    """Mean CE over N selected positions: logits (N, V), targets (N,). N = 0 gives an exact zero that
+    still backpropagates (a plain mean would be NaN)."""
+    return F.cross_entropy(logits.float(), targets, reduction="sum") / max(len(targets), 1)
+
+
 def mlm_loss(model, x0, fixed, gen):
     """MLM: t ~ U[0,1] per row, mask every free position with probability t, CE on the masked ones
     (plain token mean, no 1/t weight). x0 (B, T) clean tokens, fixed (B, T) bool: clues or prompt,
@@ -86,7 +99,7 @@ def mlm_loss(model, x0, fixed, gen):
     masked = (torch.rand(B, T, generator=gen, device=x0.device) < t) & ~fixed
     xt = torch.where(masked, unwrap(model).cfg.mask_id, x0)
     logits, _ = model(xt)  # (B, T, V)
-    return F.cross_entropy(logits[masked].float(), x0[masked])
+    return masked_ce(logits[masked], x0[masked])
 
 
 def sft_masks(fixed, gen, bd_size):
@@ -107,7 +120,7 @@ def sft_loss(model, x0, fixed, gen):
     masks = sft_masks(fixed, gen, cfg.bd_size)  # (2B, L)
     x0 = torch.cat([x0, x0])
     logits, _ = forward_doubled(model, torch.where(masks, cfg.mask_id, x0), x0, masks)  # (N, V)
-    return F.cross_entropy(logits.float(), x0[masks])
+    return masked_ce(logits, x0[masks])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,9 +187,8 @@ def rollout_loss(model, buf, K, objective, reveal, doubled=False):
         else:
             logits, h_out = model(x, relay=h)  # (B, T, V), (B, T, D)
             logits = logits[masked]  # (N, V)
-        # 2) L_k: CE over the masked positions
-        if masked.any():
-            loss = loss + F.cross_entropy(logits.float(), x0[masked])
+        # 2) L_k: CE over the masked positions (an exact zero once a slot has none left)
+        loss = loss + masked_ce(logits, x0[masked])
         # 3) reveal the ground truth where the model is most confident
         with torch.no_grad():
             conf = torch.zeros(x.shape, device=x.device)

@@ -41,13 +41,15 @@ from tokenizer import load_tokenizer, save_byte_tokenizer
 @torch.no_grad()
 def sample_mdm(model, x, *, tau=0.15, max_steps=64, use_relay=True):
     """x (B, T) canvas with MASK at unknown positions; known positions are never changed.
-    Returns (tokens (B, T), stats)."""
+    Returns (tokens (B, T), stats); stats["revealed_at"] (B, T) is the 1-based forward at which each
+    cell was revealed (0 = given)."""
     t0 = time.time()
     mask_id = model.cfg.mask_id
     x = x.clone()
     B, T = x.shape
     h = torch.zeros(B, T, model.cfg.n_embd, device=x.device) if use_relay and model.relay else None
     nfe = torch.zeros(B, dtype=torch.long, device=x.device)
+    revealed_at = torch.zeros(B, T, dtype=torch.long, device=x.device)
     steps = calls = fwd_tokens = 0
     for step in range(max_steps + 1):  # the last iteration is the final fill
         # 1) the rows that still have masks take part; solved rows have left the batch
@@ -65,11 +67,12 @@ def sample_mdm(model, x, *, tau=0.15, max_steps=64, use_relay=True):
         masked = xa == mask_id
         reveal = masked if step == max_steps else reveal_confidence_mass(conf, masked, tau)
         x[rows] = torch.where(reveal, pred, xa)
+        revealed_at[rows] = torch.where(reveal, nfe[rows, None], revealed_at[rows])
         # 4) carry h: the next forward of these rows adds LayerNorm(h) to its embeddings
         if h is not None:
             h[rows] = h_out.float()
         steps = min(step + 1, max_steps)
-    stats = {"nfe": nfe, "nfe_batch": steps + 1, "forward_calls": calls,
+    stats = {"nfe": nfe, "nfe_batch": steps + 1, "forward_calls": calls, "revealed_at": revealed_at,
              "forward_tokens": fwd_tokens, "seconds": time.time() - t0}
     return x, stats
 

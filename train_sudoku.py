@@ -7,6 +7,7 @@ project's main job.
     python train_sudoku.py --objective mlm                   # a Table 1 baseline
     python train_sudoku.py --preset paper                    # the paper's recipe (GPU; 300k steps: hours)
     python train_sudoku.py --eval-only --checkpoint out/sudoku/ckpt.pt
+    python train_sudoku.py --checkpoint out/sudoku/ckpt.pt --solve 4.....8.5.3..........7......2.....6.....8.4......1.......6.3.7.5..2.....1.4......
     python train_sudoku.py --data train.csv --test-data test.csv   # the real Sudoku-Extreme files
 
 Presets set the flags' defaults before parsing, so `--help` shows what will run; any flag given
@@ -32,14 +33,16 @@ from tqdm import tqdm
 
 import sudoku
 from model import ModelConfig, Transformer, load_checkpoint, load_model, load_state, pick_device, save_checkpoint
-from relay import OBJECTIVES, RolloutBuffer, mlm_loss, reveal_confidence_mass, rollout_loss
+from relay import OBJECTIVES, RolloutBuffer, mlm_loss, reveal_jittered_mass, rollout_loss
 from sampler import sample_mdm
 
 PRESETS = {  # flag defaults per preset; "cpu" is what the add_argument defaults below already say
     "cpu": {},
-    "paper": dict(n_layer=4, n_embd=384, n_head=6, n_ffn=1536, dropout=0.1, batch_size=512, lr=5e-4, warmup=2000,
+    # the authors' xtiny (7.1M parameters: their ReLU MLP of width 1536 has two matrices, our SwiGLU three,
+    # so SwiGLU width 1024 matches it), their optimisation, and their eval batch of 512
+    "paper": dict(n_layer=4, n_embd=384, n_head=6, n_ffn=1024, dropout=0.1, batch_size=512, lr=5e-4, warmup=2000,
                   max_steps=300_000, ema=0.9999, dtype="bfloat16", pos_emb="none", mlm_frac=0.0, n_train=100_000,
-                  eval_size=1000, eval_every=5000, ckpt_every=5000),
+                  eval_size=1000, eval_batch=512, eval_every=5000, ckpt_every=5000),
 }
 TAUS = (0.05, 0.10, 0.15, 0.20, 0.25)
 H100_STEPS_PER_S = 16.3  # measured: paper preset, relay, one H100 (RESULTS.md)
@@ -92,7 +95,7 @@ def get_args(argv=None):
     p.add_argument("--skip-invalid", action="store_true", help="skip and count invalid CSV rows")
     p.add_argument("--n-train", type=int, default=6000, help="generated training puzzles (before augmentation)")
     p.add_argument("--eval-size", type=int, default=512, help="test puzzles")
-    p.add_argument("--eval-batch", type=int, default=256, help="puzzles per sampler batch")
+    p.add_argument("--eval-batch", type=int, default=256, help="puzzles per sampler batch (NFE batch depends on it)")
     p.add_argument("--eval-every", type=int, default=500, help="steps between monitoring evals (128 test puzzles)")
     p.add_argument("--ckpt-every", type=int, default=250, help="steps between checkpoints")
     p.add_argument("--no-sweep", action="store_true", help="skip the tau sweep / curve")
@@ -100,7 +103,9 @@ def get_args(argv=None):
     p.add_argument("--data-dir", default="data", help="cache of generated puzzle sets")
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt.pt")
     p.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint, no training")
-    p.add_argument("--checkpoint", default="", help="checkpoint for --eval-only")
+    p.add_argument("--checkpoint", default="", help="checkpoint for --eval-only and --solve")
+    p.add_argument("--solve", default="", help="solve one puzzle (81 characters, '.' or '0' for blanks) with "
+                   "--checkpoint: print the grid, NFE and legality, draw OUT_DIR/solve.png")
     p.add_argument("--seed", type=int, default=1337, help="model init, data order, noise")
     p.set_defaults(**PRESETS[preset])
     args = p.parse_args(argv)
@@ -109,8 +114,8 @@ def get_args(argv=None):
             or args.time_limit < 0 or args.stop_after < 0:
         p.error("need --K >= 1, 0 <= --mlm-frac <= 1, --max-steps >= 0, --batch-size >= 1, --eval-size >= 2, "
                 "--time-limit >= 0, --stop-after >= 0")
-    if args.eval_only and not args.checkpoint:
-        p.error("--eval-only needs --checkpoint PATH")
+    if (args.eval_only or args.solve) and not args.checkpoint:
+        p.error("--eval-only and --solve need --checkpoint PATH")
     if args.n_embd % args.n_head:
         p.error(f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}")
     args.mlm_steps = 0 if args.objective == "mlm" else round(args.mlm_frac * args.max_steps)  # derived
@@ -168,10 +173,13 @@ class Stream:
 # model and checkpoints
 
 def build_model(args):
-    """The from-scratch Sudoku Transformer: 10 tokens (0 = MASK), 81 cells, full attention."""
+    """The from-scratch Sudoku Transformer: 10 tokens (0 = MASK), 81 cells, full attention.
+    Embeddings start at std 1 (on the relay's scale, NOTES.md §1); tied to the head they start at
+    std d^-0.5 as the authors', so the first logits are O(1) (the first loss is about ln 9, not ~350)."""
     cfg = ModelConfig(vocab_size=10, n_layer=args.n_layer, n_head=args.n_head, n_kv_head=args.n_head,
                       n_embd=args.n_embd, n_ffn=args.n_ffn, dropout=args.dropout, mask_id=0,
-                      n_pos=81 if args.pos_emb == "sudoku" else 0, embed_std=1.0,
+                      n_pos=81 if args.pos_emb == "sudoku" else 0,
+                      embed_std=args.n_embd ** -0.5 if args.tie_embeddings else 1.0,
                       tie_embeddings=args.tie_embeddings, relay=args.objective in ("relay_sg", "relay"))
     model = Transformer(cfg)
     if cfg.n_pos:
@@ -229,6 +237,7 @@ def resume(path, args, model, ema, opt, buf, stream, gen):
 def evaluate(model, test, tau, batch, ctx, desc="eval"):
     """Sample every test puzzle at threshold tau -> exact match, token accuracy, legal rate, NFE,
     overall and per difficulty tier."""
+    model.eval()  # no dropout while sampling; the training loop sets train() again
     q, a = test["question"], test["answer"]
     outs, nfe, nfe_batch, secs = [], [], [], 0.0
     for i in tqdm(range(0, len(q), batch), desc=desc, leave=False):
@@ -314,6 +323,69 @@ def finish(args, model, test, ctx, step, t_start, train_seconds=0.0, losses=(), 
     return {**result, "losses": list(losses)}
 
 
+def parse_puzzle(text):
+    """81 characters, row-major, digits for clues and '.' or '0' for blanks -> (81,) uint8 board."""
+    text = text.strip()
+    if len(text) != 81 or any(ch not in ".0123456789" for ch in text):
+        raise ValueError(f"--solve: a puzzle is 81 characters of 1-9 and '.' or '0', got {len(text)} characters: {text!r}")
+    q = np.array([0 if ch == "." else int(ch) for ch in text], np.uint8)
+    for unit in sudoku.UNITS:  # clues that already break a rule can have no solution
+        clues = q[unit][q[unit] > 0]
+        if len(clues) != len(set(clues.tolist())):
+            raise ValueError(f"--solve: the clues repeat a digit in a row, column or box (cells {unit})")
+    return q
+
+
+def solve_one(args, q, ctx):
+    """--solve: one puzzle through the sampler; prints the grid and a JSON line, draws each cell
+    coloured by the denoising step that revealed it."""
+    model, ck = load_model(args.checkpoint, args.device)
+    x = torch.from_numpy(q).long()[None].to(args.device)
+    with ctx, torch.no_grad():
+        out, st = sample_mdm(model, x, tau=args.tau)
+    board, when = out[0].cpu().numpy(), st["revealed_at"][0].cpu().numpy()
+    legal = bool(sudoku.is_legal(board[None])[0])
+    for r in range(9):
+        print(" ".join("".join(str(v) for v in board[r * 9 + c:r * 9 + c + 3]) for c in (0, 3, 6)))
+        if r in (2, 5):
+            print()
+    png = os.path.join(args.out_dir, "solve.png")
+    os.makedirs(args.out_dir, exist_ok=True)
+    plot_solve(q, board, when, png, f"NFE {int(st['nfe'][0])}, tau {args.tau}, {'legal' if legal else 'NOT legal'}")
+    result = {"solution": "".join(map(str, board)), "nfe": int(st["nfe"][0]), "legal": legal, "picture": png,
+              "checkpoint": args.checkpoint, "step": ck["step"]}
+    print(json.dumps(result))
+    return result
+
+
+def plot_solve(q, board, when, path, title):
+    """The solved grid, each revealed cell coloured by the step that revealed it; clues in white."""
+    import matplotlib  # only the picture needs it
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    steps = np.where(q > 0, np.nan, when).reshape(9, 9).astype(float)
+    clash = np.zeros(81, bool)  # cells whose digit repeats in one of their units
+    for unit in sudoku.UNITS:
+        d = board[unit]
+        clash[unit] |= (d[:, None] == d[None, :]).sum(1) > 1
+    fig, ax = plt.subplots(figsize=(5.2, 4.6))
+    im = ax.imshow(steps, cmap="viridis", vmin=1, vmax=max(2, np.nanmax(steps)))
+    for i in range(81):
+        r, c = divmod(i, 9)
+        ax.text(c, r, str(board[i]) if board[i] else "", ha="center", va="center", fontsize=13,
+                fontweight="bold" if q[i] else "normal", color="black" if q[i] else "red" if clash[i] else "white")
+    for k in range(10):  # thin cell lines, thick box lines
+        lw = 2.2 if k % 3 == 0 else 0.5
+        ax.axhline(k - 0.5, color="black", lw=lw)
+        ax.axvline(k - 0.5, color="black", lw=lw)
+    ax.set_xticks([]), ax.set_yticks([])
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="revealed at step (clues: bold on white; red: breaks a rule)")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 # ---------------------------------------------------------------------------------------------
 
 def main(argv=None):
@@ -329,6 +401,8 @@ def main(argv=None):
     ctx = torch.autocast(args.device.split(":")[0], dtype=dtype) if dtype != torch.float32 else nullcontext()
     os.makedirs(args.out_dir, exist_ok=True)
     t_start = time.time()
+    if args.solve:
+        return solve_one(args, parse_puzzle(args.solve), ctx)
     if args.eval_only:
         model, ck = load_model(args.checkpoint, args.device)
         return finish(args, model, load_test(args), ctx, ck["step"], t_start)
@@ -404,9 +478,9 @@ def train_step(args, step, train_model, model, ema, opt, buf, stream, gen, ctx):
             new_rows = args.batch_size
         else:
             new_rows = buf.refill(stream)  # finished slots get fresh puzzles
-            # NOTE: one threshold per step, jittered, as the authors train: tau ~ max(0, N(0.15, 0.1))
-            tau = max(0.0, args.train_tau + 0.1 * torch.randn(1, generator=gen, device=args.device).item())
-            loss = rollout_loss(train_model, buf, args.K, args.objective, partial(reveal_confidence_mass, tau=tau))
+            # NOTE: as the authors train, a fresh threshold tau ~ max(0, N(0.15, 0.1)) at every rollout step
+            reveal = partial(reveal_jittered_mass, tau=args.train_tau, gen=gen)
+            loss = rollout_loss(train_model, buf, args.K, args.objective, reveal)
     # 3) backward, clip, step
     opt.zero_grad(set_to_none=True)
     loss.backward()

@@ -106,3 +106,38 @@ def test_mlm_loss_never_masks_fixed_positions(tiny_cfg):
     masked = xt == 0
     logits, _ = orig(xt)
     torch.testing.assert_close(loss, F.cross_entropy(logits[masked], x0[masked]))
+
+
+def test_losses_with_nothing_masked_are_zero_and_backpropagate(tiny_cfg):
+    m, buf = make(tiny_cfg, "relay")
+    x0, fixed = rows(3)
+    loss = mlm_loss(m, x0, torch.ones_like(fixed), torch.Generator().manual_seed(0))  # every cell a clue
+    loss.backward()
+    assert loss.item() == 0.0 and m.embed_tokens.weight.grad is not None
+    buf.x.copy_(buf.x0)  # every slot solved: nothing left to predict
+    loss = rollout_loss(m, buf, 2, "relay", REVEAL)
+    assert torch.is_tensor(loss) and loss.item() == 0.0
+    loss.backward()
+
+
+def test_training_threshold_is_redrawn_at_every_call():
+    from relay import reveal_jittered_mass
+    g = torch.Generator().manual_seed(0)
+    conf = torch.rand(4, 81, generator=g)
+    masked = torch.rand(4, 81, generator=g) < 0.7
+    gen, ref = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    taus = []
+    for _ in range(3):  # each call draws tau ~ max(0, N(0.3, 0.1)) from gen, in order
+        tau = max(0.0, 0.3 + 0.1 * torch.randn((), generator=ref).item())
+        taus.append(tau)
+        got = reveal_jittered_mass(conf, masked, 0.3, gen)
+        assert torch.equal(got, reveal_confidence_mass(conf, masked, tau))
+    assert len(set(taus)) == 3
+
+
+def test_no_dropout_on_the_embeddings_and_the_relay(tiny_cfg):
+    """With no blocks, the only place dropout could act is the embedding + relay sum: train == eval."""
+    m = Transformer(dataclasses.replace(tiny_cfg, n_layer=0, dropout=0.5, relay=True))
+    idx, h = torch.randint(0, 10, (2, 81)), torch.randn(2, 81, 32)
+    train_out = m.train()(idx, relay=h)[0]
+    torch.testing.assert_close(train_out, m.eval()(idx, relay=h)[0])

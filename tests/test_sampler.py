@@ -71,3 +71,15 @@ def test_batched_rows_match_single_rows(tiny_cfg):
     for i in range(4):
         o, s = sample_mdm(m, x[i:i + 1])
         assert (o[0] == out[i]).all() and s["nfe"][0] == st["nfe"][i]
+
+
+def test_revealed_at_records_the_step_of_each_cell(tiny_cfg):
+    torch.manual_seed(0)
+    m = Transformer(dataclasses.replace(tiny_cfg, relay=True)).eval()
+    x = canvas()
+    out, st = sample_mdm(m, x, tau=0.15)
+    when = st["revealed_at"]
+    assert ((when == 0) == (x != 0)).all()  # clues were given, every blank was revealed at some step
+    assert torch.equal(when.max(1).values, st["nfe"])  # a row's last reveal is its last forward
+    _, st2 = sample_mdm(m, x, tau=0.0, max_steps=2)  # one cell per loop step: the final fill is needed
+    assert st2["revealed_at"].max() == 3  # two loop steps, then the final fill

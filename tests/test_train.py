@@ -1,6 +1,8 @@
 import dataclasses
 import json
+import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -112,3 +114,45 @@ def test_a_corrupt_checkpoint_names_the_file(tmp_path):
     torch.save({"model": {}}, bad)
     with pytest.raises(ValueError, match="not a training checkpoint"):
         load_model(str(bad))
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_first_loss_at_the_paper_shape_is_order_one(tie):
+    """A fresh paper-preset model predicts about uniformly (ln 9 = 2.2). A head tied to N(0, 1)
+    embeddings gave ~350 (logits of size ~D); with the authors' std d^-0.5 it is O(1)."""
+    args = train_sudoku.get_args(["--device", "cpu", "--preset", "paper"] + (["--tie-embeddings"] if tie else []))
+    torch.manual_seed(0)
+    m = train_sudoku.build_model(args).eval()
+    d = sudoku.generate(41, 8, workers=1)
+    x0, fixed = torch.from_numpy(d["answer"]).long(), torch.from_numpy(d["question"] > 0)
+    from relay import mlm_loss
+    loss = mlm_loss(m, x0, fixed, torch.Generator().manual_seed(0)).item()
+    assert abs(loss - np.log(9)) < 1.5, loss
+
+
+def test_evaluation_runs_without_dropout(tmp_path, data_dir):
+    args = train_sudoku.get_args(["--device", "cpu", "--eval-size", "4", "--data-dir", data_dir, "--dropout", "0.5"])
+    m = train_sudoku.build_model(args).train()
+    test = train_sudoku.load_test(args)
+    a = train_sudoku.evaluate(m, test, 0.15, 4, train_sudoku.nullcontext())
+    assert not m.training
+    m.train()  # with dropout on, two evaluations would differ
+    b = train_sudoku.evaluate(m, test, 0.15, 4, train_sudoku.nullcontext())
+    a.pop("puzzles_per_s"), b.pop("puzzles_per_s")
+    assert a == b
+
+
+def test_solve_prints_the_grid_and_draws_the_steps(tmp_path, data_dir, capsys):
+    run(tmp_path, data_dir, "--max-steps", "2")
+    d = sudoku.generate(51, 1, workers=1)
+    puzzle = "".join(str(v) if v else "." for v in d["question"][0])
+    r = train_sudoku.main(["--checkpoint", str(tmp_path / "ckpt.pt"), "--solve", puzzle, "--out-dir", str(tmp_path)])
+    board = np.array([int(ch) for ch in r["solution"]], np.uint8)
+    assert (board[d["question"][0] > 0] == d["question"][0][d["question"][0] > 0]).all() and (board > 0).all()
+    assert r["legal"] == bool(sudoku.is_legal(board[None])[0]) and r["nfe"] >= 1
+    assert os.path.getsize(r["picture"]) > 10_000
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["solution"] == r["solution"]
+    for bad, msg in [(puzzle[:80], "81 characters"), ("x" + puzzle[1:], "81 characters"),
+                     ("11" + "." * 79, "repeat a digit")]:
+        with pytest.raises(ValueError, match=msg):
+            train_sudoku.main(["--checkpoint", str(tmp_path / "ckpt.pt"), "--solve", bad, "--out-dir", str(tmp_path)])
