@@ -63,7 +63,8 @@ def test_relay_sg_blocks_gradient_inside_window(tiny_cfg):
     assert m.relay.norm.weight.grad.abs().sum() > 0  # the relay is still used and trained
 
 
-def test_rollout_loss_is_sum_of_masked_ce_with_teacher_forcing(tiny_cfg):
+def test_one_rollout_step_is_the_masked_ce_with_teacher_forcing(tiny_cfg):
+    """K = 1 (the sum over K steps is checked against a hand-written loop in test_method.py)."""
     m, buf = make(tiny_cfg, "rollout")
     x_before = buf.x.clone()
     loss = rollout_loss(m, buf, 1, "rollout", REVEAL)

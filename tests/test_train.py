@@ -53,7 +53,7 @@ def test_main_prints_json_last_and_eval_only(tmp_path, data_dir, capsys):
     assert last["objective"] == "relay_sg" and last["steps"] == 2
     e = train_sudoku.main(["--eval-only", "--checkpoint", str(tmp_path / "ckpt.pt"), "--eval-size", "4",
                            "--no-sweep", "--data-dir", data_dir, "--out-dir", str(tmp_path)])
-    assert e["exact_match"] == r["exact_match"] and e["nfe"] == r["nfe"]
+    assert e["exact_match"] == r["exact_match"] and e["token_acc"] == r["token_acc"] and e["nfe"] == r["nfe"]
 
 
 def test_trains_from_csv_files(tmp_path, data_dir):
@@ -62,11 +62,15 @@ def test_trains_from_csv_files(tmp_path, data_dir):
     sudoku.write_csv(str(tmp_path / "test.csv"), {k: v[:4] for k, v in d.items()})
     r = run(tmp_path, data_dir, "--max-steps", "2", "--data", str(tmp_path / "train.csv"),
             "--test-data", str(tmp_path / "test.csv"))
-    assert r["steps"] == 2 and 0.0 <= r["token_acc"] <= 1.0
+    assert r["steps"] == 2
+    assert sum(r[t]["n"] for t in ("singles", "search") if r.get(t)) == 4  # evaluated on the CSV's 4 puzzles
 
 
-def test_overfits_a_handful_of_puzzles(tiny_cfg):
-    """A few hundred relay steps on 4 fixed puzzles: the sampler then solves them."""
+def test_relay_training_can_fit_a_handful_of_puzzles(tiny_cfg):
+    """An optimisation check, not an accuracy claim: a few hundred relay steps on 4 fixed puzzles
+    (each slot replays its own) drive the rollout plumbing, the relay gradient and the optimizer far
+    enough that the sampler reproduces those 4 training puzzles. Accuracy on unseen puzzles is what
+    train_sudoku.py's test set measures."""
     torch.manual_seed(0)
     d = sudoku.generate(31, 4, workers=1)
     x0, q = torch.from_numpy(d["answer"]).long(), torch.from_numpy(d["question"]).long()
