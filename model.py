@@ -417,6 +417,15 @@ def load_model(path, device="cpu"):
     return model.eval(), ck
 
 
+def export_weights(path, dtype=torch.float16):
+    """A training checkpoint -> a small one for sharing: the evaluated (EMA) weights in `dtype`, with
+    config, step and args, no optimizer or buffer. load_model() reads it like any checkpoint (fp32)."""
+    ck = load_checkpoint(path)
+    sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in (ck.get("ema") or ck["model"]).items()}
+    return {"model": sd, "config": ck["config"], "step": ck["step"], "args": ck.get("args"),
+            "exported_from": os.path.basename(path), "dtype": str(dtype)}
+
+
 def load_state(model, sd, where):
     """Strict load: missing, unexpected or mis-shaped tensors raise one error that lists them all."""
     own = model.state_dict()

@@ -32,7 +32,8 @@ import torch
 from tqdm import tqdm
 
 import sudoku
-from model import ModelConfig, Transformer, load_checkpoint, load_model, load_state, pick_device, save_checkpoint
+from model import (ModelConfig, Transformer, export_weights, load_checkpoint, load_model, load_state, pick_device,
+                   save_checkpoint)
 from relay import OBJECTIVES, RolloutBuffer, mlm_loss, reveal_jittered_mass, rollout_loss
 from sampler import sample_mdm
 
@@ -104,6 +105,8 @@ def get_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt.pt")
     p.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint, no training")
     p.add_argument("--checkpoint", default="", help="checkpoint for --eval-only and --solve")
+    p.add_argument("--export", default="", help="with --checkpoint: write its evaluated weights in fp16 to this "
+                   "file (a small checkpoint for sharing) and exit")
     p.add_argument("--solve", default="", help="solve one puzzle (81 characters, '.' or '0' for blanks) with "
                    "--checkpoint: print the grid, NFE and legality, draw OUT_DIR/solve.png")
     p.add_argument("--seed", type=int, default=1337, help="model init, data order, noise")
@@ -114,8 +117,8 @@ def get_args(argv=None):
             or args.time_limit < 0 or args.stop_after < 0:
         p.error("need --K >= 1, 0 <= --mlm-frac <= 1, --max-steps >= 0, --batch-size >= 1, --eval-size >= 2, "
                 "--time-limit >= 0, --stop-after >= 0")
-    if (args.eval_only or args.solve) and not args.checkpoint:
-        p.error("--eval-only and --solve need --checkpoint PATH")
+    if (args.eval_only or args.solve or args.export) and not args.checkpoint:
+        p.error("--eval-only, --solve and --export need --checkpoint PATH")
     if args.n_embd % args.n_head:
         p.error(f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}")
     args.mlm_steps = 0 if args.objective == "mlm" else round(args.mlm_frac * args.max_steps)  # derived
@@ -401,6 +404,9 @@ def main(argv=None):
     ctx = torch.autocast(args.device.split(":")[0], dtype=dtype) if dtype != torch.float32 else nullcontext()
     os.makedirs(args.out_dir, exist_ok=True)
     t_start = time.time()
+    if args.export:
+        save_checkpoint(export_weights(args.checkpoint), args.export)
+        return print(f"wrote {args.export} ({os.path.getsize(args.export) / 2 ** 20:.1f} MiB, fp16 weights)")
     if args.solve:
         return solve_one(args, parse_puzzle(args.solve), ctx)
     if args.eval_only:

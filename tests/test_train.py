@@ -160,3 +160,13 @@ def test_solve_prints_the_grid_and_draws_the_steps(tmp_path, data_dir, capsys):
                      ("11" + "." * 79, "repeat a digit")]:
         with pytest.raises(ValueError, match=msg):
             train_sudoku.main(["--checkpoint", str(tmp_path / "ckpt.pt"), "--solve", bad, "--out-dir", str(tmp_path)])
+
+
+def test_export_writes_small_fp16_weights_that_evaluate_alike(tmp_path, data_dir):
+    r = run(tmp_path, data_dir, "--max-steps", "2")
+    out = tmp_path / "small.pt"
+    train_sudoku.main(["--checkpoint", str(tmp_path / "ckpt.pt"), "--export", str(out)])
+    assert os.path.getsize(out) < os.path.getsize(tmp_path / "ckpt.pt") / 3  # no optimizer, no buffer, fp16
+    e = train_sudoku.main(["--eval-only", "--checkpoint", str(out), "--eval-size", "4", "--no-sweep",
+                           "--data-dir", data_dir, "--out-dir", str(tmp_path)])
+    assert e["steps"] == r["steps"] and abs(e["token_acc"] - r["token_acc"]) < 0.1
