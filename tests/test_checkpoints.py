@@ -1,4 +1,4 @@
-"""Checkpoints written before the one-stage-per-file layout (commit 01218a3) still load, and compute
+"""Checkpoints: the ones written before the one-stage-per-file layout (commit 01218a3) still load, and
 what the old code computed from them. tests/fixtures/old_layout/ holds a tiny train_sudoku.py
 checkpoint, a tiny Fast-dLLM v2 directory written by the old save_pretrained, and the old code's
 outputs on fixed inputs; tests/fixtures/old_layout/make.py is the script that wrote them (run with
@@ -39,3 +39,13 @@ def test_old_fastdllm_directory_loads_and_decodes_the_same_tokens():
     torch.testing.assert_close(h, old["llm_h"], rtol=1e-5, atol=1e-5)
     out, st = generate(model, old["prompts"], max_new_tokens=37, threshold=0.2, sub_block=4, stop_ids=[])
     assert out == old["generated"] and st["nfe"] == old["gen_nfe"]
+
+
+def test_the_shipped_sudoku_checkpoint_loads_on_cpu_and_fills_boards():
+    path = os.path.join(os.path.dirname(D), "..", "..", "checkpoints", "sudoku_relay_cpu.pt")
+    model, ck = load_model(path)
+    assert model.relay is not None and next(model.parameters()).dtype == torch.float32
+    import sudoku
+    q = torch.from_numpy(sudoku.generate(777, 4, workers=1)["question"]).long()
+    out, st = sample_mdm(model, q)
+    assert (out > 0).all() and (out[q > 0] == q[q > 0]).all() and (st["nfe"] >= 1).all()
