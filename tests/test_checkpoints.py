@@ -1,5 +1,6 @@
-"""Checkpoints: the ones written before the one-stage-per-file layout (commit 01218a3) still load, and
-what the old code computed from them. tests/fixtures/old_layout/ holds a tiny train_sudoku.py
+"""Checkpoints. Those written before the one-stage-per-file layout (commit 01218a3) still load and
+compute what the old code computed from them; the shipped checkpoints load on a CPU.
+tests/fixtures/old_layout/ holds a tiny train_sudoku.py
 checkpoint, a tiny Fast-dLLM v2 directory written by the old save_pretrained, and the old code's
 outputs on fixed inputs; tests/fixtures/old_layout/make.py is the script that wrote them (run with
 the old tree on sys.path)."""
