@@ -162,6 +162,17 @@ def setup_distributed(args):
     return Dist(True, rank, world, device)
 
 
+def my_chunks(args, d):
+    """This process's chunks of the global batch. The global batch is world x accum chunks of
+    --micro-batch rows; this process owns chunks rank, rank + world, ..., so any split of the same
+    global batch over processes sees the same rows and noise."""
+    args.micro_batch = args.micro_batch or args.batch_size // d.world  # 0 = no gradient accumulation
+    if args.micro_batch < 1 or args.batch_size % (d.world * args.micro_batch):
+        raise ValueError(f"--batch-size {args.batch_size} is not a multiple of world size {d.world} x "
+                         f"--micro-batch {args.micro_batch}")
+    return [m * d.world + d.rank for m in range(args.batch_size // (d.world * args.micro_batch))]
+
+
 def load_data(args, tok, d):
     """-> (training data, held-out data, held-out text for the samples)."""
     if args.data:
@@ -371,13 +382,7 @@ def main(argv=None):
     # 1) arguments, processes, tokenizer, data
     args = get_args(argv)
     d = setup_distributed(args)
-    args.micro_batch = args.micro_batch or args.batch_size // d.world  # 0 = no gradient accumulation
-    if args.micro_batch < 1 or args.batch_size % (d.world * args.micro_batch):
-        raise ValueError(f"--batch-size {args.batch_size} is not a multiple of world size {d.world} x "
-                         f"--micro-batch {args.micro_batch}")
-    # the global batch is world x accum chunks; this process owns chunks rank, rank + world, ... so any
-    # split of the same global batch over processes sees the same rows and noise
-    chunks = [m * d.world + d.rank for m in range(args.batch_size // (d.world * args.micro_batch))]
+    chunks = my_chunks(args, d)
     d.log(json.dumps({"args": vars(args), "world": d.world, "accum": len(chunks), "device": d.device}))
     torch.manual_seed(args.seed)  # the same on every rank: identical initial weights
     # bf16 autocast: matmuls in bf16, weights and optimizer state stay fp32
