@@ -90,6 +90,14 @@ def masked_ce(logits, targets):
     return F.cross_entropy(logits.float(), targets, reduction="sum") / max(len(targets), 1)
 
 
+def dense_masked_ce(logits, targets, masked):
+    """masked_ce without selecting the positions: logits (B, T, V), targets and masked (B, T). The
+    same number (summed in another order), but no boolean indexing, so no host sync: what a GPU
+    step wants when the vocabulary is small (Sudoku's 10) and full logits are made anyway."""
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
+    return (ce * masked.flatten()).sum() / masked.sum().clamp(min=1)
+
+
 def mlm_loss(model, x0, fixed, gen):
     """MLM: t ~ U[0,1] per row, mask every free position with probability t, CE on the masked ones
     (plain token mean, no 1/t weight). x0 (B, T) clean tokens, fixed (B, T) bool: clues or prompt,
@@ -99,7 +107,7 @@ def mlm_loss(model, x0, fixed, gen):
     masked = (torch.rand(B, T, generator=gen, device=x0.device) < t) & ~fixed
     xt = torch.where(masked, unwrap(model).cfg.mask_id, x0)
     logits, _ = model(xt)  # (B, T, V)
-    return masked_ce(logits[masked], x0[masked])
+    return dense_masked_ce(logits, x0, masked)
 
 
 def sft_masks(fixed, gen, bd_size):
@@ -144,8 +152,8 @@ class RolloutBuffer:
 
     def refill(self, fetch):
         """Replace finished slots by fresh rows from fetch(n) -> (x0, fixed): free positions fully
-        masked, h = 0. We fetch exactly as many rows as there are free slots (the authors draw a
-        full batch and drop the surplus; same distribution, less waste). Returns the count."""
+        masked, h = 0. Fetches exactly as many rows as there are finished slots (no row of a finite
+        data set is wasted: the LLM's epochs). Returns the count. Reads the count on the host."""
         idx = self.finished().nonzero().squeeze(1)
         if len(idx):
             x0, fixed = fetch(len(idx))
@@ -153,6 +161,17 @@ class RolloutBuffer:
             self.x[idx] = torch.where(fixed, x0, self.mask_id)
             self.h[idx] = 0.0
         return len(idx)
+
+    def replace_finished(self, x0, fixed):
+        """refill as the authors do it: x0, fixed (capacity, T) is a full batch of fresh rows and each
+        finished slot takes the row of its own index; the rest are dropped. No host sync (the GPU
+        step of train_sudoku). Returns the count as a 0-d tensor."""
+        done = self.finished()[:, None]  # (capacity, 1)
+        self.x0.copy_(torch.where(done, x0, self.x0))
+        self.fixed.copy_(torch.where(done, fixed, self.fixed))
+        self.x.copy_(torch.where(done, torch.where(fixed, x0, self.mask_id), self.x))
+        self.h.masked_fill_(done[..., None], 0.0)
+        return done.sum()
 
     def state_dict(self):
         return {k: getattr(self, k).cpu() for k in ("x0", "x", "fixed", "h")}
@@ -182,17 +201,18 @@ def rollout_loss(model, buf, K, objective, reveal, doubled=False):
     for _ in range(K):
         # 1) forward on the current canvas, with the relay state of the previous step
         masked = (x == buf.mask_id) & free  # (B, T) the positions still to predict
-        if doubled:
+        # 2) L_k: CE over the masked positions (an exact zero once a slot has none left), and the
+        #    confidence of every masked position (zero elsewhere)
+        if doubled:  # an LLM: logits of the masked positions only (N, V), the vocabulary is large
             logits, h_out = forward_doubled(model, x, x0, masked, relay=h)  # (N, V), (B, T, D)
-        else:
+            loss = loss + masked_ce(logits, x0[masked])
+            conf = torch.zeros(x.shape, device=x.device).masked_scatter_(masked, predict(logits.detach())[1])
+        else:  # Sudoku: full logits and no boolean indexing, so a GPU step never waits for the host
             logits, h_out = model(x, relay=h)  # (B, T, V), (B, T, D)
-            logits = logits[masked]  # (N, V)
-        # 2) L_k: CE over the masked positions (an exact zero once a slot has none left)
-        loss = loss + masked_ce(logits, x0[masked])
+            loss = loss + dense_masked_ce(logits, x0, masked)
+            conf = torch.where(masked, predict(logits.detach())[1], 0.0)
         # 3) reveal the ground truth where the model is most confident
         with torch.no_grad():
-            conf = torch.zeros(x.shape, device=x.device)
-            conf[masked] = predict(logits.detach())[1]
             x = torch.where(reveal(conf, masked), x0, x)
         # 4) hand h to the next step: relay keeps the graph (BPTT), relay_sg cuts it
         if use_relay:

@@ -46,6 +46,7 @@ PRESETS = {  # flag defaults per preset; "cpu" is what the add_argument defaults
                   eval_size=1000, eval_batch=512, eval_every=5000, ckpt_every=5000),
 }
 TAUS = (0.05, 0.10, 0.15, 0.20, 0.25)
+LOG_EVERY = 50  # steps between reads of the loss (each read waits for the device)
 H100_STEPS_PER_S = 16.3  # measured: paper preset, relay, one H100 (RESULTS.md)
 
 
@@ -160,16 +161,22 @@ def cat(a, b):
 
 
 class Stream:
-    """Random training rows with a random symmetry each; its state is the data position."""
+    """Random training rows with a random symmetry each; its state is the data position. The symmetry
+    is drawn in numpy on the host; on a GPU the rows travel from pinned memory without a sync, so
+    the host prepares the next batch while the device runs this one."""
 
     def __init__(self, data, seed, device):
         self.q, self.a, self.device = data["question"], data["answer"], device
         self.rng = np.random.default_rng(seed)
+        self.pin = device.startswith("cuda")
 
     def __call__(self, n):  # -> x0 (n, 81) long, fixed (n, 81) bool
         i = self.rng.integers(len(self.q), size=n)
-        q, a = sudoku.augment(self.q[i], self.a[i], self.rng)
-        return (torch.from_numpy(a).long().to(self.device), torch.from_numpy(q > 0).to(self.device))
+        q, a = (torch.from_numpy(b) for b in sudoku.augment(self.q[i], self.a[i], self.rng))
+        if self.pin:
+            q, a = q.pin_memory(), a.pin_memory()
+        q, a = q.to(self.device, non_blocking=True), a.to(self.device, non_blocking=True)
+        return a.long(), q > 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,6 +398,21 @@ def plot_solve(q, board, when, path, title):
 
 # ---------------------------------------------------------------------------------------------
 
+def training_objects(args, train):
+    """What a training step works on: the model, its EMA copy (the evaluated weights), the optimizer,
+    the stream of training rows, the generator of noise and tau jitter, the rollout buffer."""
+    model = build_model(args)
+    ema = None
+    if args.ema > 0:
+        ema = Transformer(model.cfg).to(args.device).eval()
+        ema.load_state_dict(model.state_dict())
+    opt = torch.optim.AdamW(model.param_groups(args.weight_decay), lr=args.lr, fused=args.device.startswith("cuda"))
+    stream = Stream(train, args.seed, args.device)
+    gen = torch.Generator(device=args.device).manual_seed(args.seed)  # tau jitter and MLM noise
+    buf = RolloutBuffer(args.batch_size, 81, model.cfg.n_embd, model.cfg.mask_id, args.device)
+    return model, ema, opt, stream, gen, buf
+
+
 def main(argv=None):
     # 1) arguments and device
     args = get_args(argv)
@@ -418,28 +440,21 @@ def main(argv=None):
     train, test = load_train(args), load_test(args)
     print(f"data: {len(train['question'])} training puzzles, {len(test['question'])} test puzzles "
           f"({(test['tier'] == 1).mean():.0%} need search), {time.time() - t0:.1f}s")
-    # 3) model, its EMA copy (the evaluated weights), optimizer, rollout buffer
-    model = build_model(args)
+    # 3) model, its EMA copy (the evaluated weights), optimizer, data stream, noise, rollout buffer
+    model, ema, opt, stream, gen, buf = training_objects(args, train)
     print(f"model: {model.num_params() / 1e6:.2f}M parameters, objective {args.objective}, K={args.K}, "
           f"device {args.device}, {args.dtype}")
-    ema = None
-    if args.ema > 0:
-        ema = Transformer(model.cfg).to(args.device).eval()
-        ema.load_state_dict(model.state_dict())
-    opt = torch.optim.AdamW(model.param_groups(args.weight_decay), lr=args.lr, fused=args.device.startswith("cuda"))
-    stream = Stream(train, args.seed, args.device)
-    gen = torch.Generator(device=args.device).manual_seed(args.seed)  # tau jitter and MLM noise
-    buf = RolloutBuffer(args.batch_size, 81, model.cfg.n_embd, model.cfg.mask_id, args.device)
     # 4) resume: model, EMA, optimizer, buffer, data position and every RNG
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     step = resume(ckpt_path, args, model, ema, opt, buf, stream, gen) if args.resume else 0
     train_model = torch.compile(model) if args.compile else model  # what the losses call
     save = lambda: save_checkpoint(training_state(args, step, model, ema, opt, buf, stream, gen), ckpt_path)
 
-    # 5) the training loop
+    # 5) the training loop. Losses stay on the device and are read every LOG_EVERY steps: a host
+    #    read is a sync, and without one the host prepares the next step while the GPU runs this one.
     model.train()
     bar = tqdm(total=args.max_steps, initial=step, desc=args.objective, dynamic_ncols=True)
-    t0, step0, losses, monitor, seen = time.time(), step, [], [], 0
+    t0, step0, losses, pending, monitor, seen, t_eval = time.time(), step, [], [], [], 0, 0.0
     while step < args.max_steps:
         # a budget of this invocation ends the loop with a checkpoint, so --resume continues exactly
         if (args.time_limit and time.time() - t0 > 60 * args.time_limit) or \
@@ -447,43 +462,53 @@ def main(argv=None):
             tqdm.write(f"stopping at step {step}: " + ("--time-limit" if args.time_limit else "--stop-after"))
             save()
             break
-        loss, lr, new_rows = train_step(args, step, train_model, model, ema, opt, buf, stream, gen, ctx)
+        loss, new_rows = train_step(args, step, train_model, model, ema, opt, buf, stream, gen, ctx)
         step += 1
-        seen += new_rows  # fresh puzzles: with a cold rollout buffer few slots finish per step
-        losses.append(loss)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.1e}")
+        pending.append(torch.stack([loss.float(), new_rows.float()]))
+        monitor_now = step % args.eval_every == 0 or step == args.max_steps
+        if len(pending) == LOG_EVERY or monitor_now or step % args.ckpt_every == 0:
+            read = torch.stack(pending).tolist()  # the one sync
+            losses += [x[0] for x in read]
+            seen += sum(x[1] for x in read)  # fresh puzzles: with a cold rollout buffer few slots finish per step
+            bar.update(len(pending))
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr_at(args, step - 1):.1e}")
+            pending = []
         # a) monitor: the EMA weights solve the first 128 test puzzles (nothing is selected on it)
-        if step % args.eval_every == 0 or step == args.max_steps:
+        if monitor_now:
+            t1 = time.time()
             r = evaluate(ema or model, {k: v[:128] for k, v in test.items()}, args.tau, args.eval_batch, ctx,
                          desc="monitor")
             model.train()
+            t_eval += time.time() - t1
             monitor.append({"step": step, "exact_match": r["exact_match"], "token_acc": r["token_acc"],
                             "nfe": r["nfe"], "seconds": time.time() - t0})
             tqdm.write(f"step {step}: loss {np.mean(losses[-50:]):.4f}, monitor exact {r['exact_match']:.1%} "
-                       f"token {r['token_acc']:.1%} NFE {r['nfe']:.1f}, {seen / (time.time() - t0):.0f} new puzzles/s")
+                       f"token {r['token_acc']:.1%} NFE {r['nfe']:.1f}, "
+                       f"{seen / (time.time() - t0 - t_eval):.0f} new puzzles/s")
         # b) checkpoint (atomic)
         if step % args.ckpt_every == 0 or step == args.max_steps:
             save()
+    losses += [x[0] for x in torch.stack(pending).tolist()] if pending else []  # a stop in mid-interval
     bar.close()
     # 6) finish: evaluate at tau, sweep tau, curve, table, JSON line
-    return finish(args, ema or model, test, ctx, step, t_start, time.time() - t0, losses, monitor)
+    # train_seconds leave out the monitor's evaluations (rows/s is the training speed)
+    return finish(args, ema or model, test, ctx, step, t_start, time.time() - t0 - t_eval, losses, monitor)
 
 
 def train_step(args, step, train_model, model, ema, opt, buf, stream, gen, ctx):
-    """One optimizer step; returns (loss, lr, fresh training rows it used)."""
+    """One optimizer step; returns (loss, fresh training rows it used), both 0-d tensors on the
+    device: nothing here waits for the device, so a GPU runs step after step (read them rarely)."""
     # 1) learning rate: linear warmup, then constant (the authors')
-    lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
     for g in opt.param_groups:
-        g["lr"] = lr
-    # 2) the loss: MLM on fresh rows, or K rollout steps on the buffer (refilled with fresh rows)
+        g["lr"] = lr_at(args, step)
+    # 2) the loss: MLM on fresh rows, or K rollout steps on the buffer (finished slots take fresh rows)
     with ctx:
         if step < args.mlm_steps or args.objective == "mlm":
             x0, fixed = stream(args.batch_size)  # (B, 81) answers, (B, 81) clue mask
             loss = mlm_loss(train_model, x0, fixed, gen)
-            new_rows = args.batch_size
+            new_rows = torch.tensor(args.batch_size)
         else:
-            new_rows = buf.refill(stream)  # finished slots get fresh puzzles
+            new_rows = buf.replace_finished(*stream(args.batch_size))  # the authors' way: draw B, keep what fits
             # NOTE: as the authors train, a fresh threshold tau ~ max(0, N(0.15, 0.1)) at every rollout step
             reveal = partial(reveal_jittered_mass, tau=args.train_tau, gen=gen)
             loss = rollout_loss(train_model, buf, args.K, args.objective, reveal)
@@ -497,7 +522,12 @@ def train_step(args, step, train_model, model, ema, opt, buf, stream, gen, ctx):
         d = min(args.ema, (2 + step) / (11 + step))
         with torch.no_grad():
             torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - d)
-    return loss.item(), lr, new_rows
+    return loss.detach(), new_rows
+
+
+def lr_at(args, step):
+    """Linear warmup, then constant (the authors')."""
+    return args.lr * min(1.0, (step + 1) / max(1, args.warmup))
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@ Sudoku preset of the current device.
     python bench/throughput.py                 # CPU preset
     python bench/throughput.py --steps 50 --preset paper --device cuda
 
-Training: puzzle-rows per second through one optimizer step (mlm: one forward+backward of the
-batch; rollout objectives: K forwards of the buffer), timed after warm-up, with device sync.
+Training: puzzle-rows per second through train_sudoku.train_step (mlm: one forward+backward of the
+batch; rollout objectives: K forwards of the buffer; clip, AdamW and EMA included), timed after
+warm-up, with device sync. Flags it does not know go to train_sudoku (--preset, --compile, ...).
 Sampler: puzzles per second of sample_mdm at tau 0.15 with a freshly initialised model is not
 meaningful (it reveals one cell per step), so pass --checkpoint for a trained one.
 Prints one JSON line last.
@@ -16,6 +17,7 @@ import json
 import os
 import sys
 import time
+from contextlib import nullcontext
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
@@ -23,7 +25,7 @@ import torch  # noqa: E402
 import sudoku  # noqa: E402
 import train_sudoku as ts  # noqa: E402
 from model import load_model  # noqa: E402
-from relay import OBJECTIVES, RolloutBuffer, mlm_loss, reveal_confidence_mass, rollout_loss  # noqa: E402
+from relay import OBJECTIVES  # noqa: E402
 from sampler import sample_mdm  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -39,36 +41,31 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def processor():
+    """The CPU's model name (and the GPU's, when there is one): numbers mean little without it."""
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               "unknown") if os.path.exists("/proc/cpuinfo") else "unknown"
+    return cpu, torch.cuda.get_device_name() if torch.cuda.is_available() else None
+
+
 out = {"torch": torch.__version__, "threads": torch.get_num_threads()}
+out["cpu"], out["gpu"] = processor()
 t0 = time.time()
 gen_data = sudoku.generate(99, args.n_gen, desc="generator")
 out["generator_puzzles_per_s"] = args.n_gen / (time.time() - t0)
-for obj in OBJECTIVES:
-    a = ts.get_args([*rest, "--objective", obj])
-    ctx = (torch.autocast(a.device.split(":")[0], dtype=torch.bfloat16) if a.dtype == "bfloat16"
-           else torch.autocast("cpu", enabled=False))
-    m = ts.build_model(a)
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
-    stream = ts.Stream(gen_data, 0, a.device)
-    buf = RolloutBuffer(a.batch_size, 81, m.cfg.n_embd, 0, a.device)
-    reveal = lambda conf, mk: reveal_confidence_mass(conf, mk, 0.15)
-    g = torch.Generator(device=a.device).manual_seed(0)
+for obj in OBJECTIVES:  # the trainer's own step (loss, clip, AdamW, EMA), so this is what a run gets
+    a = ts.get_args([*rest, "--objective", obj, "--mlm-frac", "0"])
+    ctx = torch.autocast(a.device.split(":")[0], dtype=torch.bfloat16) if a.dtype == "bfloat16" else nullcontext()
+    model, ema, opt, stream, gen, buf = ts.training_objects(a, gen_data)
+    train_model = torch.compile(model) if a.compile else model
     for i in range(args.warmup_steps + args.steps):
         if i == args.warmup_steps:
             sync(a.device)
             t = time.time()
-        with ctx:
-            if obj == "mlm":
-                loss = mlm_loss(m, *stream(a.batch_size), g)
-            else:
-                buf.refill(stream)
-                loss = rollout_loss(m, buf, a.K, obj, reveal)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    sync(a.device)
+        loss, _ = ts.train_step(a, i, train_model, model, ema, opt, buf, stream, gen, ctx)
+    loss.item()  # waits for the last step
     out[f"train_rows_per_s_{obj}"] = a.batch_size * args.steps / (time.time() - t)
-    out["device"], out["preset"], out["batch_size"] = a.device, a.preset, a.batch_size
+    out["device"], out["preset"], out["batch_size"], out["compile"] = a.device, a.preset, a.batch_size, a.compile
 if args.checkpoint:
     model, _ = load_model(args.checkpoint, out["device"])
     x = torch.from_numpy(gen_data["question"]).long().to(out["device"])

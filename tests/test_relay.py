@@ -94,6 +94,22 @@ def test_buffer_refills_only_finished_slots(tiny_cfg):
     assert (buf.x[[0, 2]] == before[[0, 2]]).all()
 
 
+def test_replace_finished_takes_the_row_of_its_own_slot(tiny_cfg):
+    """The sync-free refill: a full batch is offered, finished slots take their own row, the rest
+    keep their trajectory (canvas, target, clues and h) untouched."""
+    buf = RolloutBuffer(3, 81, 32, 0, "cpu")
+    assert buf.replace_finished(*rows(3, seed=1)).item() == 3  # cold start: every slot
+    buf.x[1] = buf.x0[1]  # slot 1 finished
+    buf.h[:] = 1.0
+    before = {k: getattr(buf, k).clone() for k in ("x0", "x", "fixed", "h")}
+    nx0, nfixed = rows(3, seed=2)
+    assert buf.replace_finished(nx0, nfixed).item() == 1
+    assert (buf.x0[1] == nx0[1]).all() and (buf.fixed[1] == nfixed[1]).all()
+    assert (buf.x[1] == torch.where(nfixed[1], nx0[1], 0)).all() and (buf.h[1] == 0).all()
+    for k, v in before.items():
+        assert (getattr(buf, k)[[0, 2]] == v[[0, 2]]).all(), k
+
+
 def test_mlm_loss_never_masks_fixed_positions(tiny_cfg):
     torch.manual_seed(0)
     m = Transformer(tiny_cfg)
