@@ -43,11 +43,24 @@ PRESETS = {  # flag defaults per preset; "cpu" is what the add_argument defaults
     # so SwiGLU width 1024 matches it), their optimisation, and their eval batch of 512
     "paper": dict(n_layer=4, n_embd=384, n_head=6, n_ffn=1024, dropout=0.1, batch_size=512, lr=5e-4, warmup=2000,
                   max_steps=300_000, ema=0.9999, dtype="bfloat16", pos_emb="none", mlm_frac=0.0, n_train=100_000,
-                  eval_size=1000, eval_batch=512, eval_every=5000, ckpt_every=5000),
+                  eval_size=1000, eval_batch=512, eval_every=5000, ckpt_every=5000, mix=(0.25, 0.25, 0.5),
+                  test_mix=(0.25, 0.25, 0.5)),
 }
 TAUS = (0.05, 0.10, 0.15, 0.20, 0.25)
 LOG_EVERY = 50  # steps between reads of the loss (each read waits for the device)
 H100_STEPS_PER_S = 16.3  # measured: paper preset, relay, one H100 (RESULTS.md)
+
+
+def shares(text):
+    """--mix value "a,b,c" -> three non-negative shares of tiers 0, 1, 2 that sum to 1."""
+    try:
+        v = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        v = ()
+    if len(v) != 3 or min(v) < 0 or abs(sum(v) - 1) > 1e-6:
+        raise argparse.ArgumentTypeError(f"expected three non-negative shares summing to 1, like 0.25,0.25,0.5; "
+                                         f"got {text!r}")
+    return v
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -93,7 +106,11 @@ def get_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the training forward")
     # data, evaluation, files
     p.add_argument("--data", default="", help="training CSV (question,answer[,...]); default: generated")
-    p.add_argument("--test-data", default="", help="test CSV; default: generated, half need search")
+    p.add_argument("--test-data", default="", help="test CSV; default: generated, tiers mixed by --test-mix")
+    p.add_argument("--mix", type=shares, default=(0.5, 0.5, 0.0), help="generated training set: shares of tier 0 "
+                   "(singles solve it), 1 (needs search) and 2 (hard: minutes to generate), e.g. 0.25,0.25,0.5")
+    p.add_argument("--test-mix", type=shares, default=(0.5, 0.5, 0.0), help="generated test set: shares of the "
+                   "three tiers")
     p.add_argument("--skip-invalid", action="store_true", help="skip and count invalid CSV rows")
     p.add_argument("--n-train", type=int, default=6000, help="generated training puzzles (before augmentation)")
     p.add_argument("--eval-size", type=int, default=512, help="test puzzles")
@@ -130,34 +147,23 @@ def get_args(argv=None):
 # data
 
 def load_train(args):
-    """Training boards: a CSV, or generated. The generator needs ~one base puzzle per 8 rows a run
-    can consume; the symmetry group (~1e12 boards per puzzle) supplies the rest, so short runs only
-    make what they need."""
+    """Training boards: a CSV, or generated with the tiers mixed by --mix. The generator needs ~one
+    base puzzle per 8 rows a run can consume; the symmetry group (~1e12 boards per puzzle) supplies
+    the rest, so short runs only make what they need. Every tier is cached on its own in
+    --data-dir and a later run, with any mix, takes a prefix of what is there."""
     if args.data:
         return sudoku.read_csv(args.data, args.skip_invalid)
     n = min(args.n_train, max(64, args.max_steps * args.batch_size // 8))
-    # puzzle i depends only on (stream, i): a larger cached set's first n puzzles are this set
-    for f in sorted(glob.glob(os.path.join(args.data_dir, "train_s0_*.npz")), key=lambda f: len(f)):
-        m = int(re.search(r"train_s0_(\d+)\.npz$", f).group(1))
-        if m > n:
-            return {k: v[:n] for k, v in sudoku.cached(f, None).items()}
-    return sudoku.cached(os.path.join(args.data_dir, f"train_s0_{n}.npz"),
-                         lambda: sudoku.generate(0, n, desc="train puzzles"))
+    return sudoku.load_tiered("train", n, 0, args.data_dir, shares=args.mix)
 
 
 def load_test(args):
-    """The test set with difficulty tiers: a CSV's first --eval-size rows, or generated: half
-    singles-only, half needs-search, from streams the training set never sees."""
+    """The test set with difficulty tiers: a CSV's first --eval-size rows (tiers from its rating
+    column, or rated here), or generated with the tiers mixed by --test-mix, from streams the
+    training set never sees."""
     if args.test_data:
         return sudoku.add_tiers(sudoku.read_csv(args.test_data, args.skip_invalid, limit=args.eval_size))
-    n = args.eval_size // 2
-    make = lambda: cat(sudoku.generate(1, n, hard=True, desc="test puzzles (search)"),
-                       sudoku.generate(2, args.eval_size - n, hard=False, desc="test puzzles (singles)"))
-    return sudoku.cached(os.path.join(args.data_dir, f"test_{args.eval_size}.npz"), make)
-
-
-def cat(a, b):
-    return {k: np.concatenate([a[k], b[k]]) for k in a}
+    return sudoku.load_tiered("test", args.eval_size, 0, args.data_dir, shares=args.test_mix)
 
 
 class Stream:
@@ -267,12 +273,20 @@ def evaluate(model, test, tau, batch, ctx, desc="eval"):
     res = {"tau": tau, "exact_match": exact.mean(), "token_acc": tok.mean(), "nfe": nfe.mean(),
            "nfe_batch": float(np.mean(nfe_batch)), "legal_rate": legal.mean(),
            "puzzles_per_s": len(q) / max(secs, 1e-9)}
-    for t, name in [(0, "singles"), (1, "search")]:
-        m = test["tier"] == t
+    for name, m in groups(test).items():
         if m.any():
             res[name] = {"n": int(m.sum()), "exact_match": exact[m].mean(), "token_acc": tok[m].mean(),
                          "nfe": nfe[m].mean(), "legal_rate": legal[m].mean()}
     return jsonable(res)
+
+
+def groups(test):
+    """The rows of each difficulty group: the three tiers, and the hard puzzles of rating >= 40
+    (sudoku.rate's branch points; a CSV's own rating column), the level of real hard sets."""
+    tier = test["tier"]
+    rating = test.get("rating", np.zeros(len(tier)))
+    return {"singles": tier == 0, "search": tier == 1, "hard": tier == 2,
+            "rating40": (tier == 2) & (rating >= sudoku.HARD_TEST_RATING)}
 
 
 def jsonable(d):
@@ -283,7 +297,7 @@ def jsonable(d):
 def print_table(results):
     print(f"{'tau':>5} {'tier':>8} {'n':>5} {'exact':>7} {'token':>7} {'legal':>7} {'NFE':>6}")
     for r in results:
-        for name in ("all", "singles", "search"):
+        for name in ("all", "singles", "search", "hard", "rating40"):
             s = r if name == "all" else r.get(name)
             if s:
                 print(f"{r['tau']:>5.2f} {name:>8} {s.get('n', ''):>5} "
@@ -324,7 +338,7 @@ def finish(args, model, test, ctx, step, t_start, train_seconds=0.0, losses=(), 
         print(f"curve: {png}")
     result = {"objective": args.objective, "mlm_steps": min(args.mlm_steps, step), **{k: main_r[k] for k in (
         "tau", "exact_match", "token_acc", "nfe", "nfe_batch", "legal_rate", "puzzles_per_s")},
-        "singles": main_r.get("singles"), "search": main_r.get("search"), "steps": step,
+        **{g: main_r.get(g) for g in ("singles", "search", "hard", "rating40")}, "steps": step,
         "train_loss": float(np.mean(losses[-50:])) if len(losses) else None,
         "train_rows_per_s": args.batch_size * len(losses) / max(train_seconds, 1e-9), "train_seconds": train_seconds,
         "seconds": time.time() - t_start, "curve": [{k: r[k] for k in ("tau", "exact_match", "nfe")} for r in curve],
@@ -438,8 +452,10 @@ def main(argv=None):
     # 2) data: training puzzles (augmented on the fly) and the tiered test set
     t0 = time.time()
     train, test = load_train(args), load_test(args)
-    print(f"data: {len(train['question'])} training puzzles, {len(test['question'])} test puzzles "
-          f"({(test['tier'] == 1).mean():.0%} need search), {time.time() - t0:.1f}s")
+    print(f"data: {len(train['question'])} training puzzles, {len(test['question'])} test puzzles, {time.time() - t0:.1f}s")
+    for name, d in (("train", train), ("test", test)):
+        if "tier" in d:
+            print(f"{name}:\n{sudoku.summary(d)}")
     # 3) model, its EMA copy (the evaluated weights), optimizer, data stream, noise, rollout buffer
     model, ema, opt, stream, gen, buf = training_objects(args, train)
     print(f"model: {model.num_params() / 1e6:.2f}M parameters, objective {args.objective}, K={args.K}, "

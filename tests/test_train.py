@@ -89,14 +89,14 @@ def test_relay_training_can_fit_a_handful_of_puzzles(tiny_cfg):
     assert (out == x0).all(1).sum() >= 3, (out == x0).float().mean()
 
 
-def test_a_larger_cached_training_set_is_reused_by_prefix(tmp_path):
-    import train_sudoku
-    import sudoku
-    big = sudoku.cached(str(tmp_path / "train_s0_72.npz"), lambda: sudoku.generate(0, 72))
-    args = train_sudoku.get_args(["--device", "cpu", "--max-steps", "2", "--data-dir", str(tmp_path)])
-    got = train_sudoku.load_train(args)  # a short run needs the minimum, 64 puzzles
-    assert len(got["question"]) == 64 and (got["question"] == big["question"][:64]).all()
-    assert (got["question"] == sudoku.generate(0, 64)["question"]).all()
+def test_generated_sets_follow_the_mix_flags(tmp_path):
+    args = train_sudoku.get_args(["--device", "cpu", "--max-steps", "2", "--data-dir", str(tmp_path),
+                                  "--mix", "0.25,0.75,0", "--eval-size", "8", "--test-mix", "1,0,0"])
+    train, test = train_sudoku.load_train(args), train_sudoku.load_test(args)
+    assert np.bincount(train["tier"], minlength=3).tolist() == [16, 48, 0]  # a short run: the minimum, 64
+    assert (test["tier"] == 0).all() and len(test["tier"]) == 8
+    with pytest.raises(SystemExit):
+        train_sudoku.get_args(["--mix", "0.5,0.6,0"])
 
 
 def test_presets_are_defaults_that_help_shows_and_flags_override(capsys):
