@@ -10,6 +10,8 @@ batch; rollout objectives: K forwards of the buffer; clip, AdamW and EMA include
 warm-up, with device sync. Flags it does not know go to train_sudoku (--preset, --compile, ...).
 Sampler: puzzles per second of sample_mdm at tau 0.15 with a freshly initialised model is not
 meaningful (it reveals one cell per step), so pass --checkpoint for a trained one.
+Generator: puzzles per second of sudoku.py's plain stream (tiers 0 and 1 as they come) and of each
+tier on its own; the hard tier (2) only with --n-gen-hard N (minutes: its islands climb first).
 Prints one JSON line last.
 """
 import argparse
@@ -32,8 +34,14 @@ p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDes
 p.add_argument("--steps", type=int, default=20, help="timed optimizer steps per objective")
 p.add_argument("--warmup-steps", type=int, default=3, help="untimed steps first")
 p.add_argument("--checkpoint", default="", help="trained checkpoint for the sampler timing")
+p.add_argument("--n-gen-hard", type=int, default=0, help="hard-tier puzzles to time (0: skip; 1000 = one island, "
+               "minutes per process)")
+p.add_argument("--profile", action="store_true", help="print where 5 steps of relay spend their time (torch.profiler)")
 p.add_argument("--n-gen", type=int, default=200, help="puzzles to generate for the generator timing")
 args, rest = p.parse_known_args()
+
+
+PEAK_BF16 = 989e12  # dense bf16 FLOP/s of an H100 SXM or H200 (NVIDIA's data sheets)
 
 
 def sync(device):
@@ -53,6 +61,12 @@ out["cpu"], out["gpu"] = processor()
 t0 = time.time()
 gen_data = sudoku.generate(99, args.n_gen, desc="generator")
 out["generator_puzzles_per_s"] = args.n_gen / (time.time() - t0)
+for tier, n in ((0, args.n_gen), (1, args.n_gen), (2, args.n_gen_hard)):
+    if n:
+        t0 = time.time()
+        sudoku.generate_tier(tier, 98, n)
+        out[f"generator_puzzles_per_s_tier{tier}"] = n / (time.time() - t0)
+out["generator_processes"] = min(os.cpu_count() or 1, 8)  # generate()'s default; the hard tier: one per island
 for obj in OBJECTIVES:  # the trainer's own step (loss, clip, AdamW, EMA), so this is what a run gets
     a = ts.get_args([*rest, "--objective", obj, "--mlm-frac", "0"])
     ctx = torch.autocast(a.device.split(":")[0], dtype=torch.bfloat16) if a.dtype == "bfloat16" else nullcontext()
@@ -64,7 +78,21 @@ for obj in OBJECTIVES:  # the trainer's own step (loss, clip, AdamW, EMA), so th
             t = time.time()
         loss, _ = ts.train_step(a, i, train_model, model, ema, opt, buf, stream, gen, ctx)
     loss.item()  # waits for the last step
-    out[f"train_rows_per_s_{obj}"] = a.batch_size * args.steps / (time.time() - t)
+    if args.profile and obj == "relay":
+        from torch.profiler import ProfilerActivity, profile
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if out["gpu"] else [])
+        with profile(activities=acts) as prof:
+            for i in range(5):
+                loss, _ = ts.train_step(a, i, train_model, model, ema, opt, buf, stream, gen, ctx)
+            loss.item()
+        key = "self_cuda_time_total" if out["gpu"] else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60))
+    out[f"train_rows_per_s_{obj}"] = rows_per_s = a.batch_size * args.steps / (time.time() - t)
+    if out["gpu"]:  # model FLOPs: 6 per weight and token, plus attention's, per forward of a row (K for rollouts)
+        cfg = model.cfg
+        matmul = 6 * (model.num_params() - cfg.vocab_size * cfg.n_embd) + 12 * cfg.n_layer * 81 * cfg.n_embd
+        flops = matmul * 81 * (1 if obj == "mlm" else a.K)
+        out[f"mfu_bf16_{obj}"] = rows_per_s * flops / PEAK_BF16
     out["device"], out["preset"], out["batch_size"], out["compile"] = a.device, a.preset, a.batch_size, a.compile
 if args.checkpoint:
     model, _ = load_model(args.checkpoint, out["device"])

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# bench/sudoku_gpu.sh [OUT] — the Sudoku GPU session of RESULTS.md in one command (one H100/H200, ~9 min):
+#   1. training speed of the four objectives, eager (bench/throughput.py, with a profile of relay);
+#   2. Table 1 at equal steps: the four objectives, paper preset, compiled, on the tiered data
+#      (generated puzzles cached in data/: make them first on a CPU, see RESULTS.md), relay first;
+#      a time budget stops the comparison and whatever finished is reported;
+#   3. the relay run's EMA weights in fp16, for checkpoints/.
+# Env: STEPS (5000), BUDGET (seconds for step 2, 450), N_TRAIN (12000), N_TEST (2000),
+#      EXTRA (flags for every run, e.g. a tiny model to try this on a CPU).
+set -uo pipefail
+OUT=${1:-out/gpu}
+STEPS=${STEPS:-5000}; BUDGET=${BUDGET:-450}; N_TRAIN=${N_TRAIN:-12000}; N_TEST=${N_TEST:-2000}; EXTRA=${EXTRA:-}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=20
+log() { tee -a "$OUT/log.txt"; }
+{ date -u; git rev-parse --short HEAD; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+  python -c "import torch; print('torch', torch.__version__)"; } 2>&1 | log
+
+# 1) eager speed of every objective, and where relay's step spends its time
+python bench/throughput.py --preset paper --steps 30 --n-gen 64 --profile $EXTRA 2>&1 | grep -v "it/s\]" | log
+tail -n 1 "$OUT/log.txt" > "$OUT/throughput_eager.json"
+
+# 2) the four objectives at equal steps, compiled, relay first; each saves its result as it ends
+FLAGS="--preset paper --compile --max-steps $STEPS --n-train $N_TRAIN --eval-size $N_TEST --eval-every $STEPS \
+       --ckpt-every 1000 $EXTRA"
+timeout "$BUDGET" python bench/compare_objectives.py --out-dir out/compare --objectives relay mlm relay_sg rollout \
+    $FLAGS 2>&1 | grep -v "it/s\]" | log
+python bench/compare_objectives.py --out-dir out/compare --objectives $FLAGS 2>&1 | log  # report what finished
+cp out/compare/curves.png "$OUT/" 2>/dev/null
+python - "$OUT" <<'PY'
+import glob, json, sys
+saved = {p.split("/")[-2]: json.load(open(p)) for p in glob.glob("out/compare/*/result.json")}
+json.dump(saved, open(f"{sys.argv[1]}/compare.json", "w"))
+PY
+
+# 3) the relay run's EMA weights (fp16), finished or not
+python train_sudoku.py --export "$OUT/sudoku_relay_hard.pt" --checkpoint out/compare/relay/ckpt.pt 2>&1 | log
+ls -la "$OUT" | log
