@@ -2,7 +2,7 @@
 eval_code.py — HumanEval (or any HumanEval/MBPP-format JSONL) for block-diffusion models: pass@1,
 NFE and latency per problem, with model-written code run in a sandbox (arXiv 2605.22967 Table 2; NOTES.md §5).
 
-    python eval_code.py --self-check                             # prove the sandbox (CPU, ~30 s)
+    python eval_code.py --self-check                             # prove the sandbox (CPU, ~40 s, root)
     python eval_code.py --checkpoint out/code/hf --limit 10      # a train_code.py model
     python eval_code.py --checkpoint Fast_dLLM_v2_1.5B --device cuda --max-new-tokens 2048
 
@@ -11,11 +11,12 @@ assistant turn opened with EvalPlus's response prefix and "```python"; the compl
 to the closing fence (`--base` completes the raw prompt instead). Each problem is generated alone
 (batch 1), so its latency is its own wall time. NFE = denoising forwards (sampler.py).
 
-The sandbox (run_sandboxed): a fresh `python -I` process in a throwaway directory, its own session
-(the whole process group is killed at the end), wall-clock timeout, CPU-time, address-space,
-file-size and process-count limits, no network (a new network namespace where the OS allows it, and
-a socket guard in any case), and, when started as root, the unprivileged user `nobody`, so it cannot
-write to the repository or signal the caller.
+The sandbox (run_sandboxed, BOOT): each program runs in its own network, IPC, UTS, mount and PID
+namespaces, chrooted (pivot_root) into a private root: a 64 MiB tmpfs holding /tmp, /var/tmp and
+/dev/shm, with /usr, /etc and the interpreter bind-mounted read-only and a fresh /proc; as its own
+uid with CPU-time, address-space, file-size and process-count limits; killed with everything it
+started at the wall-clock timeout. It passes only if it ran to its end (a per-run marker). Needs
+Linux and root (CAP_SYS_ADMIN), as CI has: otherwise it refuses to run, unless --unsafe-no-isolation.
 """
 import argparse
 import gzip
@@ -43,7 +44,7 @@ from tokenizer import load_tokenizer
 INSTRUCTION = "Please provide a self-contained Python script that solves the following problem in a markdown code block:"
 RESPONSE = "Below is a Python script with a self-contained function that solves the problem and passes corresponding tests:"
 QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."  # Qwen2.5's default
-SANDBOX_UID0 = 1 << 30  # each run gets its own uid, SANDBOX_UID0 + the pid of its outer process (unique while it runs)
+SANDBOX_UID0 = 1 << 30  # each run has its own uid: SANDBOX_UID0 + the pid of its outer process (see BOOT)
 # The sandbox script, run by a fresh `python -I -B -c BOOT ...` (no preexec_fn, so sandboxes start from threads).
 # Three processes:
 #   outer   (root, the caller's child): new network, IPC, UTS, mount and PID namespaces; waits for init.
@@ -63,10 +64,11 @@ SANDBOX_UID0 = 1 << 30  # each run gets its own uid, SANDBOX_UID0 + the pid of i
 # guards against programs that stop early, not against an adversary that knows this file.
 BOOT = r"""
 import ctypes, os, resource, select, signal, sys
-path, secret_fd, setup_fd, done_fd = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-cpu, mem, tmp_mb, allow = int(sys.argv[5]), int(sys.argv[6]) << 20, int(sys.argv[7]), sys.argv[8] == "1"
+path, secret_fd, setup_fd, done_fd, cpu, mem_mb, tmp_mb, uid0 = sys.argv[1], *map(int, sys.argv[2:9])
+allow = sys.argv[9] == "1"
 libc = ctypes.CDLL(None, use_errno=True)
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 8, 32, 4096, 16384, 1 << 18
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
+MS_BIND, MS_REC, MS_PRIVATE = 4096, 1 << 14, 1 << 18
 missing = []
 
 def need(ok, what, why=None):
@@ -85,13 +87,14 @@ def make_root(new):
     # A tmpfs over the run's host directory becomes "/": the host's /tmp, /run, /home, /root, sockets and the
     # repository are not in it; /tmp, /var/tmp and /dev/shm are directories in it, so they are private, vanish
     # with the run and share one size bound
-    if not need(mount("tmpfs", new, "tmpfs", MS_NOSUID | MS_NODEV, f"size={tmp_mb}m,nr_inodes=4096,mode=755"), "tmpfs root"):
+    if not need(mount("tmpfs", new, "tmpfs", MS_NOSUID | MS_NODEV, f"size={tmp_mb}m,nr_inodes=4096,mode=755"),
+                "tmpfs root"):
         return False
-    for d in ("tmp", "var/tmp", "dev/shm", "proc"):
-        os.makedirs(f"{new}/{d}", mode=0o1777 if d != "proc" else 0o755)
-        os.chmod(f"{new}/{d}", 0o1777 if d != "proc" else 0o555)
+    for d, mode in (("tmp", 0o1777), ("var/tmp", 0o1777), ("dev/shm", 0o1777), ("proc", 0o555)):
+        os.makedirs(f"{new}/{d}")
+        os.chmod(f"{new}/{d}", mode)
     # the system and the interpreter (which may live under /root, unreadable to the program's uid) read-only
-    for p in dict.fromkeys(("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/etc", sys.base_prefix, sys.prefix)):
+    for p in dict.fromkeys(["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/etc", sys.base_prefix, sys.prefix]):
         if os.path.islink(p) and p.count("/") == 1:  # merged /usr: /bin -> usr/bin
             os.symlink(os.readlink(p), new + p)
         elif os.path.isdir(p):
@@ -108,16 +111,18 @@ def make_root(new):
     if not need(mount("proc", new + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC), "fresh /proc"):
         return False
     os.chdir(new)  # pivot_root(".", ".") stacks the old root on the new one; detaching it leaves no way back
-    return need(libc.pivot_root(b".", b".") == 0 and libc.umount2(b".", 2) == 0 and os.chdir("/") is None, "pivot_root")
+    ok = need(libc.pivot_root(b".", b".") == 0 and libc.umount2(b".", 2) == 0, "pivot_root")  # 2: MNT_DETACH
+    os.chdir("/")
+    return ok
 
 with open(path, encoding="utf-8") as f:
     src = f.read()
-uid = SANDBOX_UID0 + os.getpid()
+uid = uid0 + os.getpid()  # this run's own uid: pids are unique while the run lasts
 root = need(os.geteuid() == 0, "root", "namespaces and a per-run uid need it")
 need(libc.unshare(0x40000000) == 0, "network namespace")  # CLONE_NEWNET: empty, not even loopback
 need(libc.unshare(0x08000000 | 0x04000000) == 0, "IPC and UTS namespaces")  # CLONE_NEWIPC | CLONE_NEWUTS
 mntns = need(libc.unshare(0x00020000) == 0, "mount namespace")  # CLONE_NEWNS
-pidns = need(libc.unshare(0x20000000) == 0, "PID namespace")  # CLONE_NEWPID: our next child is its PID 1
+need(libc.unshare(0x20000000) == 0, "PID namespace")  # CLONE_NEWPID: our next child is its PID 1
 mntns = mntns and need(mount(None, "/", flags=MS_REC | MS_PRIVATE), "private mounts")  # nothing leaks to the host
 lifeline, keep = os.pipe()
 init = os.fork()
@@ -137,7 +142,7 @@ with open(prog, "w", encoding="utf-8") as f:
     f.write(src)
 child = os.fork()
 if child == 0:  # the program
-    for lim, v in ((resource.RLIMIT_AS, mem), (resource.RLIMIT_FSIZE, 16 << 20), (resource.RLIMIT_CORE, 0),
+    for lim, v in ((resource.RLIMIT_AS, mem_mb << 20), (resource.RLIMIT_FSIZE, 16 << 20), (resource.RLIMIT_CORE, 0),
                    (resource.RLIMIT_NPROC, 64)):  # NPROC counts this run's uid only
         resource.setrlimit(lim, (v, v))
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
@@ -147,7 +152,7 @@ if child == 0:  # the program
     need(libc.prctl(38, 1, 0, 0, 0) == 0, "no_new_privs")  # PR_SET_NO_NEW_PRIVS: setuid binaries grant nothing
     os.chdir(os.path.dirname(prog))
     os.environ.update(HOME=os.path.dirname(prog), TMPDIR=os.path.dirname(prog))
-    os.write(setup_fd, ("ok" + "".join("; no " + m for m in missing) + "\n").encode())
+    os.write(setup_fd, (f"ok without: {'; '.join(missing)}" if missing else "ok").encode() + b"\n")
     os.close(setup_fd)  # from here on, untrusted code
     del ctypes, libc, resource, need, mount, make_root, src
     sys.argv = [prog]
@@ -161,7 +166,7 @@ while True:  # init: reap orphans until the program exits, then exit with its st
     pid, status = os.wait()
     if pid == child:
         os._exit(os.waitstatus_to_exitcode(status) % 256)
-""".replace("SANDBOX_UID0", str(SANDBOX_UID0))
+"""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,11 +237,12 @@ def run_sandboxed(program, timeout=10.0, mem_mb=1024, tmp_mb=64, allow_unisolate
         (secret_r, secret_w), (setup_r, setup_w), (done_r, done_w) = os.pipe(), os.pipe(), os.pipe()
         os.write(secret_w, secret)
         os.close(secret_w)
-        args = [path, secret_r, setup_w, done_w, int(timeout) + 1, mem_mb, tmp_mb, int(allow_unisolated)]
+        args = [path, secret_r, setup_w, done_w, int(timeout) + 1, mem_mb, tmp_mb, SANDBOX_UID0, int(allow_unisolated)]
         deadline = time.monotonic() + timeout
         p = subprocess.Popen([sys.executable, "-I", "-B", "-c", BOOT, *map(str, args)], cwd=d,
                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             pass_fds=(secret_r, setup_w, done_w), start_new_session=True, env={"PATH": "/usr/bin:/bin"})
+                             pass_fds=(secret_r, setup_w, done_w), start_new_session=True,
+                             env={"PATH": "/usr/bin:/bin"})
         for fd in (secret_r, setup_w, done_w):
             os.close(fd)
         fds = [p.stdout.fileno(), p.stderr.fileno(), setup_r, done_r]
@@ -251,14 +257,14 @@ def run_sandboxed(program, timeout=10.0, mem_mb=1024, tmp_mb=64, allow_unisolate
             p.stdout.close(), p.stderr.close(), os.close(setup_r), os.close(done_r)
     setup, err = setup.decode("utf-8", "replace").strip(), err.decode("utf-8", "replace")
     if setup.startswith("refused: "):
-        raise RuntimeError(f"sandbox refused to run the program: cannot set up the {setup[9:]}. It needs Linux and "
-                           "root (CAP_SYS_ADMIN); allow_unisolated=True (eval_code.py --unsafe-no-isolation) runs "
-                           "untrusted code without it, at your own risk")
+        raise RuntimeError(f"sandbox refused to run the program: no {setup[9:]}. It needs Linux and root "
+                           "(CAP_SYS_ADMIN); allow_unisolated=True (eval_code.py --unsafe-no-isolation) runs "
+                           "untrusted code without its isolation, at your own risk")
     if finished and not setup.startswith("ok"):
         raise RuntimeError(f"sandbox failed to start: {err[-2000:]}")
     if setup != "ok" and setup not in WARNED:
         WARNED.add(setup)
-        print(f"\n{'!' * 80}\nWARNING: the sandbox runs untrusted code WITHOUT {setup[4:]}\n{'!' * 80}", file=sys.stderr)
+        print(f"\n{'!' * 80}\nWARNING: the sandbox runs untrusted code {setup[3:]}\n{'!' * 80}", file=sys.stderr)
     status = ("passed" if p.returncode == 0 and done == secret else "failed") if finished else "timed out"
     return {"status": status, "stderr": err[-2000:]}
 
@@ -304,96 +310,106 @@ def self_check(problems, timeout, workers, allow_unisolated=False):
         res["wrong_failed"] = sum(r["status"] != "passed" for r in runs(
             [base(p, "    return 0\n") + p["check"] for p in problems]))
     res["total"] = len(problems)
-    res["probes"] = probes = {}
     with tempfile.TemporaryDirectory() as d:
-        for name, (result, contained) in hostile_probes(run, d, allow_unisolated):
-            probes[name] = [result, bool(contained)]
+        os.chmod(d, 0o755)  # the probes' host files are open to every user: only the isolation keeps them safe
+        res["probes"] = {name: [result, bool(contained)] for name, result, contained in hostile_probes(run, d)}
     res["ok"] = (res["canonical_passed"] == res["canonical_total"] and res["empty_failed"] == res["total"]
-                 and res["wrong_failed"] == res["total"] and all(c for _, c in probes.values()))
+                 and res["wrong_failed"] == res["total"] and all(c for _, c in res["probes"].values()))
     return res
 
 
 WRONG = "import os, sys\ndef add(a, b):\n    return a - b\n"  # the probes' wrong solution and its check
 CHECK = "\nassert add(1, 2) == 3\n"
-STDLIB = "import asyncio, base64, doctest, glob, multiprocessing, queue, shutil, subprocess, sys, threading, traceback, unittest, zlib\n"
-DAEMON = ("import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n        {}\n        time.sleep(60)\n"
-          "    os._exit(0)\ntime.sleep(0.2)\n")
+STDLIB = ("import asyncio, base64, doctest, glob, multiprocessing, queue, shutil, subprocess, sys, threading, "
+          "traceback, unittest, zlib\n")
+DAEMON = ("import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n        {}\n"
+          "        time.sleep(60)\n    os._exit(0)\ntime.sleep(0.2)\n")  # {}: what the daemon does first
+KILLER = ("import os, time\nend = time.time() + 1.5\nwhile time.time() < end:\n    for pid in [-1] + [int(p) for p in "
+          "os.listdir('/proc') if p.isdigit()]:\n        try:\n            os.kill(pid, 9)\n        except OSError:\n"
+          "            pass\n")  # SIGKILL to every process it can find
+# python -c NO_SYS_ADMIN.format(code): runs code in a python without CAP_SYS_ADMIN (PR_CAPBSET_DROP, then exec)
+NO_SYS_ADMIN = ("import ctypes, os, sys\nctypes.CDLL(None).prctl(24, 21, 0, 0, 0)\n"
+                "os.execv(sys.executable, [sys.executable, '-c', '''import eval_code\n{}'''])\n")
 
 
-def hostile_probes(run, d, allow_unisolated):
-    """(probe, (result, contained)) for each hostile program; host-side evidence where there is any. Probes use
-    _socket, not socket: nothing relies on Python-level patches. d: a host directory for the probes' files."""
-    for name, exit_ in [("exit: sys.exit(0)", "sys.exit(0)"), ("exit: exit()", "exit()"), ("exit: os._exit(0)", "os._exit(0)"),
-                        ("exit: sys.exit(main())", "def main():\n    return 0\nif __name__ == '__main__':\n    sys.exit(main())")]:
-        r = run(WRONG + exit_ + "\n" + CHECK, 3)
-        yield f"{name} before a failing check", (r["status"], r["status"] == "failed")
+def hostile_probes(run, d):
+    """Yields (probe, result, contained) for each hostile program, with host-side evidence where there is any.
+    The probes use _socket, not socket: nothing relies on Python-level patches. d: a host directory for files."""
+    exits = {"sys.exit(0)": "sys.exit(0)", "exit()": "exit()", "os._exit(0)": "os._exit(0)",
+             "sys.exit(main())": "def main():\n    return 0\nif __name__ == '__main__':\n    sys.exit(main())"}
+    for name, code in exits.items():
+        r = run(WRONG + code + "\n" + CHECK, 3)
+        yield f"{name} before a failing check", r["status"], r["status"] == "failed"
     r = run(STDLIB + "subprocess.run([sys.executable, '-c', 'import json'], check=True)\n"
             "def add(a, b):\n    return a + b\n" + CHECK, 5)
-    yield "stdlib imports + subprocess, correct code", (r["status"], r["status"] == "passed")
+    yield "stdlib imports + subprocess, correct code", r["status"], r["status"] == "passed"
     t = time.time()
-    yield "infinite loop", ((r := run("while True:\n    pass\n", 2))["status"] + f" {time.time() - t:.1f}s", r["status"] == "timed out")
+    r = run("while True:\n    pass\n", 2)
+    yield "infinite loop", f"{r['status']} {time.time() - t:.1f}s", r["status"] == "timed out"
     r = run("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n", 2)
     n = count_sandbox_processes()
-    yield "fork bomb", (f"{r['status']}, {n} left", r["status"] != "passed" and n == 0)
-    for name, body in [("daemon (double fork, setsid, stdio closed)", "os.close(0); os.close(1); os.close(2)"),
-                       ("daemon holding the pipes", "pass")]:
+    yield "fork bomb", f"{r['status']}, {n} left", r["status"] != "passed" and n == 0
+    for name, code in [("daemon (double fork, setsid, stdio closed)", DAEMON.format("os.closerange(0, 3)")),
+                       ("daemon holding the pipes, program hangs", DAEMON.format("pass") + "time.sleep(60)\n")]:
         t = time.time()
-        r, n, dt = run(DAEMON.format(body), 2), count_sandbox_processes(wait=0), time.time() - t
-        yield name, (f"{r['status']} {dt:.1f}s, {n} left", n == 0 and dt < 2 + 1.5)
-    with ThreadPoolExecutor(2) as ex:  # one sandbox SIGKILLs everything it can while another sleeps
-        victim = ex.submit(run, "import time\ntime.sleep(1.5)\n", 5)
-        ex.submit(run, "import os, time\nend = time.time() + 1\nwhile time.time() < end:\n    try:\n"
-                       "        os.kill(-1, 9)\n    except OSError:\n        pass\n", 5).result()
-        yield "kill -1 from a parallel sandbox", (f"victim {victim.result()['status']}", victim.result()["status"] == "passed")
-    r = subprocess.run([sys.executable, "-c", "import ctypes, os, sys\nctypes.CDLL(None).prctl(24, 21, 0, 0, 0)\n"  # PR_CAPBSET_DROP CAP_SYS_ADMIN
-                        "os.execv(sys.executable, [sys.executable, '-c', 'import eval_code\\neval_code.run_sandboxed(\"\")'])"],
+        r, n, dt = run(code, 2), count_sandbox_processes(wait=0), time.time() - t
+        yield name, f"{r['status']} {dt:.1f}s, {n} left", n == 0 and dt < 2 + 1.5
+    with ThreadPoolExecutor(2) as ex:
+        victim = ex.submit(run, "import time\ntime.sleep(2)\n", 5)
+        time.sleep(0.2)
+        ex.submit(run, KILLER, 5).result()
+        r = victim.result()
+    yield "kill everything from a parallel sandbox", f"other run {r['status']}", r["status"] == "passed"
+    r = subprocess.run([sys.executable, "-c", NO_SYS_ADMIN.format("eval_code.run_sandboxed('x = 1')")],
                        cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True, timeout=120)
     refused = r.returncode != 0 and "refused" in r.stderr and "network namespace" in r.stderr
-    yield "no CAP_SYS_ADMIN (no namespaces)", ("refused: network namespace" if refused else f"exit {r.returncode}", refused)
+    yield "no CAP_SYS_ADMIN: no namespaces", "refused (network namespace)" if refused else r.stderr[-40:], refused
     r = run("x = bytearray(64 * 2**30)\n", 5)
-    yield "64 GiB allocation", (r["status"], r["status"] == "failed" and "MemoryError" in r["stderr"])
-    victim = os.path.join(d, "repository_file.txt")
+    yield "64 GiB allocation", r["status"], r["status"] == "failed" and "MemoryError" in r["stderr"]
+    tag, victim = secrets.token_hex(4), os.path.join(d, "repository_file.txt")
     with open(victim, "w") as f:
         f.write("keep me")
-    for name, prog in [("write a host file", f"open({victim!r}, 'w').write('overwritten')\n"),
+    os.chmod(victim, 0o666)
+    for name, code in [("write a host file", f"open({victim!r}, 'w').write('overwritten')\n"),
                        ("delete a host file", f"import os\nos.remove({victim!r})\n")]:
-        r = run(prog, 3)
-        yield name, (r["status"], r["status"] == "failed" and open(victim).read() == "keep me")
+        r = run(code, 3)
+        yield name, r["status"], r["status"] == "failed" and open(victim).read() == "keep me"
     r = run(f"import os, signal\nos.kill({os.getpid()}, signal.SIGTERM)\n", 3)
-    yield "signal the caller", (r["status"], r["status"] == "failed")
+    yield "signal the caller", r["status"], r["status"] == "failed"
     for name, family, addr in [("TCP to a host listener", socket.AF_INET, ("127.0.0.1", 0)),
                                ("AF_UNIX to a host socket file", socket.AF_UNIX, os.path.join(d, "host.sock")),
-                               ("AF_UNIX to a host abstract socket", socket.AF_UNIX, f"\0relay-probe-{secrets.token_hex(4)}")]:
+                               ("AF_UNIX to a host abstract socket", socket.AF_UNIX, f"\0relay-{tag}")]:
         with socket.socket(family, socket.SOCK_STREAM) as server:
             server.bind(addr)
+            if family == socket.AF_UNIX and addr[0] != "\0":
+                os.chmod(addr, 0o777)
             server.listen()
             server.setblocking(False)
-            r = run(f"import _socket\ns = _socket.socket({int(family)}, _socket.SOCK_STREAM)\ns.connect({server.getsockname()!r})\n", 3)
+            r = run(f"import _socket\ns = _socket.socket({int(family)}, _socket.SOCK_STREAM)\n"
+                    f"s.connect({server.getsockname()!r})\n", 3)
             try:
                 server.accept()
                 reached = True
             except BlockingIOError:
                 reached = False
-            yield name, (r["status"] + (", reached" if reached else ""), r["status"] == "failed" and not reached)
-    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t = time.time()
+        yield name, r["status"] + (", reached the host" if reached else ""), r["status"] == "failed" and not reached
+    maxrss, t = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.time()
     r = run("import sys\nb = b'x' * 2**20\nfor _ in range(2048):\n    sys.stdout.buffer.write(b)\n", 3)
-    grew, dt = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - maxrss) >> 10, time.time() - t
-    yield "2 GiB to stdout", (f"{r['status']} {dt:.1f}s, caller +{grew} MiB", grew < 64 and dt < 3 + 1.5)
-    tag = secrets.token_hex(4)
+    grew, dt = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - maxrss) >> 10, time.time() - t  # KiB -> MiB
+    yield "2 GiB to stdout", f"{r['status']} {dt:.1f}s, caller +{grew} MiB", grew < 64 and dt < 3 + 1.5
     files = [f"{t}/relay-probe-{tag}" for t in ("/tmp", "/var/tmp", "/dev/shm")]
     r = run(f"for f in {files!r}:\n    open(f, 'w').write('x')\n", 3)
     on_host = [f for f in files if os.path.exists(f)]
     r2 = run(f"import os\nassert not any(map(os.path.exists, {files!r}))\n", 3)
-    yield "/tmp, /var/tmp, /dev/shm private", (f"{r['status']}, {len(on_host)} on host, next run {r2['status']}",
-                                               r["status"] == "passed" and not on_host and r2["status"] == "passed")
+    yield ("/tmp, /var/tmp, /dev/shm private", f"{r['status']}, {len(on_host)} on host, next run {r2['status']}",
+           r["status"] == "passed" and not on_host and r2["status"] == "passed")
     r = run(f"for i in range(5):\n    open({files!r}[i % 3] + str(i), 'wb').write(bytes(15 << 20))\n", 5)
-    yield "75 MiB across /tmp, /var/tmp, /dev/shm", (r["status"], r["status"] == "failed" and "No space left" in r["stderr"])
+    yield "75 MiB into /tmp, /var/tmp, /dev/shm", r["status"], "No space left" in r["stderr"]
     with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", f"relay-probe-{tag}"]) as host:
         r = run(f"import os\nassert any(b'relay-probe-{tag}' in open(f'/proc/{{p}}/cmdline', 'rb').read()\n"
                 f"           for p in os.listdir('/proc') if p.isdigit())\n", 3)
         host.kill()
-    yield "read host /proc/*/cmdline", (r["status"], r["status"] == "failed" and "AssertionError" in r["stderr"])
+    yield "read host /proc/*/cmdline", r["status"], r["status"] == "failed" and "AssertionError" in r["stderr"]
 
 
 def count_sandbox_processes(wait=3.0):
@@ -441,8 +457,8 @@ def main(argv=None):
     problems = load_problems(args.problems)[:args.limit or None]
 
     if args.unsafe_no_isolation:
-        print(f"{'!' * 80}\nWARNING: --unsafe-no-isolation: model code may run without the sandbox's isolation\n{'!' * 80}",
-              file=sys.stderr)
+        print(f"{'!' * 80}\nWARNING: --unsafe-no-isolation: model code may run without the sandbox's isolation\n"
+              f"{'!' * 80}", file=sys.stderr)
     if args.self_check:
         res = self_check(problems, args.timeout, args.workers, args.unsafe_no_isolation)
         for k, v in res.items():
@@ -474,7 +490,8 @@ def main(argv=None):
                                use_relay=not args.no_relay, pad_id=tok.stop_ids[-1])
             completion = tok.decode(out[0], skip_special=True)
             code = truncate_base(completion) if args.base else extract_code(completion)
-            r = run_sandboxed(check_program(prob, code, args.base), args.timeout, allow_unisolated=args.unsafe_no_isolation)
+            r = run_sandboxed(check_program(prob, code, args.base), args.timeout,
+                              allow_unisolated=args.unsafe_no_isolation)
             row = {"task_id": prob["task_id"], "completion": completion, "code": code, "status": r["status"],
                    "passed": r["status"] == "passed", "nfe": st["nfe"][0], "new_tokens": st["new_tokens"][0],
                    "latency_s": st["seconds"], "prompt_tokens": len(ids)}
