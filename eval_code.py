@@ -51,8 +51,8 @@ SANDBOX_UID0 = 1 << 30  # each run has its own uid: SANDBOX_UID0 + the pid of it
 #   init    (root, PID 1 of the new PID namespace): makes a private root (a size-limited tmpfs holding /tmp,
 #           /var/tmp and /dev/shm, the system and the interpreter bind-mounted read-only, a fresh /proc),
 #           starts the program and exits with its status. When init exits the kernel kills every process left
-#           in the namespace (daemons included); when the caller kills the outer at the timeout, init gets
-#           SIGKILL (PR_SET_PDEATHSIG) and the same happens.
+#           in the namespace (daemons included). At the timeout the caller SIGTERMs the outer, which SIGKILLs
+#           init; should the outer die instead, init gets SIGKILL anyway (PR_SET_PDEATHSIG).
 #   program (its own uid, rlimits, no_new_privs): the untrusted code.
 # Every step is checked: one that fails refuses the run ("refused: ..." on the setup pipe) unless the caller
 # passed allow_unisolated. The setup pipe carries only the trusted code's words: it is closed before the program
@@ -131,15 +131,19 @@ if init:  # outer: wait for init and pass its status on; SIGTERM (the caller's t
     signal.signal(signal.SIGTERM, lambda *_: os.kill(init, signal.SIGKILL))
     os._exit(os.waitstatus_to_exitcode(os.waitpid(init, 0)[1]) % 256)
 os.close(keep)
-libc.prctl(1, 9)  # PR_SET_PDEATHSIG = SIGKILL: the outer's death (the caller's timeout) kills init, hence the namespace
+# PR_SET_PDEATHSIG = SIGKILL: the outer's death (killed by the caller) kills init, and with it the namespace
+need(libc.prctl(1, 9, 0, 0, 0) == 0, "parent-death signal")
 if select.select([lifeline], [], [], 0)[0]:
     os._exit(1)  # the outer died before prctl
 os.close(lifeline)
-prog = "/tmp/program.py" if mntns and make_root(os.path.dirname(path)) else path
-if root and prog == path:
-    os.chown(os.path.dirname(path), uid, uid)
-with open(prog, "w", encoding="utf-8") as f:
-    f.write(src)
+if mntns and make_root(os.path.dirname(path)):
+    prog = "/tmp/program.py"
+    with open(prog, "w", encoding="utf-8") as f:
+        f.write(src)
+else:  # unisolated: the program stays in the run's host directory
+    prog = path
+    if root:
+        os.chown(os.path.dirname(path), uid, uid)
 child = os.fork()
 if child == 0:  # the program
     for lim, v in ((resource.RLIMIT_AS, mem_mb << 20), (resource.RLIMIT_FSIZE, 16 << 20), (resource.RLIMIT_CORE, 0),
@@ -249,10 +253,10 @@ def run_sandboxed(program, timeout=10.0, mem_mb=1024, tmp_mb=64, allow_unisolate
         try:
             (_, err, setup, done), finished = drain(fds, deadline)
             if not finished:  # the timeout: the outer kills init and waits for the namespace to die
-                p.terminate()
+                os.kill(p.pid, signal.SIGTERM)  # NOTE: not p.terminate(), which may reap p (see below)
                 drain(fds, time.monotonic() + 1)
         finally:
-            os.killpg(p.pid, signal.SIGKILL)  # the rest, if that failed (p is not reaped yet: the pid is still ours)
+            os.killpg(p.pid, signal.SIGKILL)  # the rest, if that failed; p is not reaped yet, so its pid is still ours
             p.wait()
             p.stdout.close(), p.stderr.close(), os.close(setup_r), os.close(done_r)
     setup, err = setup.decode("utf-8", "replace").strip(), err.decode("utf-8", "replace")

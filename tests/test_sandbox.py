@@ -4,7 +4,6 @@ root, as CI has (without them the sandbox refuses to run, which test 5 checks wi
 import os
 import resource
 import secrets
-import shutil
 import socket
 import subprocess
 import sys
@@ -75,21 +74,20 @@ def test_5_refuses_without_isolation_unless_told():
 
 
 def test_6_no_unix_socket_to_the_host():
-    d = tempfile.mkdtemp(prefix="relay-test-", dir="/tmp")
-    os.chmod(d, 0o755)  # any user could reach this socket: only the sandbox's own root keeps it out
-    for addr in [os.path.join(d, "host.sock"), f"\0relay-test-{secrets.token_hex(4)}"]:
-        with socket.socket(socket.AF_UNIX) as server:
-            server.bind(addr)
-            if addr[0] != "\0":
-                os.chmod(addr, 0o777)
-            server.listen()
-            server.setblocking(False)
-            r = ev.run_sandboxed(f"import _socket\ns = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)\n"
-                                 f"s.connect({addr!r})\n", 3)
-            assert r["status"] == "failed" and ("No such file" in r["stderr"] or "Connection refused" in r["stderr"])
-            with pytest.raises(BlockingIOError):
-                server.accept()
-    shutil.rmtree(d)
+    with tempfile.TemporaryDirectory(dir="/tmp") as d:
+        os.chmod(d, 0o755)  # any user could reach this socket: only the sandbox's own root keeps it out
+        for addr in [os.path.join(d, "host.sock"), f"\0relay-test-{secrets.token_hex(4)}"]:
+            with socket.socket(socket.AF_UNIX) as server:
+                server.bind(addr)
+                if addr[0] != "\0":
+                    os.chmod(addr, 0o777)
+                server.listen()
+                server.setblocking(False)
+                r = ev.run_sandboxed(f"import _socket\ns = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)\n"
+                                     f"s.connect({addr!r})\n", 3)
+                assert r["status"] == "failed" and ("No such file" in r["stderr"] or "Connection refused" in r["stderr"])
+                with pytest.raises(BlockingIOError):
+                    server.accept()
 
 
 def test_7_output_is_capped():
