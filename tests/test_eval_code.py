@@ -7,7 +7,11 @@ import pytest
 
 import eval_code as ev
 
+# the sandbox refuses to run without root (namespaces, a per-run uid): see tests/test_sandbox.py
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="the sandbox needs root (it refuses otherwise)")
 
+
+@needs_root
 def test_canonical_solutions_pass_and_bad_bodies_fail():
     probs = ev.load_problems()
     assert len(probs) == 164
@@ -16,33 +20,36 @@ def test_canonical_solutions_pass_and_bad_bodies_fail():
         assert ev.run_sandboxed(p["prompt"] + "    pass\n" + p["check"])["status"] == "failed", p["task_id"]
 
 
+@needs_root
 def test_infinite_loop_times_out():
     t = time.time()
     assert ev.run_sandboxed("while True:\n    pass\n", timeout=1.0)["status"] == "timed out"
     assert time.time() - t < 5
 
 
+@needs_root
 def test_fork_bomb_and_huge_allocation_are_contained():
     r = ev.run_sandboxed("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n",
                          timeout=1.0)
     assert r["status"] == "timed out"
-    assert ev.count_nobody_processes() == 0
+    assert ev.count_sandbox_processes() == 0
     r = ev.run_sandboxed("x = bytearray(64 * 2**30)\n", timeout=5)
     assert r["status"] == "failed" and "MemoryError" in r["stderr"]
 
 
+@needs_root
 def test_no_network_and_no_signals_to_the_caller():
     r = ev.run_sandboxed("import socket\nsocket.socket().connect(('127.0.0.1', 22))\n")
-    assert r["status"] == "failed" and "network" in r["stderr"]
+    assert r["status"] == "failed" and "Network is unreachable" in r["stderr"]  # an empty network namespace
     assert ev.run_sandboxed(f"import os, signal\nos.kill({os.getpid()}, signal.SIGTERM)\n")["status"] == "failed"
 
 
-@pytest.mark.skipif(os.getuid() != 0, reason="without root the sandbox cannot switch to an unprivileged user")
+@needs_root
 def test_cannot_touch_files_outside(tmp_path):
     victim = tmp_path / "repo_file.py"
     victim.write_text("keep")
     r = ev.run_sandboxed(f"open({str(victim)!r}, 'w').write('gone')\n")
-    assert r["status"] == "failed" and "Permission" in r["stderr"]
+    assert r["status"] == "failed" and "No such file" in r["stderr"]  # not in the sandbox's root
     assert ev.run_sandboxed(f"import os\nos.remove({str(victim)!r})\n")["status"] == "failed"
     assert victim.read_text() == "keep"
 
@@ -53,8 +60,9 @@ def test_problem_files_and_errors(tmp_path):
                                 "test_list": ["assert add(1, 2) == 3", "assert add(0, 0) == 0"]}) + "\n")
     (p,) = ev.load_problems(str(mbpp))
     assert p["entry_point"] == "add"
-    assert ev.run_sandboxed(ev.check_program(p, p["canonical_solution"], base=False))["status"] == "passed"
-    assert ev.run_sandboxed(ev.check_program(p, "def add(a, b):\n    return a - b", base=False))["status"] == "failed"
+    if os.geteuid() == 0:  # the sandbox refuses to run without root
+        assert ev.run_sandboxed(ev.check_program(p, p["canonical_solution"], base=False))["status"] == "passed"
+        assert ev.run_sandboxed(ev.check_program(p, "def add(a, b):\n    return a - b", base=False))["status"] == "failed"
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"task_id": 1, "prompt": "x"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:1: neither HumanEval"):
@@ -62,6 +70,7 @@ def test_problem_files_and_errors(tmp_path):
     assert ev.extract_code("def f():\n    return 1\n```\nSome prose") == "def f():\n    return 1\n"
 
 
+@needs_root
 def test_harness_end_to_end_on_a_random_model(tmp_path):
     out = tmp_path / "samples.jsonl"
     s = ev.main(["--random-init", "tiny", "--limit", "2", "--max-new-tokens", "16", "--out", str(out)])
