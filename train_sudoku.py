@@ -325,8 +325,9 @@ def plot_curves(curves, path, title):
     plt.close(fig)
 
 
-def finish(args, model, test, ctx, step, t_start, train_seconds=0.0, losses=(), monitor=()):
-    """Evaluate at tau, sweep tau, draw the curve, print the table and the JSON line."""
+def finish(args, model, test, ctx, step, t_start, train_seconds=0.0, losses=(), monitor=(), steady=None):
+    """Evaluate at tau, sweep tau, draw the curve, print the table and the JSON line. steady: training
+    rows/s after the first LOG_EVERY steps (no compilation or warm-up in it)."""
     model.eval()
     taus = sorted(set(([] if args.no_sweep else list(TAUS)) + [args.tau]))
     curve = [evaluate(model, test, t, args.eval_batch, ctx, desc=f"eval tau={t}") for t in taus]
@@ -341,6 +342,7 @@ def finish(args, model, test, ctx, step, t_start, train_seconds=0.0, losses=(), 
         **{g: main_r.get(g) for g in ("singles", "search", "hard", "rating40")}, "steps": step,
         "train_loss": float(np.mean(losses[-50:])) if len(losses) else None,
         "train_rows_per_s": args.batch_size * len(losses) / max(train_seconds, 1e-9), "train_seconds": train_seconds,
+        "train_rows_per_s_steady": steady,
         "seconds": time.time() - t_start, "curve": [{k: r[k] for k in ("tau", "exact_match", "nfe")} for r in curve],
         "monitor": list(monitor)}
     print(json.dumps(result))
@@ -471,6 +473,7 @@ def main(argv=None):
     model.train()
     bar = tqdm(total=args.max_steps, initial=step, desc=args.objective, dynamic_ncols=True)
     t0, step0, losses, pending, monitor, seen, t_eval = time.time(), step, [], [], [], 0, 0.0
+    warm = None  # (time, step, eval seconds) at the first read: the speed after it leaves out compilation
     while step < args.max_steps:
         # a budget of this invocation ends the loop with a checkpoint, so --resume continues exactly
         if (args.time_limit and time.time() - t0 > 60 * args.time_limit) or \
@@ -489,6 +492,7 @@ def main(argv=None):
             bar.update(len(pending))
             bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr_at(args, step - 1):.1e}")
             pending = []
+            warm = warm or (time.time(), step, t_eval)
         # a) monitor: the EMA weights solve the first 128 test puzzles (nothing is selected on it)
         if monitor_now:
             t1 = time.time()
@@ -508,7 +512,10 @@ def main(argv=None):
     bar.close()
     # 6) finish: evaluate at tau, sweep tau, curve, table, JSON line
     # train_seconds leave out the monitor's evaluations (rows/s is the training speed)
-    return finish(args, ema or model, test, ctx, step, t_start, time.time() - t0 - t_eval, losses, monitor)
+    steady = None
+    if warm and step > warm[1]:
+        steady = args.batch_size * (step - warm[1]) / (time.time() - warm[0] - (t_eval - warm[2]))
+    return finish(args, ema or model, test, ctx, step, t_start, time.time() - t0 - t_eval, losses, monitor, steady)
 
 
 def train_step(args, step, train_model, model, ema, opt, buf, stream, gen, ctx):
