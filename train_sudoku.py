@@ -529,7 +529,7 @@ def train_step(args, step, train_model, model, ema, opt, buf, stream, gen, ctx):
         if step < args.mlm_steps or args.objective == "mlm":
             x0, fixed = stream(args.batch_size)  # (B, 81) answers, (B, 81) clue mask
             loss = mlm_loss(train_model, x0, fixed, gen)
-            new_rows = torch.tensor(args.batch_size)
+            new_rows = torch.tensor(args.batch_size, device=x0.device)
         else:
             new_rows = buf.replace_finished(*stream(args.batch_size))  # the authors' way: draw B, keep what fits
             # NOTE: as the authors train, a fresh threshold tau ~ max(0, N(0.15, 0.1)) at every rollout step

@@ -52,15 +52,17 @@ for obj in [*args.objectives, *(o for o in OBJECTIVES if o not in args.objective
         continue
     r = train_sudoku.main(flags)
     r.pop("losses")
-    results[obj] = {**r, "flags": flags, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    results[obj] = {**r, "flags": flags, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                    "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
     with open(path, "w") as f:
         json.dump(results[obj], f)
 
 results = {k: results[k] for k in OBJECTIVES if k in results}  # Table 1's order
 if results:
+    first = next(iter(results.values()))  # the figure names the run's device and torch, not this process's
     train_sudoku.plot_curves({k: r["curve"] for k, r in results.items()}, os.path.join(args.out_dir, "curves.png"),
                              f"Sudoku, equal budget ({next(iter(results.values()))['steps']} steps), "
-                             f"torch {torch.__version__}")
+                             f"{first.get('gpu') or 'CPU'}, torch {first['torch']}")
     pct = lambda r, g: f"{100 * r[g]['exact_match']:.1f}" if r.get(g) else "-"
     steady = lambda r: f"{r['train_rows_per_s_steady']:.0f}" if r.get("train_rows_per_s_steady") else "-"
     print("| objective | exact % (tau 0.15) | paper's exact % (300k steps) | singles | search | hard | "
