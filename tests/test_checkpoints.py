@@ -6,6 +6,7 @@ outputs on fixed inputs; tests/fixtures/old_layout/make.py is the script that wr
 the old tree on sys.path)."""
 import os
 
+import pytest
 import torch
 
 from model import from_pretrained, load_model
@@ -42,8 +43,9 @@ def test_old_fastdllm_directory_loads_and_decodes_the_same_tokens():
     assert out == old["generated"] and st["nfe"] == old["gen_nfe"]
 
 
-def test_the_shipped_sudoku_checkpoint_loads_on_cpu_and_fills_boards():
-    path = os.path.join(os.path.dirname(D), "..", "..", "checkpoints", "sudoku_relay_cpu.pt")
+@pytest.mark.parametrize("name", ["sudoku_relay_cpu.pt", "sudoku_relay_hard.pt"])
+def test_the_shipped_sudoku_checkpoints_load_on_cpu_and_fill_boards(name):
+    path = os.path.join(os.path.dirname(D), "..", "..", "checkpoints", name)
     model, ck = load_model(path)
     assert model.relay is not None and next(model.parameters()).dtype == torch.float32
     import sudoku
