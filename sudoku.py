@@ -688,6 +688,8 @@ def _row_reason(row, cols, width):
         return "question may hold only digits 1-9 and '.' or '0' for blanks"
     if any(ch not in "123456789" for ch in a):
         return "answer may hold only digits 1-9"
+    if "." not in q and "0" not in q:
+        return "question has no blank cell: nothing to predict, so no loss and no token accuracy"
     if "rating" in cols and not row[cols["rating"]].strip().isdigit():
         return f"rating must be a non-negative integer, got {row[cols['rating']]!r}"
     if "tier" in cols and row[cols["tier"]].strip() not in ("0", "1", "2"):

@@ -146,14 +146,14 @@ def get_args(argv=None):
 # ---------------------------------------------------------------------------------------------
 # data
 
-def load_train(args):
-    """Training boards: a CSV, or generated with the tiers mixed by --mix. The generator needs ~one
-    base puzzle per 8 rows a run can consume; the symmetry group (~1e12 boards per puzzle) supplies
-    the rest, so short runs only make what they need. Every tier is cached on its own in
-    --data-dir and a later run, with any mix, takes a prefix of what is there."""
+def load_train(args, n=None):
+    """Training boards: a CSV, or n generated with the tiers mixed by --mix. The generator needs
+    ~one base puzzle per 8 rows a run can consume; the symmetry group (~1e12 boards per puzzle)
+    supplies the rest, so short runs only make what they need (n = None). Every tier is cached on
+    its own in --data-dir and a later run, with any mix, takes a prefix of what is there."""
     if args.data:
         return sudoku.read_csv(args.data, args.skip_invalid)
-    n = min(args.n_train, max(64, args.max_steps * args.batch_size // 8))
+    n = n or min(args.n_train, max(64, args.max_steps * args.batch_size // 8))
     return sudoku.load_tiered("train", n, 0, args.data_dir, shares=args.mix)
 
 
@@ -218,7 +218,8 @@ def training_state(args, step, model, ema, opt, buf, stream, gen):
     """Everything a bit-exact resume needs, in one dict."""
     return {"model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
             "optimizer": opt.state_dict(), "buffer": buf.state_dict(), "step": step, "config": model.config_dict(),
-            "args": vars(args), "data_rng": stream.rng.bit_generator.state, "gen": gen.get_state(),
+            "args": vars(args), "train_size": len(stream.q), "data_rng": stream.rng.bit_generator.state,
+            "gen": gen.get_state(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(args.device) if args.device.startswith("cuda") else None}
 
@@ -229,9 +230,11 @@ def resume(path, args, model, ema, opt, buf, stream, gen):
         raise FileNotFoundError(f"--resume: no checkpoint at {path} (check --out-dir)")
     ck = load_checkpoint(path, args.device)
     diff = {k: (v, ck["config"].get(k)) for k, v in model.config_dict().items() if ck["config"].get(k) != v}
-    if diff or ck["args"]["objective"] != args.objective:
-        raise ValueError(f"{path} was trained with another configuration: "
-                         f"{diff or {'objective': (args.objective, ck['args']['objective'])}} (ours, theirs)")
+    theirs = lambda k: ck["args"].get(k, getattr(args, k))  # older checkpoints lack some flags
+    diff |= {k: (getattr(args, k), theirs(k)) for k in ("objective", "data", "mix", "seed")
+             if tuple(np.atleast_1d(theirs(k))) != tuple(np.atleast_1d(getattr(args, k)))}
+    if diff:
+        raise ValueError(f"{path} was trained with another configuration: {diff} (ours, theirs)")
     load_state(model, ck["model"], path)
     if ema is not None:
         load_state(ema, ck["ema"], path + " (ema)")
@@ -451,9 +454,12 @@ def main(argv=None):
         model, ck = load_model(args.checkpoint, args.device)
         return finish(args, model, load_test(args), ctx, ck["step"], t_start)
 
-    # 2) data: training puzzles (augmented on the fly) and the tiered test set
+    # 2) data: training puzzles (augmented on the fly) and the tiered test set; a resumed run keeps
+    #    its checkpoint's training set (its size follows --max-steps, which a resume may raise)
     t0 = time.time()
-    train, test = load_train(args), load_test(args)
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    size = load_checkpoint(ckpt_path).get("train_size") if args.resume and os.path.exists(ckpt_path) else None
+    train, test = load_train(args, size), load_test(args)
     print(f"data: {len(train['question'])} training puzzles, {len(test['question'])} test puzzles, {time.time() - t0:.1f}s")
     for name, d in (("train", train), ("test", test)):
         if "tier" in d:
@@ -463,7 +469,6 @@ def main(argv=None):
     print(f"model: {model.num_params() / 1e6:.2f}M parameters, objective {args.objective}, K={args.K}, "
           f"device {args.device}, {args.dtype}")
     # 4) resume: model, EMA, optimizer, buffer, data position and every RNG
-    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     step = resume(ckpt_path, args, model, ema, opt, buf, stream, gen) if args.resume else 0
     train_model = torch.compile(model) if args.compile else model  # what the losses call
     save = lambda: save_checkpoint(training_state(args, step, model, ema, opt, buf, stream, gen), ckpt_path)

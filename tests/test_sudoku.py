@@ -86,6 +86,7 @@ def change_first_clue(q):
     (lambda q, a: (q, a[:3] + "0" + a[4:]), "answer may hold only digits"),
     (lambda q, a: (change_first_clue(q), a), "contradicts a clue"),
     (lambda q, a: (q.replace("1", ".").replace("2", "."), a.replace("1", "2")), "breaks a Sudoku rule"),
+    (lambda q, a: (a, a), "no blank"),
 ])
 def test_csv_errors_name_file_line_and_reason(tmp_path, mutate, reason):
     q, a = good_row(0)

@@ -38,11 +38,23 @@ def test_resume_reproduces_the_next_losses(tmp_path, data_dir, objective, warm):
     assert resumed["steps"] == 4
 
 
+def test_resume_keeps_the_training_set_when_max_steps_grows(tmp_path, data_dir):
+    """The generated set's size follows --max-steps (100 steps x 8 rows -> 100 puzzles); a resume
+    that raises --max-steps must still draw from the checkpoint's set."""
+    mlm = ["--objective", "mlm"]  # fresh rows at every step (a young rollout buffer drops them)
+    full = run(tmp_path / "a", data_dir, *mlm, "--max-steps", "100", "--stop-after", "5")
+    run(tmp_path / "b", data_dir, *mlm, "--max-steps", "100", "--stop-after", "2")
+    resumed = run(tmp_path / "b", data_dir, *mlm, "--max-steps", "200", "--stop-after", "3", "--resume")
+    assert resumed["losses"] == full["losses"][2:5]
+
+
 def test_resume_with_another_config_names_the_mismatch(tmp_path, data_dir):
     run(tmp_path, data_dir, "--max-steps", "1")
     with pytest.raises(ValueError, match="n_embd"):
         train_sudoku.main([*TINY[:4], "--n-embd", "48", *TINY[6:], "--out-dir", str(tmp_path),
                            "--data-dir", data_dir, "--max-steps", "2", "--resume"])
+    with pytest.raises(ValueError, match="mix"):
+        run(tmp_path, data_dir, "--max-steps", "2", "--resume", "--mix", "1,0,0")
 
 
 def test_main_prints_json_last_and_eval_only(tmp_path, data_dir, capsys):
