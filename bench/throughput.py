@@ -36,6 +36,7 @@ p.add_argument("--warmup-steps", type=int, default=3, help="untimed steps first"
 p.add_argument("--checkpoint", default="", help="trained checkpoint for the sampler timing")
 p.add_argument("--n-gen-hard", type=int, default=0, help="hard-tier puzzles to time (0: skip; 1000 = one island, "
                "minutes per process)")
+p.add_argument("--objectives", nargs="+", choices=OBJECTIVES, default=list(OBJECTIVES), help="objectives to time")
 p.add_argument("--profile", action="store_true", help="print where 5 steps of relay spend their time (torch.profiler)")
 p.add_argument("--n-gen", type=int, default=200, help="puzzles to generate for the generator timing")
 args, rest = p.parse_known_args()
@@ -67,7 +68,7 @@ for tier, n in ((0, args.n_gen), (1, args.n_gen), (2, args.n_gen_hard)):
         sudoku.generate_tier(tier, 98, n)
         out[f"generator_puzzles_per_s_tier{tier}"] = n / (time.time() - t0)
 out["generator_processes"] = min(os.cpu_count() or 1, 8)  # generate()'s default; the hard tier: one per island
-for obj in OBJECTIVES:  # the trainer's own step (loss, clip, AdamW, EMA), so this is what a run gets
+for obj in args.objectives:  # the trainer's own step (loss, clip, AdamW, EMA), so this is what a run gets
     a = ts.get_args([*rest, "--objective", obj, "--mlm-frac", "0"])
     ctx = torch.autocast(a.device.split(":")[0], dtype=torch.bfloat16) if a.dtype == "bfloat16" else nullcontext()
     model, ema, opt, stream, gen, buf = ts.training_objects(a, gen_data)
