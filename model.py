@@ -18,12 +18,14 @@ next-token logits; `shift_right` below is the one place that turns them into per
 """
 import argparse
 import atexit
+import contextlib
 import errno
 import hashlib
 import json
 import math
 import os
 import re
+import socket
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -63,13 +65,16 @@ class ModelConfig:
 
     def __post_init__(self):
         # a bad shape fails here, by name, instead of as a reshape error deep inside a forward
-        sizes = {k: getattr(self, k) for k in ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "n_ffn")}
+        sizes = {k: getattr(self, k) for k in ("vocab_size", "n_head", "n_kv_head", "n_embd", "n_ffn")}
         if bad := {k: v for k, v in sizes.items() if not (isinstance(v, int) and v >= 1)}:
             raise ValueError(f"ModelConfig: {bad} must be integers >= 1")
+        if not (isinstance(self.n_layer, int) and self.n_layer >= 0):  # 0: embeddings + head only (a test)
+            raise ValueError(f"ModelConfig: n_layer {self.n_layer!r} must be an integer >= 0")
         if problem := shape_problem(self.n_embd, self.n_head, self.n_kv_head):
             raise ValueError(f"ModelConfig: {problem}")
         if not -1 <= self.mask_id < self.vocab_size:  # -1: not known yet (from_pretrained reads the tokenizer)
-            raise ValueError(f"ModelConfig: mask_id {self.mask_id} is outside the vocabulary (vocab_size {self.vocab_size})")
+            raise ValueError(f"ModelConfig: mask_id {self.mask_id} is outside the vocabulary "
+                             f"(vocab_size {self.vocab_size})")
 
     @property
     def head_dim(self):
@@ -99,7 +104,8 @@ class ModelConfig:
         eps = hf_value(c, "rms_norm_eps", float, where, 1e-6, minimum=0)
         hf_value(c, "max_position_embeddings", int, where, 0, minimum=1)  # the sampler's length limit
         if (mask := hf_value(c, "mask_token_id", int, where, -1, minimum=0)) >= size["vocab_size"]:
-            raise ValueError(f"{where}: mask_token_id {mask} is outside the vocabulary (vocab_size {size['vocab_size']})")
+            raise ValueError(f"{where}: mask_token_id {mask} is outside the vocabulary "
+                             f"(vocab_size {size['vocab_size']})")
         return cls(**{**QWEN2, "vocab_size": size["vocab_size"], "n_layer": size["num_hidden_layers"],
                       "n_head": n_head, "n_kv_head": hf_value(c, "num_key_value_heads", int, where, n_head, minimum=1),
                       "n_embd": n_embd, "n_ffn": size["intermediate_size"], "rope_theta": theta, "norm_eps": eps,
@@ -565,8 +571,14 @@ def claim_out_dir(out_dir, resume, overwrite, ckpt="ckpt.pt"):
     return lock
 
 
+def lock_text():
+    return f"{os.getpid()} {socket.gethostname()}"  # the host: a pid means nothing on another machine
+
+
 def take_lock(lock):
-    """Create `lock` holding our pid, or raise naming the live process that holds it."""
+    """Create `lock` holding our pid and host, or raise naming the live process that holds it. A lock
+    of a dead pid on this host is stale and taken over; one from another host (a shared filesystem)
+    cannot be checked, so it counts as live."""
     while True:
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -576,17 +588,18 @@ def take_lock(lock):
                     text = f.read().strip()
             except FileNotFoundError:  # its owner just released it
                 continue
-            owner = int(text) if text.isdigit() else None
-            if owner == os.getpid():
+            if text == lock_text():
                 return
-            if text and (owner is None or not pid_alive(owner)):  # stale: its run died without cleaning up
-                os.remove(lock)
+            pid, _, host = text.partition(" ")
+            if text and host in ("", socket.gethostname()) and not (pid.isdigit() and pid_alive(int(pid))):
+                with contextlib.suppress(FileNotFoundError):  # stale: its run died without cleaning up
+                    os.remove(lock)
                 continue
-            raise RuntimeError(f"{os.path.dirname(lock) or '.'} is in use by another run (pid {owner or '?'}, "
+            raise RuntimeError(f"{os.path.dirname(lock) or '.'} is in use by another run (pid {text or '?'}, "
                                f"lock file {lock}): wait for it or choose another --out-dir; delete {lock} "
                                f"only if no run uses it") from None
         with os.fdopen(fd, "w") as f:
-            f.write(f"{os.getpid()}\n")
+            f.write(lock_text() + "\n")
         return
 
 
@@ -605,7 +618,7 @@ def release_lock(lock):
     """Remove `lock` if it is still ours (a forked child or a taker-over must not remove it)."""
     try:
         with open(lock) as f:
-            if f.read().strip() == str(os.getpid()):
+            if f.read().strip() == lock_text():
                 os.remove(lock)
     except FileNotFoundError:
         pass

@@ -338,7 +338,8 @@ def get_args(argv=None):
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="weights dtype; auto = bfloat16 on CUDA, float32 elsewhere")
-    p.add_argument("--seed", type=nonneg_int, default=0, help="random-init weights; Sudoku puzzles (decoding is greedy)")
+    p.add_argument("--seed", type=nonneg_int, default=0,
+                   help="random-init weights; Sudoku puzzles (decoding is greedy)")
     p.add_argument("--bench", action="store_true", help="cached vs uncached tokens/s table, JSON line last")
     p.add_argument("--bench-lengths", type=positive_int, nargs="+", default=[64, 256, 1024], help="--bench: new tokens")
     p.add_argument("--save", help="with --random-init: write the model and tokenizer as a checkpoint directory")

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -145,7 +146,13 @@ def test_a_second_run_in_the_same_out_dir_refuses_and_a_stale_lock_is_taken_over
     other_process.kill()
     other_process.wait()  # now its pid is dead: the lock is stale
     lock = M.claim_out_dir(str(out), resume=False, overwrite=False)
-    assert open(lock).read().strip() == str(os.getpid())
+    assert open(lock).read().split() == [str(os.getpid()), socket.gethostname()]
+    with open(lock, "w") as f:  # a run on another machine sharing the filesystem: its pid cannot be checked
+        f.write(f"{other_process.pid} elsewhere\n")
+    with pytest.raises(RuntimeError, match=f"pid {other_process.pid} elsewhere"):
+        M.claim_out_dir(str(out), resume=False, overwrite=False)
+    with open(lock, "w") as f:
+        f.write(f"{os.getpid()} {socket.gethostname()}\n")
     M.release_lock(lock)
     assert not os.path.exists(lock)
 
@@ -155,7 +162,8 @@ def test_under_torchrun_every_rank_stops_on_a_claimed_out_dir(tmp_path):
     out.mkdir()
     (out / "ckpt.pt").write_bytes(b"precious")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "train_code.py"), "--preset", "tiny", "--out-dir", str(out), "--data", tiny_chat(tmp_path)]
+           os.path.join(ROOT, "train_code.py"), "--preset", "tiny", "--out-dir", str(out),
+           "--data", tiny_chat(tmp_path)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode != 0 and r.stderr.count("pass --resume to continue that run") >= 2, r.stderr[-3000:]
     assert (out / "ckpt.pt").read_bytes() == b"precious"
