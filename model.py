@@ -2,7 +2,8 @@
 model.py — running the network: one masked-diffusion Transformer with Qwen2.5 conventions (RMSNorm,
 SwiGLU, grouped-query attention, optional q/k/v bias, rotate-half RoPE, optional tied embeddings),
 the relay channel it owns, block-diffusion attention with a KV cache, the token shift, the doubled
-training layout, checkpoints, and the Fast-dLLM v2 (arXiv 2509.26328) loader/saver.
+training layout, checkpoints (with tensor digests and their kind, sudoku or code), the run directory's
+lock, the Fast-dLLM v2 (arXiv 2509.26328) loader/saver, and the argparse value checks every script uses.
 
     python model.py                       # parameter counts of the built-in shapes
     python model.py --checkpoint DIR      # load a Fast-dLLM v2 / Qwen2 directory, print its config

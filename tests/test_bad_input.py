@@ -231,6 +231,8 @@ def test_the_sudoku_sampler_refuses_a_code_checkpoint(tmp_path, kind):
     code_checkpoint(tmp_path / "ckpt.pt", kind)
     with pytest.raises(ValueError, match="holds a code model \\(train_code.py\\), not a sudoku model"):
         sampler.main(["--checkpoint", str(tmp_path / "ckpt.pt"), "--device", "cpu", "--n", "1"])
+    with pytest.raises(ValueError, match="ckpt.pt is a file; expected a Fast-dLLM v2 / Qwen2 checkpoint directory"):
+        from_pretrained(str(tmp_path / "ckpt.pt"))  # what eval_code.py and sampler.py --chat read
 
 
 def test_train_code_resume_refuses_a_sudoku_checkpoint(tmp_path):
