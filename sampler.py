@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import torch
 
 import sudoku
-from model import SHAPES, KVCache, block_mask, from_pretrained, load_model, pick_device, random_model, \
-    save_pretrained, shift_right
+from model import SHAPES, KVCache, block_mask, from_pretrained, load_model, nonneg_int, pick_device, positive_int, \
+    random_model, save_pretrained, shift_right, unit_float
 from relay import predict, reveal_confidence_mass
 from tokenizer import load_tokenizer, save_byte_tokenizer
 
@@ -313,7 +313,7 @@ def bench(model, tok, args, gen_kw):
 
 def solve_sudoku(args):
     """--checkpoint FILE.pt: a train_sudoku.py checkpoint solves generated puzzles that need search."""
-    model, _ = load_model(args.checkpoint, args.device)
+    model, _ = load_model(args.checkpoint, args.device, kind="sudoku")  # a code model decodes from OUT_DIR/hf
     data = sudoku.generate(args.seed + 12345, args.n, hard=True)
     out, st = sample_mdm(model, torch.from_numpy(data["question"]).long().to(args.device), tau=args.tau,
                          max_steps=args.max_steps, use_relay=not args.no_relay)
@@ -329,28 +329,31 @@ def get_args(argv=None):
     p.add_argument("--prompt", help="text to continue (see --chat)")
     p.add_argument("--prompt-file", help="read the prompt from this file")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a ChatML user turn")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate at most")
-    p.add_argument("--threshold", type=float, default=0.85, help="reveal confidence threshold (strict)")
-    p.add_argument("--bd-size", type=int, help="diffusion block size (default: the checkpoint's bd_size)")
-    p.add_argument("--sub-block", type=int, default=8, help="sub-block size: decoded strictly in order")
+    p.add_argument("--max-new-tokens", type=positive_int, default=256, help="tokens to generate at most")
+    p.add_argument("--threshold", type=unit_float, default=0.85, help="reveal confidence threshold (strict)")
+    p.add_argument("--bd-size", type=positive_int, help="diffusion block size (default: the checkpoint's bd_size)")
+    p.add_argument("--sub-block", type=positive_int, default=8, help="sub-block size: decoded strictly in order")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole prefix every forward (oracle)")
     p.add_argument("--no-relay", action="store_true", help="do not carry the relay state")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="weights dtype; auto = bfloat16 on CUDA, float32 elsewhere")
-    p.add_argument("--seed", type=int, default=0, help="random-init weights; Sudoku puzzles (decoding is greedy)")
+    p.add_argument("--seed", type=nonneg_int, default=0,
+                   help="random-init weights; Sudoku puzzles (decoding is greedy)")
     p.add_argument("--bench", action="store_true", help="cached vs uncached tokens/s table, JSON line last")
-    p.add_argument("--bench-lengths", type=int, nargs="+", default=[64, 256, 1024], help="--bench: new tokens")
+    p.add_argument("--bench-lengths", type=positive_int, nargs="+", default=[64, 256, 1024], help="--bench: new tokens")
     p.add_argument("--save", help="with --random-init: write the model and tokenizer as a checkpoint directory")
-    p.add_argument("--n", type=int, default=64, help="Sudoku: generated puzzles that need search")
-    p.add_argument("--tau", type=float, default=0.15, help="Sudoku: reveal threshold")
-    p.add_argument("--max-steps", type=int, default=64, help="Sudoku: loop steps before the final fill")
+    p.add_argument("--n", type=positive_int, default=64, help="Sudoku: generated puzzles that need search")
+    p.add_argument("--tau", type=unit_float, default=0.15, help="Sudoku: reveal threshold")
+    p.add_argument("--max-steps", type=nonneg_int, default=64, help="Sudoku: loop steps before the final fill")
     args = p.parse_args(argv)
     args.device = pick_device(args.device)
     if args.dtype == "auto":
         args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
     if (args.checkpoint is None) == (args.random_init is None):
         p.error("give exactly one of --checkpoint and --random-init")
+    if args.bd_size and args.bd_size % args.sub_block:
+        p.error(f"--bd-size {args.bd_size} is not a multiple of --sub-block {args.sub_block}")
     return args, p
 
 

@@ -130,6 +130,11 @@ def load_tokenizer(path):
             ranks[to_bytes(tok)] = i
         except KeyError:
             raise ValueError(f"{tj}: vocabulary entry {tok!r} (id {i}) is not in the byte-level alphabet") from None
+    # byte-level BPE encodes any text only if every single byte has a token; without one, tiktoken
+    # would fail on the first text containing that byte, long after loading
+    if missing := [b for b in range(256) if bytes([b]) not in ranks]:
+        raise ValueError(f"{tj}: the vocabulary lacks {len(missing)} of the 256 single bytes (e.g. "
+                         f"{[bytes([b]) for b in missing[:5]]}); a byte-level BPE vocabulary needs them all")
     # tiktoken merges the pair whose result has the lowest rank, HF the earliest merge rule: the two
     # agree when ids grow with merge order, which byte-level BPE training guarantees. Check it.
     last = -1

@@ -45,8 +45,9 @@ from torch.distributed.fsdp import fully_shard
 from tqdm import tqdm
 
 from code_data import Rows, held_out_signatures, load_stdlib, read_chat_jsonl
-from model import (QWEN2, SHAPES, ModelConfig, Transformer, from_pretrained, load_checkpoint, load_state,
-                   pick_device, save_checkpoint, save_pretrained)
+from model import (QWEN2, SHAPES, ModelConfig, Transformer, claim_out_dir, from_pretrained, load_checkpoint,
+                   load_state, nonneg_float, nonneg_int, pick_device, positive_float, positive_int, save_checkpoint,
+                   save_pretrained, shape_problem, unit_float)
 from relay import RolloutBuffer, add_relay, reveal_threshold_blocks, rollout_loss, sft_loss
 from sampler import generate
 from tokenizer import byte_tokenizer, load_tokenizer, save_byte_tokenizer
@@ -76,58 +77,75 @@ def get_args(argv=None):
     p.add_argument("--preset", choices=list(PRESETS), default="cpu", help="flag defaults: cpu, paper or tiny")
     # the method
     p.add_argument("--objective", choices=OBJECTIVES, default="relay", help="training objective")
-    p.add_argument("--K", type=int, default=2, help="rollout forwards per micro-step (truncated BPTT window)")
-    p.add_argument("--threshold", type=float, default=0.85, help="block reveal threshold (rollout and sampling)")
-    p.add_argument("--sft-frac", type=float, default=2 / 3, help="rollout objectives: train this fraction of "
+    p.add_argument("--K", type=positive_int, default=2, help="rollout forwards per micro-step (truncated BPTT window)")
+    p.add_argument("--threshold", type=unit_float, default=0.85, help="block reveal threshold (rollout and sampling)")
+    p.add_argument("--sft-frac", type=unit_float, default=2 / 3, help="rollout objectives: train this fraction of "
                    "--max-steps with sft first (Relay fine-tunes an SFT-trained model; from scratch its buffer "
                    "starts slowly)")
     # optimisation
-    p.add_argument("--max-steps", type=int, default=300, help="optimizer steps")
-    p.add_argument("--time-limit", type=float, default=0.0, help="stop after this many minutes (0 = none)")
-    p.add_argument("--stop-after", type=int, default=0, help="stop (with a checkpoint) after this many steps "
+    p.add_argument("--max-steps", type=positive_int, default=300, help="optimizer steps")
+    p.add_argument("--time-limit", type=nonneg_float, default=0.0, help="stop after this many minutes (0 = none)")
+    p.add_argument("--stop-after", type=nonneg_int, default=0, help="stop (with a checkpoint) after this many steps "
                    "of this invocation; --resume continues (0 = run to --max-steps)")
-    p.add_argument("--batch-size", type=int, default=16, help="global rows per optimizer step")
-    p.add_argument("--micro-batch", type=int, default=0, help="rows per process per forward (and rollout buffer "
+    p.add_argument("--batch-size", type=positive_int, default=16, help="global rows per optimizer step")
+    p.add_argument("--micro-batch", type=nonneg_int, default=0, help="rows per process per forward (and rollout buffer "
                    "size); 0 = batch size / processes, no accumulation")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per row (a multiple of the block size)")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (cosine to 10%% after warmup)")
-    p.add_argument("--warmup-frac", type=float, default=0.03, help="linear warmup, fraction of --max-steps")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (not on biases/norms)")
-    p.add_argument("--clip", type=float, default=1.0, help="gradient norm clip")
+    p.add_argument("--seq-len", type=positive_int, default=256, help="tokens per row (a multiple of the block size)")
+    p.add_argument("--lr", type=positive_float, default=2e-3, help="peak learning rate (cosine to 10%% after warmup)")
+    p.add_argument("--warmup-frac", type=unit_float, default=0.03, help="linear warmup, fraction of --max-steps")
+    p.add_argument("--weight-decay", type=nonneg_float, default=0.0, help="AdamW weight decay (not on biases/norms)")
+    p.add_argument("--clip", type=positive_float, default=1.0, help="gradient norm clip")
     # model: --init-from a checkpoint, or a Qwen2.5-shaped model from scratch
     p.add_argument("--init-from", default="", help="a Fast-dLLM v2 / Qwen2 checkpoint directory")
-    p.add_argument("--n-layer", type=int, default=TINY["n_layer"], help="from scratch: Transformer blocks")
-    p.add_argument("--n-embd", type=int, default=TINY["n_embd"], help="from scratch: model width")
-    p.add_argument("--n-head", type=int, default=TINY["n_head"], help="from scratch: query heads")
-    p.add_argument("--n-kv-head", type=int, default=TINY["n_kv_head"], help="from scratch: key/value heads")
-    p.add_argument("--n-ffn", type=int, default=TINY["n_ffn"], help="from scratch: SwiGLU hidden width")
-    p.add_argument("--bd-size", type=int, default=QWEN2["bd_size"],
+    p.add_argument("--n-layer", type=positive_int, default=TINY["n_layer"], help="from scratch: Transformer blocks")
+    p.add_argument("--n-embd", type=positive_int, default=TINY["n_embd"], help="from scratch: model width")
+    p.add_argument("--n-head", type=positive_int, default=TINY["n_head"], help="from scratch: query heads")
+    p.add_argument("--n-kv-head", type=positive_int, default=TINY["n_kv_head"], help="from scratch: key/value heads")
+    p.add_argument("--n-ffn", type=positive_int, default=TINY["n_ffn"], help="from scratch: SwiGLU hidden width")
+    p.add_argument("--bd-size", type=positive_int, default=QWEN2["bd_size"],
                    help="from scratch: diffusion block size (--init-from uses its config's)")
     # data, systems, files
     p.add_argument("--data", default="", help="chat JSONL; default: the Python standard library's source")
-    p.add_argument("--val-every-n", type=int, default=50, help="JSONL: every n-th row is held out")
+    p.add_argument("--val-every-n", type=positive_int, default=50, help="JSONL: every n-th row is held out")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="autocast dtype (weights stay fp32)")
     p.add_argument("--fsdp", action="store_true", help="shard parameters, grads and optimizer (fully_shard)")
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing of every block")
     p.add_argument("--compile", action="store_true", help="torch.compile the training forward")
-    p.add_argument("--eval-every", type=int, default=50, help="steps between validations")
-    p.add_argument("--eval-batches", type=int, default=4, help="held-out batches per validation")
-    p.add_argument("--ckpt-every", type=int, default=50, help="steps between checkpoints")
-    p.add_argument("--samples", type=int, default=3, help="held-out signatures to complete at the end")
+    p.add_argument("--eval-every", type=positive_int, default=50, help="steps between validations")
+    p.add_argument("--eval-batches", type=positive_int, default=4, help="held-out batches per validation")
+    p.add_argument("--ckpt-every", type=positive_int, default=50, help="steps between checkpoints")
+    p.add_argument("--samples", type=nonneg_int, default=3, help="held-out signatures to complete at the end")
     p.add_argument("--out-dir", default="out/code", help="checkpoint and the exported hf/ directory")
     p.add_argument("--data-dir", default="data", help="cache of the tokenized standard library")
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt.pt")
-    p.add_argument("--seed", type=int, default=1337, help="model init, data order, noise")
+    p.add_argument("--overwrite", action="store_true", help="start a new run even though OUT_DIR/ckpt.pt exists "
+                   "(it is replaced at the first checkpoint)")
+    p.add_argument("--seed", type=nonneg_int, default=1337, help="model init, data order, noise")
     p.set_defaults(**PRESETS[preset])
     args = p.parse_args(argv)
-    if args.max_steps < 1 or args.K < 1 or args.micro_batch < 0 or not 0 <= args.sft_frac <= 1:
-        p.error("need --max-steps >= 1, --K >= 1, --micro-batch >= 0, 0 <= --sft-frac <= 1")
-    if args.preset == "paper" and not args.init_from:
-        p.error("--preset paper fine-tunes pretrained weights: give --init-from DIR")
+    check_args(p, args)
     args.sft_steps = 0 if args.objective == "sft" else round(args.sft_frac * args.max_steps)  # derived
     return args
+
+
+def check_args(p, args):
+    """What the types of single flags cannot see: flags that must agree. A usage error before any work."""
+    if args.preset == "paper" and not args.init_from:
+        p.error("--preset paper fine-tunes pretrained weights: give --init-from DIR")
+    if args.resume and args.overwrite:
+        p.error("--resume continues OUT_DIR/ckpt.pt and --overwrite replaces it: give one")
+    if args.val_every_n < 2:
+        p.error(f"--val-every-n {args.val_every_n} holds out every row, leaving none to train on: need >= 2")
+    if args.micro_batch and (args.micro_batch > args.batch_size or args.batch_size % args.micro_batch):
+        p.error(f"--batch-size {args.batch_size} is not a multiple of --micro-batch {args.micro_batch}")
+    if args.init_from:  # the shape and the block size come from the checkpoint's config.json
+        return
+    if problem := shape_problem(args.n_embd, args.n_head, args.n_kv_head):
+        p.error(f"--n-embd {args.n_embd} / --n-head {args.n_head} / --n-kv-head {args.n_kv_head}: {problem}")
+    if args.seq_len % args.bd_size:
+        p.error(f"--seq-len {args.seq_len} is not a multiple of --bd-size {args.bd_size}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,6 +180,23 @@ def setup_distributed(args):
     return Dist(True, rank, world, device)
 
 
+def claim(args, d):
+    """Rank 0 claims OUT_DIR (model.claim_out_dir: a lock, and no new run over a checkpoint); its
+    error is raised on every rank, so no rank is left waiting at a collective."""
+    err = None
+    if d.master:
+        try:
+            claim_out_dir(args.out_dir, args.resume, args.overwrite)
+        except (OSError, RuntimeError) as e:
+            err = e
+    if d.ddp:
+        box = [err]
+        dist.broadcast_object_list(box, src=0)
+        err = box[0]
+    if err is not None:
+        raise err
+
+
 def my_chunks(args, d):
     """This process's chunks of the global batch. The global batch is world x accum chunks of
     --micro-batch rows; this process owns chunks rank, rank + world, ..., so any split of the same
@@ -179,7 +214,10 @@ def load_data(args, tok, d):
         rows = read_chat_jsonl(args.data, tok, args.seq_len, args.bd_size)
         held = [i % args.val_every_n == args.val_every_n - 1 for i in range(len(rows))]
         train = [r for r, h in zip(rows, held) if not h]
-        val = [r for r, h in zip(rows, held) if h] or rows[:1]
+        val = [r for r, h in zip(rows, held) if h]
+        if not val:  # NOTE: a training row as the held-out set would report a memorised loss as val loss
+            raise ValueError(f"{args.data}: {len(rows)} usable rows and --val-every-n {args.val_every_n} hold out "
+                             f"none: give --val-every-n <= {len(rows)} (held-out rows never train)")
         d.log(f"data: {args.data}: {len(train)} training rows, {len(val)} held out")
         return train, val, ""
     corpus = load_stdlib(tok, args.data_dir)
@@ -246,7 +284,8 @@ def save(args, d, path, step, raw, opt, streams, gens, bufs):
     msd, osd = gather_state(args, raw, opt)
     if d.master:
         save_checkpoint({"model": msd, "optimizer": osd, "step": step, "config": raw.config_dict(),
-                         "args": vars(args), "world": d.world, "ranks": ranks}, path)
+                         "args": vars(args), "world": d.world, "ranks": ranks, "kind": "code",
+                         "objective": args.objective}, path)
     if d.ddp:
         dist.barrier()
 
@@ -255,7 +294,7 @@ def resume(args, d, path, raw, opt, streams, gens, bufs):
     """Restore save()'s state into the live objects (FSDP: scattered into the shards); returns the step."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"--resume: no checkpoint at {path} (check --out-dir)")
-    ck = load_checkpoint(path)
+    ck = load_checkpoint(path, kind="code")
     diff = {k: (v, ck["config"].get(k)) for k, v in raw.config_dict().items() if ck["config"].get(k) != v}
     if diff or ck["world"] != d.world or ck["args"]["objective"] != args.objective:
         raise ValueError(f"{path} was trained with another setup: config {diff} (ours, theirs), world "
@@ -387,7 +426,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)  # the same on every rank: identical initial weights
     # bf16 autocast: matmuls in bf16, weights and optimizer state stay fp32
     ctx = torch.autocast(d.device.split(":")[0], dtype=torch.bfloat16) if args.dtype == "bfloat16" else nullcontext()
-    os.makedirs(args.out_dir, exist_ok=True)
+    claim(args, d)  # before any work: never two runs in one OUT_DIR, never a new run over a checkpoint
     t_start = time.time()
     tok = load_tokenizer(args.init_from) if args.init_from else byte_tokenizer()
     if tok.mask_id is None:

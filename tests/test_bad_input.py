@@ -1,0 +1,383 @@
+"""Bad input fails loudly and by name: numeric flags at parse time, an out dir that holds a checkpoint
+or another run, corrupt or wrong-kind checkpoints, a full disk, bad chat JSONL, and bad Fast-dLLM v2 /
+Qwen2 directories (config.json types, shard index, vocabulary, mask token id)."""
+import errno
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import code_data
+import eval_code
+import model as M
+import sampler
+import train_code
+from model import QWEN2, ModelConfig, Transformer, from_pretrained, load_model, save_checkpoint
+from tokenizer import MASK_TOKEN, byte_tokenizer, load_tokenizer, save_byte_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OLD = os.path.join(ROOT, "tests", "fixtures", "old_layout")
+GOOD_ROW = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+
+
+# ---------------------------------------------------------------------------------------------
+# 1) numeric flags: argparse usage errors that name the flag, before any work
+
+TRAIN_CODE_BAD = [
+    (["--clip", "-0.5"], "argument --clip"), (["--batch-size", "0"], "argument --batch-size"),
+    (["--threshold", "2"], "argument --threshold"), (["--warmup-frac", "-1"], "argument --warmup-frac"),
+    (["--eval-every", "0"], "argument --eval-every"), (["--ckpt-every", "0"], "argument --ckpt-every"),
+    (["--n-head", "0"], "argument --n-head"), (["--seq-len", "-64"], "argument --seq-len"),
+    (["--bd-size", "0"], "argument --bd-size"), (["--val-every-n", "0"], "argument --val-every-n"),
+    (["--lr", "nan"], "argument --lr"), (["--lr", "0"], "argument --lr"), (["--K", "0"], "argument --K"),
+    (["--max-steps", "0"], "argument --max-steps"), (["--sft-frac", "1.5"], "argument --sft-frac"),
+    (["--time-limit", "-1"], "argument --time-limit"), (["--stop-after", "-1"], "argument --stop-after"),
+    (["--micro-batch", "-2"], "argument --micro-batch"), (["--weight-decay", "-0.1"], "argument --weight-decay"),
+    (["--n-layer", "0"], "argument --n-layer"), (["--n-embd", "0"], "argument --n-embd"),
+    (["--n-kv-head", "0"], "argument --n-kv-head"), (["--n-ffn", "0"], "argument --n-ffn"),
+    (["--eval-batches", "0"], "argument --eval-batches"), (["--samples", "-1"], "argument --samples"),
+    (["--seed", "-1"], "argument --seed"),
+    (["--clip", "inf"], "argument --clip"),
+    # flags that must agree
+    (["--n-embd", "130"], "--n-embd 130 / --n-head 4"),  # not divisible
+    (["--n-embd", "132"], "head dimension"),  # 33: odd, rotate-half RoPE needs even
+    (["--n-kv-head", "3"], "not a multiple of n_kv_head 3"),
+    (["--seq-len", "100"], "--seq-len 100 is not a multiple of --bd-size 32"),
+    (["--micro-batch", "3"], "--batch-size 16 is not a multiple of --micro-batch 3"),
+    (["--val-every-n", "1"], "--val-every-n 1 holds out every row"),
+    (["--resume", "--overwrite"], "give one"),
+]
+SAMPLER_BAD = [
+    (["--tau", "nan"], "argument --tau"), (["--tau", "-0.5"], "argument --tau"),
+    (["--threshold", "2"], "argument --threshold"), (["--max-new-tokens", "0"], "argument --max-new-tokens"),
+    (["--bd-size", "0"], "argument --bd-size"), (["--sub-block", "0"], "argument --sub-block"),
+    (["--seed", "-1"], "argument --seed"), (["--bench-lengths", "64", "0"], "argument --bench-lengths"),
+    (["--n", "0"], "argument --n"), (["--max-steps", "-1"], "argument --max-steps"),
+    (["--bd-size", "12"], "--bd-size 12 is not a multiple of --sub-block 8"),
+]
+EVAL_BAD = [
+    (["--timeout", "0"], "argument --timeout"), (["--timeout", "inf"], "argument --timeout"),
+    (["--limit", "-162"], "argument --limit"), (["--threshold", "2"], "argument --threshold"),
+    (["--max-new-tokens", "0"], "argument --max-new-tokens"), (["--bd-size", "0"], "argument --bd-size"),
+    (["--sub-block", "0"], "argument --sub-block"), (["--workers", "0"], "argument --workers"),
+    (["--bd-size", "12"], "--bd-size 12 is not a multiple of --sub-block 8"),
+]
+
+
+def usage_error(capsys, fn, *args):
+    with pytest.raises(SystemExit) as e:
+        fn(*args)
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,msg", TRAIN_CODE_BAD)
+def test_train_code_flags(capsys, argv, msg):
+    assert msg in usage_error(capsys, train_code.get_args, argv)
+
+
+@pytest.mark.parametrize("argv,msg", SAMPLER_BAD)
+def test_sampler_flags(capsys, argv, msg):
+    assert msg in usage_error(capsys, sampler.get_args, ["--random-init", "tiny", *argv])
+
+
+@pytest.mark.parametrize("argv,msg", EVAL_BAD)
+def test_eval_code_flags(capsys, tmp_path, argv, msg):
+    out = tmp_path / "eval" / "samples.jsonl"
+    argv = ["--random-init", "tiny", "--problems", str(tmp_path / "none.jsonl"), "--out", str(out), *argv]
+    assert msg in usage_error(capsys, eval_code.main, argv)
+
+
+def test_a_bad_flag_stops_train_code_before_any_work(capsys, tmp_path):
+    err = usage_error(capsys, train_code.main, ["--clip", "-0.5", "--out-dir", str(tmp_path / "run")])
+    assert "argument --clip: need a number > 0, got '-0.5'" in err and not (tmp_path / "run").exists()
+
+
+def test_the_value_checks_accept_their_range():
+    assert M.positive_int("3") == 3 and M.nonneg_int("0") == 0 and M.positive_float("1e-3") == 1e-3
+    assert M.nonneg_float("0") == 0.0 and M.unit_float("1") == 1.0 and M.finite_float("-2.5") == -2.5
+    for fn, s in [(M.unit_float, "-0.0001"), (M.positive_int, "1.0"), (M.finite_float, "-inf"), (M.nonneg_int, "x")]:
+        with pytest.raises(Exception, match="need"):
+            fn(s)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2) an out dir holds one run: no new run over a checkpoint, no second live run
+
+def tiny_chat(tmp_path, n=6):
+    p = tmp_path / "chat.jsonl"
+    p.write_text("".join(json.dumps(GOOD_ROW) + "\n" for _ in range(n)))
+    return str(p)
+
+
+def test_a_new_run_does_not_overwrite_a_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "ckpt.pt").write_bytes(b"precious")
+    with pytest.raises(FileExistsError, match="pass --resume to continue that run, or --overwrite"):
+        train_code.main(["--preset", "tiny", "--out-dir", str(out), "--data", tiny_chat(tmp_path)])
+    assert (out / "ckpt.pt").read_bytes() == b"precious"
+    with pytest.raises(FileNotFoundError, match="--resume: no checkpoint"):
+        M.claim_out_dir(str(tmp_path / "empty"), resume=True, overwrite=False)
+    M.claim_out_dir(str(out), resume=False, overwrite=True)  # --overwrite: allowed
+
+
+@pytest.fixture
+def other_process():
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    yield p
+    p.kill()
+    p.wait()
+
+
+def test_a_second_run_in_the_same_out_dir_refuses_and_a_stale_lock_is_taken_over(tmp_path, other_process):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").write_text(f"{other_process.pid}\n")  # a live run holds it
+    with pytest.raises(RuntimeError, match=f"in use by another run \\(pid {other_process.pid}"):
+        train_code.main(["--preset", "tiny", "--out-dir", str(out), "--data", tiny_chat(tmp_path)])
+    other_process.kill()
+    other_process.wait()  # now its pid is dead: the lock is stale
+    lock = M.claim_out_dir(str(out), resume=False, overwrite=False)
+    assert open(lock).read().split() == [str(os.getpid()), socket.gethostname()]
+    with open(lock, "w") as f:  # a run on another machine sharing the filesystem: its pid cannot be checked
+        f.write(f"{other_process.pid} elsewhere\n")
+    with pytest.raises(RuntimeError, match=f"pid {other_process.pid} elsewhere"):
+        M.claim_out_dir(str(out), resume=False, overwrite=False)
+    with open(lock, "w") as f:
+        f.write(f"{os.getpid()} {socket.gethostname()}\n")
+    M.release_lock(lock)
+    assert not os.path.exists(lock)
+
+
+def test_under_torchrun_every_rank_stops_on_a_claimed_out_dir(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "ckpt.pt").write_bytes(b"precious")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "train_code.py"), "--preset", "tiny", "--out-dir", str(out),
+           "--data", tiny_chat(tmp_path)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode != 0 and r.stderr.count("pass --resume to continue that run") >= 2, r.stderr[-3000:]
+    assert (out / "ckpt.pt").read_bytes() == b"precious"
+
+
+# ---------------------------------------------------------------------------------------------
+# 3) corruption and a full disk
+
+def sudoku_checkpoint(tiny_cfg, path, step=1):
+    torch.manual_seed(step)
+    save_checkpoint({"model": Transformer(tiny_cfg).state_dict(), "config": tiny_cfg.__dict__, "step": step,
+                     "kind": "sudoku", "objective": "relay"}, str(path))
+
+
+def test_zeroed_weight_bytes_name_the_file(tiny_cfg, tmp_path):
+    path = tmp_path / "ckpt.pt"
+    sudoku_checkpoint(tiny_cfg, path)
+    w = torch.load(path, weights_only=False)["model"]["layers.0.mlp.up_proj.weight"]
+    data = bytearray(path.read_bytes())
+    i = data.find(w.numpy().tobytes())
+    assert i >= 0
+    data[i:i + w.numel() * 4] = bytes(w.numel() * 4)
+    path.write_bytes(bytes(data))
+    assert torch.load(path, weights_only=False)["model"]["layers.0.mlp.up_proj.weight"].abs().sum() == 0  # loads
+    with pytest.raises(ValueError, match=f"{path}: corrupt checkpoint.*model/layers.0.mlp.up_proj.weight"):
+        load_model(str(path))
+
+
+def test_checkpoints_without_digests_still_load():
+    ck = torch.load(os.path.join(OLD, "sudoku_ckpt.pt"), weights_only=False)
+    assert "sha256" not in ck and "kind" not in ck
+    load_model(os.path.join(OLD, "sudoku_ckpt.pt"), kind="sudoku")  # the kind is inferred
+
+
+class FullDisk(io.RawIOBase):
+    def writable(self):
+        return True
+
+    def write(self, b):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_keeps_the_old_checkpoint(tiny_cfg, tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    sudoku_checkpoint(tiny_cfg, path, step=1)
+    monkeypatch.setattr(M, "open", lambda *a, **k: FullDisk(), raising=False)
+    with pytest.raises(OSError, match=f"no space left on {path}"):
+        sudoku_checkpoint(tiny_cfg, path, step=2)
+    monkeypatch.undo()
+    assert load_model(str(path))[1]["step"] == 1 and os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+# ---------------------------------------------------------------------------------------------
+# 4) the wrong kind of checkpoint
+
+def code_checkpoint(path, kind=True):
+    cfg = ModelConfig(**{**QWEN2, "vocab_size": 260, "n_layer": 1, "n_head": 4, "n_kv_head": 2, "n_embd": 32,
+                         "n_ffn": 64, "mask_id": 259, "bd_size": 16})
+    ck = {"model": Transformer(cfg).state_dict(), "config": cfg.__dict__, "step": 2, "args": {"objective": "sft"}}
+    save_checkpoint({**ck, "kind": "code", "objective": "sft"} if kind else ck, str(path))
+
+
+@pytest.mark.parametrize("kind", [True, False])  # recorded, or inferred from an older file's bd_size
+def test_the_sudoku_sampler_refuses_a_code_checkpoint(tmp_path, kind):
+    code_checkpoint(tmp_path / "ckpt.pt", kind)
+    with pytest.raises(ValueError, match="holds a code model \\(train_code.py\\), not a sudoku model"):
+        sampler.main(["--checkpoint", str(tmp_path / "ckpt.pt"), "--device", "cpu", "--n", "1"])
+    with pytest.raises(ValueError, match="ckpt.pt is a file; expected a Fast-dLLM v2 / Qwen2 checkpoint directory"):
+        from_pretrained(str(tmp_path / "ckpt.pt"))  # what eval_code.py and sampler.py --chat read
+
+
+def test_train_code_resume_refuses_a_sudoku_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copy(os.path.join(OLD, "sudoku_ckpt.pt"), out / "ckpt.pt")  # today: KeyError 'world'
+    with pytest.raises(ValueError, match="holds a sudoku model \\(train_sudoku.py\\), not a code model"):
+        train_code.main(["--preset", "tiny", "--samples", "0", "--out-dir", str(out), "--resume",
+                         "--data", tiny_chat(tmp_path), "--val-every-n", "3"])
+
+
+# ---------------------------------------------------------------------------------------------
+# 5) chat data
+
+def chat_file(tmp_path, *lines, raw=None):
+    p = tmp_path / "chat.jsonl"
+    p.write_bytes(raw if raw is not None else "".join(line + "\n" for line in lines).encode())
+    return p
+
+
+def test_chat_rows_with_the_mask_token_are_refused(tmp_path):
+    bad = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": f"a {MASK_TOKEN} b"}]}
+    p = chat_file(tmp_path, json.dumps(GOOD_ROW), json.dumps(bad))
+    with pytest.raises(ValueError, match=f"{p}:2: message 1 \\(assistant\\) contains the mask token"):
+        code_data.read_chat_jsonl(str(p), byte_tokenizer(), 256, 16)
+
+
+def test_the_held_out_rows_never_train(tmp_path):
+    d = train_code.Dist(False, 0, 1, "cpu")
+    tok = byte_tokenizer()
+    rows = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": f"answer {i}"}]}
+            for i in range(3)]
+    p = chat_file(tmp_path, *map(json.dumps, rows))
+    args = train_code.get_args(["--preset", "tiny", "--data", str(p), "--val-every-n", "50"])
+    with pytest.raises(ValueError, match="3 usable rows and --val-every-n 50 hold out none"):
+        train_code.load_data(args, tok, d)
+    args.val_every_n = 2
+    train, val, _ = train_code.load_data(args, tok, d)
+    assert len(train) == 2 and len(val) == 1
+    assert not {v[0].tobytes() for v in val} & {t[0].tobytes() for t in train}
+
+
+def test_a_huge_row_is_refused_by_size_before_tokenizing(tmp_path):
+    p = tmp_path / "chat.jsonl"
+    with open(p, "wb") as f:
+        f.write(json.dumps(GOOD_ROW).encode() + b"\n")
+        f.write(b'{"messages": [{"role": "assistant", "content": "')
+        for _ in range(100):
+            f.write(b"a" * (1 << 20))  # 100 MiB
+        f.write(b'"}]}\n')
+    tok = byte_tokenizer()
+    longest = []
+    encode = tok.encode
+    tok.encode = lambda text: longest.append(len(text)) or encode(text)
+    with pytest.raises(ValueError, match=f"{p}:2: row longer than {code_data.MAX_ROW_BYTES} bytes"):
+        code_data.read_chat_jsonl(str(p), tok, 256, 16)
+    assert max(longest) < 100
+
+
+def test_utf8_bom_is_valid_and_bad_utf8_names_the_line(tmp_path):
+    good = json.dumps(GOOD_ROW, ensure_ascii=False).encode()
+    p = chat_file(tmp_path, raw=b"\xef\xbb\xbf" + good + b"\n" + good + b"\n")
+    assert len(code_data.read_chat_jsonl(str(p), byte_tokenizer(), 256, 16)) == 2
+    p = chat_file(tmp_path, raw=good + b"\n" + good[:-3] + b"\xff\xfe" + good[-3:] + b"\n")
+    with pytest.raises(ValueError, match=f"{p}:2: not UTF-8"):
+        code_data.read_chat_jsonl(str(p), byte_tokenizer(), 256, 16)
+
+
+# ---------------------------------------------------------------------------------------------
+# 6) Fast-dLLM v2 / Qwen2 directories
+
+@pytest.fixture
+def hf_dir(tmp_path):
+    d = tmp_path / "hf"
+    shutil.copytree(os.path.join(OLD, "fastdllm_tiny"), d)
+    return d
+
+
+def edit_config(d, **kv):
+    cfg = json.loads((d / "config.json").read_text())
+    for k, v in kv.items():
+        if v is ...:
+            cfg.pop(k)
+        else:
+            cfg[k] = v
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("key,value", [
+    ("use_relay", "false"), ("attention_bias", "false"), ("tie_word_embeddings", "true"),
+    ("hidden_size", "32"), ("num_hidden_layers", 2.0), ("intermediate_size", None), ("bd_size", 8.0),
+    ("rms_norm_eps", "1e-6"), ("mask_token_id", None), ("num_key_value_heads", 0), ("rope_theta", float("nan")),
+])
+def test_config_values_of_the_wrong_type_name_the_field(hf_dir, key, value):
+    edit_config(hf_dir, **{key: value})
+    with pytest.raises(ValueError, match=f"config.json: {key} must be"):
+        from_pretrained(str(hf_dir), dtype=torch.float32)
+
+
+def split_into_shards(d, dup=False, outside=None):
+    sd = load_file(str(d / "model.safetensors"))
+    names = sorted(sd)
+    a, b = names[:len(names) // 2], names[len(names) // 2:]
+    if dup:  # the first tensor of shard 1 is in shard 2 too
+        b.append(a[0])
+    save_file({k: sd[k] for k in a}, str(d / "model-1.safetensors"))
+    save_file({k: sd[k] for k in b}, str(d / "model-2.safetensors"))
+    os.remove(d / "model.safetensors")
+    wm = {**{k: "model-1.safetensors" for k in a}, **{k: "model-2.safetensors" for k in b}}
+    if outside:
+        wm[names[0]] = outside
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wm}))
+
+
+def test_sharded_directories_load_and_refuse_bad_indexes(hf_dir, tmp_path):
+    split_into_shards(hf_dir)
+    from_pretrained(str(hf_dir), dtype=torch.float32)  # a plain split loads
+    for n, outside in enumerate(["../elsewhere.safetensors", "/etc/model.safetensors", "sub/../../x.safetensors"]):
+        d = tmp_path / f"out{n}"
+        shutil.copytree(os.path.join(OLD, "fastdllm_tiny"), d)
+        split_into_shards(d, outside=outside)
+        with pytest.raises(ValueError, match="outside the checkpoint directory"):
+            from_pretrained(str(d), dtype=torch.float32)
+    d = tmp_path / "dup"
+    shutil.copytree(os.path.join(OLD, "fastdllm_tiny"), d)
+    split_into_shards(d, dup=True)
+    with pytest.raises(ValueError, match="in two shards \\['[a-z_.0-9]+ in model-1.safetensors and model-2"):
+        from_pretrained(str(d), dtype=torch.float32)
+
+
+def test_a_vocabulary_missing_a_byte_fails_at_load(tmp_path):
+    save_byte_tokenizer(str(tmp_path))
+    load_tokenizer(str(tmp_path))
+    spec = json.loads((tmp_path / "tokenizer.json").read_text(encoding="utf-8"))
+    del spec["model"]["vocab"]["A"]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+    with pytest.raises(ValueError, match="lacks 1 of the 256 single bytes \\(e.g. \\[b'A'\\]\\)"):
+        load_tokenizer(str(tmp_path))
+
+
+def test_a_mask_token_id_past_the_vocabulary_fails_at_load(hf_dir):
+    edit_config(hf_dir, mask_token_id=64)  # vocab_size 64
+    with pytest.raises(ValueError, match="config.json: mask_token_id 64 is outside the vocabulary"):
+        from_pretrained(str(hf_dir), dtype=torch.float32)
+    edit_config(hf_dir, mask_token_id=...)  # then the tokenizer's |<MASK>| is used
+    (hf_dir / "added_tokens.json").write_text(json.dumps({MASK_TOKEN: 100}))
+    with pytest.raises(ValueError, match="mask token id 100 .* outside the vocabulary"):
+        from_pretrained(str(hf_dir), dtype=torch.float32)
