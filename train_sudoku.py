@@ -32,8 +32,9 @@ import torch
 from tqdm import tqdm
 
 import sudoku
-from model import (ModelConfig, Transformer, export_weights, load_checkpoint, load_model, load_state, pick_device,
-                   save_checkpoint)
+from model import (ModelConfig, Transformer, claim_out_dir, export_weights, load_checkpoint, load_model, load_state,
+                   nonneg_float, nonneg_int, pick_device, positive_float, positive_int, save_checkpoint, shape_problem,
+                   unit_float)
 from relay import OBJECTIVES, RolloutBuffer, mlm_loss, reveal_jittered_mass, rollout_loss
 from sampler import sample_mdm
 
@@ -75,29 +76,29 @@ def get_args(argv=None):
     p.add_argument("--preset", choices=list(PRESETS), default="cpu", help="flag defaults: cpu or the paper's")
     # the method
     p.add_argument("--objective", choices=OBJECTIVES, default="relay", help="a row of Table 1")
-    p.add_argument("--K", type=int, default=2, help="rollout steps per optimizer step (truncated BPTT window)")
-    p.add_argument("--mlm-frac", type=float, default=0.5, help="rollout objectives: train this fraction of "
+    p.add_argument("--K", type=positive_int, default=2, help="rollout steps per optimizer step (truncated BPTT window)")
+    p.add_argument("--mlm-frac", type=unit_float, default=0.5, help="rollout objectives: train this fraction of "
                    "--max-steps with mlm first (a warm start: from scratch the rollout buffer starts slowly)")
-    p.add_argument("--tau", type=float, default=0.15, help="inference reveal threshold")
-    p.add_argument("--train-tau", type=float, default=0.15, help="training threshold mean (jitter 0.1 std)")
+    p.add_argument("--tau", type=unit_float, default=0.15, help="inference reveal threshold")
+    p.add_argument("--train-tau", type=unit_float, default=0.15, help="training threshold mean (jitter 0.1 std)")
     # optimisation
-    p.add_argument("--max-steps", type=int, default=1200, help="optimizer steps")
-    p.add_argument("--stop-after", type=int, default=0, help="stop (with a checkpoint) after this many steps of "
+    p.add_argument("--max-steps", type=nonneg_int, default=1200, help="optimizer steps")
+    p.add_argument("--stop-after", type=nonneg_int, default=0, help="stop (with a checkpoint) after this many steps of "
                    "this invocation; --resume continues (0 = run to --max-steps)")
-    p.add_argument("--time-limit", type=float, default=0.0,
+    p.add_argument("--time-limit", type=nonneg_float, default=0.0,
                    help="stop training after this many minutes (0 = no limit), then evaluate and save")
-    p.add_argument("--batch-size", type=int, default=64, help="rows per step (= rollout buffer slots)")
-    p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate after warmup (constant)")
-    p.add_argument("--warmup", type=int, default=50, help="linear warmup steps, then constant")
-    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not on biases/norms)")
-    p.add_argument("--clip", type=float, default=0.5, help="gradient norm clip")
-    p.add_argument("--ema", type=float, default=0.99, help="EMA decay of the evaluated weights (0 = off)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="rows per step (= rollout buffer slots)")
+    p.add_argument("--lr", type=positive_float, default=2e-3, help="AdamW learning rate after warmup (constant)")
+    p.add_argument("--warmup", type=nonneg_int, default=50, help="linear warmup steps, then constant")
+    p.add_argument("--weight-decay", type=nonneg_float, default=0.01, help="AdamW weight decay (not on biases/norms)")
+    p.add_argument("--clip", type=positive_float, default=0.5, help="gradient norm clip")
+    p.add_argument("--ema", type=unit_float, default=0.99, help="EMA decay of the evaluated weights (0 = off)")
     # model
-    p.add_argument("--n-layer", type=int, default=4, help="Transformer blocks")
-    p.add_argument("--n-embd", type=int, default=128, help="model width")
-    p.add_argument("--n-head", type=int, default=4, help="attention heads")
-    p.add_argument("--n-ffn", type=int, default=512, help="SwiGLU hidden width")
-    p.add_argument("--dropout", type=float, default=0.0, help="dropout")
+    p.add_argument("--n-layer", type=positive_int, default=4, help="Transformer blocks")
+    p.add_argument("--n-embd", type=positive_int, default=128, help="model width")
+    p.add_argument("--n-head", type=positive_int, default=4, help="attention heads")
+    p.add_argument("--n-ffn", type=positive_int, default=512, help="SwiGLU hidden width")
+    p.add_argument("--dropout", type=unit_float, default=0.0, help="dropout")
     p.add_argument("--tie-embeddings", action="store_true", help="share the token embedding with the head")
     p.add_argument("--pos-emb", choices=["none", "sudoku"], default="sudoku", help="learned position table: "
                    "none (RoPE only, the paper's) or sudoku (initialised as row + column + box embeddings)")
@@ -112,33 +113,35 @@ def get_args(argv=None):
     p.add_argument("--test-mix", type=shares, default=(0.5, 0.5, 0.0), help="generated test set: shares of the "
                    "three tiers")
     p.add_argument("--skip-invalid", action="store_true", help="skip and count invalid CSV rows")
-    p.add_argument("--n-train", type=int, default=6000, help="generated training puzzles (before augmentation)")
-    p.add_argument("--eval-size", type=int, default=512, help="test puzzles")
-    p.add_argument("--eval-batch", type=int, default=256, help="puzzles per sampler batch (NFE batch depends on it)")
-    p.add_argument("--eval-every", type=int, default=500, help="steps between monitoring evals (128 test puzzles)")
-    p.add_argument("--ckpt-every", type=int, default=250, help="steps between checkpoints")
+    p.add_argument("--n-train", type=positive_int, default=6000, help="generated training puzzles (before augmentation)")
+    p.add_argument("--eval-size", type=positive_int, default=512, help="test puzzles")
+    p.add_argument("--eval-batch", type=positive_int, default=256, help="puzzles per sampler batch (NFE batch depends on it)")
+    p.add_argument("--eval-every", type=positive_int, default=500, help="steps between monitoring evals (128 test puzzles)")
+    p.add_argument("--ckpt-every", type=positive_int, default=250, help="steps between checkpoints")
     p.add_argument("--no-sweep", action="store_true", help="skip the tau sweep / curve")
     p.add_argument("--out-dir", default="out/sudoku", help="checkpoint, curve")
     p.add_argument("--data-dir", default="data", help="cache of generated puzzle sets")
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt.pt")
+    p.add_argument("--overwrite", action="store_true", help="start afresh even if OUT_DIR holds a checkpoint "
+                   "(without it, or --resume, a run refuses to replace one)")
     p.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint, no training")
     p.add_argument("--checkpoint", default="", help="checkpoint for --eval-only and --solve")
     p.add_argument("--export", default="", help="with --checkpoint: write its evaluated weights in fp16 to this "
                    "file (a small checkpoint for sharing) and exit")
     p.add_argument("--solve", default="", help="solve one puzzle (81 characters, '.' or '0' for blanks) with "
                    "--checkpoint: print the grid, NFE and legality, draw OUT_DIR/solve.png")
-    p.add_argument("--seed", type=int, default=1337, help="model init, data order, noise")
+    p.add_argument("--seed", type=nonneg_int, default=1337, help="model init, data order, noise")
     p.set_defaults(**PRESETS[preset])
     args = p.parse_args(argv)
     args.device = pick_device(args.device)
-    if args.K < 1 or not 0 <= args.mlm_frac <= 1 or args.max_steps < 0 or args.batch_size < 1 or args.eval_size < 2 \
-            or args.time_limit < 0 or args.stop_after < 0:
-        p.error("need --K >= 1, 0 <= --mlm-frac <= 1, --max-steps >= 0, --batch-size >= 1, --eval-size >= 2, "
-                "--time-limit >= 0, --stop-after >= 0")
+    if args.eval_size < 2:
+        p.error(f"--eval-size: need at least 2 test puzzles, got {args.eval_size}")
     if (args.eval_only or args.solve or args.export) and not args.checkpoint:
         p.error("--eval-only, --solve and --export need --checkpoint PATH")
-    if args.n_embd % args.n_head:
-        p.error(f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}")
+    if problem := shape_problem(args.n_embd, args.n_head, args.n_head):
+        p.error(f"--n-embd/--n-head: {problem}")
+    if args.resume and args.overwrite:
+        p.error("--resume continues the checkpoint in --out-dir, --overwrite replaces it: pick one")
     args.mlm_steps = 0 if args.objective == "mlm" else round(args.mlm_frac * args.max_steps)  # derived
     return args
 
@@ -218,7 +221,7 @@ def training_state(args, step, model, ema, opt, buf, stream, gen):
     """Everything a bit-exact resume needs, in one dict."""
     return {"model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
             "optimizer": opt.state_dict(), "buffer": buf.state_dict(), "step": step, "config": model.config_dict(),
-            "args": vars(args), "train_size": len(stream.q), "data_rng": stream.rng.bit_generator.state,
+            "args": vars(args), "kind": "sudoku", "objective": args.objective, "train_size": len(stream.q), "data_rng": stream.rng.bit_generator.state,
             "gen": gen.get_state(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(args.device) if args.device.startswith("cuda") else None}
@@ -228,7 +231,7 @@ def resume(path, args, model, ema, opt, buf, stream, gen):
     """Restore training_state() from `path` into the live objects; returns the step."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"--resume: no checkpoint at {path} (check --out-dir)")
-    ck = load_checkpoint(path, args.device)
+    ck = load_checkpoint(path, args.device, kind="sudoku")
     diff = {k: (v, ck["config"].get(k)) for k, v in model.config_dict().items() if ck["config"].get(k) != v}
     theirs = lambda k: ck["args"].get(k, getattr(args, k))  # older checkpoints lack some flags
     diff |= {k: (getattr(args, k), theirs(k)) for k in ("objective", "data", "mix", "seed")
@@ -368,7 +371,7 @@ def parse_puzzle(text):
 def solve_one(args, q, ctx):
     """--solve: one puzzle through the sampler; prints the grid and a JSON line, draws each cell
     coloured by the denoising step that revealed it."""
-    model, ck = load_model(args.checkpoint, args.device)
+    model, ck = load_model(args.checkpoint, args.device, kind="sudoku")
     x = torch.from_numpy(q).long()[None].to(args.device)
     with ctx, torch.no_grad():
         out, st = sample_mdm(model, x, tau=args.tau)
@@ -451,14 +454,15 @@ def main(argv=None):
     if args.solve:
         return solve_one(args, parse_puzzle(args.solve), ctx)
     if args.eval_only:
-        model, ck = load_model(args.checkpoint, args.device)
+        model, ck = load_model(args.checkpoint, args.device, kind="sudoku")
         return finish(args, model, load_test(args), ctx, ck["step"], t_start)
 
     # 2) data: training puzzles (augmented on the fly) and the tiered test set; a resumed run keeps
     #    its checkpoint's training set (its size follows --max-steps, which a resume may raise)
     t0 = time.time()
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-    size = load_checkpoint(ckpt_path).get("train_size") if args.resume and os.path.exists(ckpt_path) else None
+    claim_out_dir(args.out_dir, args.resume, args.overwrite)  # never replace a checkpoint; one run per dir
+    size = load_checkpoint(ckpt_path, kind="sudoku").get("train_size") if args.resume else None
     train, test = load_train(args, size), load_test(args)
     print(f"data: {len(train['question'])} training puzzles, {len(test['question'])} test puzzles, {time.time() - t0:.1f}s")
     for name, d in (("train", train), ("test", test)):

@@ -50,7 +50,7 @@ for obj in [*args.objectives, *(o for o in OBJECTIVES if o not in args.objective
             continue
     if obj not in args.objectives:
         continue
-    r = train_sudoku.main(flags)
+    r = train_sudoku.main([*flags, "--overwrite"])  # an objective without a saved result starts afresh
     r.pop("losses")
     results[obj] = {**r, "flags": flags, "torch": torch.__version__, "threads": torch.get_num_threads(),
                     "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}

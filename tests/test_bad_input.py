@@ -19,6 +19,7 @@ import eval_code
 import model as M
 import sampler
 import train_code
+import train_sudoku
 from model import QWEN2, ModelConfig, Transformer, from_pretrained, load_model, save_checkpoint
 from tokenizer import MASK_TOKEN, byte_tokenizer, load_tokenizer, save_byte_tokenizer
 
@@ -62,6 +63,16 @@ SAMPLER_BAD = [
     (["--n", "0"], "argument --n"), (["--max-steps", "-1"], "argument --max-steps"),
     (["--bd-size", "12"], "--bd-size 12 is not a multiple of --sub-block 8"),
 ]
+SUDOKU_BAD = [
+    (["--clip", "-0.5"], "argument --clip"), (["--tau", "nan"], "argument --tau"),
+    (["--tau", "-0.5"], "argument --tau"), (["--eval-batch", "0"], "argument --eval-batch"),
+    (["--eval-every", "0"], "argument --eval-every"), (["--ckpt-every", "0"], "argument --ckpt-every"),
+    (["--n-head", "0"], "argument --n-head"), (["--n-embd", "96", "--n-head", "32"], "--n-embd/--n-head"),
+    (["--K", "0"], "argument --K"), (["--mlm-frac", "1.5"], "argument --mlm-frac"),
+    (["--dropout", "-0.1"], "argument --dropout"), (["--lr", "0"], "argument --lr"),
+    (["--eval-size", "1"], "--eval-size"), (["--mix", "0.5,0.6,0"], "argument --mix"),
+    (["--resume", "--overwrite"], "pick one"),
+]
 EVAL_BAD = [
     (["--timeout", "0"], "argument --timeout"), (["--timeout", "inf"], "argument --timeout"),
     (["--limit", "-162"], "argument --limit"), (["--threshold", "2"], "argument --threshold"),
@@ -81,6 +92,11 @@ def usage_error(capsys, fn, *args):
 @pytest.mark.parametrize("argv,msg", TRAIN_CODE_BAD)
 def test_train_code_flags(capsys, argv, msg):
     assert msg in usage_error(capsys, train_code.get_args, argv)
+
+
+@pytest.mark.parametrize("argv,msg", SUDOKU_BAD)
+def test_train_sudoku_flags(capsys, argv, msg):
+    assert msg in usage_error(capsys, train_sudoku.get_args, argv)
 
 
 @pytest.mark.parametrize("argv,msg", SAMPLER_BAD)
@@ -127,6 +143,9 @@ def test_a_new_run_does_not_overwrite_a_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="--resume: no checkpoint"):
         M.claim_out_dir(str(tmp_path / "empty"), resume=True, overwrite=False)
     M.claim_out_dir(str(out), resume=False, overwrite=True)  # --overwrite: allowed
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        train_sudoku.main(["--out-dir", str(out), "--max-steps", "1", "--data-dir", str(tmp_path / "data")])
+    assert (out / "ckpt.pt").read_bytes() == b"precious"
 
 
 @pytest.fixture
@@ -242,6 +261,14 @@ def test_train_code_resume_refuses_a_sudoku_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="holds a sudoku model \\(train_sudoku.py\\), not a code model"):
         train_code.main(["--preset", "tiny", "--samples", "0", "--out-dir", str(out), "--resume",
                          "--data", tiny_chat(tmp_path), "--val-every-n", "3"])
+
+
+@pytest.mark.parametrize("flags", [["--eval-only"], ["--solve", "." * 81]])
+def test_train_sudoku_refuses_a_code_checkpoint(tmp_path, flags):
+    path = str(tmp_path / "code.pt")
+    code_checkpoint(path)
+    with pytest.raises(ValueError, match="holds a code model"):
+        train_sudoku.main([*flags, "--checkpoint", path, "--out-dir", str(tmp_path / "out")])
 
 
 # ---------------------------------------------------------------------------------------------
