@@ -221,7 +221,8 @@ def training_state(args, step, model, ema, opt, buf, stream, gen):
     """Everything a bit-exact resume needs, in one dict."""
     return {"model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
             "optimizer": opt.state_dict(), "buffer": buf.state_dict(), "step": step, "config": model.config_dict(),
-            "args": vars(args), "kind": "sudoku", "objective": args.objective, "train_size": len(stream.q), "data_rng": stream.rng.bit_generator.state,
+            "args": vars(args), "kind": "sudoku", "objective": args.objective, "train_size": len(stream.q),
+            "data_rng": stream.rng.bit_generator.state,
             "gen": gen.get_state(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(args.device) if args.device.startswith("cuda") else None}
@@ -455,6 +456,9 @@ def main(argv=None):
         return solve_one(args, parse_puzzle(args.solve), ctx)
     if args.eval_only:
         model, ck = load_model(args.checkpoint, args.device, kind="sudoku")
+        # results are labelled with the checkpoint's objective and warm start, not this command's flags
+        args.objective = ck.get("objective") or ck.get("args", {}).get("objective", args.objective)
+        args.mlm_steps = ck.get("args", {}).get("mlm_steps", 0)
         return finish(args, model, load_test(args), ctx, ck["step"], t_start)
 
     # 2) data: training puzzles (augmented on the fly) and the tiered test set; a resumed run keeps

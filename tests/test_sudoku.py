@@ -232,6 +232,8 @@ def test_tier_cache_is_named_reused_and_serves_smaller_sets(tiny_hard, tmp_path,
         f"sudoku_tier{t}_stream{10 + t}_n{c}_v{sudoku.HARD_VERSION if t == 2 else sudoku.PLAIN_VERSION}.npz"
         for t, c in enumerate(counts))
 
+    (tmp_path / "sudoku_tier0_stream10_n99_v1.npz.123.tmp.npz").write_bytes(b"a killed run's leftover")
+
     def fail(*a, **k):
         raise AssertionError("regenerated a cached set")
     monkeypatch.setattr(sudoku, "generate_tier", fail)

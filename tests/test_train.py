@@ -66,6 +66,7 @@ def test_main_prints_json_last_and_eval_only(tmp_path, data_dir, capsys):
     e = train_sudoku.main(["--eval-only", "--checkpoint", str(tmp_path / "ckpt.pt"), "--eval-size", "4",
                            "--no-sweep", "--data-dir", data_dir, "--out-dir", str(tmp_path)])
     assert e["exact_match"] == r["exact_match"] and e["token_acc"] == r["token_acc"] and e["nfe"] == r["nfe"]
+    assert e["objective"] == "relay_sg"  # labelled from the checkpoint, not the default --objective
 
 
 def test_trains_from_csv_files(tmp_path, data_dir):
