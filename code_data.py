@@ -24,6 +24,8 @@ from tqdm import tqdm
 
 from tokenizer import MASK_TOKEN, byte_tokenizer
 
+CHATML = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")  # turn markers: never inside a message's text
+
 
 def stdlib_files():
     root = sysconfig.get_paths()["stdlib"]
@@ -105,6 +107,9 @@ def read_chat_jsonl(path, tok, seq_len, bd):
                 raise ValueError(f"{where}: message {i} needs a role (system/user/assistant) and string content")
             if MASK_TOKEN in m["content"]:  # it would tokenize to the mask id: a "position to fill" in x0
                 raise ValueError(f"{where}: message {i} ({m['role']}) contains the mask token {MASK_TOKEN}")
+            marker = next((s for s in CHATML if s in m["content"]), None)  # it would end or open a turn
+            if marker:
+                raise ValueError(f"{where}: message {i} ({m['role']}) contains the ChatML marker {marker}")
             head = tok.encode(f"<|im_start|>{m['role']}\n")
             body = tok.encode(m["content"] + "<|im_end|>")
             tail = tok.encode("\n")

@@ -552,11 +552,12 @@ def export_weights(path, dtype=torch.float16):
             "exported_from": os.path.basename(path), "dtype": str(dtype)}
 
 
-def claim_out_dir(out_dir, resume, overwrite, ckpt="ckpt.pt"):
+def claim_out_dir(out_dir, resume, overwrite, ckpt="ckpt.pt", also=()):
     """Make OUT_DIR this run's before any work: refuse it while another live run holds it (the lock
     file OUT_DIR/.lock holds the owner's pid; a dead owner's lock is taken over), and refuse to start
     a new run over OUT_DIR/ckpt without --resume or --overwrite. The lock goes at exit. A process may
-    claim its own directory again (main() called twice). Returns the lock file's path."""
+    claim its own directory again (main() called twice). also: other outputs of a run (e.g. the
+    exported hf/ directory) that a new run must not replace either. Returns the lock file's path."""
     os.makedirs(out_dir, exist_ok=True)
     lock = os.path.join(out_dir, ".lock")
     take_lock(lock)
@@ -564,9 +565,10 @@ def claim_out_dir(out_dir, resume, overwrite, ckpt="ckpt.pt"):
     if resume and not os.path.isfile(path):
         release_lock(lock)
         raise FileNotFoundError(f"--resume: no checkpoint at {path} (check --out-dir)")
-    if not resume and not overwrite and os.path.exists(path):
+    held = [p for p in (path, *(os.path.join(out_dir, a) for a in also)) if os.path.exists(p)]
+    if not resume and not overwrite and held:
         release_lock(lock)
-        raise FileExistsError(f"{path} exists: pass --resume to continue that run, or --overwrite to start "
+        raise FileExistsError(f"{held[0]} exists: pass --resume to continue that run, or --overwrite to start "
                               f"a new run that replaces it (or choose another --out-dir)")
     atexit.register(release_lock, lock)
     return lock

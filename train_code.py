@@ -186,7 +186,7 @@ def claim(args, d):
     err = None
     if d.master:
         try:
-            claim_out_dir(args.out_dir, args.resume, args.overwrite)
+            claim_out_dir(args.out_dir, args.resume, args.overwrite, also=("hf",))  # nor its export
         except (OSError, RuntimeError) as e:
             err = e
     if d.ddp:
