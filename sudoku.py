@@ -25,6 +25,7 @@ import argparse
 import csv
 import glob
 import hashlib
+import itertools
 import multiprocessing as mp
 import os
 import time
@@ -697,6 +698,24 @@ def _row_reason(row, cols, width):
     return ""
 
 
+MAX_LINE_BYTES = 1 << 16  # a puzzle row is ~200 bytes; a longer line is not one
+
+
+def _text_lines(f, path):
+    """The lines of a binary file as text for csv.reader, one at a time: a UTF-8 BOM is fine; bad
+    bytes or an overlong line (read no further than MAX_LINE_BYTES) raise naming file:line."""
+    for n in itertools.count(1):
+        raw = f.readline(MAX_LINE_BYTES + 1)
+        if not raw:
+            return
+        if len(raw) > MAX_LINE_BYTES:
+            raise ValueError(f"{path}:{n}: line longer than {MAX_LINE_BYTES} bytes: not a puzzle row")
+        try:
+            yield raw.decode("utf-8-sig" if n == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}:{n}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
 def read_csv(path, skip_invalid=False, limit=None):
     """Read and validate a Sudoku CSV (columns `question`, `answer`, optional `rating` and `tier`,
     which come back as arrays when present). Raises ValueError naming file, line and reason,
@@ -706,8 +725,8 @@ def read_csv(path, skip_invalid=False, limit=None):
     table[ord(".")] = 0
     for d in range(10):
         table[ord(str(d))] = d
-    with open(path, newline="") as f:
-        reader = csv.reader(f)
+    with open(path, "rb") as f:
+        reader = csv.reader(_text_lines(f, path))
         header = next(reader, None)
         if header is None or "question" not in header or "answer" not in header:
             raise ValueError(f"{path}:1: header must name 'question' and 'answer' columns, got {header}")

@@ -99,6 +99,19 @@ def test_csv_errors_name_file_line_and_reason(tmp_path, mutate, reason):
     assert len(d["question"]) == 2
 
 
+def test_csv_bom_is_valid_and_bad_bytes_or_huge_fields_name_the_line(tmp_path):
+    q, a = good_row(0)
+    p = tmp_path / "bom.csv"
+    p.write_bytes(b"\xef\xbb\xbfquestion,answer\n" + f"{q},{a}\n".encode())
+    assert len(sudoku.read_csv(str(p))["question"]) == 1
+    p.write_bytes(f"question,answer\n{q},{a}\n".encode() + b"\xff\xfe,x\n")
+    with pytest.raises(ValueError, match=f"{p}:3: not UTF-8"):
+        sudoku.read_csv(str(p), skip_invalid=True)
+    p.write_bytes(f"question,answer\n{q},{a}\n".encode() + b"x" * (1 << 20) + b",y\n")
+    with pytest.raises(ValueError, match=f"{p}:3: line longer than"):
+        sudoku.read_csv(str(p), skip_invalid=True)
+
+
 def test_csv_header_and_columns(tmp_path):
     q, a = good_row(0)
     with pytest.raises(ValueError, match="header"):
