@@ -37,8 +37,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from tqdm import tqdm
 
-from model import (SHAPES, from_pretrained, nonneg_int, pick_device, positive_float, positive_int, random_model,
-                   unit_float)
+from model import SHAPES, from_pretrained, pick_device, random_model
+from runs import nonneg_int, positive_float, positive_int, unit_float
 from sampler import generate
 from tokenizer import load_tokenizer
 

@@ -2,8 +2,8 @@
 model.py — running the network: one masked-diffusion Transformer with Qwen2.5 conventions (RMSNorm,
 SwiGLU, grouped-query attention, optional q/k/v bias, rotate-half RoPE, optional tied embeddings),
 the relay channel it owns, block-diffusion attention with a KV cache, the token shift, the doubled
-training layout, checkpoints (with tensor digests and their kind, sudoku or code), the run directory's
-lock, the Fast-dLLM v2 (arXiv 2509.26328) loader/saver, and the argparse value checks every script uses.
+training layout, checkpoints (with tensor digests and their kind, sudoku or code), and the Fast-dLLM v2
+(arXiv 2509.26328) loader/saver. (Flag checks and the run directory's lock: runs.py.)
 
     python model.py                       # parameter counts of the built-in shapes
     python model.py --checkpoint DIR      # load a Fast-dLLM v2 / Qwen2 directory, print its config
@@ -18,15 +18,12 @@ relay carries to the next denoising step (NOTES.md §1). NOTE: the LLM's logits 
 next-token logits; `shift_right` below is the one place that turns them into per-token logits.
 """
 import argparse
-import atexit
-import contextlib
 import errno
 import hashlib
 import json
 import math
 import os
 import re
-import socket
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -552,81 +549,6 @@ def export_weights(path, dtype=torch.float16):
             "exported_from": os.path.basename(path), "dtype": str(dtype)}
 
 
-def claim_out_dir(out_dir, resume, overwrite, ckpt="ckpt.pt", also=()):
-    """Make OUT_DIR this run's before any work: refuse it while another live run holds it (the lock
-    file OUT_DIR/.lock holds the owner's pid; a dead owner's lock is taken over), and refuse to start
-    a new run over OUT_DIR/ckpt without --resume or --overwrite. The lock goes at exit. A process may
-    claim its own directory again (main() called twice). also: other outputs of a run (e.g. the
-    exported hf/ directory) that a new run must not replace either. Returns the lock file's path."""
-    os.makedirs(out_dir, exist_ok=True)
-    lock = os.path.join(out_dir, ".lock")
-    take_lock(lock)
-    path = os.path.join(out_dir, ckpt)
-    if resume and not os.path.isfile(path):
-        release_lock(lock)
-        raise FileNotFoundError(f"--resume: no checkpoint at {path} (check --out-dir)")
-    held = [p for p in (path, *(os.path.join(out_dir, a) for a in also)) if os.path.exists(p)]
-    if not resume and not overwrite and held:
-        release_lock(lock)
-        raise FileExistsError(f"{held[0]} exists: pass --resume to continue that run, or --overwrite to start "
-                              f"a new run that replaces it (or choose another --out-dir)")
-    atexit.register(release_lock, lock)
-    return lock
-
-
-def lock_text():
-    return f"{os.getpid()} {socket.gethostname()}"  # the host: a pid means nothing on another machine
-
-
-def take_lock(lock):
-    """Create `lock` holding our pid and host, or raise naming the live process that holds it. A lock
-    of a dead pid on this host is stale and taken over; one from another host (a shared filesystem)
-    cannot be checked, so it counts as live."""
-    while True:
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                with open(lock) as f:
-                    text = f.read().strip()
-            except FileNotFoundError:  # its owner just released it
-                continue
-            if text == lock_text():
-                return
-            pid, _, host = text.partition(" ")
-            if text and host in ("", socket.gethostname()) and not (pid.isdigit() and pid_alive(int(pid))):
-                with contextlib.suppress(FileNotFoundError):  # stale: its run died without cleaning up
-                    os.remove(lock)
-                continue
-            raise RuntimeError(f"{os.path.dirname(lock) or '.'} is in use by another run (pid {text or '?'}, "
-                               f"lock file {lock}): wait for it or choose another --out-dir; delete {lock} "
-                               f"only if no run uses it") from None
-        with os.fdopen(fd, "w") as f:
-            f.write(lock_text() + "\n")
-        return
-
-
-def pid_alive(pid):
-    """NOTE: POSIX (signal 0 checks a process exists without touching it)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
-
-
-def release_lock(lock):
-    """Remove `lock` if it is still ours (a forked child or a taker-over must not remove it)."""
-    try:
-        with open(lock) as f:
-            if f.read().strip() == lock_text():
-                os.remove(lock)
-    except FileNotFoundError:
-        pass
-
-
 def load_state(model, sd, where):
     """Strict load: missing, unexpected or mis-shaped tensors raise one error that lists them all."""
     own = model.state_dict()
@@ -771,55 +693,6 @@ def save_pretrained(model, path):
     os.replace(tmp, os.path.join(path, "model.safetensors"))
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
-
-
-# ---------------------------------------------------------------------------------------------
-# command-line value checks: argparse `type=` functions, so a bad number is a usage error that names
-# its flag before any work starts (every script's numeric flags use them)
-
-def finite_float(s):
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"need a number, got {s!r}") from None
-    if not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"need a finite number, got {s!r}")
-    return v
-
-
-def nonneg_float(s):
-    if (v := finite_float(s)) < 0:
-        raise argparse.ArgumentTypeError(f"need a number >= 0, got {s!r}")
-    return v
-
-
-def positive_float(s):
-    if (v := finite_float(s)) <= 0:
-        raise argparse.ArgumentTypeError(f"need a number > 0, got {s!r}")
-    return v
-
-
-def unit_float(s):
-    """A probability or fraction in [0, 1]."""
-    if not 0 <= (v := finite_float(s)) <= 1:
-        raise argparse.ArgumentTypeError(f"need a number in [0, 1], got {s!r}")
-    return v
-
-
-def nonneg_int(s):
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"need an integer, got {s!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"need an integer >= 0, got {s!r}")
-    return v
-
-
-def positive_int(s):
-    if (v := nonneg_int(s)) < 1:
-        raise argparse.ArgumentTypeError(f"need an integer >= 1, got {s!r}")
-    return v
 
 
 if __name__ == "__main__":

@@ -29,9 +29,10 @@ from dataclasses import dataclass
 import torch
 
 import sudoku
-from model import SHAPES, KVCache, block_mask, from_pretrained, load_model, nonneg_int, pick_device, positive_int, \
-    random_model, save_pretrained, shift_right, unit_float
+from model import (SHAPES, KVCache, block_mask, from_pretrained, load_model, pick_device, random_model,
+                   save_pretrained, shift_right)
 from relay import predict, reveal_confidence_mass
+from runs import nonneg_int, positive_int, unit_float
 from tokenizer import load_tokenizer, save_byte_tokenizer
 
 

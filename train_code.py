@@ -45,10 +45,10 @@ from torch.distributed.fsdp import fully_shard
 from tqdm import tqdm
 
 from code_data import Rows, held_out_signatures, load_stdlib, read_chat_jsonl
-from model import (QWEN2, SHAPES, ModelConfig, Transformer, claim_out_dir, from_pretrained, load_checkpoint,
-                   load_state, nonneg_float, nonneg_int, pick_device, positive_float, positive_int, save_checkpoint,
-                   save_pretrained, shape_problem, unit_float)
+from model import (QWEN2, SHAPES, ModelConfig, Transformer, from_pretrained, load_checkpoint, load_state, pick_device,
+                   save_checkpoint, save_pretrained, shape_problem)
 from relay import RolloutBuffer, add_relay, reveal_threshold_blocks, rollout_loss, sft_loss
+from runs import claim_out_dir, nonneg_float, nonneg_int, positive_float, positive_int, unit_float
 from sampler import generate
 from tokenizer import byte_tokenizer, load_tokenizer, save_byte_tokenizer
 

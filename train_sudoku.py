@@ -19,10 +19,8 @@ saves the checkpoint and a PNG of the accuracy-NFE curve, and prints one JSON ob
 stdout line.
 """
 import argparse
-import glob
 import json
 import os
-import re
 import time
 from contextlib import nullcontext
 from functools import partial
@@ -32,10 +30,10 @@ import torch
 from tqdm import tqdm
 
 import sudoku
-from model import (ModelConfig, Transformer, claim_out_dir, export_weights, load_checkpoint, load_model, load_state,
-                   nonneg_float, nonneg_int, pick_device, positive_float, positive_int, save_checkpoint, shape_problem,
-                   unit_float)
+from model import (ModelConfig, Transformer, export_weights, load_checkpoint, load_model, load_state, pick_device,
+                   save_checkpoint, shape_problem)
 from relay import OBJECTIVES, RolloutBuffer, mlm_loss, reveal_jittered_mass, rollout_loss
+from runs import claim_out_dir, nonneg_float, nonneg_int, positive_float, positive_int, unit_float
 from sampler import sample_mdm
 
 PRESETS = {  # flag defaults per preset; "cpu" is what the add_argument defaults below already say
@@ -228,11 +226,8 @@ def training_state(args, step, model, ema, opt, buf, stream, gen):
             "cuda_rng": torch.cuda.get_rng_state(args.device) if args.device.startswith("cuda") else None}
 
 
-def resume(path, args, model, ema, opt, buf, stream, gen):
-    """Restore training_state() from `path` into the live objects; returns the step."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"--resume: no checkpoint at {path} (check --out-dir)")
-    ck = load_checkpoint(path, args.device, kind="sudoku")
+def resume(ck, path, args, model, ema, opt, buf, stream, gen):
+    """Restore training_state() `ck` (loaded from `path`) into the live objects; returns the step."""
     diff = {k: (v, ck["config"].get(k)) for k, v in model.config_dict().items() if ck["config"].get(k) != v}
     theirs = lambda k: ck["args"].get(k, getattr(args, k))  # older checkpoints lack some flags
     diff |= {k: (getattr(args, k), theirs(k)) for k in ("objective", "data", "mix", "seed")
@@ -466,8 +461,8 @@ def main(argv=None):
     t0 = time.time()
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     claim_out_dir(args.out_dir, args.resume, args.overwrite)  # never replace a checkpoint; one run per dir
-    size = load_checkpoint(ckpt_path, kind="sudoku").get("train_size") if args.resume else None
-    train, test = load_train(args, size), load_test(args)
+    ck = load_checkpoint(ckpt_path, args.device, kind="sudoku") if args.resume else None
+    train, test = load_train(args, ck and ck.get("train_size")), load_test(args)
     print(f"data: {len(train['question'])} training puzzles, {len(test['question'])} test puzzles, {time.time() - t0:.1f}s")
     for name, d in (("train", train), ("test", test)):
         if "tier" in d:
@@ -477,7 +472,7 @@ def main(argv=None):
     print(f"model: {model.num_params() / 1e6:.2f}M parameters, objective {args.objective}, K={args.K}, "
           f"device {args.device}, {args.dtype}")
     # 4) resume: model, EMA, optimizer, buffer, data position and every RNG
-    step = resume(ckpt_path, args, model, ema, opt, buf, stream, gen) if args.resume else 0
+    step = resume(ck, ckpt_path, args, model, ema, opt, buf, stream, gen) if ck else 0
     train_model = torch.compile(model) if args.compile else model  # what the losses call
     save = lambda: save_checkpoint(training_state(args, step, model, ema, opt, buf, stream, gen), ckpt_path)
 

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 import code_data
 import eval_code
 import model as M
+import runs as R
 import sampler
 import train_code
 import train_sudoku
@@ -117,9 +118,9 @@ def test_a_bad_flag_stops_train_code_before_any_work(capsys, tmp_path):
 
 
 def test_the_value_checks_accept_their_range():
-    assert M.positive_int("3") == 3 and M.nonneg_int("0") == 0 and M.positive_float("1e-3") == 1e-3
-    assert M.nonneg_float("0") == 0.0 and M.unit_float("1") == 1.0 and M.finite_float("-2.5") == -2.5
-    for fn, s in [(M.unit_float, "-0.0001"), (M.positive_int, "1.0"), (M.finite_float, "-inf"), (M.nonneg_int, "x")]:
+    assert R.positive_int("3") == 3 and R.nonneg_int("0") == 0 and R.positive_float("1e-3") == 1e-3
+    assert R.nonneg_float("0") == 0.0 and R.unit_float("1") == 1.0 and R.finite_float("-2.5") == -2.5
+    for fn, s in [(R.unit_float, "-0.0001"), (R.positive_int, "1.0"), (R.finite_float, "-inf"), (R.nonneg_int, "x")]:
         with pytest.raises(Exception, match="need"):
             fn(s)
 
@@ -141,8 +142,8 @@ def test_a_new_run_does_not_overwrite_a_checkpoint(tmp_path):
         train_code.main(["--preset", "tiny", "--out-dir", str(out), "--data", tiny_chat(tmp_path)])
     assert (out / "ckpt.pt").read_bytes() == b"precious"
     with pytest.raises(FileNotFoundError, match="--resume: no checkpoint"):
-        M.claim_out_dir(str(tmp_path / "empty"), resume=True, overwrite=False)
-    M.claim_out_dir(str(out), resume=False, overwrite=True)  # --overwrite: allowed
+        R.claim_out_dir(str(tmp_path / "empty"), resume=True, overwrite=False)
+    R.claim_out_dir(str(out), resume=False, overwrite=True)  # --overwrite: allowed
     exported = tmp_path / "exported"
     (exported / "hf").mkdir(parents=True)  # a finished run's export, its checkpoint deleted
     with pytest.raises(FileExistsError, match="hf exists"):
@@ -168,15 +169,15 @@ def test_a_second_run_in_the_same_out_dir_refuses_and_a_stale_lock_is_taken_over
         train_code.main(["--preset", "tiny", "--out-dir", str(out), "--data", tiny_chat(tmp_path)])
     other_process.kill()
     other_process.wait()  # now its pid is dead: the lock is stale
-    lock = M.claim_out_dir(str(out), resume=False, overwrite=False)
+    lock = R.claim_out_dir(str(out), resume=False, overwrite=False)
     assert open(lock).read().split() == [str(os.getpid()), socket.gethostname()]
     with open(lock, "w") as f:  # a run on another machine sharing the filesystem: its pid cannot be checked
         f.write(f"{other_process.pid} elsewhere\n")
     with pytest.raises(RuntimeError, match=f"pid {other_process.pid} elsewhere"):
-        M.claim_out_dir(str(out), resume=False, overwrite=False)
+        R.claim_out_dir(str(out), resume=False, overwrite=False)
     with open(lock, "w") as f:
         f.write(f"{os.getpid()} {socket.gethostname()}\n")
-    M.release_lock(lock)
+    R.release_lock(lock)
     assert not os.path.exists(lock)
 
 

@@ -1,0 +1,128 @@
+"""
+runs.py — what every script checks before it starts work: numeric flags in range (argparse `type=`
+functions, so a bad value is a usage error naming its flag) and an output directory that belongs to
+this run alone (a lock, and no new run over an earlier run's checkpoint). No command of its own.
+"""
+import argparse
+import atexit
+import contextlib
+import math
+import os
+import socket
+
+
+# ---------------------------------------------------------------------------------------------
+# command-line value checks
+
+def _number(s, parse, ok, need):
+    """parse(s) if it parses and ok(value), else a usage error saying what was needed."""
+    try:
+        v = parse(s)
+    except ValueError:
+        v = None
+    if v is None or not ok(v):
+        raise argparse.ArgumentTypeError(f"need {need}, got {s!r}")
+    return v
+
+
+def finite_float(s):
+    return _number(s, float, math.isfinite, "a finite number")
+
+
+def nonneg_float(s):
+    return _number(s, float, lambda v: math.isfinite(v) and v >= 0, "a number >= 0")
+
+
+def positive_float(s):
+    return _number(s, float, lambda v: math.isfinite(v) and v > 0, "a number > 0")
+
+
+def unit_float(s):
+    """A probability or fraction in [0, 1]."""
+    return _number(s, float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+
+
+def nonneg_int(s):
+    return _number(s, int, lambda v: v >= 0, "an integer >= 0")
+
+
+def positive_int(s):
+    return _number(s, int, lambda v: v >= 1, "an integer >= 1")
+
+
+# ---------------------------------------------------------------------------------------------
+# the output directory of a run
+
+def claim_out_dir(out_dir, resume, overwrite, ckpt="ckpt.pt", also=()):
+    """Make OUT_DIR this run's before any work: refuse it while another live run holds it (the lock
+    file OUT_DIR/.lock holds the owner's pid; a dead owner's lock is taken over), and refuse to start
+    a new run over OUT_DIR/ckpt without --resume or --overwrite. The lock goes at exit. A process may
+    claim its own directory again (main() called twice). also: other outputs of a run (e.g. the
+    exported hf/ directory) that a new run must not replace either. Returns the lock file's path."""
+    os.makedirs(out_dir, exist_ok=True)
+    lock = os.path.join(out_dir, ".lock")
+    take_lock(lock)
+    path = os.path.join(out_dir, ckpt)
+    if resume and not os.path.isfile(path):
+        release_lock(lock)
+        raise FileNotFoundError(f"--resume: no checkpoint at {path} (check --out-dir)")
+    held = [p for p in (path, *(os.path.join(out_dir, a) for a in also)) if os.path.exists(p)]
+    if not resume and not overwrite and held:
+        release_lock(lock)
+        raise FileExistsError(f"{held[0]} exists: pass --resume to continue that run, or --overwrite to start "
+                              f"a new run that replaces it (or choose another --out-dir)")
+    atexit.register(release_lock, lock)
+    return lock
+
+
+def lock_text():
+    return f"{os.getpid()} {socket.gethostname()}"  # the host: a pid means nothing on another machine
+
+
+def take_lock(lock):
+    """Create `lock` holding our pid and host, or raise naming the live process that holds it. A lock
+    of a dead pid on this host is stale and taken over; one from another host (a shared filesystem)
+    cannot be checked, so it counts as live."""
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                with open(lock) as f:
+                    text = f.read().strip()
+            except FileNotFoundError:  # its owner just released it
+                continue
+            if text == lock_text():
+                return
+            pid, _, host = text.partition(" ")
+            if text and host in ("", socket.gethostname()) and not (pid.isdigit() and pid_alive(int(pid))):
+                with contextlib.suppress(FileNotFoundError):  # stale: its run died without cleaning up
+                    os.remove(lock)
+                continue
+            raise RuntimeError(f"{os.path.dirname(lock) or '.'} is in use by another run (pid {text or '?'}, "
+                               f"lock file {lock}): wait for it or choose another --out-dir; delete {lock} "
+                               f"only if no run uses it") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(lock_text() + "\n")
+        return
+
+
+def pid_alive(pid):
+    """NOTE: POSIX (signal 0 checks a process exists without touching it)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def release_lock(lock):
+    """Remove `lock` if it is still ours (a forked child or a taker-over must not remove it)."""
+    try:
+        with open(lock) as f:
+            if f.read().strip() == lock_text():
+                os.remove(lock)
+    except FileNotFoundError:
+        pass
