@@ -1,6 +1,6 @@
 """
 code_data.py — the code model's data (NOTES.md §5): the Python standard library as an offline corpus,
-chat JSONL for fine-tuning, and the row stream train_code.py draws its batches from.
+chat JSONL for fine-tuning, code_tasks.py's generated problems, and the row stream train_code.py draws from.
 
     python code_data.py                       # tokenize (and cache) the standard library, print its size
     python code_data.py --check chat.jsonl    # validate a chat file: `file:line: reason` on the first bad row
@@ -8,6 +8,7 @@ chat JSONL for fine-tuning, and the row stream train_code.py draws its batches f
 - load_stdlib: this interpreter's standard library (no test/site-packages dirs), byte-level tiktoken
   ids, split by file (crc32(path) % 50 == 0 is held out), files joined by <|endoftext|>, cached.
 - read_chat_jsonl: {"messages": [{"role", "content"}, ...]} rows in ChatML, assistant tokens supervised.
+- synthetic_rows: generated problems as prompt -> body rows, the body supervised (the base layout).
 - Rows: random training rows as (x0, fixed) tensors; its numpy state is the data position.
 """
 import argparse
@@ -128,6 +129,23 @@ def read_chat_jsonl(path, tok, seq_len, bd):
               f"(lines {too_long[:10]}{' ...' if len(too_long) > 10 else ''})")
     if not rows:
         raise ValueError(f"{path}: no usable rows")
+    return rows
+
+
+def synthetic_rows(problems, tok, seq_len, bd):
+    """code_tasks.py problems -> (ids, supervised) rows in the layout eval_code.py --base decodes: the
+    prompt (signature and docstring) is context, the reference body and <|endoftext|> are supervised;
+    padded to a block multiple. A problem longer than seq_len is an error (the generator's are < 360)."""
+    eot = tok.added["<|endoftext|>"]
+    rows = []
+    for p in problems:
+        head, body = tok.encode(p["prompt"]), tok.encode(p["canonical_solution"]) + [eot]
+        if len(head) + len(body) > seq_len:
+            raise ValueError(f"{p['task_id']}: {len(head) + len(body)} tokens do not fit --seq-len {seq_len}")
+        L = -(-(len(head) + len(body)) // bd) * bd
+        ids = head + body + [eot] * (L - len(head) - len(body))
+        sup = [False] * len(head) + [True] * len(body) + [False] * (L - len(head) - len(body))
+        rows.append((np.array(ids, dtype=np.int32), np.array(sup, dtype=bool)))
     return rows
 
 

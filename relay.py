@@ -121,12 +121,22 @@ def sft_masks(fixed, gen, bd_size):
     return torch.cat([m, ~m & ~fixed])
 
 
+def used_width(fixed, bd_size):
+    """The columns up to the end of the last block with a free position in any row. In the block-causal
+    [x_t ‖ x_0] layout a later column changes nothing before it and holds no loss, so a batch cut there
+    has the same loss and gradients: short rows' padding costs nothing. fixed (B, L) -> int (host sync)."""
+    free = (~fixed).any(0).nonzero()
+    last = int(free.max()) + 1 if len(free) else 1
+    return min(-(-last // bd_size) * bd_size, fixed.shape[1])
+
+
 def sft_loss(model, x0, fixed, gen):
     """Block-diffusion SFT (NOTES.md §5): both noisy copies in the [x_t ‖ x_0] layout, CE over the
     masked supervised tokens. x0 (B, L), fixed (B, L) bool (prompt and padding)."""
     cfg = unwrap(model).cfg
-    masks = sft_masks(fixed, gen, cfg.bd_size)  # (2B, L)
-    x0 = torch.cat([x0, x0])
+    w = used_width(fixed, cfg.bd_size)
+    masks = sft_masks(fixed, gen, cfg.bd_size)[:, :w]  # (2B, w); the noise is drawn at full width, then cut
+    x0 = torch.cat([x0, x0])[:, :w]
     logits, _ = forward_doubled(model, torch.where(masks, cfg.mask_id, x0), x0, masks)  # (N, V)
     return masked_ce(logits, x0[masks])
 
@@ -195,8 +205,9 @@ def rollout_loss(model, buf, K, objective, reveal, doubled=False):
     [x_t ‖ x_0] layout with x_t = the buffer's canvas (model.forward_doubled); else model(x, relay=h)."""
     assert objective in ("rollout", "relay_sg", "relay"), objective
     use_relay = objective != "rollout"
-    x, x0, free = buf.x.clone(), buf.x0, ~buf.fixed
-    h = buf.h.clone() if use_relay else None  # detached: the truncation of BPTT between optimizer steps
+    w = used_width(buf.fixed, unwrap(model).cfg.bd_size) if doubled else buf.x.shape[1]  # LLM rows: cut padding
+    x, x0, free = buf.x[:, :w].clone(), buf.x0[:, :w], ~buf.fixed[:, :w]
+    h = buf.h[:, :w].clone() if use_relay else None  # detached: the truncation of BPTT between optimizer steps
     loss = 0.0
     for _ in range(K):
         # 1) forward on the current canvas, with the relay state of the previous step
@@ -218,7 +229,7 @@ def rollout_loss(model, buf, K, objective, reveal, doubled=False):
         if use_relay:
             h = h_out if objective == "relay" else h_out.detach()
     # 5) write back: the next optimizer step continues these trajectories, detached
-    buf.x.copy_(x)
+    buf.x[:, :w] = x
     if use_relay:
-        buf.h.copy_(h.detach().float())
+        buf.h[:, :w] = h.detach().float()
     return loss

@@ -42,6 +42,11 @@ def unit_float(s):
     return _number(s, float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
 
+def unit_floats(s):
+    """A comma-separated list of numbers in [0, 1], e.g. a threshold sweep "0.5,0.7,0.9"."""
+    return [unit_float(v) for v in s.split(",")]
+
+
 def nonneg_int(s):
     return _number(s, int, lambda v: v >= 0, "an integer >= 0")
 

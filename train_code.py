@@ -1,9 +1,9 @@
 """
 train_code.py — a block-diffusion code model: Fast-dLLM v2's SFT and Relay fine-tuning (arXiv
-2605.22967; NOTES.md §2, §5), from a tiny model on the Python standard library up to Fast-dLLM v2
+2605.22967; NOTES.md §2, §5), from a tiny model on generated coding problems up to Fast-dLLM v2
 weights on GPUs.
 
-    python train_code.py                                    # CPU: tiny model, stdlib source, Relay, ~8 min
+    python train_code.py                                    # CPU: tiny model, generated problems, Relay
     python train_code.py --objective sft                    # Fast-dLLM v2's block-diffusion SFT instead
     torchrun --standalone --nproc_per_node=2 train_code.py  # the same with 2 processes (gloo on CPU)
     torchrun --standalone --nproc_per_node=8 train_code.py --preset paper \\
@@ -15,15 +15,19 @@ Objectives (relay.py):
   rollout / relay_sg / relay
             the K-step rollout on a per-process rollout buffer, in the same doubled layout with x_t =
             the buffer's canvas, the block reveal rule (> --threshold plus the argmax of every block),
-            relay at MASK positions only, zero-initialised relay norm.
+            relay at MASK positions only, zero-initialised relay norm. The first --sft-frac of the
+            steps are SFT (a warm start), so an sft and a relay run take the same number of steps.
 
-Data (code_data.py): without --data, Python source from this interpreter's standard library, byte-level
-tokens, split by file; with --data FILE.jsonl, chat rows in ChatML with the assistant turns supervised.
-The global batch is cut into world x accumulation chunks; chunk c = micro * world + rank always gets
-the same rows and noise, so 1 process with accumulation equals N processes without.
+Data (code_data.py): by default code_tasks.py's generated instruction -> code problems (the signature
+and docstring as context, the body supervised); the run ends by solving --eval-problems held-out
+problems (unseen parameter values and pairs) through eval_code.py's sandbox: pass@1, NFE, tokens/s and
+--samples examples. --data stdlib: the Python standard library's source, byte-level tokens, split by
+file. --data FILE.jsonl: chat rows in ChatML with the assistant turns supervised. The global batch is
+cut into world x accumulation chunks; chunk c = micro * world + rank always gets the same rows and
+noise, so 1 process with accumulation equals N processes without.
 
 Presets set the flags' defaults before parsing (`--help` shows them): cpu (default), paper, tiny (tests).
-The last stdout line is one JSON object (objective, steps, train/val loss, tokens/s, seconds).
+The last stdout line is one JSON object (objective, steps, train/val loss, tokens/s, pass@1, NFE, seconds).
 """
 import argparse
 import json
@@ -44,11 +48,13 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import fully_shard
 from tqdm import tqdm
 
-from code_data import Rows, held_out_signatures, load_stdlib, read_chat_jsonl
+from code_data import Rows, held_out_signatures, load_stdlib, read_chat_jsonl, synthetic_rows
+from code_tasks import make_problems
 from model import (QWEN2, SHAPES, ModelConfig, Transformer, from_pretrained, load_checkpoint, load_state, pick_device,
                    save_checkpoint, save_pretrained, shape_problem)
 from relay import RolloutBuffer, add_relay, reveal_threshold_blocks, rollout_loss, sft_loss
 from runs import claim_out_dir, nonneg_float, nonneg_int, positive_float, positive_int, unit_float
+from eval_code import evaluate, load_problems, run_sandboxed
 from sampler import generate
 from tokenizer import byte_tokenizer, load_tokenizer, save_byte_tokenizer
 
@@ -58,8 +64,9 @@ PRESETS = {  # flag defaults per preset; "cpu" is what the add_argument defaults
     "cpu": {},
     "paper": dict(sft_frac=0.0, lr=5e-6, batch_size=64, micro_batch=2, max_steps=200, seq_len=2048,
                   dtype="bfloat16"),
-    "tiny": dict(n_layer=2, n_embd=32, n_head=4, n_kv_head=2, n_ffn=64, bd_size=16, seq_len=64, batch_size=4,
-                 micro_batch=2, lr=3e-3, max_steps=4, sft_frac=0.0, eval_every=2, ckpt_every=2),
+    "tiny": dict(n_layer=2, n_embd=32, n_head=4, n_kv_head=2, n_ffn=64, bd_size=16, seq_len=384, batch_size=4,
+                 micro_batch=2, lr=3e-3, max_steps=4, sft_frac=0.0, eval_every=2, ckpt_every=2, train_problems=200,
+                 eval_problems=0),
 }
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "added_tokens.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "generation_config.json")
@@ -90,7 +97,7 @@ def get_args(argv=None):
     p.add_argument("--batch-size", type=positive_int, default=16, help="global rows per optimizer step")
     p.add_argument("--micro-batch", type=nonneg_int, default=0, help="rows per process per forward (and rollout buffer "
                    "size); 0 = batch size / processes, no accumulation")
-    p.add_argument("--seq-len", type=positive_int, default=256, help="tokens per row (a multiple of the block size)")
+    p.add_argument("--seq-len", type=positive_int, default=384, help="tokens per row (a multiple of the block size)")
     p.add_argument("--lr", type=positive_float, default=2e-3, help="peak learning rate (cosine to 10%% after warmup)")
     p.add_argument("--warmup-frac", type=unit_float, default=0.03, help="linear warmup, fraction of --max-steps")
     p.add_argument("--weight-decay", type=nonneg_float, default=0.0, help="AdamW weight decay (not on biases/norms)")
@@ -105,7 +112,11 @@ def get_args(argv=None):
     p.add_argument("--bd-size", type=positive_int, default=QWEN2["bd_size"],
                    help="from scratch: diffusion block size (--init-from uses its config's)")
     # data, systems, files
-    p.add_argument("--data", default="", help="chat JSONL; default: the Python standard library's source")
+    p.add_argument("--data", default="synthetic", help="synthetic (code_tasks.py's generated problems), stdlib "
+                   "(the Python standard library's source) or a chat JSONL file")
+    p.add_argument("--train-problems", type=positive_int, default=20000, help="synthetic: training problems")
+    p.add_argument("--eval-problems", type=nonneg_int, default=200, help="synthetic: held-out problems solved "
+                   "through the sandbox at the end (pass@1); 0 = none")
     p.add_argument("--val-every-n", type=positive_int, default=50, help="JSONL: every n-th row is held out")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
@@ -116,7 +127,10 @@ def get_args(argv=None):
     p.add_argument("--eval-every", type=positive_int, default=50, help="steps between validations")
     p.add_argument("--eval-batches", type=positive_int, default=4, help="held-out batches per validation")
     p.add_argument("--ckpt-every", type=positive_int, default=50, help="steps between checkpoints")
-    p.add_argument("--samples", type=nonneg_int, default=3, help="held-out signatures to complete at the end")
+    p.add_argument("--samples", type=nonneg_int, default=3, help="held-out problems (or stdlib signatures) to "
+                   "print with their completion at the end")
+    p.add_argument("--unsafe-no-isolation", action="store_true", help="--eval-problems without the sandbox's "
+                   "isolation (where it cannot be set up: not root, not Linux)")
     p.add_argument("--out-dir", default="out/code", help="checkpoint and the exported hf/ directory")
     p.add_argument("--data-dir", default="data", help="cache of the tokenized standard library")
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt.pt")
@@ -210,7 +224,12 @@ def my_chunks(args, d):
 
 def load_data(args, tok, d):
     """-> (training data, held-out data, held-out text for the samples)."""
-    if args.data:
+    if args.data == "synthetic":  # train and held-out problems never share (family, parameters)
+        train = synthetic_rows(make_problems("train", args.train_problems), tok, args.seq_len, args.bd_size)
+        val = synthetic_rows(make_problems("test", max(args.eval_problems, 64)), tok, args.seq_len, args.bd_size)
+        d.log(f"data: code_tasks.py, {len(train)} training problems, {len(val)} held-out problems")
+        return train, val, ""
+    if args.data != "stdlib":
         rows = read_chat_jsonl(args.data, tok, args.seq_len, args.bd_size)
         held = [i % args.val_every_n == args.val_every_n - 1 for i in range(len(rows))]
         train = [r for r, h in zip(rows, held) if not h]
@@ -352,7 +371,7 @@ def lr_at(step, args):
 
 
 @torch.no_grad()
-def evaluate(model, val_rows, args, ctx):
+def validate(model, val_rows, args, ctx):
     """Held-out SFT loss with fixed rows and noise: one scale for every objective (no relay)."""
     model.eval()
     gen = torch.Generator(device=val_rows.device).manual_seed(args.seed + 1)
@@ -415,6 +434,22 @@ def complete_signatures(args, model, tok, val_text, ctx, device):
     return samples
 
 
+def solve_held_out(args, model, tok, ctx, device):
+    """pass@1 of the trained model on --eval-problems held-out synthetic problems (eval_code.py's
+    sandbox, the --base layout it trained on); prints the result and --samples examples."""
+    model = model.to(device).eval()
+    problems = load_problems("synthetic")[:args.eval_problems]
+    with ctx:
+        res, rows = evaluate(model, tok, problems, threshold=args.threshold, base=True, batch=32,
+                             max_new_tokens=128, allow_unisolated=args.unsafe_no_isolation)
+    for p, r in list(zip(problems, rows))[:args.samples]:
+        print(f"--- {p['task_id']} ({p['family']}): {'passed' if r['passed'] else r['status']}, NFE {r['nfe']} "
+              f"for {r['new_tokens']} tokens\n{p['prompt']}{r['code']}")
+    print(f"held-out problems: pass@1 {100 * res['pass@1']:.1f}% of {res['n']}, NFE {res['nfe']:.1f} per problem, "
+          f"{res['tokens_per_s']:.0f} generated tokens/s (threshold {args.threshold})")
+    return res
+
+
 # ---------------------------------------------------------------------------------------------
 
 def main(argv=None):
@@ -432,6 +467,12 @@ def main(argv=None):
     if tok.mask_id is None:
         raise ValueError(f"{args.init_from}: the tokenizer has no mask token |<MASK>|")
     train_data, val_data, val_text = load_data(args, tok, d)
+    if d.master and args.data == "synthetic" and args.eval_problems:  # fail now, not after training
+        try:
+            run_sandboxed("pass\n", allow_unisolated=args.unsafe_no_isolation)
+        except RuntimeError as e:
+            raise RuntimeError(f"--eval-problems {args.eval_problems} runs model code in a sandbox: {e}. Or train "
+                               f"with --eval-problems 0 and score later: sudo python eval_code.py ...") from None
     # 2) model, wrapper, optimizer; per chunk: a row stream, a noise generator, a rollout buffer
     raw = build_model(args, tok).to(d.device).train()
     d.log(f"model: {raw.num_params() / 1e6:.2f}M parameters, objective {args.objective}, bd_size {args.bd_size}, "
@@ -469,7 +510,7 @@ def main(argv=None):
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.1e}", gnorm=f"{gnorm:.2f}")
         if step % args.eval_every == 0 or step == args.max_steps:  # c) held-out SFT loss
-            vals.append({"step": step, "val_loss": evaluate(raw, val_rows, args, ctx)})
+            vals.append({"step": step, "val_loss": validate(raw, val_rows, args, ctx)})
             d.log(f"step {step}: train loss {np.mean(losses[-20:]):.4f}, val loss {vals[-1]['val_loss']:.4f}, "
                   f"{(step - step0) * args.batch_size * args.seq_len / (time.time() - t0):.0f} tokens/s")
         if step % args.ckpt_every == 0 or step == args.max_steps:  # d) checkpoint (atomic)
@@ -477,17 +518,20 @@ def main(argv=None):
     bar.close()
     train_seconds = time.time() - t0
     if not vals or vals[-1]["step"] != step:  # stopped early: validate and save where we are
-        vals.append({"step": step, "val_loss": evaluate(raw, val_rows, args, ctx)})
+        vals.append({"step": step, "val_loss": validate(raw, val_rows, args, ctx)})
         checkpoint()
     # 5) finish: export in the Fast-dLLM v2 layout, complete held-out signatures, JSON line
     hf_dir, exported = export(args, d, raw)
     samples = complete_signatures(args, exported, tok, val_text, ctx, d.device) \
         if d.master and args.samples and val_text else []
+    solved = solve_held_out(args, exported, tok, ctx, d.device) \
+        if d.master and args.data == "synthetic" and args.eval_problems else None
     result = {"objective": args.objective, "sft_steps": min(args.sft_steps, step), "steps": step,
               "train_loss": float(np.mean(losses[-20:])) if losses else None, "val_loss": vals[-1]["val_loss"],
               "val_curve": vals, "tokens_per_s": (step - step0) * args.batch_size * args.seq_len / max(train_seconds, 1e-9),
               "train_seconds": train_seconds, "seconds": time.time() - t_start, "world": d.world,
-              "samples": [{k: s[k] for k in ("nfe", "new_tokens")} for s in samples], "hf_dir": hf_dir}
+              "samples": [{k: s[k] for k in ("nfe", "new_tokens")} for s in samples], "hf_dir": hf_dir,
+              **({k: solved[k] for k in ("pass@1", "nfe", "tokens_per_s")} if solved else {})}
     if d.ddp:
         dist.barrier()
         dist.destroy_process_group()

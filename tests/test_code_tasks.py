@@ -138,3 +138,18 @@ def test_cli_writes_file_and_prints_summary(tmp_path, capsys):
 def test_bad_split_raises():
     with pytest.raises(ValueError, match="split"):
         ct.make_problems("valid", 3, seed=0)
+
+
+def test_synthetic_rows_supervise_the_body_only():
+    """The training layout eval_code.py --base decodes: prompt as context, body + <|endoftext|> learned."""
+    from code_data import synthetic_rows
+    from tokenizer import byte_tokenizer
+    tok = byte_tokenizer()
+    probs = ct.make_problems("train", 5)
+    for p, (ids, sup) in zip(probs, synthetic_rows(probs, tok, 384, 32)):
+        assert len(ids) % 32 == 0 and len(ids) <= 384
+        n = len(tok.encode(p["prompt"]))
+        assert tok.decode(ids[:n].tolist()) == p["prompt"] and not sup[:n].any()
+        assert tok.decode(ids[sup].tolist()) == p["canonical_solution"] + "<|endoftext|>"
+    with pytest.raises(ValueError, match="synthetic/train/0: .* do not fit --seq-len 64"):
+        synthetic_rows(probs, tok, 64, 32)

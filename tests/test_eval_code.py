@@ -77,3 +77,35 @@ def test_harness_end_to_end_on_a_random_model(tmp_path):
     rows = [json.loads(l) for l in out.read_text().splitlines()]
     assert len(rows) == 2 and s["n"] == 2 and s["pass@1"] == 0.0
     assert all(r["status"] == "failed" and r["nfe"] >= 1 and r["latency_s"] > 0 for r in rows)
+
+
+@needs_root
+def test_check_all_runs_each_distinct_program_once():
+    """A sweep shares `seen`: the second call with the same codes starts no sandbox; a wrong body fails."""
+    probs = ev.load_problems("synthetic")[:3]
+    rows = [{"task_id": p["task_id"], "code": c} for p, c in
+            zip(probs, [probs[0]["canonical_solution"], "    return None\n", probs[2]["canonical_solution"]])]
+    seen = {}
+    ev.check_all(probs, rows, base=True, timeout=10, workers=2, seen=seen)
+    assert [r["passed"] for r in rows] == [True, False, True] and len(seen) == 3
+    calls = []
+    real = ev.run_sandboxed
+    ev.run_sandboxed = lambda *a, **k: calls.append(a) or real(*a, **k)
+    try:
+        again = [dict(r) for r in rows]
+        ev.check_all(probs, again, base=True, timeout=10, workers=2, seen=seen)
+    finally:
+        ev.run_sandboxed = real
+    assert not calls and [r["passed"] for r in again] == [True, False, True]
+
+
+@needs_root
+def test_synthetic_sweep_end_to_end(tmp_path):
+    """--problems synthetic with a threshold sweep: one run per threshold, the figure, per-family counts."""
+    out, fig = tmp_path / "samples.jsonl", tmp_path / "sweep.png"
+    s = ev.main(["--random-init", "tiny", "--problems", "synthetic", "--limit", "3", "--max-new-tokens", "16",
+                 "--sweep", "0.5,0.9", "--batch", "3", "--out", str(out), "--plot", str(fig)])
+    assert [r["threshold"] for r in s["runs"]] == [0.5, 0.9] and s["n"] == 3 and fig.stat().st_size > 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 6 and {r["threshold"] for r in rows} == {0.5, 0.9}
+    assert all(r["family"] and r["nfe"] >= 1 for r in rows)

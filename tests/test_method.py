@@ -85,14 +85,16 @@ def check_against_oracle(model, buf, K, objective, reveal, doubled, powered=True
         if objective != "rollout":
             assert want["relay.norm.weight"].abs().sum() > 0  # the relay takes part
     # reveal is called once per step, with the positions masked at that step and their confidences
+    # (LLM rows: rollout_loss runs only the columns up to the last block with a free position, w)
+    w = relay.used_width(fixed, model.cfg.bd_size) if doubled else x.shape[1]  # past w: padding, h never read
     assert len(seen) == K
     for (conf, masked), s in zip(seen, steps):
-        assert conf.shape == masked.shape == x0.shape and masked.dtype == torch.bool
-        assert torch.equal(masked, s["masked"])
-        torch.testing.assert_close(conf[masked], s["conf"][masked])
+        assert conf.shape == masked.shape == x0[:, :w].shape and masked.dtype == torch.bool
+        assert torch.equal(masked, s["masked"][:, :w]) and not s["masked"][:, w:].any()
+        torch.testing.assert_close(conf[masked], s["conf"][:, :w][masked])
     torch.testing.assert_close(loss, want_loss)  # L_1 + ... + L_K
     assert torch.equal(buf.x, want_x)
-    torch.testing.assert_close(buf.h, h if objective == "rollout" else want_h.detach())
+    torch.testing.assert_close(buf.h[:, :w], h[:, :w] if objective == "rollout" else want_h[:, :w].detach())
     assert not buf.h.requires_grad
     assert got.keys() == want.keys()
     for n in want:
@@ -151,10 +153,11 @@ def live_llm(tiny_llm):
     return tiny_llm
 
 
-def llm_buffer(seed, B=2, L=32, D=32, mask_id=63):
+def llm_buffer(seed, B=2, L=32, D=32, mask_id=63, ends=(32, 32)):
+    """ends: where each row's padding (fixed) starts; rows ending before the last block are cut off."""
     g = torch.Generator().manual_seed(seed)
     x0 = torch.randint(0, 63, (B, L), generator=g)
-    fixed = torch.arange(L)[None] < torch.tensor([[3], [10]])  # the prompts
+    fixed = (torch.arange(L)[None] < torch.tensor([[3], [10]])) | (torch.arange(L)[None] >= torch.tensor(ends)[:, None])
     x = torch.where(fixed | (torch.rand(B, L, generator=g) < 0.2), x0, mask_id)
     return fill(RolloutBuffer(B, L, D, mask_id, "cpu"), x0, fixed, x, torch.randn(B, L, D, generator=g))
 
@@ -164,6 +167,38 @@ def llm_buffer(seed, B=2, L=32, D=32, mask_id=63):
 def test_rollout_loss_matches_a_hand_loop_doubled_llm(live_llm, K, objective):
     reveal = partial(relay.reveal_threshold_blocks, threshold=0.5, bd_size=8)
     check_against_oracle(live_llm, llm_buffer(K), K, objective, reveal, doubled=True)
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_rollout_loss_cuts_padding_blocks_exactly(live_llm, objective):
+    """Rows padded from 13 and 21: rollout_loss runs 24 of 32 columns (used_width), the full-width
+    hand loop all 32; the loss, canvas and gradients agree."""
+    buf = llm_buffer(5, ends=(13, 21))
+    assert relay.used_width(buf.fixed, 8) == 24
+    reveal = partial(relay.reveal_threshold_blocks, threshold=0.5, bd_size=8)
+    check_against_oracle(live_llm, buf, 2, objective, reveal, doubled=True)
+
+
+def test_sft_loss_cuts_padding_blocks_exactly(live_llm):
+    """sft_loss on rows padded from 13 and 21 (cut at 24) equals the full-width loss written out: the
+    same noise (drawn at full width), [x_t ‖ x_0] over all 32 columns."""
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randint(0, 63, (2, 32), generator=g)
+    fixed = (torch.arange(32)[None] < 3) | (torch.arange(32)[None] >= torch.tensor([[13], [21]]))
+    live_llm.zero_grad(set_to_none=True)
+    got = relay.sft_loss(live_llm, x0, fixed, torch.Generator().manual_seed(7))
+    got.backward()
+    got_grads = {n: p.grad.clone() for n, p in live_llm.named_parameters() if p.grad is not None}
+    live_llm.zero_grad(set_to_none=True)
+    masks = relay.sft_masks(fixed, torch.Generator().manual_seed(7), 8)  # (4, 32)
+    xx = torch.cat([x0, x0])
+    logits, _ = doubled_by_hand(live_llm, torch.where(masks, 63, xx), xx, None)
+    want = F.cross_entropy(logits[masks], xx[masks])
+    want.backward()
+    torch.testing.assert_close(got, want)
+    for n, p in live_llm.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(got_grads[n], p.grad, msg=n)
 
 
 def test_forward_doubled_against_the_definition(live_llm):

@@ -134,6 +134,22 @@ def test_two_process_ddp_equals_one_process(tmp_path, objective, shard):
     assert abs(one["val_loss"] - two["val_loss"]) < 1e-4
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="the sandbox needs root (it refuses otherwise)")
+def test_synthetic_run_ends_with_pass_at_1_and_samples(tmp_path, capsys):
+    """The default data: train on generated problems, then solve held-out ones through the sandbox."""
+    r = train_code.main(["--preset", "tiny", "--max-steps", "2", "--eval-problems", "4", "--samples", "2",
+                         "--out-dir", str(tmp_path / "o")])
+    out = capsys.readouterr().out
+    assert 0 <= r["pass@1"] <= 1 and r["nfe"] >= 1 and r["tokens_per_s"] > 0
+    assert out.count("--- synthetic/test/") == 2 and "held-out problems: pass@1" in out
+
+
+def test_stdlib_corpus_stays_a_flag(tmp_path):
+    r = run_main(["--data", "stdlib", "--seq-len", "64", "--max-steps", "2", "--data-dir", str(tmp_path / "data"),
+                  "--out-dir", str(tmp_path / "o")])
+    assert r["steps"] == 2 and r["val_loss"] > 0 and "pass@1" not in r
+
+
 def test_presets_are_defaults_and_the_paper_preset_needs_weights(capsys):
     cpu = train_code.get_args([])
     assert cpu.preset == "cpu" and cpu.max_steps == 300 and cpu.sft_steps == 200 and cpu.n_embd == 128
