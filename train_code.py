@@ -483,7 +483,8 @@ def main(argv=None):
                             fused=d.device.startswith("cuda"))
     pad_id = tok.added["<|endoftext|>"]
     # each chunk draws its rows, noise and rollout trajectories from its own seeded state
-    streams = [Rows(train_data, args.seq_len, args.seed, c, pad_id, d.device) for c in chunks]
+    bucket = len(train_data) // 10 if args.data == "synthetic" else 0  # similar lengths in a batch (code_data.Rows)
+    streams = [Rows(train_data, args.seq_len, args.seed, c, pad_id, d.device, bucket) for c in chunks]
     val_rows = Rows(val_data, args.seq_len, args.seed, 10 ** 6, pad_id, d.device)
     gens = [torch.Generator(device=d.device).manual_seed(args.seed * 1000 + c) for c in chunks]
     bufs = [RolloutBuffer(args.micro_batch, args.seq_len, raw.cfg.n_embd, raw.cfg.mask_id, d.device)
