@@ -25,14 +25,19 @@ from collections import Counter
 from dataclasses import dataclass
 
 # ---------------------------------------------------------------------------------------------------------
-# Parameter sets: (train values, test values), disjoint so the test split only sees unseen values; interleaved,
-# so a test value looks like a training one (one digit or two, a letter from the same half of the alphabet).
-DIV = ((2, 3, 5, 8, 10), (4, 6, 7, 9, 11))  # divisors, moduli, strides
-ADD = ((1, 2, 3, 5, 7, 8, 11, 13, 14, 16, 19), (4, 6, 9, 10, 12, 15, 17, 18))  # offsets and thresholds
-POS = ((1, 2, 4, 6), (3, 5))  # positions and counts inside a list of length <= 9
-DIGIT = ((1, 3, 4, 6, 8), (2, 5, 7))
-CHAR_A = (tuple("acegikm"), tuple("bdfhjl"))  # a character to look for (a-m)
-CHAR_B = (tuple("nprtvxz"), tuple("oqsuwy"))  # a character to write (n-z: never equal to CHAR_A's)
+# Parameter sets: (train values, test values), disjoint so the test split only sees unseen values. Many values
+# per slot, interleaved: a model cannot look a value up, it has to copy it from the instruction, and a test value
+# looks like a training one (one digit or two, a letter from the same half of the alphabet).
+def _split(values, test):
+    return tuple(v for v in values if v not in test), tuple(test)
+
+
+DIV = _split(range(2, 20), (4, 6, 9, 11, 14, 17))  # divisors, moduli, strides
+ADD = _split(range(1, 30), (4, 9, 12, 17, 21, 26))  # offsets and thresholds (list elements are 0..30)
+POS = _split(range(1, 9), (3, 5, 8))  # positions and counts inside a list of length <= 9
+DIGIT = _split(range(10), (2, 5, 7))
+CHAR_A = _split("abcdefghijklm", "bfhk")  # a character to look for (a-m)
+CHAR_B = _split("nopqrstuvwxyz", "psvy")  # a character to write (n-z: never equal to CHAR_A's)
 SPLITS = ("train", "test")
 
 # argument name and annotation per type: bodies are written against these names

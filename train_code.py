@@ -90,7 +90,7 @@ def get_args(argv=None):
                    "--max-steps with sft first (Relay fine-tunes an SFT-trained model; from scratch its buffer "
                    "starts slowly)")
     # optimisation
-    p.add_argument("--max-steps", type=positive_int, default=300, help="optimizer steps")
+    p.add_argument("--max-steps", type=positive_int, default=600, help="optimizer steps")
     p.add_argument("--time-limit", type=nonneg_float, default=0.0, help="stop after this many minutes (0 = none)")
     p.add_argument("--stop-after", type=nonneg_int, default=0, help="stop (with a checkpoint) after this many steps "
                    "of this invocation; --resume continues (0 = run to --max-steps)")
@@ -98,7 +98,7 @@ def get_args(argv=None):
     p.add_argument("--micro-batch", type=nonneg_int, default=0, help="rows per process per forward (and rollout buffer "
                    "size); 0 = batch size / processes, no accumulation")
     p.add_argument("--seq-len", type=positive_int, default=384, help="tokens per row (a multiple of the block size)")
-    p.add_argument("--lr", type=positive_float, default=2e-3, help="peak learning rate (cosine to 10%% after warmup)")
+    p.add_argument("--lr", type=positive_float, default=3e-3, help="peak learning rate (cosine to 10%% after warmup)")
     p.add_argument("--warmup-frac", type=unit_float, default=0.03, help="linear warmup, fraction of --max-steps")
     p.add_argument("--weight-decay", type=nonneg_float, default=0.0, help="AdamW weight decay (not on biases/norms)")
     p.add_argument("--clip", type=positive_float, default=1.0, help="gradient norm clip")
@@ -441,7 +441,7 @@ def solve_held_out(args, model, tok, ctx, device):
     problems = load_problems("synthetic")[:args.eval_problems]
     with ctx:
         res, rows = evaluate(model, tok, problems, threshold=args.threshold, base=True, batch=32,
-                             max_new_tokens=128, allow_unisolated=args.unsafe_no_isolation)
+                             max_new_tokens=192, allow_unisolated=args.unsafe_no_isolation)
     for p, r in list(zip(problems, rows))[:args.samples]:
         print(f"--- {p['task_id']} ({p['family']}): {'passed' if r['passed'] else r['status']}, NFE {r['nfe']} "
               f"for {r['new_tokens']} tokens\n{p['prompt']}{r['code']}")

@@ -152,7 +152,8 @@ def test_stdlib_corpus_stays_a_flag(tmp_path):
 
 def test_presets_are_defaults_and_the_paper_preset_needs_weights(capsys):
     cpu = train_code.get_args([])
-    assert cpu.preset == "cpu" and cpu.max_steps == 300 and cpu.sft_steps == 200 and cpu.n_embd == 128
+    assert cpu.preset == "cpu" and cpu.max_steps == 600 and cpu.sft_steps == 400 and cpu.n_embd == 128
+    assert cpu.data == "synthetic" and cpu.eval_problems == 200
     assert train_code.get_args(["--objective", "sft"]).sft_steps == 0
     paper = train_code.get_args(["--preset", "paper", "--init-from", "DIR"])
     assert paper.lr == 5e-6 and paper.seq_len == 2048 and paper.sft_steps == 0
