@@ -9,7 +9,8 @@ NFE and latency per problem, with model-written code run in a sandbox (arXiv 260
 Prompts follow EvalPlus's chat style: the problem in a fenced block inside a ChatML user turn, the
 assistant turn opened with EvalPlus's response prefix and "```python"; the completion is the code up
 to the closing fence (`--base` completes the raw prompt instead). Each problem is generated alone
-(batch 1), so its latency is its own wall time. NFE = denoising forwards (sampler.py).
+(batch 1 unless --batch), so its latency is its own wall time. NFE = denoising forwards until the answer is
+complete; nfe_ref = the reference sampler's count, as in the paper's tables (sampler.py).
 
 The sandbox (run_sandboxed, BOOT): each program runs in its own network, IPC, UTS, mount and PID
 namespaces, chrooted (pivot_root) into a private root: a 64 MiB tmpfs holding /tmp, /var/tmp and
@@ -456,7 +457,7 @@ def complete(model, tok, problems, *, base, system, batch, desc="generating", **
         for j, p in enumerate(chunk):
             text = tok.decode(out[j], skip_special=True)
             rows.append({"task_id": p["task_id"], "family": p.get("family"), "completion": text,
-                         "code": truncate_base(text) if base else extract_code(text), "nfe": st["nfe"][j],
+                         "code": truncate_base(text) if base else extract_code(text), "nfe": st["nfe"][j], "nfe_ref": st["nfe_ref"][j],
                          "new_tokens": st["new_tokens"][j], "latency_s": st["seconds"], "prompt_tokens": len(prompts[j])})
     return rows, seconds
 
@@ -486,6 +487,7 @@ def evaluate(model, tok, problems, *, threshold, base, system="", batch=1, timeo
               seen=seen)
     n = len(rows)
     return {"pass@1": sum(r["passed"] for r in rows) / n, "n": n, "nfe": sum(r["nfe"] for r in rows) / n,
+            "nfe_ref": sum(r["nfe_ref"] for r in rows) / n,
             "new_tokens": sum(r["new_tokens"] for r in rows) / n, "tokens_per_s": sum(r["new_tokens"] for r in rows)
             / max(secs, 1e-9), "latency_s": sum(r["latency_s"] for r in rows) / n, "threshold": threshold}, rows
 

@@ -17,7 +17,10 @@ NFE = one call of the model's forward that denoises. Sudoku, per puzzle: the for
 in (finished rows leave the batch); `nfe_batch` is the authors' count, loop steps + 1 for the final
 fill (the slowest puzzle + 1; we skip the final fill when nothing is left, so actual forward calls
 can be one fewer). LLM, per row: denoising forwards in which the row still had a masked position in
-the block; prefill and commit forwards are not NFE.
+the block, until nothing before its first stop token is masked; prefill and commit forwards are not NFE.
+`nfe_ref` is the reference sampler's count (the paper's tables): forwards until a denoising step
+reveals a stop token, although positions before it may still be masked (the forwards that fill them
+are run but not counted there; a stop made by a commit forward does not end its count).
 """
 import argparse
 import json
@@ -93,6 +96,8 @@ class Decode:
     start: torch.Tensor  # (B',) batch position of the row's first generated token
     end: torch.Tensor  # (B',) just past its last allowed one
     nfe: torch.Tensor  # (B',) denoising forwards in which the row had something to decode
+    nfe_ref: torch.Tensor  # (B',) the reference's count: nfe up to the denoising step that reveals a stop
+    ref_done: torch.Tensor  # (B',) bool: a denoising step has revealed a stop token (the reference stops there)
     h: torch.Tensor = None  # (B', bd_size, D) relay state of the block's last denoising forward
     cache: KVCache = None  # committed blocks' keys/values; None = the uncached oracle
     bd_size: int = 32
@@ -101,9 +106,10 @@ class Decode:
     stops: torch.Tensor = None  # stop token ids
     out: list = None  # per prompt: generated ids, filled in as rows retire
     nfe_out: list = None  # per prompt: NFE
+    nfe_ref_out: list = None  # per prompt: the reference's NFE
     counts: dict = None  # forward calls by kind, and tokens through the model
 
-    ROWS = ("x", "valid", "pos", "ids", "start", "end", "nfe")
+    ROWS = ("x", "valid", "pos", "ids", "start", "end", "nfe", "nfe_ref", "ref_done")
 
     def keep(self, rows):
         """Only `rows` (indices into the current B') stay."""
@@ -146,8 +152,9 @@ def left_pad(prompts, max_new_tokens, bd_size, mask_id, pad_id, device):
         x[r, pad[r]:start[r]] = torch.tensor(p, device=device)
     st = Decode(x=x, valid=ar[None] >= pad[:, None], pos=(ar[None] - pad[:, None]).clamp(min=0),
                 ids=torch.arange(B, device=device), start=start, end=end,
-                nfe=torch.zeros(B, dtype=torch.long, device=device), bd_size=bd_size, mask_id=mask_id,
-                padded=bool((pad > 0).any()), out=[None] * B, nfe_out=[0] * B,
+                nfe=torch.zeros(B, dtype=torch.long, device=device), nfe_ref=torch.zeros(B, dtype=torch.long,
+                device=device), ref_done=torch.zeros(B, dtype=torch.bool, device=device), bd_size=bd_size,
+                mask_id=mask_id, padded=bool((pad > 0).any()), out=[None] * B, nfe_out=[0] * B, nfe_ref_out=[0] * B,
                 counts={"prefill": 0, "denoise": 0, "commit": 0, "tokens": 0})
     return st, G
 
@@ -180,6 +187,7 @@ def retire(st):
     for r in done.nonzero().flatten().tolist():
         st.out[st.ids[r]] = st.x[r, st.start[r]:stop_at[r] + 1].tolist()
         st.nfe_out[st.ids[r]] = int(st.nfe[r])
+        st.nfe_ref_out[st.ids[r]] = int(st.nfe_ref[r])
     if done.any():
         st.keep((~done).nonzero().flatten())
 
@@ -209,6 +217,7 @@ def denoise_step(model, st, q0, q1, threshold, sub_block, relay_on):
     logits, h_out = block_forward(model, st, q0, q1, relay=relay)
     st.counts["denoise"] += 1
     st.nfe += stepping
+    st.nfe_ref += stepping & ~st.ref_done  # the reference counts until a denoising step reveals a stop
     pred, conf = predict(shift_right(logits), st.mask_id)  # (B', bd_size) per token
     B, bd = todo.shape
     sub = todo.view(B, bd // sub_block, sub_block).any(-1).float().argmax(-1)  # (B',) current sub-block
@@ -217,6 +226,7 @@ def denoise_step(model, st, q0, q1, threshold, sub_block, relay_on):
     best = torch.where(cand, conf, -1.0).argmax(-1)  # most confident candidate, first on ties
     reveal[torch.arange(B, device=st.x.device), best] |= stepping
     st.x[:, q0:q1] = torch.where(reveal, pred, st.x[:, q0:q1])
+    st.ref_done |= (reveal & torch.isin(pred, st.stops)).any(1)
     st.h = h_out if relay_on else None
     retire(st)
     return len(st.x) > 0
@@ -266,7 +276,7 @@ def generate(model, prompts, *, max_new_tokens=256, threshold=0.85, bd_size=None
         torch.cuda.synchronize(dev)
     secs = time.time() - t0
     n = st.counts
-    return st.out, {"nfe": st.nfe_out, "new_tokens": [len(o) for o in st.out],
+    return st.out, {"nfe": st.nfe_out, "nfe_ref": st.nfe_ref_out, "new_tokens": [len(o) for o in st.out],
                     "forward_calls": n["prefill"] + n["denoise"] + n["commit"], "denoise_calls": n["denoise"],
                     "prefill_calls": n["prefill"], "commit_calls": n["commit"], "forward_tokens": n["tokens"],
                     "seconds": secs, "tokens_per_s": sum(map(len, st.out)) / max(secs, 1e-9)}

@@ -87,3 +87,28 @@ def test_bad_arguments(llm):
     llm.hf_config = {"max_position_embeddings": 40}
     with pytest.raises(ValueError, match=r"prompt \(8 tokens\) \+ max_new_tokens \(37\) exceeds"):
         generate(llm, [[1] * 8], **KW)
+
+
+def test_reference_nfe_stops_at_the_denoising_step_that_reveals_a_stop(llm):
+    """nfe_ref (the paper's count) = denoising forwards up to the one whose reveal put a stop token on the
+    canvas, counted here from the recorded forwards; nfe (ours) goes on until nothing before the stop is
+    masked. Without stop ids the two are equal."""
+    kw = {**KW, "threshold": 0.5}
+    assert generate(llm, PROMPTS, **kw)[1]["nfe_ref"] == generate(llm, PROMPTS, **kw)[1]["nfe"]
+    stop = 60  # row 4 reveals it while a position before it is still masked
+    calls = []
+    hook = llm.register_forward_hook(lambda m, args, kw, out: calls.append((kw["commit"], args[0][0, -8:].clone())),
+                                     with_kwargs=True)
+    out, st = generate(llm, [PROMPTS[4]], **{**kw, "stop_ids": [stop]})
+    hook.remove()
+    count = 0
+    for (commit, idx), (_, after) in zip(calls[1:], calls[2:] + [(None, None)]):  # calls[0]: the prefill
+        if commit:
+            continue
+        count += 1
+        if after is not None and ((idx == 63) & (after == stop)).any():  # this step revealed the stop
+            break
+    assert st["nfe_ref"] == [count] and count < st["nfe"][0]  # here the two counts differ
+    several = generate(llm, PROMPTS, **{**kw, "stop_ids": [stop]})[1]
+    assert all(r <= n for r, n in zip(several["nfe_ref"], several["nfe"]))
+    assert several["nfe_ref"][4] == count  # batched == alone
