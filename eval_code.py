@@ -4,6 +4,8 @@ NFE and latency per problem, with model-written code run in a sandbox (arXiv 260
 
     python eval_code.py --self-check                             # prove the sandbox (CPU, ~40 s, root)
     python eval_code.py --checkpoint out/code/hf --limit 10      # a train_code.py model
+    python eval_code.py --checkpoint out/sft/hf out/code/hf --problems synthetic --batch 50 \\
+        --max-new-tokens 192 --sweep 0.5,0.7,0.85,0.95          # code_tasks.py: pass@1 against NFE, per family
     python eval_code.py --checkpoint Fast_dLLM_v2_1.5B --device cuda --max-new-tokens 2048
 
 Prompts follow EvalPlus's chat style: the problem in a fenced block inside a ChatML user turn, the
