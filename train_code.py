@@ -63,7 +63,7 @@ TINY = SHAPES["tiny"]  # the cpu preset's model: a 0.8M Qwen2.5-shaped byte mode
 PRESETS = {  # flag defaults per preset; "cpu" is what the add_argument defaults below already say
     "cpu": {},
     "paper": dict(sft_frac=0.0, lr=5e-6, batch_size=64, micro_batch=2, max_steps=200, seq_len=2048,
-                  dtype="bfloat16"),
+                  dtype="bfloat16", lr_epochs=3.0, beta2=0.999),  # the authors' launcher: 3-epoch cosine, HF AdamW
     "tiny": dict(n_layer=2, n_embd=32, n_head=4, n_kv_head=2, n_ffn=64, bd_size=16, seq_len=384, batch_size=4,
                  micro_batch=2, lr=3e-3, max_steps=4, sft_frac=0.0, eval_every=2, ckpt_every=2, train_problems=200,
                  eval_problems=0),
@@ -99,7 +99,10 @@ def get_args(argv=None):
                    "size); 0 = batch size / processes, no accumulation")
     p.add_argument("--seq-len", type=positive_int, default=384, help="tokens per row (a multiple of the block size)")
     p.add_argument("--lr", type=positive_float, default=3e-3, help="peak learning rate (cosine to 10%% after warmup)")
-    p.add_argument("--warmup-frac", type=unit_float, default=0.03, help="linear warmup, fraction of --max-steps")
+    p.add_argument("--warmup-frac", type=unit_float, default=0.03, help="linear warmup, fraction of the schedule")
+    p.add_argument("--lr-epochs", type=nonneg_float, default=0.0, help="the warmup + cosine schedule spans this many "
+                   "epochs of the training data, however many steps run (the authors: 3); 0 = --max-steps")
+    p.add_argument("--beta2", type=unit_float, default=0.95, help="AdamW's second-moment decay (HF's default 0.999)")
     p.add_argument("--weight-decay", type=nonneg_float, default=0.0, help="AdamW weight decay (not on biases/norms)")
     p.add_argument("--clip", type=positive_float, default=1.0, help="gradient norm clip")
     # model: --init-from a checkpoint, or a Qwen2.5-shaped model from scratch
@@ -361,12 +364,21 @@ def export(args, d, raw):
 # ---------------------------------------------------------------------------------------------
 # the loop's pieces
 
+def schedule_steps(args, train_data):
+    """The schedule's length: --max-steps, or --lr-epochs epochs of the data (rows, or windows of a
+    token stream) at --batch-size rows a step. The authors stop at step 200 of a ~2.8k-step schedule."""
+    if not args.lr_epochs:
+        return args.max_steps
+    rows = len(train_data) if isinstance(train_data, list) else len(train_data) // args.seq_len
+    return max(1, math.ceil(args.lr_epochs * rows / args.batch_size))
+
+
 def lr_at(step, args):
-    """Linear warmup over --warmup-frac of the steps, then cosine to 10% of --lr."""
-    warm = max(1, math.ceil(args.warmup_frac * args.max_steps))
+    """Linear warmup over --warmup-frac of the schedule (args.schedule steps), then cosine to 10% of --lr."""
+    warm = max(1, math.ceil(args.warmup_frac * args.schedule))
     if step < warm:
         return args.lr * (step + 1) / warm
-    frac = (step - warm) / max(1, args.max_steps - warm)
+    frac = min(1.0, (step - warm) / max(1, args.schedule - warm))
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
@@ -467,6 +479,9 @@ def main(argv=None):
     if tok.mask_id is None:
         raise ValueError(f"{args.init_from}: the tokenizer has no mask token |<MASK>|")
     train_data, val_data, val_text = load_data(args, tok, d)
+    args.schedule = schedule_steps(args, train_data)
+    if args.schedule != args.max_steps:
+        d.log(f"lr schedule: {args.schedule} steps ({args.lr_epochs:g} epochs), training stops at {args.max_steps}")
     if d.master and args.data == "synthetic" and args.eval_problems:  # fail now, not after training
         try:
             run_sandboxed("pass\n", allow_unisolated=args.unsafe_no_isolation)
@@ -479,7 +494,7 @@ def main(argv=None):
           f"{d.world} process(es) x {args.micro_batch} rows x {len(chunks)} micro-steps, {d.device} {args.dtype}")
     model = wrap_model(args, raw, d)  # what backward/no_sync go through; raw = the unwrapped weights
     fwd_model = torch.compile(model) if args.compile else model  # what the losses call
-    opt = torch.optim.AdamW(raw.param_groups(args.weight_decay), lr=args.lr, betas=(0.9, 0.95),
+    opt = torch.optim.AdamW(raw.param_groups(args.weight_decay), lr=args.lr, betas=(0.9, args.beta2),
                             fused=d.device.startswith("cuda"))
     pad_id = tok.added["<|endoftext|>"]
     # each chunk draws its rows, noise and rollout trajectories from its own seeded state

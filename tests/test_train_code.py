@@ -150,6 +150,18 @@ def test_stdlib_corpus_stays_a_flag(tmp_path):
     assert r["steps"] == 2 and r["val_loss"] > 0 and "pass@1" not in r
 
 
+def test_lr_schedule_can_span_epochs_past_the_last_step():
+    """--lr-epochs: the authors' cosine spans 3 epochs of the data and training stops long before it."""
+    args = train_code.get_args(["--max-steps", "100", "--lr", "1e-3", "--lr-epochs", "3", "--batch-size", "16"])
+    args.schedule = train_code.schedule_steps(args, [None] * 4000)  # 4000 rows: 3 epochs = 750 steps
+    assert args.schedule == 750
+    lrs = [train_code.lr_at(s, args) for s in range(751)]
+    assert lrs.index(max(lrs)) == 22 and max(lrs) == 1e-3  # warmup: 3% of 750 steps
+    assert lrs[99] > 0.9e-3 and abs(lrs[750] - 1e-4) < 1e-12  # at the last trained step still near the peak
+    args.lr_epochs = 0
+    assert train_code.schedule_steps(args, [None] * 4000) == 100
+
+
 def test_presets_are_defaults_and_the_paper_preset_needs_weights(capsys):
     cpu = train_code.get_args([])
     assert cpu.preset == "cpu" and cpu.max_steps == 600 and cpu.sft_steps == 400 and cpu.n_embd == 128
@@ -157,6 +169,7 @@ def test_presets_are_defaults_and_the_paper_preset_needs_weights(capsys):
     assert train_code.get_args(["--objective", "sft"]).sft_steps == 0
     paper = train_code.get_args(["--preset", "paper", "--init-from", "DIR"])
     assert paper.lr == 5e-6 and paper.seq_len == 2048 and paper.sft_steps == 0
+    assert paper.lr_epochs == 3 and paper.beta2 == 0.999 and cpu.lr_epochs == 0 and cpu.beta2 == 0.95
     with pytest.raises(SystemExit):
         train_code.get_args(["--preset", "paper"])
     assert "give --init-from DIR" in capsys.readouterr().err
