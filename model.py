@@ -322,6 +322,46 @@ class RelayChannel(nn.Module):
         return e + r
 
 
+HEAD_CHUNK = 1024  # rows of full-vocabulary logits alive at a time in the loss (152k x 1024 fp32 = 0.6 GB)
+
+
+class HeadCE(torch.autograd.Function):
+    """Cross-entropy of the LM head's logits z @ W.T against targets, HEAD_CHUNK rows at a time: the
+    (N, V) logits are never all alive, neither in the forward nor in the backward, which recomputes
+    each chunk's logits (NOTES.md §5). z (N, D), W (V, D), targets (N,) -> per-row CE (N,) fp32, and
+    the argmax's probability (N,) (softmax over the whole vocabulary; no gradient), the rollout's
+    confidence. Under autocast the matmuls run in its dtype, in the backward too."""
+
+    @staticmethod
+    def forward(ctx, z, W, targets, chunk):
+        dt = torch.get_autocast_dtype(z.device.type) if torch.is_autocast_enabled(z.device.type) else z.dtype
+        ce, conf = z.new_empty(len(z), dtype=torch.float32), z.new_empty(len(z), dtype=torch.float32)
+        for i in range(0, len(z), chunk):
+            logits = (z[i:i + chunk].to(dt) @ W.to(dt).T).float()  # (c, V)
+            lse = logits.logsumexp(-1)
+            ce[i:i + chunk] = lse - logits.gather(1, targets[i:i + chunk, None])[:, 0]
+            conf[i:i + chunk] = (logits.max(-1).values - lse).exp()
+        ctx.save_for_backward(z, W, targets)
+        ctx.chunk, ctx.dt = chunk, dt
+        return ce, conf
+
+    @staticmethod
+    def backward(ctx, g_ce, g_conf):  # conf has no gradient (the reveal is not differentiated)
+        z, W, targets = ctx.saved_tensors
+        dt = ctx.dt
+        if g_ce is None:
+            return None, None, None, None
+        gz, gW = torch.empty_like(z), torch.zeros(W.shape, dtype=torch.float32, device=W.device)
+        for i in range(0, len(z), ctx.chunk):
+            zc = z[i:i + ctx.chunk].to(dt)
+            g = (zc @ W.to(dt).T).float().softmax(-1)  # dCE/dlogits = softmax - onehot
+            g[torch.arange(len(g), device=g.device), targets[i:i + ctx.chunk]] -= 1
+            g = (g * g_ce[i:i + ctx.chunk, None]).to(dt)
+            gz[i:i + ctx.chunk] = (g @ W.to(dt)).to(z.dtype)
+            gW += (g.T @ zc).float()
+        return gz, gW.to(W.dtype), None, None
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -349,15 +389,16 @@ class Transformer(nn.Module):
             nn.init.zeros_(m.bias)
 
     def forward(self, idx, *, relay=None, pos=None, attn_mask=None, kv_cache=None, commit=False, out=None,
-                head=None):
+                head=None, targets=None):
         """idx (B, T) token ids; relay (B, T, D) carried state, or None = inject nothing (the first
         step of a trajectory); pos (T,) or (B, T) positions (default: continue after the cache);
         attn_mask bool (T, S) or (B, 1, T, S), True = may attend; default: block_mask for bd_size > 0,
         else full bidirectional. kv_cache: attend to its committed prefix too; commit=True appends
         this input's K/V to it. out: a slice of positions to return (the noisy half of [x_t ‖ x_0]).
         head: (rows, cols) index tensors -> logits (N, V) at those positions only (a loss needs a
-        few, and a 152k vocabulary makes full logits the largest tensor).
-        Returns logits (B, T, V) or (N, V), and h_out (B, T, D)."""
+        few, and a 152k vocabulary makes full logits the largest tensor). targets (N,) with head: instead
+        of logits, (per-row CE (N,), the argmax's probability (N,)) from HeadCE, chunk by chunk.
+        Returns logits (B, T, V) or (N, V) (or that pair), and h_out (B, T, D)."""
         B, T = idx.shape
         P = kv_cache.len if kv_cache is not None else 0
         bd = self.cfg.bd_size
@@ -386,7 +427,10 @@ class Transformer(nn.Module):
         hn = self.norm(x)
         h_out = hn if self.cfg.relay_after_norm else x  # what the relay hands to the next step
         z = hn if head is None else hn[head]
-        return (self.lm_head(z) if self.lm_head is not None else z @ self.embed_tokens.weight.T), h_out
+        W = self.lm_head.weight if self.lm_head is not None else self.embed_tokens.weight  # (V, D)
+        if targets is not None:
+            return HeadCE.apply(z, W, targets, HEAD_CHUNK), h_out
+        return (self.lm_head(z) if self.lm_head is not None else z @ W.T), h_out
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
@@ -425,13 +469,14 @@ def shift_right(t):
     return torch.cat([t[:, :1], t[:, :-1]], 1)
 
 
-def forward_doubled(model, xt, x0, masked, relay=None):
+def forward_doubled(model, xt, x0, masked, relay=None, targets=None):
     """One training forward of the block-diffusion LLM over [x_t ‖ x_0] (NOTES.md §5): length 2L, the
     same positions 0..L-1 in both halves; a noisy block sees itself and the clean blocks before it.
     xt, x0 (B, L) tokens; masked (B, L) bool: the tokens to predict; relay (B, L, D) or None, the
     relay state of x_t (already indexed by token). Calls `model` itself, so DDP/FSDP/compile wrappers
-    see the call. Returns logits (N, V) of the masked tokens (row-major, the order of tensor[masked])
-    and the noisy half's relay state indexed by token (B, L, D)."""
+    see the call. Returns logits (N, V) of the masked tokens (row-major, the order of tensor[masked]),
+    or with targets (N,) their CE and confidence (N,) each (HeadCE: no (N, V) tensor), and the noisy
+    half's relay state indexed by token (B, L, D)."""
     B, L = xt.shape
     pos = torch.arange(L, device=xt.device)
     if relay is not None:
@@ -440,7 +485,7 @@ def forward_doubled(model, xt, x0, masked, relay=None):
     src = shift_right(pos[None])[0]  # (L,): token j is read from position src[j]
     mask = block_mask(L, unwrap(model).cfg.bd_size, doubled=True, device=xt.device)  # (2L, 2L)
     logits, h = model(torch.cat([xt, x0], 1), pos=pos.repeat(2), attn_mask=mask, relay=relay,
-                      out=slice(0, L), head=(rows, src[cols]))  # (N, V), (B, L, D)
+                      out=slice(0, L), head=(rows, src[cols]), targets=targets)  # (N, V), (B, L, D)
     return logits, shift_right(h)
 
 

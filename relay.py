@@ -84,16 +84,11 @@ def add_relay(model):
 # ---------------------------------------------------------------------------------------------
 # 3. the baselines
 
-def masked_ce(logits, targets):
-    """Mean CE over N selected positions: logits (N, V), targets (N,). N = 0 gives an exact zero that
-    still backpropagates (a plain mean would be NaN)."""
-    return F.cross_entropy(logits.float(), targets, reduction="sum") / max(len(targets), 1)
-
-
 def dense_masked_ce(logits, targets, masked):
-    """masked_ce without selecting the positions: logits (B, T, V), targets and masked (B, T). The
-    same number (summed in another order), but no boolean indexing, so no host sync: what a GPU
-    step wants when the vocabulary is small (Sudoku's 10) and full logits are made anyway."""
+    """Mean CE over the masked positions without selecting them: logits (B, T, V), targets and masked
+    (B, T); no masked position gives an exact zero that still backpropagates. No boolean indexing, so
+    no host sync: what a GPU step wants when the vocabulary is small (Sudoku's 10). The LLM's losses
+    use model.HeadCE instead, which never makes full-vocabulary logits."""
     ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
     return (ce * masked.flatten()).sum() / masked.sum().clamp(min=1)
 
@@ -137,8 +132,8 @@ def sft_loss(model, x0, fixed, gen):
     w = used_width(fixed, cfg.bd_size)
     masks = sft_masks(fixed, gen, cfg.bd_size)[:, :w]  # (2B, w); the noise is drawn at full width, then cut
     x0 = torch.cat([x0, x0])[:, :w]
-    logits, _ = forward_doubled(model, torch.where(masks, cfg.mask_id, x0), x0, masks)  # (N, V)
-    return masked_ce(logits, x0[masks])
+    (ce, _), _ = forward_doubled(model, torch.where(masks, cfg.mask_id, x0), x0, masks, targets=x0[masks])  # (N,)
+    return ce.sum() / max(len(ce), 1)  # no (N, V) logits: model.HeadCE
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,10 +209,10 @@ def rollout_loss(model, buf, K, objective, reveal, doubled=False):
         masked = (x == buf.mask_id) & free  # (B, T) the positions still to predict
         # 2) L_k: CE over the masked positions (an exact zero once a slot has none left), and the
         #    confidence of every masked position (zero elsewhere)
-        if doubled:  # an LLM: logits of the masked positions only (N, V), the vocabulary is large
-            logits, h_out = forward_doubled(model, x, x0, masked, relay=h)  # (N, V), (B, T, D)
-            loss = loss + masked_ce(logits, x0[masked])
-            conf = torch.zeros(x.shape, device=x.device).masked_scatter_(masked, predict(logits.detach())[1])
+        if doubled:  # an LLM: CE and confidence of the masked positions, chunked (the vocabulary is large)
+            (ce, conf_m), h_out = forward_doubled(model, x, x0, masked, relay=h, targets=x0[masked])  # (N,) x 2
+            loss = loss + ce.sum() / max(len(ce), 1)
+            conf = torch.zeros(x.shape, device=x.device).masked_scatter_(masked, conf_m)
         else:  # Sudoku: full logits and no boolean indexing, so a GPU step never waits for the host
             logits, h_out = model(x, relay=h)  # (B, T, V), (B, T, D)
             loss = loss + dense_masked_ce(logits, x0, masked)

@@ -295,3 +295,25 @@ def test_block_sampler_reads_shifted_logits_and_relay(live_llm, use_cache):
         prev = c
     # power: an unshifted read of the logits or of h would change what this test sees
     assert checked >= 10 and differs >= 1 and several >= 1 and carried >= 1
+
+
+def test_chunked_head_ce_equals_full_logits_in_fp32():
+    """model.HeadCE, 3 rows at a time, against cross_entropy on the full (N, V) logits: the same CE, the
+    same confidence (max softmax, MASK included), the same gradients for z and W."""
+    from model import HeadCE
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(10, 16, generator=g, requires_grad=True)
+    W = torch.randn(50, 16, generator=g, requires_grad=True)
+    t = torch.randint(0, 50, (10,), generator=g)
+    w = torch.rand(10, generator=g)  # a weighted sum: every row's gradient scale differs
+    ce, conf = HeadCE.apply(z, W, t, 3)
+    (ce * w).sum().backward()
+    got = z.grad.clone(), W.grad.clone()
+    z.grad = W.grad = None
+    logits = z @ W.T
+    want = F.cross_entropy(logits, t, reduction="none")
+    (want * w).sum().backward()
+    torch.testing.assert_close(ce, want)
+    torch.testing.assert_close(conf, logits.detach().softmax(-1).max(-1).values)
+    torch.testing.assert_close(got[0], z.grad)
+    torch.testing.assert_close(got[1], W.grad)
