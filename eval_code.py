@@ -609,7 +609,9 @@ def print_runs(runs):
     for r in runs:
         print(f"{r['model'][-32:]:<32} {r['threshold']:>9g} {100 * r['pass@1']:>8.1f} {r['nfe']:>7.1f} "
               f"{r['new_tokens']:>7.1f} {r['tokens_per_s']:>7.1f}")
-    firsts = {r["model"]: r for r in reversed(runs)}
+    firsts = {}
+    for r in runs:
+        firsts.setdefault(r["model"], r)  # each model's first threshold, models in the given order
     if len(next(iter(firsts.values()))["families"]) > 1:
         names = list(firsts)
         print(f"\npass@1 by family (threshold {runs[0]['threshold']:g}): " + " | ".join(names))
