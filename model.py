@@ -336,8 +336,9 @@ class HeadCE(torch.autograd.Function):
     def forward(ctx, z, W, targets, chunk):
         dt = torch.get_autocast_dtype(z.device.type) if torch.is_autocast_enabled(z.device.type) else z.dtype
         ce, conf = z.new_empty(len(z), dtype=torch.float32), z.new_empty(len(z), dtype=torch.float32)
+        Wd = W.to(dt)  # once, not per chunk
         for i in range(0, len(z), chunk):
-            logits = (z[i:i + chunk].to(dt) @ W.to(dt).T).float()  # (c, V)
+            logits = (z[i:i + chunk].to(dt) @ Wd.T).float()  # (c, V)
             lse = logits.logsumexp(-1)
             ce[i:i + chunk] = lse - logits.gather(1, targets[i:i + chunk, None])[:, 0]
             conf[i:i + chunk] = (logits.max(-1).values - lse).exp()
@@ -352,12 +353,13 @@ class HeadCE(torch.autograd.Function):
         if g_ce is None:
             return None, None, None, None
         gz, gW = torch.empty_like(z), torch.zeros(W.shape, dtype=torch.float32, device=W.device)
+        Wd = W.to(dt)
         for i in range(0, len(z), ctx.chunk):
             zc = z[i:i + ctx.chunk].to(dt)
-            g = (zc @ W.to(dt).T).float().softmax(-1)  # dCE/dlogits = softmax - onehot
+            g = (zc @ Wd.T).float().softmax(-1)  # dCE/dlogits = softmax - onehot
             g[torch.arange(len(g), device=g.device), targets[i:i + ctx.chunk]] -= 1
             g = (g * g_ce[i:i + ctx.chunk, None]).to(dt)
-            gz[i:i + ctx.chunk] = (g @ W.to(dt)).to(z.dtype)
+            gz[i:i + ctx.chunk] = (g @ Wd).to(z.dtype)
             gW += (g.T @ zc).float()
         return gz, gW.to(W.dtype), None, None
 
