@@ -313,10 +313,12 @@ def search_trees(c, limit=2, max_branches=20000):
                 levels=levels, solutions=(np.concatenate(sol_owner), np.concatenate(sol_digits)))
 
 
-def _dfs_branches(tree, N):
+def _dfs_branches(tree, N, ranks=None):
     """For rows whose tree is complete with one solution: the branch points a depth-first search
     opens before reaching it (what rate() counts) = the branch points on the path to the solution
-    plus every branch point under a sibling of the path with a smaller digit (visited first)."""
+    plus every branch point under a sibling of the path visited before it. Siblings are visited in
+    digit order, or for ranks (R, N, 10) in the order ranks[r, row, digit] gives (the visiting
+    order of the puzzle with its digits renamed d -> ranks[r, row, d]): -> (N,), or (N, R)."""
     levels = tree["levels"]
     sub = [lv["inner"].astype(np.int64) for lv in levels]  # branch points in each node's subtree
     for d in range(len(levels) - 1, 0, -1):
@@ -328,14 +330,19 @@ def _dfs_branches(tree, N):
         if d + 1 < len(levels):
             below = path[d + 1] >= 0
             path[d, below] = levels[d + 1]["parent"][path[d + 1, below]]
-    out = (path >= 0).sum(0) - 1  # branch points on the path: every node but the solution
+    order = np.arange(10)[None, None] if ranks is None else ranks  # (R, N or 1, 10)
+    on_path_count = (path >= 0).sum(0) - 1  # branch points on the path: every node but the solution
+    out = np.tile(on_path_count[:, None], (1, len(order)))
     for d in range(1, len(levels)):
         lv = levels[d]
         on_path = path[d, lv["owner"]]
         path_digit = np.where(on_path >= 0, lv["digit"][np.maximum(on_path, 0)], 0)
-        first = (lv["parent"] == path[d - 1, lv["owner"]]) & (lv["digit"] < path_digit)
-        out += np.bincount(lv["owner"][first], weights=sub[d][first], minlength=N).astype(np.int64)
-    return out
+        sibling = lv["parent"] == path[d - 1, lv["owner"]]
+        row = lv["owner"] if ranks is not None else 0
+        for r, rk in enumerate(order):
+            first = sibling & (rk[row, lv["digit"]] < rk[row, path_digit])
+            out[:, r] += np.bincount(lv["owner"][first], weights=sub[d][first], minlength=N).astype(np.int64)
+    return out[:, 0] if ranks is None else out
 
 
 def rate_many(boards, max_branches=2000):
@@ -354,12 +361,9 @@ def rate_many(boards, max_branches=2000):
 # ----------------------------------------------------------------------------------------------
 # the symmetry group (digits, bands/stacks, rows/cols, transpose): augmentation and a class key
 
-def augment(q, a, rng):
-    """Apply one random symmetry per row to (N, 81) question/answer arrays, the same to both."""
-    N = len(q)
-    lut = np.zeros((N, 10), np.uint8)
-    lut[:, 1:] = rng.permuted(np.tile(np.arange(1, 10, dtype=np.uint8), (N, 1)), axis=1)
-
+def _geometry(N, rng):
+    """(N, 81) cell maps of N random symmetries of the grid (bands, stacks, lines within them,
+    transposition): row n takes cell idx[n, j] of the original into cell j."""
     def line_perm():  # a permutation of 0..8 that moves bands as wholes and lines within bands
         band = rng.permuted(np.tile(np.arange(3), (N, 1)), axis=1)  # (N, 3)
         within = rng.permuted(np.tile(np.arange(3), (N, 3, 1)), axis=2)  # (N, 3, 3)
@@ -369,7 +373,21 @@ def augment(q, a, rng):
     idx = rows[:, :, None] * 9 + cols[:, None, :]  # (N, 9, 9): source cell of every target cell
     flip = rng.random(N) < 0.5
     idx[flip] = idx[flip].transpose(0, 2, 1)
-    idx = idx.reshape(N, 81)
+    return idx.reshape(N, 81)
+
+
+def _digit_orders(N, rng):
+    """(N, 10) random renamings of the digits 1..9 (0, the blank, stays 0)."""
+    lut = np.zeros((N, 10), np.uint8)
+    lut[:, 1:] = rng.permuted(np.tile(np.arange(1, 10, dtype=np.uint8), (N, 1)), axis=1)
+    return lut
+
+
+def augment(q, a, rng):
+    """Apply one random symmetry per row to (N, 81) question/answer arrays, the same to both."""
+    N = len(q)
+    lut = _digit_orders(N, rng)
+    idx = _geometry(N, rng)
     take = lambda b: lut[np.arange(N)[:, None], np.take_along_axis(b, idx, 1)]
     return take(q), take(a)
 
@@ -426,64 +444,100 @@ def symmetry_key(boards, rounds=4):
 # the hard tier: puzzles found by a beam search over clue sets
 #
 # Random minimal puzzles almost never need many branch points (rate: median 2, p90 5), so hard
-# ones are searched for. An island is one seeded search: it keeps a pool of `pool` unique
-# puzzles, proposes `kids` moves per pool puzzle per round (swap a clue for a blank, add a clue
-# from the answer, or drop one), keeps the `pool` puzzles with the most branch points, and after
-# `climb` rounds emits every new child whose complete search tree (all branch points, not just
-# those before the first solution; unlike rate it ignores digit names) has at least
-# `min_branches` in two random symmetries. Scores are re-drawn in a new random symmetry every
-# round and averaged: rate depends a lot on the orientation (the branch cell is the first of the
-# tied ones in row-major order), and one draw would keep puzzles for a lucky orientation.
-# NOTE: the search still finds mostly such orientation-fragile puzzles: in the fresh symmetry
-# they are stored in they rate far below the tree size they were chosen for (median ~15 where
-# Sudoku-Extreme-like sets rate ~40; `python bench/sudoku_data.py` prints the numbers).
+# ones are searched for. rate() depends on the symmetry a puzzle is shown in: the branch cell is
+# the first of the tied ones in row-major order, and a puzzle often has a cell that singles finish
+# at once (a "backdoor"); whether the search meets it first is luck of the orientation. Real hard
+# puzzles have none (a well-known hard 21-clue puzzle has one two-candidate cell after singles,
+# and rates median 96 over random symmetries). So a puzzle is scored by `rate_samples`: its rating
+# in G random grid symmetries x O digit renamings, from one search tree per grid symmetry (renaming
+# the digits only changes the order in which a tree is visited).
+#
+# An island is one seeded search: a pool of `pool` unique puzzles; every round each proposes `kids`
+# children (one or two moves: swap a clue for a blank, add a clue from the answer, or drop one),
+# the pool keeps the best by mean log(1 + rating) over every sample drawn so far (pool puzzles get
+# new samples each round, so a lucky draw does not stay on top), and a child whose median sampled
+# rating is at least `emit_rating` -- confirmed on VERIFY more grid symmetries -- is emitted, one
+# per symmetry class, and stored in a fresh symmetry. A child's sample median is an estimate: in
+# that fresh symmetry half of the emitted puzzles rate about emit_rating or more
+# (`python bench/sudoku_data.py` prints the numbers).
 
-HARD_VERSION = 1   # bump when anything below changes what a seed produces
+HARD_VERSION = 2   # bump when anything below changes what a seed produces
 ISLAND = 1000      # hard puzzles per island: puzzle i of a stream is puzzle i % ISLAND of island i // ISLAND
-HARD = dict(pool=64, kids=16, climb=90, min_branches=45)  # the search
+HARD = dict(pool=128, kids=8, emit_rating=40)  # the search
+GEOMETRIES, ORDERS, VERIFY = 3, 4, 4  # rating samples of a child: grid symmetries x digit orders; more to confirm
+CUT = 0.0  # children rated below this quantile of the pool's scores in their first symmetry are dropped
+           # (0: below the worst pool puzzle; 0.25 stalls the climb: it removes the exploring children)
 MAX_CLUES = 25     # moves keep at most this many clues (Sudoku-Extreme: 24.6 on average)
+MAX_TREE = 5000    # a child whose search tree is larger than this is dropped (never seen: hard ones have ~100-300)
+
+
+def rate_samples(q, rng, geometries=GEOMETRIES, orders=ORDERS):
+    """rate() of each puzzle (N, 81) in `geometries` random grid symmetries x `orders` random digit
+    renamings -> (N, geometries * orders) int64; -1 for a puzzle without exactly one solution
+    (found in the first tree; it gets no further trees). One search tree per grid symmetry serves
+    every digit order: renaming the digits does not change the tree, only the order it is visited in."""
+    N = len(q)
+    out = np.full((N, geometries * orders), -1, np.int64)
+    alive = np.arange(N)
+    for g in range(geometries):
+        if not len(alive):
+            break
+        idx = _geometry(len(alive), rng)
+        tree = search_trees(cands_many(np.take_along_axis(q[alive], idx, 1)), 2, MAX_TREE)
+        ok = (tree["nsol"] == 1) & ~tree["aborted"]
+        ranks = np.stack([_digit_orders(len(alive), rng) for _ in range(orders)])
+        out[alive, g * orders:(g + 1) * orders] = np.where(ok[:, None], _dfs_branches(tree, len(alive), ranks), -1)
+        alive = alive[ok]
+    return out
+
+
+def _log_score(samples):
+    """Mean log(1 + rating) of each row's samples: a geometric-mean rating, so one lucky draw with a
+    huge tree counts for less than steady ratings."""
+    return np.log1p(np.maximum(samples, 0)).mean(1)
 
 
 def _propose(q, a, rng):
-    """One move on puzzle q (answer a): swap a clue for a blank (mostly), add a clue, or drop one
-    when at MAX_CLUES. Clues come from the answer, so a unique result keeps that answer."""
+    """One or two moves on puzzle q (answer a); a move swaps a clue for a blank (mostly), adds a
+    clue, or drops one when at MAX_CLUES. Clues come from the answer, so a unique result keeps that
+    answer. Two moves at once let the search cross the many non-unique single-move neighbours."""
     q = q.copy()
-    clues, blanks = np.flatnonzero(q), np.flatnonzero(q == 0)
-    swap = rng.random() < 0.7
-    if swap or len(clues) >= MAX_CLUES:
-        q[rng.choice(clues)] = 0
-    if (swap and len(clues) <= MAX_CLUES) or (not swap and len(clues) < MAX_CLUES):
-        b = rng.choice(blanks)
-        q[b] = a[b]
+    for _ in range(1 + (rng.random() < 0.5)):
+        clues, blanks = np.flatnonzero(q), np.flatnonzero(q == 0)
+        swap = rng.random() < 0.7
+        if swap or len(clues) >= MAX_CLUES:
+            q[rng.choice(clues)] = 0
+        if (swap and len(clues) <= MAX_CLUES) or (not swap and len(clues) < MAX_CLUES):
+            b = rng.choice(blanks)
+            q[b] = a[b]
     return q
 
 
-def _tree_size(q, a, rng):
-    """Branch points of the complete search tree of every puzzle in a random symmetry; -1 where
-    the puzzle has several solutions (or a tree past 20000 branch points)."""
-    qs, _ = augment(q, a, rng)
-    tree = search_trees(cands_many(qs), 2, 20000)
-    return np.where((tree["nsol"] == 1) & ~tree["aborted"], tree["branches"], -1)
-
-
-def _beam_round(pool, rng, emit, kids, min_branches):
-    """One round: re-score the pool, score `kids` proposals per pool puzzle, put children with at
-    least min_branches into `emit` (keyed by symmetry class, first one wins), keep the best
-    len(pool) of pool + unique children. pool: dict of q, a (P, 81) and total, count (P,)."""
+def _beam_round(pool, rng, emit, kids, emit_rating):
+    """One round: re-sample the pool's ratings, rate `kids` proposals per pool puzzle, put children
+    that rate at least emit_rating (median of their samples, then again with VERIFY more symmetries)
+    into `emit` (keyed by symmetry class, first one wins), keep the best len(pool) of pool + unique
+    children. pool: dict of q, a (P, 81), total (sum of per-draw scores) and count (P,)."""
     P = len(pool["q"])
-    pool = dict(pool, total=pool["total"] + _tree_size(pool["q"], pool["a"], rng), count=pool["count"] + 1)
+    pool = dict(pool, total=pool["total"] + _log_score(rate_samples(pool["q"], rng, 1)), count=pool["count"] + 1)
     parent = np.repeat(np.arange(P), kids)
-    q = np.stack([_propose(pool["q"][j], pool["a"][j], rng) for j in parent])
-    size = _tree_size(q, pool["a"][parent], rng)
-    hard = np.flatnonzero(size >= min_branches)
-    hard = hard[_tree_size(q[hard], pool["a"][parent[hard]], rng) >= min_branches]  # and in a second symmetry
-    for i, key in zip(hard, symmetry_key(q[hard])):
-        emit.setdefault(key, (q[i], pool["a"][parent[i]]))
-    new = size >= 0
-    child = dict(q=q[new], a=pool["a"][parent[new]], total=size[new], count=np.ones(new.sum()))
+    q, a = np.stack([_propose(pool["q"][j], pool["a"][j], rng) for j in parent]), pool["a"][parent]
+    s = rate_samples(q, rng, 1)  # one grid symmetry first: most children are clearly worse than the pool
+    score = (pool["total"] + 1.0) / (pool["count"] + 1)
+    go = np.flatnonzero((s[:, 0] >= 0) & (_log_score(s) >= np.quantile(score, CUT)))
+    q, a, s = q[go], a[go], np.concatenate([s[go], rate_samples(q[go], rng, GEOMETRIES - 1)], 1)
+    unique = s[:, 0] >= 0
+    hopeful = np.flatnonzero(unique & (np.median(s, 1) >= emit_rating))
+    if len(hopeful):
+        more = np.concatenate([s[hopeful], rate_samples(q[hopeful], rng, VERIFY)], 1)
+        hard = hopeful[np.median(more, 1) >= emit_rating]
+        for i, key in zip(hard, symmetry_key(q[hard])):
+            emit.setdefault(key, (q[i], a[i]))
+    child = dict(q=q[unique], a=a[unique], total=_log_score(s[unique]) * GEOMETRIES,
+                 count=np.full(unique.sum(), float(GEOMETRIES)))
     both = {k: np.concatenate([pool[k], child[k]]) for k in pool}
     first = np.sort(np.unique(both["q"], axis=0, return_index=True)[1])  # a child equal to a pool puzzle adds nothing
-    score = (both["total"][first] + 5.0) / (both["count"][first] + 1)  # shrink one lucky draw towards 5
+    score = (both["total"][first] + 1.0) / (both["count"][first] + 1)  # shrink few draws towards log(1 + 1.7)
     keep = first[np.argsort(-score, kind="stable")[:P]]
     return {k: v[keep] for k, v in both.items()}
 
@@ -495,25 +549,28 @@ def _random_pool(rng, size):
                 total=np.zeros(size), count=np.zeros(size))
 
 
-def hard_island(seed, island, n=ISLAND, pool=None, kids=None, climb=None, min_branches=None, patience=40,
-                min_rate=2.0, max_rounds=5000):
+def hard_island(seed, island, n=ISLAND, pool=None, kids=None, emit_rating=None, warmup=300, patience=100,
+                min_rate=0.5, max_rounds=20000, progress=None):
     """The first n hard puzzles of island `island` of stream `seed`, in the order the search emits
     them, each in a fresh random symmetry of its own, rated with rate_many (== rate). Deterministic
-    per (seed, island); the first n do not depend on n. Search settings default to HARD; a pool
-    that emits fewer than min_rate puzzles a round over `patience` rounds starts over from new
-    random puzzles (islands differ a lot: some climb into a rich cluster, some do not).
+    per (seed, island); the first n do not depend on n. Search settings default to HARD. A pool
+    that, after `warmup` rounds, emits fewer than min_rate puzzles a round over `patience` rounds
+    starts over from new random puzzles (some pools climb into a rich cluster, some do not).
+    progress(k), if given, is called with the number emitted after every round.
     -> dict question, answer (n, 81), tier (n,) = 2, rating (n,)."""
-    given = dict(pool=pool, kids=kids, climb=climb, min_branches=min_branches)
-    pool, kids, climb, min_branches = [HARD[k] if v is None else v for k, v in given.items()]
+    given = dict(pool=pool, kids=kids, emit_rating=emit_rating)
+    pool, kids, emit_rating = [HARD[k] if v is None else v for k, v in given.items()]
     rng = np.random.default_rng([seed, island, HARD_VERSION])
     state, begun, emit, counts = _random_pool(rng, pool), 0, {}, []
     for r in range(max_rounds):
         if len(emit) >= n:
             break
         counts.append(len(emit))
-        if r - begun >= climb + patience and counts[-1] - counts[-1 - patience] < min_rate * patience:
+        if r - begun >= warmup and counts[-1] - counts[-1 - patience] < min_rate * patience:
             state, begun = _random_pool(rng, pool), r  # a poor pool: climb again from new puzzles
-        state = _beam_round(state, rng, emit if r - begun >= climb else {}, kids, min_branches)
+        state = _beam_round(state, rng, emit, kids, emit_rating)
+        if progress:
+            progress(min(len(emit), n))
     else:
         raise RuntimeError(f"hard_island({seed}, {island}): {len(emit)} of {n} puzzles after {max_rounds} rounds")
     found = list(emit.values())[:n]
@@ -552,9 +609,24 @@ def generate(seed, n, hard=None, workers=None, desc="generating"):
             "rating": np.array([o[3] for o in out], np.int32)}
 
 
+_EMITTED = None  # a pool worker's shared count of emitted hard puzzles (generate_hard's progress bar)
+
+
+def _count_into(counter):
+    """Pool initializer: remember the shared counter."""
+    global _EMITTED
+    _EMITTED = counter
+
+
 def _island(job):
-    """hard_island for a pool worker."""
-    return hard_island(*job)
+    """hard_island for a pool worker, adding what it emits to the shared counter."""
+    last = [0]
+
+    def progress(k):
+        with _EMITTED.get_lock():
+            _EMITTED.value += k - last[0]
+        last[0] = k
+    return hard_island(*job, progress=progress if _EMITTED is not None else None)
 
 
 def generate_hard(seed, n, workers=None, desc="hard puzzles"):
@@ -564,11 +636,22 @@ def generate_hard(seed, n, workers=None, desc="hard puzzles"):
     different random grids; never seen), shifting the ones after it."""
     jobs = [(seed, j, min(ISLAND, n - j * ISLAND)) for j in range(-(-n // ISLAND))]
     workers = min(workers or os.cpu_count() or 1, len(jobs))
-    if workers == 1:  # in-process: no pool to start (tests, one island)
-        parts = [_island(j) for j in tqdm(jobs, desc=desc, unit="island", leave=False)]
-    else:
-        with mp.get_context("fork" if hasattr(os, "fork") else "spawn").Pool(workers) as pool:
-            parts = list(tqdm(pool.imap(_island, jobs), total=len(jobs), desc=desc, unit="island", leave=False))
+    ctx = mp.get_context("fork" if hasattr(os, "fork") else "spawn")
+    counter = ctx.Value("l", 0)
+    with tqdm(total=n, desc=desc, unit="puzzle", leave=False) as bar:
+        if workers == 1:  # in-process: no pool to start (tests, one island)
+            parts = []
+            for job in jobs:
+                before = bar.n
+                parts.append(hard_island(*job, progress=lambda k: bar.update(before + k - bar.n)))
+        else:
+            with ctx.Pool(workers, initializer=_count_into, initargs=(counter,)) as pool:
+                result = pool.map_async(_island, jobs)
+                while not result.ready():
+                    result.wait(1.0)
+                    bar.update(counter.value - bar.n)
+                parts = result.get()
+        bar.update(n - bar.n)
     data = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     seen, keep = set(), []
     for i, key in enumerate(symmetry_key(data["question"])):  # the first of each symmetry class
