@@ -2,6 +2,7 @@
 validation, and 2-process gloo DDP against 1 process with the same global batch."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from functools import partial
@@ -173,3 +174,30 @@ def test_presets_are_defaults_and_the_paper_preset_needs_weights(capsys):
     with pytest.raises(SystemExit):
         train_code.get_args(["--preset", "paper"])
     assert "give --init-from DIR" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the sandbox needs root (it refuses otherwise)")
+def test_synthetic_task_fine_tunes_a_qwen_checkpoint(tmp_path, capsys):
+    """--init-from a Qwen2-layout checkpoint with its own BPE tokenizer, on the default generated
+    problems: rows are tokenized with that tokenizer, the run trains, saves a checkpoint that loads,
+    and solves held-out problems through the sandbox."""
+    transformers = pytest.importorskip("transformers")
+    from test_fastdllm import build_hf_tokenizer
+    from model import from_pretrained
+    tok, tok_dir = build_hf_tokenizer(tmp_path)
+    c = transformers.Qwen2Config(vocab_size=tok.get_vocab_size() + 3, hidden_size=64, intermediate_size=128,
+                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                 max_position_embeddings=1024, tie_word_embeddings=True)
+    d = tmp_path / "qwen"
+    transformers.Qwen2ForCausalLM(c).save_pretrained(str(d))
+    cfg = json.load(open(d / "config.json"))
+    json.dump(cfg | {"bd_size": 8, "mask_token_id": tok.get_vocab_size() - 1}, open(d / "config.json", "w"))
+    for f in ("tokenizer.json", "added_tokens.json"):
+        shutil.copy(os.path.join(tok_dir, f), d / f)
+    r = train_code.main(["--preset", "tiny", "--init-from", str(d), "--max-steps", "2", "--train-problems", "40",
+                         "--eval-problems", "2", "--samples", "1",
+                         "--out-dir", str(tmp_path / "o")])
+    out = capsys.readouterr().out
+    assert r["steps"] == 2 and 0 <= r["pass@1"] <= 1 and "held-out problems: pass@1" in out
+    m = from_pretrained(str(tmp_path / "o" / "hf"))
+    assert m.cfg.vocab_size == c.vocab_size and m.relay is not None
