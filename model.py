@@ -211,10 +211,38 @@ class KVCache:
         self.v[i, :, :, self.len:self.len + T] = v
         return self.k[i, :, :, :self.len + T], self.v[i, :, :, :self.len + T]
 
+    def advance(self, T):
+        """The last forward's T positions join the committed prefix."""
+        self.len += T
+
     def keep(self, rows):
         """Drop finished rows: rows (B',) indices of the rows that stay."""
         if self.k is not None:
             self.k, self.v = self.k[:, rows], self.v[:, rows]
+
+
+class StaticKVCache(KVCache):
+    """A KVCache whose forwards all have one shape, so that one block's forward can be captured in a
+    CUDA graph (batch-1 decoding is bound by kernel launches, not memory): the write position is a
+    device tensor, and attention reads the whole buffer (max_len keys); the caller's mask hides the
+    keys past the forward's own positions. The same tokens as KVCache (tests)."""
+
+    def update(self, i, k, v):
+        B, H, T, hd = k.shape
+        if self.k is None:
+            self.k = k.new_zeros(self.n_layer, B, H, self.max_len, hd)
+            self.v = torch.zeros_like(self.k)
+            self.offset = torch.zeros((), dtype=torch.long, device=k.device)
+        if self.len + T > self.max_len:
+            raise ValueError(f"KV cache full: {self.len} + {T} > max_len {self.max_len}")
+        slot = self.offset + torch.arange(T, device=k.device)
+        self.k[i].index_copy_(2, slot, k)
+        self.v[i].index_copy_(2, slot, v)
+        return self.k[i], self.v[i]
+
+    def advance(self, T):
+        self.len += T
+        self.offset += T
 
 
 class RMSNorm(nn.Module):
@@ -423,7 +451,7 @@ class Transformer(nn.Module):
             else:
                 x = layer(x, cos, sin, attn_mask, kv_cache)
         if kv_cache is not None and commit:
-            kv_cache.len += T
+            kv_cache.advance(T)
         if out is not None:
             x = x[:, out]
         hn = self.norm(x)

@@ -4,7 +4,7 @@ decoding of Fast-dLLM v2 (arXiv 2509.26328), both carrying the relay state betwe
 forwards (arXiv 2605.22967; NOTES.md §1, §4, §6).
 
     python sampler.py --checkpoint out/sudoku/ckpt.pt --n 64 --tau 0.15   # solve generated puzzles
-    python sampler.py --random-init tiny --bench                          # cached vs uncached tok/s
+    python sampler.py --random-init tiny --bench                          # static/cached/uncached tok/s
     python sampler.py --checkpoint DIR --chat --prompt "Write a function that reverses a list."
 
 - sample_mdm: a fixed-length canvas (Sudoku). Greedy argmax, the confidence-mass reveal rule, at most
@@ -32,8 +32,8 @@ from dataclasses import dataclass
 import torch
 
 import sudoku
-from model import (SHAPES, KVCache, block_mask, from_pretrained, load_model, pick_device, random_model,
-                   save_pretrained, shift_right)
+from model import (SHAPES, KVCache, StaticKVCache, block_mask, from_pretrained, load_model, pick_device,
+                   random_model, save_pretrained, shift_right)
 from relay import predict, reveal_confidence_mass
 from runs import nonneg_int, positive_int, unit_float
 from tokenizer import load_tokenizer, save_byte_tokenizer
@@ -108,6 +108,7 @@ class Decode:
     nfe_out: list = None  # per prompt: NFE
     nfe_ref_out: list = None  # per prompt: the reference's NFE
     counts: dict = None  # forward calls by kind, and tokens through the model
+    graphs: "BlockGraphs" = None  # CUDA graphs of the one-block forward (a StaticKVCache on CUDA)
 
     ROWS = ("x", "valid", "pos", "ids", "start", "end", "nfe", "nfe_ref", "ref_done")
 
@@ -163,6 +164,8 @@ def block_forward(model, st, q0, q1, relay=None, commit=False):
     """The active rows' logits and h at batch positions [q0, q1). Cached: the input is [q0, q1)
     against the committed cache. Uncached (the oracle): the input is [0, q1), everything recomputed.
     relay (B', q1 - q0, D) or None; commit=True writes this input's K/V into the cache."""
+    if isinstance(st.cache, StaticKVCache):
+        return static_forward(model, st, q0, q1, relay, commit)
     k0 = q0 if st.cache is not None else 0
     one_block = q1 - k0 <= st.bd_size == model.cfg.bd_size  # the model's own default mask is all True
     m = None if one_block else block_mask(q1, st.bd_size, q0=k0, device=st.x.device)  # (q1 - k0, q1)
@@ -174,6 +177,64 @@ def block_forward(model, st, q0, q1, relay=None, commit=False):
     logits, h = model(st.x[:, k0:q1], pos=st.pos[:, k0:q1], attn_mask=m, relay=relay, kv_cache=st.cache,
                       commit=commit)
     return logits[:, q0 - k0:], h[:, q0 - k0:]  # (B', q1 - q0, V), (B', q1 - q0, D)
+
+
+def static_forward(model, st, q0, q1, relay, commit):
+    """block_forward on a StaticKVCache: the input [q0, q1) attends to all T keys of the batch
+    layout, the mask hiding keys from q1 on (not written yet, or left by an earlier forward) and the
+    padding. Every one-block forward of a call has the same shapes, so on CUDA it replays a graph."""
+    T = st.x.shape[1]
+    m = torch.zeros(q1 - q0, T, dtype=torch.bool, device=st.x.device)
+    m[:, :q1] = block_mask(q1, st.bd_size, q0=q0, device=st.x.device)
+    m = m & (st.valid[:, None, None, :] | ~st.valid[:, None, q0:q1, None])  # (B', 1, q1 - q0, T)
+    st.counts["tokens"] += len(st.x) * (q1 - q0)
+    x, pos = st.x[:, q0:q1], st.pos[:, q0:q1]
+    if st.graphs is not None and q1 - q0 == st.bd_size:
+        logits, h = st.graphs(x, pos, m, relay)
+    else:  # the prefill (one call of its own length), or no graphs (CPU)
+        logits, h = model(x, pos=pos, attn_mask=m, relay=relay, kv_cache=st.cache)
+    if commit:
+        st.cache.advance(q1 - q0)
+    return logits, h
+
+
+class BlockGraphs:
+    """CUDA graphs of the one-block forward on a StaticKVCache, one per (rows, relay given or not):
+    a call copies its inputs into the graph's own tensors and replays it, one launch for the whole
+    forward instead of hundreds. Captured on first use, and again after rows retire (the cache's
+    buffers change). The outputs are the graph's tensors: read them before the next call."""
+
+    def __init__(self, model, cache):
+        self.model, self.cache, self.graphs, self.k = model, cache, {}, None
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def __call__(self, x, pos, mask, relay):
+        if self.cache.k is not self.k:  # new cache buffers: the graphs hold the old ones
+            self.graphs, self.k = {}, self.cache.k
+        key = (len(x), relay is not None)
+        if key not in self.graphs:
+            self.graphs[key] = self.capture(x, pos, mask, relay)
+        graph, inputs, outputs = self.graphs[key]
+        for buf, t in zip(inputs, (x, pos, mask, relay)):
+            if t is not None:
+                buf.copy_(t)
+        graph.replay()
+        return outputs[0], outputs[1].clone()  # h is kept as the next forward's relay
+
+    def capture(self, x, pos, mask, relay):
+        inputs = [t.clone() if t is not None else None for t in (x, pos, mask, relay)]
+        run = lambda: self.model(inputs[0], pos=inputs[1], attn_mask=inputs[2], relay=inputs[3], kv_cache=self.cache)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the graph (allocations, lazy initialisation)
+            for _ in range(2):
+                run()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            outputs = run()
+        self.k = self.cache.k  # the warm-up may have allocated the cache
+        return graph, inputs, outputs
 
 
 def retire(st):
@@ -245,11 +306,13 @@ def commit_block(model, st, q0, q1):
 
 @torch.no_grad()
 def generate(model, prompts, *, max_new_tokens=256, threshold=0.85, bd_size=None, sub_block=8,
-             stop_ids=(), use_cache=True, use_relay=True, pad_id=0):
+             stop_ids=(), use_cache=True, use_relay=True, pad_id=0, static=False):
     """Block decoding of a batch of prompts (lists of token ids) -> (list of generated id lists, stats).
     A row stops after its first stop token once nothing before it is masked (the stop is included),
     or after max_new_tokens; every row produces exactly what it produces alone. use_cache=False
-    recomputes the whole prefix every forward: the oracle. bd_size defaults to the model's."""
+    recomputes the whole prefix every forward: the oracle. static=True: a StaticKVCache, every
+    one-block forward one shape, replayed as a CUDA graph on CUDA (the same tokens). bd_size
+    defaults to the model's."""
     t0 = time.time()
     dev = next(model.parameters()).device
     bd_size = bd_size or model.cfg.bd_size  # one name for the block size, everywhere
@@ -257,7 +320,10 @@ def generate(model, prompts, *, max_new_tokens=256, threshold=0.85, bd_size=None
     check_generate_args(model, prompts, max_new_tokens, bd_size, sub_block)
     st, G = left_pad(prompts, max_new_tokens, bd_size, model.cfg.mask_id, pad_id, dev)
     st.stops = torch.tensor(list(stop_ids), device=dev, dtype=torch.long)
-    st.cache = KVCache(model.cfg.n_layer, st.x.shape[1]) if use_cache else None  # pre-allocated, batch T
+    if static and not use_cache:
+        raise ValueError("static=True is a way of caching: it needs use_cache=True")
+    st.cache = (StaticKVCache if static else KVCache)(model.cfg.n_layer, st.x.shape[1]) if use_cache else None
+    st.graphs = BlockGraphs(model, st.cache) if static and dev.type == "cuda" else None
     relay_on = use_relay and model.relay is not None
     # 2) prefill: the prompts' complete blocks go into the cache
     prefill(model, st, G)
@@ -292,33 +358,48 @@ BENCH_PROMPTS = [
 ]
 
 
+MODES = {"static": dict(static=True), "cached": dict(), "uncached": dict(use_cache=False)}  # --bench rows
+
+
 def bench(model, tok, args, gen_kw):
-    """Cached vs uncached tokens/s over BENCH_PROMPTS, one prompt at a time, after a warm-up.
-    Counts generated tokens only; generate() synchronises the device before it stops the clock."""
-    rows = []
-    cuda = args.device.startswith("cuda")
+    """Per new-token length, one prompt at a time over BENCH_PROMPTS after a warm-up: tokens/s,
+    forwards/s and ms per forward of each decoding mode -- static (StaticKVCache; CUDA graphs on
+    CUDA), cached (KVCache) and uncached (the oracle) -- and whether their tokens equal the oracle's.
+    Then --bench-batch rows: static decoding of B prompts at once. Random weights reveal about one
+    token per forward, real ones several: tokens/s and forwards/s say different things."""
+    rows, cuda = [], args.device.startswith("cuda")
+
+    def run(prompts, n, mode):
+        generate(model, prompts[:1], **{**gen_kw, **MODES[mode], "max_new_tokens": 8})  # warm-up (and capture)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        out, st = generate(model, prompts, **{**gen_kw, **MODES[mode], "max_new_tokens": n})
+        return out, {"tokens_per_s": sum(st["new_tokens"]) / st["seconds"], "forwards_per_s": st["forward_calls"] /
+                     st["seconds"], "ms_per_forward": 1e3 * st["seconds"] / st["forward_calls"], "seconds": st["seconds"],
+                     "new_tokens": sum(st["new_tokens"]), "nfe": sum(st["nfe"]) / len(prompts),
+                     "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None}
+
+    chats = [tok.encode(tok.chat(p)) for p in BENCH_PROMPTS]
     for n in args.bench_lengths:
-        res = {}
-        for cache in (True, False):
-            generate(model, [tok.encode(BENCH_PROMPTS[0])], **{**gen_kw, "max_new_tokens": 8, "use_cache": cache})
-            if cuda:
-                torch.cuda.reset_peak_memory_stats()
-            outs, secs, nfe, toks = [], 0.0, 0, 0
-            for prompt in BENCH_PROMPTS:
-                ids = tok.encode(tok.chat(prompt))
-                o, st = generate(model, [ids], **{**gen_kw, "max_new_tokens": n, "use_cache": cache})
-                outs.append(o[0])
-                secs, nfe, toks = secs + st["seconds"], nfe + st["nfe"][0], toks + st["new_tokens"][0]
-            res[cache] = {"tokens_per_s": toks / secs, "nfe": nfe / len(BENCH_PROMPTS), "new_tokens": toks,
-                          "outs": outs, "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None}
-        c, u = res[True], res[False]
-        rows.append({"max_new_tokens": n, "cached_tok_s": c["tokens_per_s"], "uncached_tok_s": u["tokens_per_s"],
-                     "speedup": c["tokens_per_s"] / u["tokens_per_s"], "nfe": c["nfe"], "new_tokens": c["new_tokens"],
-                     "same_tokens": c["outs"] == u["outs"], "cached_peak_gib": c["peak_gib"],
-                     "uncached_peak_gib": u["peak_gib"]})
-        r = rows[-1]
-        print(f"{n:>8} new tokens | cached {r['cached_tok_s']:8.1f} tok/s | uncached {r['uncached_tok_s']:8.1f} tok/s"
-              f" | x{r['speedup']:5.2f} | NFE {r['nfe']:7.1f} | same tokens {r['same_tokens']}", flush=True)
+        res = {m: [run([ids], n, m) for ids in chats] for m in MODES}  # per mode: [(out, stats)] per prompt
+        row = {"max_new_tokens": n, "batch": 1}
+        for m, runs in res.items():
+            secs = sum(r[1]["seconds"] for r in runs)
+            row[m] = {"tokens_per_s": sum(r[1]["new_tokens"] for r in runs) / secs,
+                      "ms_per_forward": sum(r[1]["ms_per_forward"] * r[1]["seconds"] for r in runs) / secs,
+                      "same_tokens": [r[0] for r in runs] == [r[0] for r in res["uncached"]],
+                      "nfe": sum(r[1]["nfe"] for r in runs) / len(runs), "peak_gib": runs[-1][1]["peak_gib"]}
+        row["static_vs_uncached"] = row["static"]["tokens_per_s"] / row["uncached"]["tokens_per_s"]
+        rows.append(row)
+        print(f"{n:>6} new tokens, batch 1 | " + " | ".join(
+            f"{m} {row[m]['tokens_per_s']:8.1f} tok/s {row[m]['ms_per_forward']:6.2f} ms/fwd" for m in MODES)
+            + f" | same tokens {all(row[m]['same_tokens'] for m in MODES)}", flush=True)
+    for B in args.bench_batch:
+        prompts = [chats[i % len(chats)] for i in range(B)]
+        out, st = run(prompts, args.bench_lengths[-1], "static")
+        rows.append({"max_new_tokens": args.bench_lengths[-1], "batch": B, "static": st})
+        print(f"{args.bench_lengths[-1]:>6} new tokens, batch {B} | static {st['tokens_per_s']:8.1f} tok/s "
+              f"{st['forwards_per_s']:7.1f} fwd/s {st['ms_per_forward']:6.2f} ms/fwd", flush=True)
     return rows
 
 
@@ -346,13 +427,16 @@ def get_args(argv=None):
     p.add_argument("--sub-block", type=positive_int, default=8, help="sub-block size: decoded strictly in order")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole prefix every forward (oracle)")
     p.add_argument("--no-relay", action="store_true", help="do not carry the relay state")
+    p.add_argument("--static", action="store_true", help="one-shape cache, CUDA graphs on CUDA (the same tokens)")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="weights dtype; auto = bfloat16 on CUDA, float32 elsewhere")
     p.add_argument("--seed", type=nonneg_int, default=0,
                    help="random-init weights; Sudoku puzzles (decoding is greedy)")
-    p.add_argument("--bench", action="store_true", help="cached vs uncached tokens/s table, JSON line last")
+    p.add_argument("--bench", action="store_true", help="static / cached / uncached decoding speed, JSON line last")
     p.add_argument("--bench-lengths", type=positive_int, nargs="+", default=[64, 256, 1024], help="--bench: new tokens")
+    p.add_argument("--bench-batch", type=positive_int, nargs="*", default=[8, 32],
+                   help="--bench: static decoding of this many prompts at once (at the last length)")
     p.add_argument("--save", help="with --random-init: write the model and tokenizer as a checkpoint directory")
     p.add_argument("--n", type=positive_int, default=64, help="Sudoku: generated puzzles that need search")
     p.add_argument("--tau", type=unit_float, default=0.15, help="Sudoku: reveal threshold")
@@ -398,7 +482,8 @@ def main(argv=None):
     if args.prompt is None:
         p.error("give --prompt or --prompt-file (or --bench)")
     ids = tok.encode(tok.chat(args.prompt) if args.chat else args.prompt)
-    out, st = generate(model, [ids], max_new_tokens=args.max_new_tokens, use_cache=not args.no_cache, **gen_kw)
+    out, st = generate(model, [ids], max_new_tokens=args.max_new_tokens, use_cache=not args.no_cache,
+                       static=args.static and not args.no_cache, **gen_kw)
     print(tok.decode(out[0], skip_special=True))
     print(json.dumps({"tokens": out[0], "prompt_tokens": len(ids), **st}))
 

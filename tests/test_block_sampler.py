@@ -30,6 +30,22 @@ def test_cached_equals_uncached_and_batch_equals_alone(llm, use_relay):
     assert any(nfe < KW["max_new_tokens"] for nfe in st_c["nfe"])  # the threshold revealed > 1 token per step
 
 
+@pytest.mark.parametrize("use_relay", [True, False])
+def test_static_cache_equals_the_dynamic_cache(llm, use_relay):
+    """The one-shape path (StaticKVCache: writes at a device offset, attends to every key under a
+    mask; CUDA graphs replay it) gives the same tokens and counts, also when rows stop and leave."""
+    free, _ = generate(llm, PROMPTS, use_relay=use_relay, **KW)
+    kw = {**KW, "stop_ids": [free[1][5]]}  # rows stop at different blocks
+    for k in (KW, kw):
+        dyn, st_d = generate(llm, PROMPTS, use_relay=use_relay, **k)
+        sta, st_s = generate(llm, PROMPTS, use_relay=use_relay, static=True, **k)
+        assert sta == dyn and st_s["nfe"] == st_d["nfe"] and st_s["nfe_ref"] == st_d["nfe_ref"]
+        assert st_s["forward_calls"] == st_d["forward_calls"]
+    assert [len(o) for o in sta] != [len(o) for o in free]  # some row did stop early
+    with pytest.raises(ValueError, match="static=True"):
+        generate(llm, PROMPTS, use_cache=False, static=True, **KW)
+
+
 def test_relay_changes_the_generation(llm):
     assert generate(llm, PROMPTS, **KW)[0] != generate(llm, PROMPTS, use_relay=False, **KW)[0]
 
