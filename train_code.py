@@ -63,7 +63,8 @@ TINY = SHAPES["tiny"]  # the cpu preset's model: a 0.8M Qwen2.5-shaped byte mode
 PRESETS = {  # flag defaults per preset; "cpu" is what the add_argument defaults below already say
     "cpu": {},
     "paper": dict(sft_frac=0.0, lr=5e-6, batch_size=64, micro_batch=2, max_steps=200, seq_len=2048,
-                  dtype="bfloat16", lr_epochs=3.0, beta2=0.999),  # the authors' launcher: 3-epoch cosine, HF AdamW
+                  dtype="bfloat16", lr_epochs=3.0, beta2=0.999, buffers="process"),  # the authors' launcher:
+    # 3-epoch cosine, HF AdamW, one rollout buffer per process
     "tiny": dict(n_layer=2, n_embd=32, n_head=4, n_kv_head=2, n_ffn=64, bd_size=16, seq_len=384, batch_size=4,
                  micro_batch=2, lr=3e-3, max_steps=4, sft_frac=0.0, eval_every=2, ckpt_every=2, train_problems=200,
                  eval_problems=0),
@@ -97,6 +98,9 @@ def get_args(argv=None):
     p.add_argument("--batch-size", type=positive_int, default=16, help="global rows per optimizer step")
     p.add_argument("--micro-batch", type=nonneg_int, default=0, help="rows per process per forward (and rollout buffer "
                    "size); 0 = batch size / processes, no accumulation")
+    p.add_argument("--buffers", choices=("chunk", "process"), default="chunk", help="rollout buffers: one per "
+                   "accumulation chunk (any split of a global batch over processes trains the same) or one per "
+                   "process, advanced at every micro-step, as the authors do (then the split changes training)")
     p.add_argument("--seq-len", type=positive_int, default=384, help="tokens per row (a multiple of the block size)")
     p.add_argument("--lr", type=positive_float, default=3e-3, help="peak learning rate (cosine to 10%% after warmup)")
     p.add_argument("--warmup-frac", type=unit_float, default=0.03, help="linear warmup, fraction of the schedule")
@@ -318,9 +322,11 @@ def resume(args, d, path, raw, opt, streams, gens, bufs):
         raise FileNotFoundError(f"--resume: no checkpoint at {path} (check --out-dir)")
     ck = load_checkpoint(path, kind="code")
     diff = {k: (v, ck["config"].get(k)) for k, v in raw.config_dict().items() if ck["config"].get(k) != v}
-    if diff or ck["world"] != d.world or ck["args"]["objective"] != args.objective:
+    buffers = ck["args"].get("buffers", "chunk")
+    if diff or ck["world"] != d.world or ck["args"]["objective"] != args.objective or buffers != args.buffers:
         raise ValueError(f"{path} was trained with another setup: config {diff} (ours, theirs), world "
-                         f"{ck['world']} vs {d.world}, objective {ck['args']['objective']} vs {args.objective}")
+                         f"{ck['world']} vs {d.world}, objective {ck['args']['objective']} vs {args.objective}, "
+                         f"--buffers {buffers} vs {args.buffers}")
     if args.fsdp:
         opts = StateDictOptions(full_state_dict=True)
         set_model_state_dict(raw, ck["model"], options=opts)
@@ -417,8 +423,9 @@ def train_step(args, d, step, model, fwd_model, opt, streams, gens, bufs, ctx):
                     x0, fixed = streams[i](args.micro_batch)  # (b, L) tokens, (b, L) prompt/padding mask
                     loss = sft_loss(fwd_model, x0, fixed, gens[i])
                 else:  # finished trajectories take fresh rows; K forwards of [canvas ‖ x0]
-                    bufs[i].refill(streams[i])
-                    loss = rollout_loss(fwd_model, bufs[i], args.K, args.objective, reveal, doubled=True)
+                    buf = bufs[i % len(bufs)]  # --buffers process: one buffer, advanced at every micro-step
+                    buf.refill(streams[i])
+                    loss = rollout_loss(fwd_model, buf, args.K, args.objective, reveal, doubled=True)
             (loss / len(streams)).backward()  # gradients of the mean over chunks, as one big batch
         total += loss.detach() / len(streams)
     # 3) clip, step; the logged loss is averaged over the processes
@@ -502,8 +509,9 @@ def main(argv=None):
     streams = [Rows(train_data, args.seq_len, args.seed, c, pad_id, d.device, bucket) for c in chunks]
     val_rows = Rows(val_data, args.seq_len, args.seed, 10 ** 6, pad_id, d.device)
     gens = [torch.Generator(device=d.device).manual_seed(args.seed * 1000 + c) for c in chunks]
+    n_bufs = (len(chunks) if args.buffers == "chunk" else 1) if args.objective != "sft" else 0
     bufs = [RolloutBuffer(args.micro_batch, args.seq_len, raw.cfg.n_embd, raw.cfg.mask_id, d.device)
-            for _ in chunks] if args.objective != "sft" else []
+            for _ in range(n_bufs)]
     # 3) resume
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     step = resume(args, d, ckpt_path, raw, opt, streams, gens, bufs) if args.resume else 0

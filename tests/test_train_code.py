@@ -201,3 +201,21 @@ def test_synthetic_task_fine_tunes_a_qwen_checkpoint(tmp_path, capsys):
     assert r["steps"] == 2 and 0 <= r["pass@1"] <= 1 and "held-out problems: pass@1" in out
     m = from_pretrained(str(tmp_path / "o" / "hf"))
     assert m.cfg.vocab_size == c.vocab_size and m.relay is not None
+
+
+def test_one_rollout_buffer_per_process_is_advanced_at_every_micro_step(tmp_path):
+    """--buffers process (the authors' way, the paper preset's default): one buffer per process
+    serves every accumulation chunk, so its trajectories move at every micro-step and training
+    differs from one buffer per chunk; a checkpoint resumes only with the same choice."""
+    common = ["--objective", "relay", "--max-steps", "2", "--batch-size", "4", "--micro-batch", "2"]
+    runs = {b: run_main(common + ["--buffers", b, "--out-dir", str(tmp_path / b)]) for b in ("chunk", "process")}
+    ck = {b: torch.load(tmp_path / b / "ckpt.pt", weights_only=False) for b in runs}
+    assert [len(ck[b]["ranks"][0]["bufs"]) for b in ("chunk", "process")] == [2, 1]
+    # the one buffer took 2 x K reveal steps per optimizer step, chunk 0's buffer K: their masks differ
+    mask_id = byte_tokenizer().mask_id
+    masked = {b: int((ck[b]["ranks"][0]["bufs"][0]["x"] == mask_id).sum()) for b in runs}
+    assert masked["process"] < masked["chunk"]
+    assert any(not torch.equal(ck["chunk"]["model"][k], ck["process"]["model"][k]) for k in ck["chunk"]["model"])
+    assert train_code.get_args(["--preset", "paper", "--init-from", "D"]).buffers == "process"
+    with pytest.raises(ValueError, match="--buffers process vs chunk"):
+        run_main(common + ["--buffers", "chunk", "--max-steps", "3", "--resume", "--out-dir", str(tmp_path / "process")])
