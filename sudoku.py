@@ -463,8 +463,8 @@ def symmetry_key(boards, rounds=4):
 # rating is at least `emit_rating` -- confirmed on VERIFY more grid symmetries -- is emitted, one
 # per symmetry class, and stored in a fresh symmetry. The sample median overestimates what an
 # emitted puzzle rates in that fresh symmetry (the search keeps the lucky draws of many similar
-# children): emitting at 40 gave a stored median of 25, at 60 about 45 (RESULTS.md; `python
-# bench/sudoku_data.py` prints the numbers).
+# children): emitting at 40 gave a stored median of 25, at 60 38.5 and 48 on two islands
+# (RESULTS.md; `python bench/sudoku_data.py` prints the numbers).
 
 HARD_VERSION = 3   # bump when anything below changes what a seed produces
 ISLAND = 1000      # hard puzzles per island: puzzle i of a stream is puzzle i % ISLAND of island i // ISLAND
@@ -554,8 +554,8 @@ def _random_pool(rng, size):
                 total=np.zeros(size), count=np.zeros(size))
 
 
-def hard_island(seed, island, n=ISLAND, pool=None, kids=None, emit_rating=None, warmup=300, patience=100,
-                min_rate=0.5, max_rounds=20000, progress=None):
+def hard_island(seed, island, n=ISLAND, pool=None, kids=None, emit_rating=None, warmup=200, patience=50,
+                min_rate=0.3, max_rounds=20000, progress=None):
     """The first n hard puzzles of island `island` of stream `seed`, in the order the search emits
     them, each in a fresh random symmetry of its own, rated with rate_many (== rate). Deterministic
     per (seed, island); the first n do not depend on n. Search settings default to HARD. A pool
