@@ -3,13 +3,14 @@ bench/sudoku_data.py — the default tiered Sudoku train and test sets (sudoku.l
 each tier is by sudoku.rate, a histogram figure, and generator speed per tier.
 
     python bench/sudoku_data.py --n-train 400 --n-test 200 --speed 0 --speed-hard 0   # a quick look (minutes)
-    python bench/sudoku_data.py                      # the figure in assets/ and speeds (~30 min on 2 cores)
+    python bench/sudoku_data.py                      # the figure in assets/ and speeds (~1.5 h on 2 cores)
 
 Sets come from (and go to) the cache in --data-dir, so a second run only re-plots. The speed part
 times each tier's generator on fresh puzzles with --workers processes: --speed puzzles of tiers 0
 and 1, --speed-hard of tier 2 (default: one whole island per process, since an island's first
-puzzles cost its whole climb), and reports puzzles/s and puzzles/s per process. Every rating is rate() of the puzzle as stored, which the
-hard tier stores in a fresh random symmetry (rate depends on the symmetry). Prints one JSON line last.
+puzzles cost its whole climb), and reports puzzles/s and puzzles/s per process (hard tier: ~0.5
+per core). Every rating is rate() of the puzzle as stored, which the hard tier stores in a fresh
+random symmetry (rate depends on the symmetry). Prints one JSON line last.
 """
 import argparse
 import json
