@@ -463,7 +463,7 @@ def symmetry_key(boards, rounds=4):
 # rating is at least `emit_rating` -- confirmed on VERIFY more grid symmetries -- is emitted, one
 # per symmetry class, and stored in a fresh symmetry. The sample median overestimates what an
 # emitted puzzle rates in that fresh symmetry (the search keeps the lucky draws of many similar
-# children): emitting at 40 gave a stored median of 25, at 60 38.5 and 48 on two islands
+# children): emitting at 40 gave a stored median of 25, at 60 29 to 48 on three islands
 # (RESULTS.md; `python bench/sudoku_data.py` prints the numbers).
 
 HARD_VERSION = 3   # bump when anything below changes what a seed produces
