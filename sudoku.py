@@ -466,7 +466,7 @@ def symmetry_key(boards, rounds=4):
 # children): emitting at 40 gave a stored median of 25, at 60 29 to 48 on three islands
 # (RESULTS.md; `python bench/sudoku_data.py` prints the numbers).
 
-HARD_VERSION = 3   # bump when anything below changes what a seed produces
+HARD_VERSION = 4   # bump when anything below changes what a seed produces
 ISLAND = 1000      # hard puzzles per island: puzzle i of a stream is puzzle i % ISLAND of island i // ISLAND
 HARD = dict(pool=128, kids=8, emit_rating=60)  # the search
 GEOMETRIES, ORDERS, VERIFY = 3, 4, 4  # rating samples of a child: grid symmetries x digit orders; more to confirm
@@ -518,6 +518,37 @@ def _propose(q, a, rng):
     return q
 
 
+def _second_solution(q, a, parent_q, rng, tries=2, follow=0.7):
+    """(N,) bool: True where random dives found a solution of child q other than its answer a, so
+    the child is not unique. It never says True wrongly; it misses some, which rate_samples drops.
+    Any other solution differs from a at a clue the parent (unique, answer a) had and the child
+    lacks, else it would solve the parent too. So each dive rules a's digit out at one such cell,
+    then guesses at the first fewest-candidate cell, taking a's digit with probability `follow`
+    (another solution mostly agrees with a) until the board is solved or contradicts. Most
+    children are not unique and their search trees are wide: this check costs a fraction."""
+    gone = (parent_q > 0) & (q == 0)  # (N, 81) the clues the moves took away
+    rows = np.repeat(np.flatnonzero(gone.any(1)), tries)  # a child without such a cell is unique
+    pick = (rng.random((len(rows), 81)) * gone[rows]).argmax(1)  # a random one of its taken clues
+    x = cands_many(q[rows])
+    x[np.arange(len(rows)), pick] = ALL & ~(1 << (a[rows, pick].astype(np.int64) - 1))
+    found = np.zeros(len(q), bool)
+    while len(rows):
+        x, ok = propagate_many(x)
+        solved = ok & ~_multi(x).any(1)
+        found[rows[solved]] = True
+        go = ok & ~solved & ~found[rows]
+        x, rows = x[go], rows[go]
+        count = POP_NP[x]
+        count[count < 2] = 10
+        best = count.argmin(1)  # (M,) the cell to guess at
+        cb = x[np.arange(len(x)), best].astype(np.int64)
+        guess = (rng.random((len(x), 9)) * (cb[:, None] >> np.arange(9) & 1)).argmax(1)  # a random candidate
+        ad = a[rows, best].astype(np.int64) - 1
+        guess = np.where((rng.random(len(x)) < follow) & (cb >> ad & 1 == 1), ad, guess)
+        x[np.arange(len(x)), best] = 1 << guess
+    return found
+
+
 def _beam_round(pool, rng, emit, kids, emit_rating):
     """One round: re-sample the pool's ratings, rate `kids` proposals per pool puzzle, put children
     that rate at least emit_rating (median of their samples, then again with VERIFY more symmetries)
@@ -527,6 +558,8 @@ def _beam_round(pool, rng, emit, kids, emit_rating):
     pool = dict(pool, total=pool["total"] + _log_score(rate_samples(pool["q"], rng, 1)), count=pool["count"] + 1)
     parent = np.repeat(np.arange(P), kids)
     q, a = np.stack([_propose(pool["q"][j], pool["a"][j], rng) for j in parent]), pool["a"][parent]
+    other = _second_solution(q, a, pool["q"][parent], rng)
+    q, a = q[~other], a[~other]
     s = rate_samples(q, rng, 1)  # one grid symmetry first: most children are clearly worse than the pool
     score = (pool["total"] + 1.0) / (pool["count"] + 1)
     go = np.flatnonzero((s[:, 0] >= 0) & (_log_score(s) >= np.quantile(score, CUT)))

@@ -205,6 +205,22 @@ def test_rate_samples_are_rate_in_renamed_symmetries(hard):
     assert (sudoku.rate_samples(two, rng) == -1).all()
 
 
+def test_second_solution_screen_is_never_wrong_and_catches_most(hard):
+    # the climb drops children the dives prove not unique before rating them: a unique child must
+    # never be flagged, and most non-unique ones should be, or the screen saves nothing
+    rng = np.random.default_rng(4)
+    pq, pa = hard["question"], hard["answer"]
+    parent = np.repeat(np.arange(len(pq)), 40)
+    q = np.stack([sudoku._propose(pq[j], pa[j], rng) for j in parent])
+    flagged = sudoku._second_solution(q, pa[parent], pq[parent], rng)
+    unique = np.array([len(sudoku.solve(x, limit=2)[0]) == 1 for x in q])
+    assert not (flagged & unique).any()
+    assert (~unique).sum() >= 20 and (flagged & ~unique).sum() >= 0.5 * (~unique).sum()
+    added = pq.copy()  # only adding clues keeps a unique puzzle unique: nothing to dive from
+    added[np.arange(len(pq)), (pq == 0).argmax(1)] = pa[np.arange(len(pq)), (pq == 0).argmax(1)]
+    assert not sudoku._second_solution(added, pa, pq, rng).any()
+
+
 def test_hard_island_valid_unique_distinct_deterministic(hard):
     q, a = hard["question"], hard["answer"]
     assert sudoku.is_legal(a).all() and ((q == 0) | (q == a)).all()
