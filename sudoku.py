@@ -457,14 +457,19 @@ def symmetry_key(boards, rounds=4):
 # the digits only changes the order in which a tree is visited).
 #
 # An island is one seeded search: a pool of `pool` unique puzzles; every round each proposes `kids`
-# children (one or two moves: swap a clue for a blank, add a clue from the answer, or drop one),
-# the pool keeps the best by mean log(1 + rating) over every sample drawn so far (pool puzzles get
-# new samples each round, so a lucky draw does not stay on top), and a child whose median sampled
-# rating is at least `emit_rating` -- confirmed on VERIFY more grid symmetries -- is emitted, one
-# per symmetry class, and stored in a fresh symmetry. The sample median overestimates what an
-# emitted puzzle rates in that fresh symmetry (the search keeps the lucky draws of many similar
-# children): emitting at 40 gave a stored median of 25, at 60 29 to 48 on three islands
-# (RESULTS.md; `python bench/sudoku_data.py` prints the numbers).
+# children (one or two moves: swap a clue for a blank, add a clue from the answer, or drop one).
+# Most children are not unique; random dives (_second_solution) prove most of those so before
+# any search tree is built. The pool keeps the best by mean log(1 + rating) over every sample
+# drawn so far (pool puzzles get new samples each round, so a lucky draw does not stay on top),
+# and a child whose median sampled rating is at least `emit_rating` -- confirmed on VERIFY more
+# grid symmetries -- is emitted, one per symmetry class, and stored in a fresh symmetry. The
+# sample median overestimates what an emitted puzzle rates in that fresh symmetry: within the
+# cluster an island climbs into, one puzzle's ratings over symmetries spread from ~5 to ~160 and
+# its median over 16 of them predicts fresh draws poorly (correlation 0.2), so the search keeps
+# lucky draws and a set's stored median is about its cluster's (emitting at 40 gave 25, at 60 29
+# to 48 on three islands; stricter checks of fresh draws do not raise it). Most pools stall at
+# a geometric-mean rating of 10-20; some find a rich cluster after 60-150 rounds and then emit
+# about one puzzle a round, so a pool that does not emit starts over (RESULTS.md).
 
 HARD_VERSION = 4   # bump when anything below changes what a seed produces
 ISLAND = 1000      # hard puzzles per island: puzzle i of a stream is puzzle i % ISLAND of island i // ISLAND
@@ -552,8 +557,9 @@ def _second_solution(q, a, parent_q, rng, tries=2, follow=0.7):
 def _beam_round(pool, rng, emit, kids, emit_rating):
     """One round: re-sample the pool's ratings, rate `kids` proposals per pool puzzle, put children
     that rate at least emit_rating (median of their samples, then again with VERIFY more symmetries)
-    into `emit` (keyed by symmetry class, first one wins), keep the best len(pool) of pool + unique
-    children. pool: dict of q, a (P, 81), total (sum of per-draw scores) and count (P,)."""
+    into `emit` (keyed by symmetry class, first one wins), keep the best len(pool) of
+    pool + unique children. pool: dict of q, a (P, 81), total (sum of per-draw
+    scores) and count (P,)."""
     P = len(pool["q"])
     pool = dict(pool, total=pool["total"] + _log_score(rate_samples(pool["q"], rng, 1)), count=pool["count"] + 1)
     parent = np.repeat(np.arange(P), kids)
@@ -593,7 +599,8 @@ def hard_island(seed, island, n=ISLAND, pool=None, kids=None, emit_rating=None, 
     them, each in a fresh random symmetry of its own, rated with rate_many (== rate). Deterministic
     per (seed, island); the first n do not depend on n. Search settings default to HARD. A pool
     that, after `warmup` rounds, emits fewer than min_rate puzzles a round over `patience` rounds
-    starts over from new random puzzles (some pools climb into a rich cluster, some do not).
+    starts over from new random puzzles (some pools climb into a rich cluster within 60-150
+    rounds, most do not).
     progress(k), if given, is called with the number emitted after every round.
     -> dict question, answer (n, 81), tier (n,) = 2, rating (n,)."""
     given = dict(pool=pool, kids=kids, emit_rating=emit_rating)
