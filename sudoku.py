@@ -461,20 +461,21 @@ def symmetry_key(boards, rounds=4):
 # Most children are not unique; random dives (_second_solution) prove most of those so before
 # any search tree is built. The pool keeps the best by mean log(1 + rating) over every sample
 # drawn so far (pool puzzles get new samples each round, so a lucky draw does not stay on top),
-# and a child whose median sampled rating is at least `emit_rating` -- confirmed on VERIFY more
-# grid symmetries -- is emitted, one per symmetry class, and stored in a fresh symmetry. The
-# sample median overestimates what an emitted puzzle rates in that fresh symmetry: within the
-# cluster an island climbs into, one puzzle's ratings over symmetries spread from ~5 to ~160 and
-# its median over 16 of them predicts fresh draws poorly (correlation 0.2), so the search keeps
-# lucky draws and a set's stored median is about its cluster's (emitting at 40 gave 25, at 60 29
-# to 48 on three islands; stricter checks of fresh draws do not raise it). Most pools stall at
-# a geometric-mean rating of 10-20; some find a rich cluster after 60-150 rounds and then emit
-# about one puzzle a round, so a pool that does not emit starts over (RESULTS.md).
+# and a child whose median rating over VERIFY fresh grid symmetries is at least `emit_rating` is
+# emitted, one per symmetry class, and stored in a fresh symmetry. Even that median overestimates
+# what an emitted puzzle rates in the stored symmetry: within the cluster an island climbs into,
+# one puzzle's ratings over symmetries spread from ~5 to ~160 and its median over 16 of them
+# predicts fresh draws poorly (correlation 0.2), so a set's stored median is about its cluster's
+# (fresh medians >= 60 or >= 70 both gave 40 on one cluster). Deciding on the search's own draws
+# was worse: they are the lucky ones it kept (that rule at 60 stored medians of 29-48). Most
+# pools stall at a geometric-mean rating of 10-20; some find a rich cluster after 60-150 rounds
+# and then emit about one puzzle a round, so a pool that does not emit starts over (RESULTS.md).
 
 HARD_VERSION = 4   # bump when anything below changes what a seed produces
 ISLAND = 1000      # hard puzzles per island: puzzle i of a stream is puzzle i % ISLAND of island i // ISLAND
 HARD = dict(pool=128, kids=8, emit_rating=60)  # the search
-GEOMETRIES, ORDERS, VERIFY = 3, 4, 4  # rating samples of a child: grid symmetries x digit orders; more to confirm
+GEOMETRIES, ORDERS = 3, 4  # rating samples of a child: grid symmetries x digit orders
+HOPEFUL, VERIFY = 0.5, 8   # a child whose median is >= HOPEFUL * emit_rating is rated in VERIFY fresh symmetries
 CUT = 0.0  # children rated below this quantile of the pool's scores in their first symmetry are dropped
            # (0: below the worst pool puzzle; 0.25 stalls the climb: it removes the exploring children)
 MAX_CLUES = 25     # moves keep at most this many clues (Sudoku-Extreme: 24.6 on average)
@@ -556,8 +557,8 @@ def _second_solution(q, a, parent_q, rng, tries=2, follow=0.7):
 
 def _beam_round(pool, rng, emit, kids, emit_rating):
     """One round: re-sample the pool's ratings, rate `kids` proposals per pool puzzle, put children
-    that rate at least emit_rating (median of their samples, then again with VERIFY more symmetries)
-    into `emit` (keyed by symmetry class, first one wins), keep the best len(pool) of
+    that rate at least emit_rating (median over VERIFY fresh symmetries, for those whose first
+    samples look hopeful) into `emit` (keyed by symmetry class, first one wins), keep the best len(pool) of
     pool + unique children. pool: dict of q, a (P, 81), total (sum of per-draw
     scores) and count (P,)."""
     P = len(pool["q"])
@@ -571,10 +572,9 @@ def _beam_round(pool, rng, emit, kids, emit_rating):
     go = np.flatnonzero((s[:, 0] >= 0) & (_log_score(s) >= np.quantile(score, CUT)))
     q, a, s = q[go], a[go], np.concatenate([s[go], rate_samples(q[go], rng, GEOMETRIES - 1)], 1)
     unique = s[:, 0] >= 0
-    hopeful = np.flatnonzero(unique & (np.median(s, 1) >= emit_rating))
-    if len(hopeful):
-        more = np.concatenate([s[hopeful], rate_samples(q[hopeful], rng, VERIFY)], 1)
-        hard = hopeful[np.median(more, 1) >= emit_rating]
+    hopeful = np.flatnonzero(unique & (np.median(s, 1) >= HOPEFUL * emit_rating))
+    if len(hopeful):  # decide on fresh draws only: the first ones are the lucky ones the search kept
+        hard = hopeful[np.median(rate_samples(q[hopeful], rng, VERIFY), 1) >= emit_rating]
         for i, key in zip(hard, symmetry_key(q[hard])):
             emit.setdefault(key, (q[i], a[i]))
     child = dict(q=q[unique], a=a[unique], total=_log_score(s[unique]) * GEOMETRIES,
