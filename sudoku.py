@@ -277,6 +277,15 @@ def propagate_many(c):
     return c.reshape(81, -1).T.copy(), ok
 
 
+def _branch_cell(x):
+    """x (M, 81) candidate masks -> (cell (M,), its candidates (M,)): the first cell with the
+    fewest candidates (more than one), the cell _search branches on."""
+    count = POP_NP[x]
+    count[count < 2] = 10
+    best = count.argmin(1)
+    return best, x[np.arange(len(x)), best]
+
+
 def search_trees(c, limit=2, max_branches=20000):
     """Breadth-first search of the tree `_search` walks depth first (same propagation, same branch
     cell, children in digit order) for every row of c (N, 81), stopping a row at `limit`
@@ -300,10 +309,7 @@ def search_trees(c, limit=2, max_branches=20000):
         sol_digits.append(DIGIT_NP[x[solved]])
         idx = np.flatnonzero(inner)
         x = x[idx]
-        count = POP_NP[x]
-        count[count < 2] = 10
-        best = count.argmin(1)  # first cell with the fewest candidates, as _search
-        cb = x[np.arange(len(x)), best]
+        best, cb = _branch_cell(x)
         kids = []
         for d in range(9):  # children in digit order
             has = np.flatnonzero(cb >> d & 1)
@@ -544,10 +550,8 @@ def _second_solution(q, a, parent_q, rng, tries=2, follow=0.7):
         found[rows[solved]] = True
         go = ok & ~solved & ~found[rows]
         x, rows = x[go], rows[go]
-        count = POP_NP[x]
-        count[count < 2] = 10
-        best = count.argmin(1)  # (M,) the cell to guess at
-        cb = x[np.arange(len(x)), best].astype(np.int64)
+        best, cb = _branch_cell(x)  # the cell to guess at
+        cb = cb.astype(np.int64)
         guess = (rng.random((len(x), 9)) * (cb[:, None] >> np.arange(9) & 1)).argmax(1)  # a random candidate
         ad = a[rows, best].astype(np.int64) - 1
         guess = np.where((rng.random(len(x)) < follow) & (cb >> ad & 1 == 1), ad, guess)
@@ -558,8 +562,8 @@ def _second_solution(q, a, parent_q, rng, tries=2, follow=0.7):
 def _beam_round(pool, rng, emit, kids, emit_rating):
     """One round: re-sample the pool's ratings, rate `kids` proposals per pool puzzle, put children
     that rate at least emit_rating (median over VERIFY fresh symmetries, for those whose first
-    samples look hopeful) into `emit` (keyed by symmetry class, first one wins), keep the best len(pool) of
-    pool + unique children. pool: dict of q, a (P, 81), total (sum of per-draw
+    samples look hopeful) into `emit` (keyed by symmetry class, first one wins), keep the best
+    len(pool) of pool + unique children. pool: dict of q, a (P, 81), total (sum of per-draw
     scores) and count (P,)."""
     P = len(pool["q"])
     pool = dict(pool, total=pool["total"] + _log_score(rate_samples(pool["q"], rng, 1)), count=pool["count"] + 1)
