@@ -134,8 +134,10 @@ def read_chat_jsonl(path, tok, seq_len, bd):
 
 def synthetic_rows(problems, tok, seq_len, bd):
     """code_tasks.py problems -> (ids, supervised) rows in the layout eval_code.py --base decodes: the
-    prompt (signature and docstring) is context, the reference body and <|endoftext|> are supervised;
-    padded to a block multiple. A problem longer than seq_len is an error (the generator's are < 360)."""
+    prompt (signature and docstring) is context; the reference body, then <|endoftext|> up to the end of
+    its block, are supervised. A problem longer than seq_len is an error (the generator's are < 360 bytes).
+    NOTE: the padding is supervised as LLaDA does: visible padding would tell the model where the body
+    ends, which decoding never knows; trained that way, the model writes the right body and goes on."""
     eot = tok.added["<|endoftext|>"]
     rows = []
     for p in problems:
@@ -144,7 +146,7 @@ def synthetic_rows(problems, tok, seq_len, bd):
             raise ValueError(f"{p['task_id']}: {len(head) + len(body)} tokens do not fit --seq-len {seq_len}")
         L = -(-(len(head) + len(body)) // bd) * bd
         ids = head + body + [eot] * (L - len(head) - len(body))
-        sup = [False] * len(head) + [True] * len(body) + [False] * (L - len(head) - len(body))
+        sup = [False] * len(head) + [True] * (L - len(head))
         rows.append((np.array(ids, dtype=np.int32), np.array(sup, dtype=bool)))
     return rows
 

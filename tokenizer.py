@@ -16,7 +16,9 @@ import json
 import os
 import re
 import unicodedata
+from collections import Counter
 
+import regex  # tiktoken's own dependency: the \p{L} classes of the pre-tokenizer patterns
 import tiktoken
 
 
@@ -24,6 +26,9 @@ MASK_TOKEN = "|<MASK>|"
 # Qwen2's pre-tokenizer split (tokenizer.json pre_tokenizer.pretokenizers[0].pattern.Regex)
 QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# train_bpe's split: Qwen2's without contractions and with only a space before a word, so a quoted
+# character ('k') is always the same three pieces whichever letter it is; digits stay single
+TASK_PATTERN = r" ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 
 
 def byte_to_unicode():
@@ -64,8 +69,8 @@ class Tokenizer:
     added tokens are matched in the raw text first, the rest is NFC-normalised, split by the
     pre-tokenizer regex and BPE-encoded. `enc` is the tiktoken.Encoding."""
 
-    def __init__(self, enc, added, bpe_ids, nfc=True):
-        self.enc, self.added, self.nfc = enc, added, nfc
+    def __init__(self, enc, added, bpe_ids, nfc=True, merges=()):
+        self.enc, self.added, self.nfc, self.merges = enc, added, nfc, list(merges)  # merges: [(bytes, bytes)]
         self.bpe_ids = frozenset(bpe_ids)
         self.id_to_added = {i: s for s, i in added.items()}
         self.split = re.compile("(" + "|".join(re.escape(s) for s in sorted(added, key=len, reverse=True)) + ")") \
@@ -137,46 +142,88 @@ def load_tokenizer(path):
                          f"{[bytes([b]) for b in missing[:5]]}); a byte-level BPE vocabulary needs them all")
     # tiktoken merges the pair whose result has the lowest rank, HF the earliest merge rule: the two
     # agree when ids grow with merge order, which byte-level BPE training guarantees. Check it.
-    last = -1
+    last, merges = -1, []
     for n, mg in enumerate(m.get("merges", [])):
         a, b = mg.split(" ", 1) if isinstance(mg, str) else mg
         i = m["vocab"].get(a + b)
         if i is None or i <= last:
             raise ValueError(f"{tj}: merge {n} ({a!r} + {b!r}) is out of id order; tiktoken cannot reproduce it")
         last = i
+        merges.append((to_bytes(a), to_bytes(b)))
     enc = tiktoken.Encoding(name=os.path.basename(os.path.abspath(path)), pat_str=pattern,
                             mergeable_ranks=ranks, special_tokens=added)
-    return Tokenizer(enc, added, ranks.values(), nfc=spec.get("normalizer") is not None)
+    return Tokenizer(enc, added, ranks.values(), nfc=spec.get("normalizer") is not None, merges=merges)
 
 
-def save_byte_tokenizer(path):
-    """Write byte_tokenizer() as a Hugging Face tokenizer.json, so a model trained with it loads like
-    any checkpoint (load_tokenizer, the tokenizers library)."""
-    tok = byte_tokenizer()
+def save_tokenizer(tok, path):
+    """Write a tokenizer built here (byte_tokenizer, bpe_tokenizer) as a Hugging Face tokenizer.json, so a
+    model trained with it loads like any checkpoint (load_tokenizer, the tokenizers library)."""
     b2u = byte_to_unicode()
+    text = lambda b: "".join(b2u[c] for c in b)
+    vocab = {text(b): i for b, i in tok.enc._mergeable_ranks.items()}
     spec = {"version": "1.0", "truncation": None, "padding": None,
             "added_tokens": [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
                               "normalized": False, "special": True} for s, i in tok.added.items()],
             "normalizer": {"type": "NFC"},
             "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-                {"type": "Split", "pattern": {"Regex": QWEN2_PATTERN}, "behavior": "Isolated", "invert": False},
+                {"type": "Split", "pattern": {"Regex": tok.enc._pat_str}, "behavior": "Isolated", "invert": False},
                 {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]},
             "post_processor": None, "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True,
                                                 "use_regex": True},
             "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
                       "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
-                      "vocab": {b2u[b]: b for b in range(256)}, "merges": []}}
+                      "vocab": vocab, "merges": [[text(a), text(b)] for a, b in tok.merges]}}
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "tokenizer.json"), "w", encoding="utf-8") as f:
         json.dump(spec, f, ensure_ascii=False)
 
 
+def save_byte_tokenizer(path):
+    save_tokenizer(byte_tokenizer(), path)
+
+
+def bpe_tokenizer(merges, pattern=QWEN2_PATTERN):
+    """Byte-level BPE from a merge list [(a, b), ...] of byte strings: ids 0-255 are the bytes, 256 + n is
+    merge n's result, then the ChatML and mask tokens. No merges: the byte tokenizer."""
+    ranks = {bytes([b]): b for b in range(256)}
+    for a, b in merges:
+        ranks[a + b] = len(ranks)
+    added = {s: len(ranks) + n for n, s in enumerate(["<|endoftext|>", "<|im_start|>", "<|im_end|>", MASK_TOKEN])}
+    enc = tiktoken.Encoding(name=f"bpe{len(merges)}", pat_str=pattern, mergeable_ranks=ranks, special_tokens=added)
+    return Tokenizer(enc, added, ranks.values(), merges=merges)
+
+
 def byte_tokenizer():
     """A merge-free byte-level tokenizer with the ChatML and mask tokens, for random-init models."""
-    added = {s: 256 + n for n, s in enumerate(["<|endoftext|>", "<|im_start|>", "<|im_end|>", MASK_TOKEN])}
-    enc = tiktoken.Encoding(name="bytes", pat_str=QWEN2_PATTERN,
-                            mergeable_ranks={bytes([b]): b for b in range(256)}, special_tokens=added)
-    return Tokenizer(enc, added, range(256))
+    return bpe_tokenizer([])
+
+
+def train_bpe(texts, n_merges, pattern=TASK_PATTERN):
+    """Learn n_merges byte-level BPE merges from texts (GPT-2's procedure): split each text with the
+    pre-tokenizer pattern, then repeatedly merge the most frequent adjacent pair of symbols inside the
+    pieces (ties: the smaller pair). Stops early when no pair occurs twice. -> bpe_tokenizer."""
+    counts = Counter(m.encode() for t in texts for m in regex.findall(pattern, unicodedata.normalize("NFC", t)))
+    words = [[bytes([c]) for c in w] for w in counts]
+    freq = list(counts.values())
+    merges = []
+    for _ in range(n_merges):  # NOTE: code_tasks.py's 20k problems have ~1,100 distinct pieces: ~1 s
+        pairs = Counter()
+        for w, f in zip(words, freq):
+            for pair in zip(w, w[1:]):
+                pairs[pair] += f
+        if not pairs:
+            break
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        if pairs[best] < 2:
+            break
+        merges.append(best)
+        for w in words:
+            i = 0
+            while i < len(w) - 1:
+                if (w[i], w[i + 1]) == best:
+                    w[i:i + 2] = [w[i] + w[i + 1]]
+                i += 1
+    return bpe_tokenizer(merges, pattern)
 
 
 if __name__ == "__main__":

@@ -55,6 +55,9 @@ TRAIN_CODE_BAD = [
     (["--micro-batch", "3"], "--batch-size 16 is not a multiple of --micro-batch 3"),
     (["--val-every-n", "1"], "--val-every-n 1 holds out every row"),
     (["--resume", "--overwrite"], "give one"),
+    (["--bpe-merges", "-1"], "argument --bpe-merges"),
+    (["--bpe-merges", "64", "--data", "stdlib"], "a vocabulary is learned only from scratch on --data synthetic"),
+    (["--bpe-merges", "64", "--init-from", "D"], "a checkpoint brings its own tokenizer"),
 ]
 SAMPLER_BAD = [
     (["--tau", "nan"], "argument --tau"), (["--tau", "-0.5"], "argument --tau"),

@@ -140,8 +140,9 @@ def test_bad_split_raises():
         ct.make_problems("valid", 3, seed=0)
 
 
-def test_synthetic_rows_supervise_the_body_only():
-    """The training layout eval_code.py --base decodes: prompt as context, body + <|endoftext|> learned."""
+def test_synthetic_rows_supervise_the_body_and_its_padding():
+    """The training layout eval_code.py --base decodes: prompt as context; body, then <|endoftext|> to the
+    end of its block, learned (visible padding would give away the body's length)."""
     from code_data import synthetic_rows
     from tokenizer import byte_tokenizer
     tok = byte_tokenizer()
@@ -150,6 +151,8 @@ def test_synthetic_rows_supervise_the_body_only():
         assert len(ids) % 32 == 0 and len(ids) <= 384
         n = len(tok.encode(p["prompt"]))
         assert tok.decode(ids[:n].tolist()) == p["prompt"] and not sup[:n].any()
-        assert tok.decode(ids[sup].tolist()) == p["canonical_solution"] + "<|endoftext|>"
+        assert sup[n:].all()
+        pad = len(ids) - n - len(tok.encode(p["canonical_solution"]))
+        assert pad >= 1 and tok.decode(ids[sup].tolist()) == p["canonical_solution"] + "<|endoftext|>" * pad
     with pytest.raises(ValueError, match="synthetic/train/0: .* do not fit --seq-len 64"):
         synthetic_rows(probs, tok, 64, 32)

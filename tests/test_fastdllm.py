@@ -181,6 +181,28 @@ def test_saved_byte_tokenizer_loads_and_matches_hf(tmp_path):
     assert tk.Tokenizer.from_file(str(tmp_path / "tokenizer.json")).encode(text).ids == ids
 
 
+def test_bpe_learned_from_problems_round_trips_saves_and_treats_unseen_values_alike(tmp_path):
+    from code_tasks import make_problems
+    from tokenizer import save_tokenizer, train_bpe
+    text = lambda p: p["prompt"] + p["canonical_solution"]
+    tok = train_bpe([text(p) for p in make_problems("train", 300)], 200)
+    assert len(tok.merges) == 200 and tok.merges == train_bpe([text(p) for p in make_problems("train", 300)], 200).merges
+    test = [text(p) for p in make_problems("test", 50)]  # held out: unseen parameter values
+    assert all(tok.decode(tok.encode(t)) == t for t in test)
+    assert sum(map(len, map(tok.encode, test))) < 0.5 * sum(map(len, map(str.encode, test)))  # merges apply
+    save_tokenizer(tok, str(tmp_path))
+    back = load_tokenizer(str(tmp_path))
+    assert all(back.encode(t) == tok.encode(t) for t in test + [tok.chat("héllo 🙂")])
+    assert (back.mask_id, back.stop_ids, back.n_vocab) == (tok.mask_id, tok.stop_ids, tok.n_vocab) == \
+        (256 + 200 + 3, [256 + 200 + 2, 256 + 200], 256 + 200 + 4)
+    # a quoted character or a number is cut the same way whatever its value, seen in training or not
+    shape = lambda s: [len(tok.decode([i])) for i in tok.encode(s)]
+    assert len({tuple(shape(f"s.replace('{c}', '')")) for c in "abcdefghijklmnopqrstuvwxyz"}) == 1
+    assert len({tuple(shape(f"x % {k} == 0")) for k in range(10, 100)}) == 1
+    tk = pytest.importorskip("tokenizers")
+    assert all(tk.Tokenizer.from_file(str(tmp_path / "tokenizer.json")).encode(t).ids == tok.encode(t) for t in test)
+
+
 def test_sharded_checkpoint_loads(tmp_path, tiny_llm):
     from safetensors.torch import load_file, save_file
     d = tmp_path / "m"
