@@ -8,7 +8,8 @@ chat JSONL for fine-tuning, code_tasks.py's generated problems, and the row stre
 - load_stdlib: this interpreter's standard library (no test/site-packages dirs), byte-level tiktoken
   ids, split by file (crc32(path) % 50 == 0 is held out), files joined by <|endoftext|>, cached.
 - read_chat_jsonl: {"messages": [{"role", "content"}, ...]} rows in ChatML, assistant tokens supervised.
-- synthetic_rows: generated problems as prompt -> body rows, the body supervised (the base layout).
+- synthetic_problems / synthetic_tokenizer: code_tasks.py's problems (cached per process) and a byte-level
+  BPE learned from the training problems; synthetic_rows: prompt -> body rows, the body supervised.
 - Rows: random training rows as (x0, fixed) tensors; its numpy state is the data position.
 """
 import argparse
@@ -18,12 +19,14 @@ import re
 import sys
 import sysconfig
 import zlib
+from functools import lru_cache
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from tokenizer import MASK_TOKEN, byte_tokenizer
+from code_tasks import make_problems
+from tokenizer import MASK_TOKEN, byte_tokenizer, train_bpe
 
 CHATML = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")  # turn markers: never inside a message's text
 
@@ -130,6 +133,17 @@ def read_chat_jsonl(path, tok, seq_len, bd):
     if not rows:
         raise ValueError(f"{path}: no usable rows")
     return rows
+
+
+@lru_cache(maxsize=2)
+def synthetic_problems(split, n):
+    return make_problems(split, n)
+
+
+def synthetic_tokenizer(n_train, n_merges):
+    """Byte-level BPE learned from the first n_train training problems (prompt and body): code_tasks.py's
+    bodies are ~2.5x shorter than in bytes (22 tokens instead of 56); ~1 s."""
+    return train_bpe([p["prompt"] + p["canonical_solution"] for p in synthetic_problems("train", n_train)], n_merges)
 
 
 def synthetic_rows(problems, tok, seq_len, bd):

@@ -38,6 +38,11 @@ POS = _split(range(1, 9), (3, 5, 8))  # positions and counts inside a list of le
 DIGIT = _split(range(10), (2, 5, 7))
 CHAR_A = _split("abcdefghijklm", "bfhk")  # a character to look for (a-m)
 CHAR_B = _split("nopqrstuvwxyz", "psvy")  # a character to write (n-z: never equal to CHAR_A's)
+# Families whose body is right for any k train on every value up to 99 but the slot's test values: with ~90
+# values a model cannot look a value up and has to copy it (tiny models did not learn to copy from ADD's and
+# DIV's ~20). Their test values, and so the test split, are ADD's and DIV's.
+WIDE_ADD = (tuple(v for v in range(1, 100) if v not in ADD[1]), ADD[1])
+WIDE_DIV = (tuple(v for v in range(2, 100) if v not in DIV[1]), DIV[1])
 SPLITS = ("train", "test")
 
 # argument name and annotation per type: bodies are written against these names
@@ -63,11 +68,11 @@ class Family:
 F = Family
 FAMILIES = [
     # --- lists: maps -----------------------------------------------------------------------------------
-    F("add_k", "Add {k} to every element of the list.", "list", "list", "return [x + {k} for x in xs]", (("k", ADD),)),
+    F("add_k", "Add {k} to every element of the list.", "list", "list", "return [x + {k} for x in xs]", (("k", WIDE_ADD),)),
     F("sub_k", "Subtract {k} from every element of the list.", "list", "list", "return [x - {k} for x in xs]",
-      (("k", ADD),)),
+      (("k", WIDE_ADD),)),
     F("mul_k", "Multiply every element of the list by {k}.", "list", "list", "return [x * {k} for x in xs]",
-      (("k", DIV),)),
+      (("k", WIDE_DIV),)),
     F("mod_k", "Replace every element of the list by its remainder when divided by {k}.", "list", "list",
       "return [x % {k} for x in xs]", (("k", DIV),)),
     F("cap_k", "Replace every element of the list that is greater than {k} by {k}.", "list", "list",
@@ -93,7 +98,7 @@ FAMILIES = [
     F("rotate_left_k", "Rotate the list to the left by {k} positions.", "list", "list",
       "if not xs:\n    return []\nk = {k} % len(xs)\nreturn xs[k:] + xs[:k]", (("k", POS),)),
     F("running_sum_plus_k", "Return the running sums of the list, each increased by {k}.", "list", "list",
-      "out = []\ntotal = 0\nfor x in xs:\n    total += x\n    out.append(total + {k})\nreturn out", (("k", ADD),)),
+      "out = []\ntotal = 0\nfor x in xs:\n    total += x\n    out.append(total + {k})\nreturn out", (("k", WIDE_ADD),)),
     # --- lists: counting and reductions ----------------------------------------------------------------
     F("count_div_k", "Count the elements of the list that are divisible by {k}.", "list", "int",
       "return sum(1 for x in xs if x % {k} == 0)", (("k", DIV),)),
@@ -108,23 +113,23 @@ FAMILIES = [
     F("max_mod_k", "Return the largest remainder of an element divided by {k}, or 0 if the list is empty.",
       "list", "int", "return max((x % {k} for x in xs), default=0)", (("k", DIV),)),
     # --- integers --------------------------------------------------------------------------------------
-    F("round_down_k", "Round n down to a multiple of {k}.", "int", "int", "return n - n % {k}", (("k", DIV),)),
+    F("round_down_k", "Round n down to a multiple of {k}.", "int", "int", "return n - n % {k}", (("k", WIDE_DIV),)),
     F("at_least_k", "Return n, or {k} if n is smaller than {k}.", "int", "int", "return max(n, {k})",
-      (("k", ADD),)),
+      (("k", WIDE_ADD),)),
     F("sum_multiples_k", "Return the sum of the numbers from 0 to n inclusive that are divisible by {k}.",
       "int", "int", "total = 0\nfor i in range(n + 1):\n    if i % {k} == 0:\n        total += i\nreturn total",
-      (("k", DIV),)),
+      (("k", WIDE_DIV),)),
     F("collatz_k", "If n is even return half of n, otherwise return n times {k} plus 1.", "int", "int",
-      "if n % 2 == 0:\n    return n // 2\nreturn n * {k} + 1", (("k", DIV),)),
+      "if n % 2 == 0:\n    return n // 2\nreturn n * {k} + 1", (("k", WIDE_DIV),)),
     F("count_digit_d", "Count how many times the digit {d} appears in n.", "int", "int",
       "return str(n).count('{d}')", (("d", DIGIT),)),
     F("sign_times_k", "Return {k} if n is positive, -{k} if n is negative, and 0 otherwise.", "int", "int",
-      "if n > 0:\n    return {k}\nif n < 0:\n    return -{k}\nreturn 0", (("k", ADD),)),
+      "if n > 0:\n    return {k}\nif n < 0:\n    return -{k}\nreturn 0", (("k", WIDE_ADD),)),
     # --- strings ---------------------------------------------------------------------------------------
     F("repeat_chars_k", "Repeat every character of s {k} times.", "str", "str",
       "return ''.join(ch * {k} for ch in s)", (("k", POS),)),
     F("caesar_k", "Shift every letter of s forward by {k} places in the alphabet, wrapping from z to a.",
-      "str", "str", "return ''.join(chr((ord(ch) - 97 + {k}) % 26 + 97) for ch in s)", (("k", ADD),)),
+      "str", "str", "return ''.join(chr((ord(ch) - 97 + {k}) % 26 + 97) for ch in s)", (("k", WIDE_ADD),)),
     F("remove_char_c", "Remove every '{c}' from s.", "str", "str", "return s.replace({c!r}, '')",
       (("c", CHAR_A),)),
     F("replace_char_c_d", "Replace every '{c}' in s by '{d}'.", "str", "str", "return s.replace({c!r}, {d!r})",

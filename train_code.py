@@ -37,7 +37,7 @@ import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from functools import lru_cache, partial
+from functools import partial
 
 import numpy as np
 import torch
@@ -48,15 +48,15 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import fully_shard
 from tqdm import tqdm
 
-from code_data import Rows, held_out_signatures, load_stdlib, read_chat_jsonl, synthetic_rows
-from code_tasks import make_problems
+from code_data import (Rows, held_out_signatures, load_stdlib, read_chat_jsonl, synthetic_problems, synthetic_rows,
+                       synthetic_tokenizer)
 from model import (QWEN2, SHAPES, ModelConfig, Transformer, from_pretrained, load_checkpoint, load_state, pick_device,
                    save_checkpoint, save_pretrained, shape_problem)
 from relay import RolloutBuffer, add_relay, reveal_threshold_blocks, rollout_loss, sft_loss
 from runs import claim_out_dir, nonneg_float, nonneg_int, positive_float, positive_int, unit_float
 from eval_code import evaluate, load_problems, run_sandboxed
 from sampler import generate
-from tokenizer import byte_tokenizer, load_tokenizer, save_tokenizer, train_bpe
+from tokenizer import byte_tokenizer, load_tokenizer, save_tokenizer
 
 OBJECTIVES = ("sft", "rollout", "relay_sg", "relay")
 TINY = SHAPES["tiny"]  # the cpu preset's model: a 0.8M Qwen2.5-shaped byte model
@@ -91,7 +91,7 @@ def get_args(argv=None):
                    "--max-steps with sft first (Relay fine-tunes an SFT-trained model; from scratch its buffer "
                    "starts slowly)")
     # optimisation
-    p.add_argument("--max-steps", type=positive_int, default=600, help="optimizer steps")
+    p.add_argument("--max-steps", type=positive_int, default=3000, help="optimizer steps")
     p.add_argument("--time-limit", type=nonneg_float, default=0.0, help="stop after this many minutes (0 = none)")
     p.add_argument("--stop-after", type=nonneg_int, default=0, help="stop (with a checkpoint) after this many steps "
                    "of this invocation; --resume continues (0 = run to --max-steps)")
@@ -237,30 +237,21 @@ def my_chunks(args, d):
     return [m * d.world + d.rank for m in range(args.batch_size // (d.world * args.micro_batch))]
 
 
-@lru_cache(maxsize=2)
-def problems(split, n):
-    return make_problems(split, n)
-
-
 def get_tokenizer(args):
-    """The checkpoint's tokenizer; from scratch, the byte tokenizer, or (synthetic data) byte-level BPE
-    learned from the training problems: bodies ~2.5x shorter than in bytes (22 tokens instead of 56)."""
+    """The checkpoint's tokenizer; from scratch, bytes or (synthetic data) BPE learned from the problems."""
     if args.init_from:
         tok = load_tokenizer(args.init_from)
         if tok.mask_id is None:
             raise ValueError(f"{args.init_from}: the tokenizer has no mask token |<MASK>|")
         return tok
-    if not args.bpe_merges:
-        return byte_tokenizer()
-    return train_bpe([p["prompt"] + p["canonical_solution"] for p in problems("train", args.train_problems)],
-                     args.bpe_merges)
+    return synthetic_tokenizer(args.train_problems, args.bpe_merges) if args.bpe_merges else byte_tokenizer()
 
 
 def load_data(args, tok, d):
     """-> (training data, held-out data, held-out text for the samples)."""
     if args.data == "synthetic":  # train and held-out problems never share (family, parameters)
-        train = synthetic_rows(problems("train", args.train_problems), tok, args.seq_len, args.bd_size)
-        val = synthetic_rows(problems("test", max(args.eval_problems, 64)), tok, args.seq_len, args.bd_size)
+        train = synthetic_rows(synthetic_problems("train", args.train_problems), tok, args.seq_len, args.bd_size)
+        val = synthetic_rows(synthetic_problems("test", max(args.eval_problems, 64)), tok, args.seq_len, args.bd_size)
         d.log(f"data: code_tasks.py, {len(train)} training problems, {len(val)} held-out problems, "
               f"{tok.n_vocab} token ids ({len(tok.merges)} BPE merges)")
         return train, val, ""

@@ -185,8 +185,9 @@ def test_bpe_learned_from_problems_round_trips_saves_and_treats_unseen_values_al
     from code_tasks import make_problems
     from tokenizer import save_tokenizer, train_bpe
     text = lambda p: p["prompt"] + p["canonical_solution"]
-    tok = train_bpe([text(p) for p in make_problems("train", 300)], 200)
-    assert len(tok.merges) == 200 and tok.merges == train_bpe([text(p) for p in make_problems("train", 300)], 200).merges
+    train = [text(p) for p in make_problems("train", 300)]
+    tok = train_bpe(train, 200)
+    assert len(tok.merges) == 200 and tok.merges == train_bpe(train, 200).merges  # deterministic
     test = [text(p) for p in make_problems("test", 50)]  # held out: unseen parameter values
     assert all(tok.decode(tok.encode(t)) == t for t in test)
     assert sum(map(len, map(tok.encode, test))) < 0.5 * sum(map(len, map(str.encode, test)))  # merges apply
