@@ -52,3 +52,19 @@ def test_the_shipped_sudoku_checkpoints_load_on_cpu_and_fill_boards(name):
     q = torch.from_numpy(sudoku.generate(777, 4, workers=1)["question"]).long()
     out, st = sample_mdm(model, q)
     assert (out > 0).all() and (out[q > 0] == q[q > 0]).all() and (st["nfe"] >= 1).all()
+
+
+@pytest.mark.parametrize("name", ["code_relay", "code_sft"])
+def test_the_shipped_code_checkpoints_load_on_cpu_and_finish_held_out_problems(name):
+    from code_tasks import make_problems
+    from tokenizer import load_tokenizer
+    path = os.path.join(os.path.dirname(D), "..", "..", "checkpoints", name)
+    model, tok = from_pretrained(path, dtype=torch.float32), load_tokenizer(path)
+    assert (model.relay is not None) == (name == "code_relay") and model.cfg.vocab_size >= tok.n_vocab
+    assert model.cfg.mask_id == tok.mask_id and len(tok.merges) > 0  # the BPE it was trained with
+    eot = tok.added["<|endoftext|>"]
+    problems = make_problems("test", 4)
+    out, st = generate(model.eval(), [tok.encode(p["prompt"]) for p in problems], max_new_tokens=96,
+                       threshold=0.85, stop_ids=[eot])
+    for ids, n in zip(out, st["new_tokens"]):  # each body ends with the stop token, well before the limit
+        assert eot in ids and n < 96 and "return" in tok.decode(ids, skip_special=True)
