@@ -165,11 +165,12 @@ def test_lr_schedule_can_span_epochs_past_the_last_step():
 
 def test_presets_are_defaults_and_the_paper_preset_needs_weights(capsys):
     cpu = train_code.get_args([])
-    assert cpu.preset == "cpu" and cpu.max_steps == 600 and cpu.sft_steps == 400 and cpu.n_embd == 128
-    assert cpu.data == "synthetic" and cpu.eval_problems == 200
+    assert cpu.preset == "cpu" and cpu.max_steps == 3000 and cpu.sft_steps == 2000 and cpu.n_embd == 128
+    assert cpu.data == "synthetic" and cpu.eval_problems == 200 and cpu.bpe_merges == 512  # a learned BPE
+    assert train_code.get_args(["--data", "stdlib"]).bpe_merges == 0  # bytes
     assert train_code.get_args(["--objective", "sft"]).sft_steps == 0
     paper = train_code.get_args(["--preset", "paper", "--init-from", "DIR"])
-    assert paper.lr == 5e-6 and paper.seq_len == 2048 and paper.sft_steps == 0
+    assert paper.lr == 5e-6 and paper.seq_len == 2048 and paper.sft_steps == 0 and paper.bpe_merges == 0
     assert paper.lr_epochs == 3 and paper.beta2 == 0.999 and cpu.lr_epochs == 0 and cpu.beta2 == 0.95
     with pytest.raises(SystemExit):
         train_code.get_args(["--preset", "paper"])
