@@ -68,7 +68,8 @@ class Family:
 F = Family
 FAMILIES = [
     # --- lists: maps -----------------------------------------------------------------------------------
-    F("add_k", "Add {k} to every element of the list.", "list", "list", "return [x + {k} for x in xs]", (("k", WIDE_ADD),)),
+    F("add_k", "Add {k} to every element of the list.", "list", "list", "return [x + {k} for x in xs]",
+      (("k", WIDE_ADD),)),
     F("sub_k", "Subtract {k} from every element of the list.", "list", "list", "return [x - {k} for x in xs]",
       (("k", WIDE_ADD),)),
     F("mul_k", "Multiply every element of the list by {k}.", "list", "list", "return [x * {k} for x in xs]",
