@@ -59,7 +59,7 @@ from sampler import generate
 from tokenizer import byte_tokenizer, load_tokenizer, save_tokenizer
 
 OBJECTIVES = ("sft", "rollout", "relay_sg", "relay")
-TINY = SHAPES["tiny"]  # the cpu preset's model: a 0.8M Qwen2.5-shaped byte model
+TINY = SHAPES["tiny"]  # the cpu preset's model: a 0.8M Qwen2.5-shaped model
 PRESETS = {  # flag defaults per preset; "cpu" is what the add_argument defaults below already say
     "cpu": {},
     "paper": dict(sft_frac=0.0, lr=5e-6, batch_size=64, micro_batch=2, max_steps=200, seq_len=2048,
@@ -151,6 +151,8 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     check_args(p, args)
     args.sft_steps = 0 if args.objective == "sft" else round(args.sft_frac * args.max_steps)  # derived
+    if args.bpe_merges is None:  # derived: a learned vocabulary only from scratch on generated problems
+        args.bpe_merges = 512 if args.data == "synthetic" and not args.init_from else 0
     return args
 
 
@@ -167,8 +169,6 @@ def check_args(p, args):
     if args.bpe_merges and (args.init_from or args.data != "synthetic"):
         p.error(f"--bpe-merges {args.bpe_merges}: a vocabulary is learned only from scratch on --data synthetic "
                 f"(a checkpoint brings its own tokenizer; stdlib and JSONL use bytes)")
-    if args.bpe_merges is None:
-        args.bpe_merges = 512 if args.data == "synthetic" and not args.init_from else 0
     if args.init_from:  # the shape and the block size come from the checkpoint's config.json
         return
     if problem := shape_problem(args.n_embd, args.n_head, args.n_kv_head):
