@@ -451,41 +451,85 @@ def symmetry_key(boards, rounds=4):
 
 
 # ----------------------------------------------------------------------------------------------
-# the hard tier: puzzles found by a beam search over clue sets
+# the hard tier: a beam search over clue sets, started next to well-known hard puzzles
 #
-# Random minimal puzzles almost never need many branch points (rate: median 2, p90 5), so hard
-# ones are searched for. rate() depends on the symmetry a puzzle is shown in: the branch cell is
-# the first of the tied ones in row-major order, and a puzzle often has a cell that singles finish
-# at once (a "backdoor"); whether the search meets it first is luck of the orientation. Real hard
-# puzzles have none (a well-known hard 21-clue puzzle has one two-candidate cell after singles,
-# and rates median 96 over random symmetries). So a puzzle is scored by `rate_samples`: its rating
-# in G random grid symmetries x O digit renamings, from one search tree per grid symmetry (renaming
-# the digits only changes the order in which a tree is visited).
+# Random minimal puzzles almost never need many branch points (rate: median 2, p90 5), and a beam
+# search from them rarely finds a rich cluster (3 of 11 pools in 200 rounds, RESULTS.md). Hard
+# puzzles are rare and isolated: one clue added to a 21-clue puzzle that rates median 96 gives
+# median 26. But next to some well-known hard 17-clue puzzles (HARD_SEEDS) the clue sets of 18-21
+# clues are rich, and a search started there emits from its first rounds.
 #
-# An island is one seeded search: a pool of `pool` unique puzzles; every round each proposes `kids`
-# children (one or two moves: swap a clue for a blank, add a clue from the answer, or drop one).
-# Most children are not unique; random dives (_second_solution) prove most of those so before
-# any search tree is built. The pool keeps the best by mean log(1 + rating) over every sample
-# drawn so far (pool puzzles get new samples each round, so a lucky draw does not stay on top),
-# and a child whose median rating over VERIFY fresh grid symmetries is at least `emit_rating` is
-# emitted, one per symmetry class, and stored in a fresh symmetry. Even that median overestimates
-# what an emitted puzzle rates in the stored symmetry: within the cluster an island climbs into,
-# one puzzle's ratings over symmetries spread from ~5 to ~160 and its median over 16 of them
-# predicts fresh draws poorly (correlation 0.2), so a set's stored median is about its cluster's
-# (fresh medians >= 60 or >= 70 both gave 40 on one cluster). Deciding on the search's own draws
-# was worse: they are the lucky ones it kept (that rule at 60 stored medians of 29-48). Most
-# pools stall at a geometric-mean rating of 10-20; some find a rich cluster after 60-150 rounds
-# and then emit about one puzzle a round, so a pool that does not emit starts over (RESULTS.md).
+# rate() depends on the symmetry a puzzle is shown in (the branch cell is the first of the tied
+# ones in row-major order; whether the search meets a "backdoor" cell first is luck of the
+# orientation). So a puzzle is scored by `rate_samples`: its rating in G random grid symmetries x
+# O digit renamings, from one search tree per grid symmetry (renaming the digits only changes the
+# order in which a tree is visited).
+#
+# An island is one seeded search: a pool of `pool` unique puzzles around one seed; every round each
+# proposes `kids` children. Most keep the solution grid (one or two moves: swap a clue for a blank,
+# add a clue from the answer, or drop one); a share RECOLOUR change a clue's digit or move a clue
+# with any legal digit, so that the pool spreads to new solution grids. Most children are not
+# unique; random dives (_second_solution) prove most of those so before any search tree is built.
+# The pool keeps the best by mean log(1 + rating) over every sample drawn so far (pool puzzles get
+# new samples each round, so a lucky draw does not stay on top), and a child whose median rating
+# over VERIFY fresh grid symmetries is at least `emit_rating` is emitted, one per symmetry class
+# (never a seed's), and stored in a fresh symmetry. The fresh draws matter: the search keeps the
+# lucky draws of many similar children, so deciding on its own draws overestimates what a puzzle
+# rates in the stored symmetry (RESULTS.md).
 
-HARD_VERSION = 4   # bump when anything below changes what a seed produces
-ISLAND = 1000      # hard puzzles per island: puzzle i of a stream is puzzle i % ISLAND of island i // ISLAND
-HARD = dict(pool=128, kids=8, emit_rating=60)  # the search
+HARD_VERSION = 5   # bump when anything below changes what a seed produces
+ISLAND = 100       # hard puzzles per island; island j of a stream starts next to seed j % len(seeds)
+HARD = dict(pool=128, kids=8, emit_rating=50)  # the search
 GEOMETRIES, ORDERS = 3, 4  # rating samples of a child: grid symmetries x digit orders
 HOPEFUL, VERIFY = 0.5, 8   # a child whose median is >= HOPEFUL * emit_rating is rated in VERIFY fresh symmetries
 CUT = 0.0  # children rated below this quantile of the pool's scores in their first symmetry are dropped
            # (0: below the worst pool puzzle; 0.25 stalls the climb: it removes the exploring children)
+RECOLOUR = 0.125   # share of children that may change the solution grid
 MAX_CLUES = 25     # moves keep at most this many clues (Sudoku-Extreme: 24.6 on average)
 MAX_TREE = 5000    # a child whose search tree is larger than this is dropped (never seen: hard ones have ~100-300)
+
+# Seeds: 17-clue puzzles from the "top95" list of hard puzzles (Norvig, "Solving Every Sudoku
+# Puzzle", after magictour's top 1465). Of its 40 puzzles with 17-19 clues, these started a search
+# that emitted 8-141 puzzles in its first 15 rounds (most others: none). Puzzles with the same clue
+# pattern are one family, and a family seeds either the training or the test streams, never both.
+# The seeds themselves are never emitted.
+HARD_SEEDS = {
+    "train": """
+52...6.........7.13...........4..8..6......5...........418.........3..2...87.....
+6..3.2....4.....1..........7.26............543.........8.15........4.2........7..
+4.....8.5.3..........7......2.....6.....8.4......1.......6.3.7.5..2.....1.4......
+6.2.5.........3.4..........43...8....1....2........7..5..27...........81...6.....
+6..3.2....5.....1..........7.26............543.........8.15........4.2........7..
+4.....8.5.3..........7......2.....6.....5.4......1.......6.3.7.5..2.....1.9......
+4.....3.....8.2......7........1...8734.......6........5...6........1.4...82......
+6.2.5.........4.3..........43...8....1....2........7..5..27...........81...6.....
+""".split(),
+    "test": """
+48.3............71.2.......7.5....6....2..8.............1.76...3.....4......5....
+6.....8.3.4.7.................5.4.7.3..2.....1.6.......2.....5.....8.6......1....
+......8.17..2........5.6......7...5..1....3...8.......5......2..3..8....6...4....
+......8.16..2........7.5......6...2..1....3...8.......2......7..3..8....5...4....
+......52..8.4......3...9...5.1...6..2..7........3.....6...1..........7.4.......3.
+""".split()}
+
+
+def parse_puzzle(text):
+    """81 characters, row-major, digits for clues and '.' or '0' for blanks -> (81,) uint8 board.
+    ValueError if it is not that, or if its clues already repeat a digit in a unit."""
+    text = text.strip()
+    if len(text) != 81 or any(ch not in ".0123456789" for ch in text):
+        raise ValueError(f"a puzzle is 81 characters of 1-9 and '.' or '0', got {len(text)} characters: {text!r}")
+    q = np.array([0 if ch == "." else int(ch) for ch in text], np.uint8)
+    for unit in UNITS:  # clues that already break a rule can have no solution
+        clues = q[unit][q[unit] > 0]
+        if len(clues) != len(set(clues.tolist())):
+            raise ValueError(f"the clues repeat a digit in a row, column or box (cells {unit})")
+    return q
+
+
+def _seed_keys():
+    """Symmetry keys of every seed: the search never emits one."""
+    return set(symmetry_key(np.stack([parse_puzzle(s) for f in HARD_SEEDS.values() for s in f])))
 
 
 def rate_samples(q, rng, geometries=GEOMETRIES, orders=ORDERS):
@@ -559,18 +603,51 @@ def _second_solution(q, a, parent_q, rng, tries=2, follow=0.7):
     return found
 
 
-def _beam_round(pool, rng, emit, kids, emit_rating):
+def _recolour(q, rng):
+    """A move that may change the solution grid: give a clue another digit, or move a clue to a blank
+    with any digit its row, column and box allow."""
+    q = q.copy()
+    c = rng.choice(np.flatnonzero(q))
+    if rng.random() < 0.5:
+        q[c] = 0
+        c = rng.choice(np.flatnonzero(q == 0))
+    taken = set(q[list(PEERS[c])].tolist()) | {int(q[c])}
+    free = [d for d in range(1, 10) if d not in taken]
+    if free:
+        q[c] = rng.choice(free)
+    return q
+
+
+def _unique_answers(q):
+    """(N,) bool unique, (N, 81) answer (zeros where not unique) of puzzles q (N, 81), by a full
+    search (MAX_TREE branch points at most)."""
+    tree = search_trees(cands_many(q), 2, MAX_TREE)
+    one = (tree["nsol"] == 1) & ~tree["aborted"]
+    owner, digits = tree["solutions"]
+    a = np.zeros_like(q)
+    a[owner[one[owner]]] = digits[one[owner]]
+    return one, a
+
+
+def _beam_round(pool, rng, emit, kids, emit_rating, banned=frozenset()):
     """One round: re-sample the pool's ratings, rate `kids` proposals per pool puzzle, put children
     that rate at least emit_rating (median over VERIFY fresh symmetries, for those whose first
-    samples look hopeful) into `emit` (keyed by symmetry class, first one wins), keep the best
-    len(pool) of pool + unique children. pool: dict of q, a (P, 81), total (sum of per-draw
-    scores) and count (P,)."""
+    samples look hopeful) into `emit` (keyed by symmetry class, first one wins; never a key in
+    `banned`), keep the best len(pool) of pool + unique children. pool: dict of q, a (P, 81),
+    total (sum of per-draw scores) and count (P,)."""
     P = len(pool["q"])
     pool = dict(pool, total=pool["total"] + _log_score(rate_samples(pool["q"], rng, 1)), count=pool["count"] + 1)
     parent = np.repeat(np.arange(P), kids)
-    q, a = np.stack([_propose(pool["q"][j], pool["a"][j], rng) for j in parent]), pool["a"][parent]
-    other = _second_solution(q, a, pool["q"][parent], rng)
-    q, a = q[~other], a[~other]
+    grid = rng.random(len(parent)) < RECOLOUR  # these may change the solution grid
+    q = np.stack([_recolour(pool["q"][j], rng) if g else _propose(pool["q"][j], pool["a"][j], rng)
+                  for j, g in zip(parent, grid)])
+    a = pool["a"][parent]
+    keep = ~grid
+    keep[keep] = ~_second_solution(q[keep], a[keep], pool["q"][parent[keep]], rng)
+    if grid.any():  # no answer to dive against: a full search gives uniqueness and the new answer
+        one, answer = _unique_answers(q[grid])
+        a[grid], keep[grid] = answer, one
+    q, a = q[keep], a[keep]
     s = rate_samples(q, rng, 1)  # one grid symmetry first: most children are clearly worse than the pool
     score = (pool["total"] + 1.0) / (pool["count"] + 1)
     go = np.flatnonzero((s[:, 0] >= 0) & (_log_score(s) >= np.quantile(score, CUT)))
@@ -580,7 +657,8 @@ def _beam_round(pool, rng, emit, kids, emit_rating):
     if len(hopeful):  # decide on fresh draws only: the first ones are the lucky ones the search kept
         hard = hopeful[np.median(rate_samples(q[hopeful], rng, VERIFY), 1) >= emit_rating]
         for i, key in zip(hard, symmetry_key(q[hard])):
-            emit.setdefault(key, (q[i], a[i]))
+            if key not in banned:
+                emit.setdefault(key, (q[i], a[i]))
     child = dict(q=q[unique], a=a[unique], total=_log_score(s[unique]) * GEOMETRIES,
                  count=np.full(unique.sum(), float(GEOMETRIES)))
     both = {k: np.concatenate([pool[k], child[k]]) for k in pool}
@@ -590,34 +668,44 @@ def _beam_round(pool, rng, emit, kids, emit_rating):
     return {k: v[keep] for k, v in both.items()}
 
 
-def _random_pool(rng, size):
-    """A starting pool: `size` random minimal puzzles, not yet scored."""
-    starts = [_minimal_puzzle(rng) for _ in range(size)]
-    return dict(q=np.stack([s[0] for s in starts]), a=np.stack([s[1] for s in starts]),
-                total=np.zeros(size), count=np.zeros(size))
+def _seed_pool(q0, rng, size):
+    """A starting pool next to seed puzzle q0: q0 and up to size - 1 distinct unique puzzles one or
+    two answer-keeping moves away, not yet scored."""
+    a0 = np.asarray(solve(q0, 1)[0][0], np.uint8)
+    q = q0[None]
+    for _ in range(20):  # a 17-clue seed fills a pool of 128 in one or two tries
+        if len(q) >= size:
+            break
+        k = np.stack([_propose(q0, a0, rng) for _ in range(4 * size)])
+        k = k[~_second_solution(k, np.tile(a0, (len(k), 1)), np.tile(q0, (len(k), 1)), rng)]
+        q = np.concatenate([q, k[_unique_answers(k)[0]]])
+        q = q[np.sort(np.unique(q, axis=0, return_index=True)[1])]
+    q = q[:size]
+    return dict(q=q, a=np.tile(a0, (len(q), 1)), total=np.zeros(len(q)), count=np.zeros(len(q)))
 
 
-def hard_island(seed, island, n=ISLAND, pool=None, kids=None, emit_rating=None, warmup=200, patience=50,
-                min_rate=0.3, max_rounds=20000, progress=None):
-    """The first n hard puzzles of island `island` of stream `seed`, in the order the search emits
-    them, each in a fresh random symmetry of its own, rated with rate_many (== rate). Deterministic
-    per (seed, island); the first n do not depend on n. Search settings default to HARD. A pool
-    that, after `warmup` rounds, emits fewer than min_rate puzzles a round over `patience` rounds
-    starts over from new random puzzles (some pools climb into a rich cluster within 60-150
-    rounds, most do not).
-    progress(k), if given, is called with the number emitted after every round.
+def hard_island(seed, island, n=ISLAND, family="train", pool=None, kids=None, emit_rating=None, warmup=200,
+                patience=50, min_rate=0.3, max_rounds=20000, progress=None):
+    """The first n hard puzzles of island `island` of stream `seed`, searched next to seed puzzle
+    HARD_SEEDS[family][island % its length], in the order the search emits them, each in a fresh
+    random symmetry of its own, rated with rate_many (== rate). Deterministic per (seed, island,
+    family); the first n do not depend on n. Search settings default to HARD. A pool that, after
+    `warmup` rounds, emits fewer than min_rate puzzles a round over `patience` rounds starts over
+    next to the seed. progress(k), if given, is called with the number emitted after every round.
     -> dict question, answer (n, 81), tier (n,) = 2, rating (n,)."""
     given = dict(pool=pool, kids=kids, emit_rating=emit_rating)
     pool, kids, emit_rating = [HARD[k] if v is None else v for k, v in given.items()]
+    seeds = HARD_SEEDS[family]
+    q0 = parse_puzzle(seeds[island % len(seeds)])
     rng = np.random.default_rng([seed, island, HARD_VERSION])
-    state, begun, emit, counts = _random_pool(rng, pool), 0, {}, []
+    state, begun, emit, counts, banned = _seed_pool(q0, rng, pool), 0, {}, [], _seed_keys()
     for r in range(max_rounds):
         if len(emit) >= n:
             break
         counts.append(len(emit))
         if r - begun >= warmup and counts[-1] - counts[-1 - patience] < min_rate * patience:
-            state, begun = _random_pool(rng, pool), r  # a poor pool: climb again from new puzzles
-        state = _beam_round(state, rng, emit, kids, emit_rating)
+            state, begun = _seed_pool(q0, rng, pool), r  # a poor pool: climb again from the seed
+        state = _beam_round(state, rng, emit, kids, emit_rating, banned)
         if progress:
             progress(min(len(emit), n))
     else:
@@ -678,43 +766,52 @@ def _island(job):
     return hard_island(*job, progress=progress if _EMITTED is not None else None)
 
 
-def generate_hard(seed, n, workers=None, desc="hard puzzles"):
-    """The first n puzzles of hard stream `seed` (tier 2): islands 0, 1, ... searched in parallel,
-    ISLAND puzzles each, so puzzle i depends only on (seed, i) and a set of n is a prefix of a
-    set of m > n. A puzzle symmetric to an earlier one would be dropped (islands start from
-    different random grids; never seen), shifting the ones after it."""
-    jobs = [(seed, j, min(ISLAND, n - j * ISLAND)) for j in range(-(-n // ISLAND))]
-    workers = min(workers or os.cpu_count() or 1, len(jobs))
+def _run_islands(jobs, workers, bar):
+    """hard_island(*job) for every job, in parallel when workers > 1 -> list of results in job order."""
+    if workers == 1:  # in-process: no pool to start (tests, one island)
+        parts = []
+        for job in jobs:
+            before = bar.n
+            parts.append(hard_island(*job, progress=lambda k: bar.update(before + k - bar.n)))
+        return parts
     ctx = mp.get_context("fork" if hasattr(os, "fork") else "spawn")
-    counter = ctx.Value("l", 0)
+    counter, start = ctx.Value("l", 0), bar.n
+    with ctx.Pool(workers, initializer=_count_into, initargs=(counter,)) as pool:
+        result = pool.map_async(_island, jobs)
+        while not result.ready():
+            result.wait(1.0)
+            bar.update(start + counter.value - bar.n)
+        return result.get()
+
+
+def generate_hard(seed, n, family="train", workers=None, desc="hard puzzles"):
+    """The first n puzzles of hard stream `seed` (tier 2), seeded from HARD_SEEDS[family]: whole
+    islands 0, 1, ... of ISLAND puzzles, searched in parallel, concatenated in order, keeping the
+    first puzzle of each symmetry class. Islands next to the same seed can meet; a set that comes
+    out short runs the next islands. So puzzle i depends only on (seed, family, i), and a set of n
+    is a prefix of a set of m > n."""
+    workers = workers or os.cpu_count() or 1
+    data, seen, island = None, set(), 0
     with tqdm(total=n, desc=desc, unit="puzzle", leave=False) as bar:
-        if workers == 1:  # in-process: no pool to start (tests, one island)
-            parts = []
-            for job in jobs:
-                before = bar.n
-                parts.append(hard_island(*job, progress=lambda k: bar.update(before + k - bar.n)))
-        else:
-            with ctx.Pool(workers, initializer=_count_into, initargs=(counter,)) as pool:
-                result = pool.map_async(_island, jobs)
-                while not result.ready():
-                    result.wait(1.0)
-                    bar.update(counter.value - bar.n)
-                parts = result.get()
-        bar.update(n - bar.n)
-    data = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    seen, keep = set(), []
-    for i, key in enumerate(symmetry_key(data["question"])):  # the first of each symmetry class
-        if key not in seen:
-            seen.add(key)
-            keep.append(i)
-    return {k: v[keep] for k, v in data.items()}
+        while data is None or len(data["question"]) < n:
+            have = 0 if data is None else len(data["question"])
+            jobs = [(seed, j, ISLAND, family) for j in range(island, island - (-(n - have) // ISLAND))]
+            island += len(jobs)
+            for part in _run_islands(jobs, min(workers, len(jobs)), bar):
+                new = [i for i, key in enumerate(symmetry_key(part["question"])) if key not in seen]
+                seen.update(symmetry_key(part["question"][new]))
+                part = {k: v[new] for k, v in part.items()}
+                data = part if data is None else {k: np.concatenate([data[k], part[k]]) for k in data}
+            bar.update(min(len(data["question"]), n) - bar.n)
+    return {k: v[:n] for k, v in data.items()}
 
 
-def generate_tier(tier, seed, n, workers=None):
+def generate_tier(tier, seed, n, workers=None, family="train"):
     """n puzzles of one tier from stream `seed`: 0 = singles alone solve it, 1 = needs search
-    (both from the plain generator, filtered in stream order), 2 = hard (generate_hard)."""
+    (both from the plain generator, filtered in stream order), 2 = hard (generate_hard, seeded
+    from HARD_SEEDS[family])."""
     if tier == 2:
-        return generate_hard(seed, n, workers)
+        return generate_hard(seed, n, family, workers)
     return generate(seed, n, hard=tier == 1, workers=workers, desc=f"tier {tier} puzzles")
 
 
@@ -735,28 +832,31 @@ def tier_counts(shares, n):
     return n0, n1, n - n0 - n1
 
 
-def tier_path(data_dir, tier, stream, n):
-    """Cache file of the first n puzzles of one tier's stream: tier, stream, size, generator version."""
+def tier_path(data_dir, tier, stream, n, family="train"):
+    """Cache file of the first n puzzles of one tier's stream: tier, the hard tier's seed family,
+    stream, size, generator version."""
     version = HARD_VERSION if tier == 2 else PLAIN_VERSION
-    return os.path.join(data_dir, f"sudoku_tier{tier}_stream{stream}_n{n}_v{version}.npz")
+    seeds = f"_{family}" if tier == 2 else ""
+    return os.path.join(data_dir, f"sudoku_tier{tier}{seeds}_stream{stream}_n{n}_v{version}.npz")
 
 
-def load_tier(tier, stream, n, data_dir="data", workers=None):
-    """The first n puzzles of tier `tier` of stream `stream`: cut from any cached file of that stream
-    that holds at least n (each stream is prefix-deterministic), else generated and cached."""
-    files = glob.glob(tier_path(data_dir, tier, stream, "*"))
+def load_tier(tier, stream, n, data_dir="data", workers=None, family="train"):
+    """The first n puzzles of tier `tier` of stream `stream` (the hard tier seeded from
+    HARD_SEEDS[family]): cut from any cached file of that stream that holds at least n (each stream
+    is prefix-deterministic), else generated and cached."""
+    files = glob.glob(tier_path(data_dir, tier, stream, "*", family))
     for f in sorted(files, key=lambda f: int(f.rsplit("_n", 1)[1].split("_")[0])):
         d = cached(f, None)
         if len(d["question"]) >= n:
             return {k: v[:n] for k, v in d.items()}
-    return cached(tier_path(data_dir, tier, stream, n), lambda: generate_tier(tier, stream, n, workers))
+    return cached(tier_path(data_dir, tier, stream, n, family), lambda: generate_tier(tier, stream, n, workers, family))
 
 
 def load_tiered(kind, n, seed=0, data_dir="data", workers=None, shares=None):
     """A `kind` ("train" or "test") set of n puzzles, tiers mixed by `shares` (default MIX[kind]),
-    tier 0 first. -> dict question, answer, tier, rating."""
+    tier 0 first; the hard tier is seeded from HARD_SEEDS[kind]. -> dict question, answer, tier, rating."""
     shares = MIX[kind] if shares is None else shares
-    parts = [load_tier(t, 100 * seed + STREAMS[kind][t], c, data_dir, workers)
+    parts = [load_tier(t, 100 * seed + STREAMS[kind][t], c, data_dir, workers, kind)
              for t, c in enumerate(tier_counts(shares, n)) if c]
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
@@ -929,6 +1029,8 @@ if __name__ == "__main__":
     p.add_argument("--tier", type=int, choices=(0, 1, 2), default=None,
                    help="only this tier: 0 singles, 1 needs search, 2 hard (default: tiers 0 and 1 as they come)")
     p.add_argument("--hard", action="store_true", help="the hardest tier, same as --tier 2")
+    p.add_argument("--family", choices=tuple(HARD_SEEDS), default="train",
+                   help="hard tier: the seed puzzles its search starts next to (the default sets' own split)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     p.add_argument("--out", default="", help="write the generated puzzles to this CSV")
     p.add_argument("--check", default="", help="validate this CSV and print a summary")
@@ -941,7 +1043,7 @@ if __name__ == "__main__":
         if tier is None:
             d = generate(args.seed, args.n, workers=args.workers)
         else:
-            d = generate_tier(tier, args.seed, args.n, args.workers)
+            d = generate_tier(tier, args.seed, args.n, args.workers, args.family)
         dt = time.time() - t0
         print(f"{args.n} puzzles in {dt:.1f}s = {args.n / dt:.2f} puzzles/s\n{summary(d)}")
         if args.out:

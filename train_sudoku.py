@@ -352,16 +352,11 @@ def finish(args, model, test, ctx, step, t_start, train_seconds=0.0, losses=(), 
 
 
 def parse_puzzle(text):
-    """81 characters, row-major, digits for clues and '.' or '0' for blanks -> (81,) uint8 board."""
-    text = text.strip()
-    if len(text) != 81 or any(ch not in ".0123456789" for ch in text):
-        raise ValueError(f"--solve: a puzzle is 81 characters of 1-9 and '.' or '0', got {len(text)} characters: {text!r}")
-    q = np.array([0 if ch == "." else int(ch) for ch in text], np.uint8)
-    for unit in sudoku.UNITS:  # clues that already break a rule can have no solution
-        clues = q[unit][q[unit] > 0]
-        if len(clues) != len(set(clues.tolist())):
-            raise ValueError(f"--solve: the clues repeat a digit in a row, column or box (cells {unit})")
-    return q
+    """--solve's argument -> (81,) uint8 board (sudoku.parse_puzzle, errors naming the flag)."""
+    try:
+        return sudoku.parse_puzzle(text)
+    except ValueError as e:
+        raise ValueError(f"--solve: {e}") from None
 
 
 def solve_one(args, q, ctx):

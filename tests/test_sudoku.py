@@ -255,6 +255,68 @@ def test_generate_hard_is_islands_in_order(monkeypatch):
     assert all((d[k] == np.concatenate([p[k] for p in parts])).all() for k in d)
 
 
+def test_generate_hard_drops_repeats_and_runs_more_islands(monkeypatch):
+    # islands next to the same seed can emit the same puzzle: the set keeps the first of each
+    # symmetry class, runs further islands when it comes out short, and stays a stream prefix
+    q = np.stack([sudoku.make_puzzle(31, i)[0] for i in range(6)])
+    rng = np.random.default_rng(0)
+    made = {0: [0, 1], 1: [1, 2], 2: [3, 0], 3: [4, 5]}  # island -> puzzles (island 1 repeats one, island 2 too)
+    calls = []
+
+    def island(seed, j, n, family, progress=None):
+        calls.append(j)
+        idx = made[j][:n]
+        qa, _ = sudoku.augment(q[idx], q[idx], rng)  # another symmetry: the same class
+        return {"question": qa, "answer": qa, "tier": np.full(len(idx), 2, np.int8), "rating": np.array(idx)}
+    monkeypatch.setattr(sudoku, "hard_island", island)
+    monkeypatch.setattr(sudoku, "ISLAND", 2)
+    d = sudoku.generate_hard(5, 5, workers=1)
+    assert d["rating"].tolist() == [0, 1, 2, 3, 4] and calls == [0, 1, 2, 3]
+    calls.clear()
+    small = sudoku.generate_hard(5, 3, workers=1)
+    assert small["rating"].tolist() == [0, 1, 2] and calls == [0, 1]
+
+
+def test_seed_families_are_unique_hard_and_apart():
+    # the hard search starts next to these: each must be a unique puzzle, and the training and test
+    # streams must never start next to the same clue pattern
+    pattern = {}
+    for family, seeds in sudoku.HARD_SEEDS.items():
+        for s in seeds:
+            q = sudoku.parse_puzzle(s)
+            assert len(sudoku.solve(q, limit=2)[0]) == 1 and sudoku.rate(q)[0] == 1
+            pattern.setdefault((q > 0).tobytes(), set()).add(family)
+    assert all(len(f) == 1 for f in pattern.values())
+    keys = sudoku._seed_keys()
+    assert len(keys) == sum(map(len, sudoku.HARD_SEEDS.values()))
+    emit, rng = {}, np.random.default_rng(0)
+    q0 = sudoku.parse_puzzle(sudoku.HARD_SEEDS["train"][0])
+    pool = sudoku._seed_pool(q0, rng, 4)
+    assert (pool["q"][0] == q0).all() and len(pool["q"]) == 4
+    sudoku._beam_round(dict(pool, q=np.stack([q0] * 4)), rng, emit, 2, 0, banned=keys)
+    assert not set(emit) & keys  # a child equal to its seed is never emitted
+
+
+def test_recoloured_children_get_their_own_answer():
+    # children that may change the solution grid have no answer to check against: uniqueness and
+    # the answer come from a full search, which must agree with solve()
+    rng = np.random.default_rng(1)
+    q0 = sudoku.parse_puzzle(sudoku.HARD_SEEDS["train"][0])
+    a0 = sudoku.solve(q0, 1)[0][0]
+    base = []
+    for _ in range(8):  # the seed with 5 more clues: with 22 clues a recoloured child is often unique
+        b = q0.copy()
+        extra = rng.choice(np.flatnonzero(q0 == 0), 5, replace=False)
+        b[extra] = a0[extra]
+        base.append(b)
+    q = np.stack([sudoku._recolour(base[i % 8], rng) for i in range(120)])
+    one, a = sudoku._unique_answers(q)
+    sols = [sudoku.solve(x, limit=2)[0] for x in q]
+    assert one.tolist() == [len(s) == 1 for s in sols]
+    assert all((a[i] == sols[i][0]).all() for i in np.flatnonzero(one))
+    assert one.sum() >= 2 and any((a[i] != a0).any() for i in np.flatnonzero(one))  # new grids do occur
+
+
 @pytest.fixture
 def tiny_hard(monkeypatch):
     monkeypatch.setattr(sudoku, "ISLAND", 4)
@@ -277,7 +339,8 @@ def test_tier_cache_is_named_reused_and_serves_smaller_sets(tiny_hard, tmp_path,
     big = sudoku.load_tiered("train", 8, seed=0, data_dir=d, workers=1)
     counts = sudoku.tier_counts(sudoku.MIX["train"], 8)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        f"sudoku_tier{t}_stream{10 + t}_n{c}_v{sudoku.HARD_VERSION if t == 2 else sudoku.PLAIN_VERSION}.npz"
+        f"sudoku_tier{t}{'_train' if t == 2 else ''}_stream{10 + t}_n{c}"
+        f"_v{sudoku.HARD_VERSION if t == 2 else sudoku.PLAIN_VERSION}.npz"
         for t, c in enumerate(counts))
 
     (tmp_path / "sudoku_tier0_stream10_n99_v1.npz.123.tmp.npz").write_bytes(b"a killed run's leftover")
