@@ -4,7 +4,7 @@ Sudoku-Extreme files, offline generators of unique-solution puzzles in three dif
 difficulty rating, and the Sudoku symmetry group as augmentation.
 
     python sudoku.py --n 200 --seed 0              # generate (tiers 0 and 1 as they come), rate, print speed
-    python sudoku.py --n 100 --hard --out hard.csv # the hard tier (tier 2): one search, minutes
+    python sudoku.py --n 100 --hard --out hard.csv # the hard tier (tier 2): ~2-3 puzzles/s per core
     python sudoku.py --n 100 --tier 1              # only puzzles that need search, from the plain generator
     python sudoku.py --check data/test.csv         # validate a CSV file
 
@@ -17,7 +17,8 @@ search opens before its first solution (0 = singles alone solve it), a rough ana
 backtrack count in Sudoku-Extreme's `rating` column. NOTE: it depends on the orientation and
 the digit names, so a symmetric copy of a puzzle can rate very differently; compare sets only
 after a random symmetry. Tiers: 0 = singles alone solve it; 1 = needs search (a random minimal
-puzzle); 2 = hard (found by the beam search of `hard_island`); a CSV's tiers follow its rating
+puzzle); 2 = hard (found by the beam search of `hard_island`, started next to well-known hard
+17-clue puzzles); a CSV's tiers follow its rating
 (`tier_of_rating`). `rate_many` is the same rating,
 batched in numpy; `load_tiered` builds and caches train/test sets that mix the three tiers.
 """
@@ -761,7 +762,9 @@ def _island(job):
 
 
 def _run_islands(jobs, workers, bar):
-    """hard_island(*job) for every job, in parallel when workers > 1 -> list of results in job order."""
+    """hard_island(*job) for every job, in parallel when workers > 1 -> list of results in job
+    order. The bar counts the puzzles the islands emit."""
+    start = bar.n
     if workers == 1:  # in-process: no pool to start (tests, one island)
         parts = []
         for job in jobs:
@@ -769,7 +772,7 @@ def _run_islands(jobs, workers, bar):
             parts.append(hard_island(*job, progress=lambda k: bar.update(before + k - bar.n)))
         return parts
     ctx = mp.get_context("fork" if hasattr(os, "fork") else "spawn")
-    counter, start = ctx.Value("l", 0), bar.n
+    counter = ctx.Value("l", 0)
     with ctx.Pool(workers, initializer=_count_into, initargs=(counter,)) as pool:
         result = pool.map_async(_island, jobs, chunksize=1)  # islands differ in speed: one at a time
         while not result.ready():
@@ -786,17 +789,18 @@ def generate_hard(seed, n, family="train", workers=None, desc="hard puzzles"):
     is a prefix of a set of m > n."""
     workers = workers or os.cpu_count() or 1
     data, seen, island = None, set(), 0
-    with tqdm(total=n, desc=desc, unit="puzzle", leave=False) as bar:
+    with tqdm(total=0, desc=desc, unit="puzzle", leave=False) as bar:
         while data is None or len(data["question"]) < n:
             have = 0 if data is None else len(data["question"])
             jobs = [(seed, j, ISLAND, family) for j in range(island, island - (-(n - have) // ISLAND))]
             island += len(jobs)
+            bar.total += len(jobs) * ISLAND  # emitted puzzles; repeats are dropped below
             for part in _run_islands(jobs, min(workers, len(jobs)), bar):
                 new = [i for i, key in enumerate(symmetry_key(part["question"])) if key not in seen]
                 seen.update(symmetry_key(part["question"][new]))
                 part = {k: v[new] for k, v in part.items()}
                 data = part if data is None else {k: np.concatenate([data[k], part[k]]) for k in data}
-            bar.update(min(len(data["question"]), n) - bar.n)
+            bar.set_postfix(kept=f"{len(data['question'])}/{n}")
     return {k: v[:n] for k, v in data.items()}
 
 
