@@ -467,25 +467,24 @@ def symmetry_key(boards, rounds=4):
 # order in which a tree is visited).
 #
 # An island is one seeded search: a pool of `pool` unique puzzles around one seed; every round each
-# proposes `kids` children. Most keep the solution grid (one or two moves: swap a clue for a blank,
-# add a clue from the answer, or drop one); a share RECOLOUR change a clue's digit or move a clue
-# with any legal digit, so that the pool spreads to new solution grids. Most children are not
-# unique; random dives (_second_solution) prove most of those so before any search tree is built.
+# proposes `kids` children (one or two moves: swap a clue for a blank, add a clue from the answer,
+# or drop one; so an island keeps its seed's solution grid). Most children are not unique; random
+# dives (_second_solution) prove most of those so before any search tree is built.
 # The pool keeps the best by mean log(1 + rating) over every sample drawn so far (pool puzzles get
 # new samples each round, so a lucky draw does not stay on top), and a child whose median rating
-# over VERIFY fresh grid symmetries is at least `emit_rating` is emitted, one per symmetry class
+# over VERIFY fresh grid symmetries is at least `emit_rating` is emitted (the second half of those
+# symmetries is rated only when the first half's median is >= 0.75 * emit_rating), one per symmetry class
 # (never a seed's), and stored in a fresh symmetry. The fresh draws matter: the search keeps the
 # lucky draws of many similar children, so deciding on its own draws overestimates what a puzzle
 # rates in the stored symmetry (RESULTS.md).
 
-HARD_VERSION = 5   # bump when anything below changes what a seed produces
+HARD_VERSION = 6   # bump when anything below changes what a seed produces
 ISLAND = 100       # hard puzzles per island; island j of a stream starts next to seed j % len(seeds)
 HARD = dict(pool=128, kids=8, emit_rating=50)  # the search
 GEOMETRIES, ORDERS = 3, 4  # rating samples of a child: grid symmetries x digit orders
 HOPEFUL, VERIFY = 0.5, 8   # a child whose median is >= HOPEFUL * emit_rating is rated in VERIFY fresh symmetries
 CUT = 0.0  # children rated below this quantile of the pool's scores in their first symmetry are dropped
            # (0: below the worst pool puzzle; 0.25 stalls the climb: it removes the exploring children)
-RECOLOUR = 0.125   # share of children that may change the solution grid
 MAX_CLUES = 25     # moves keep at most this many clues (Sudoku-Extreme: 24.6 on average)
 MAX_TREE = 5000    # a child whose search tree is larger than this is dropped (never seen: hard ones have ~100-300)
 
@@ -500,11 +499,11 @@ HARD_SEEDS = {
 52...6.........7.13...........4..8..6......5...........418.........3..2...87.....
 6..3.2....4.....1..........7.26............543.........8.15........4.2........7..
 4.....8.5.3..........7......2.....6.....8.4......1.......6.3.7.5..2.....1.4......
-6..3.2....5.....1..........7.26............543.........8.15........4.2........7..
+6.....8.3.4.7.................5.4.7.3..2.....1.6.......2.....5.....8.6......1....
 """.split(),
     "test": """
 48.3............71.2.......7.5....6....2..8.............1.76...3.....4......5....
-6.....8.3.4.7.................5.4.7.3..2.....1.6.......2.....5.....8.6......1....
+......8.17..2........5.6......7...5..1....3...8.......5......2..3..8....6...4....
 """.split()}
 
 
@@ -598,30 +597,10 @@ def _second_solution(q, a, parent_q, rng, tries=2, follow=0.7):
     return found
 
 
-def _recolour(q, rng):
-    """A move that may change the solution grid: give a clue another digit, or move a clue to a blank
-    with any digit its row, column and box allow."""
-    q = q.copy()
-    c = rng.choice(np.flatnonzero(q))
-    if rng.random() < 0.5:
-        q[c] = 0
-        c = rng.choice(np.flatnonzero(q == 0))
-    taken = set(q[list(PEERS[c])].tolist()) | {int(q[c])}
-    free = [d for d in range(1, 10) if d not in taken]
-    if free:
-        q[c] = rng.choice(free)
-    return q
-
-
-def _unique_answers(q):
-    """(N,) bool unique, (N, 81) answer (zeros where not unique) of puzzles q (N, 81), by a full
-    search (MAX_TREE branch points at most)."""
+def _is_unique(q):
+    """(N,) bool: puzzle has exactly one solution, by a full search (MAX_TREE branch points at most)."""
     tree = search_trees(cands_many(q), 2, MAX_TREE)
-    one = (tree["nsol"] == 1) & ~tree["aborted"]
-    owner, digits = tree["solutions"]
-    a = np.zeros_like(q)
-    a[owner[one[owner]]] = digits[one[owner]]
-    return one, a
+    return (tree["nsol"] == 1) & ~tree["aborted"]
 
 
 def _beam_round(pool, rng, emit, kids, emit_rating, banned=frozenset()):
@@ -633,16 +612,9 @@ def _beam_round(pool, rng, emit, kids, emit_rating, banned=frozenset()):
     P = len(pool["q"])
     pool = dict(pool, total=pool["total"] + _log_score(rate_samples(pool["q"], rng, 1)), count=pool["count"] + 1)
     parent = np.repeat(np.arange(P), kids)
-    grid = rng.random(len(parent)) < RECOLOUR  # these may change the solution grid
-    q = np.stack([_recolour(pool["q"][j], rng) if g else _propose(pool["q"][j], pool["a"][j], rng)
-                  for j, g in zip(parent, grid)])
-    a = pool["a"][parent]
-    keep = ~grid
-    keep[keep] = ~_second_solution(q[keep], a[keep], pool["q"][parent[keep]], rng)
-    if grid.any():  # no answer to dive against: a full search gives uniqueness and the new answer
-        one, answer = _unique_answers(q[grid])
-        a[grid], keep[grid] = answer, one
-    q, a = q[keep], a[keep]
+    q, a = np.stack([_propose(pool["q"][j], pool["a"][j], rng) for j in parent]), pool["a"][parent]
+    other = _second_solution(q, a, pool["q"][parent], rng)
+    q, a = q[~other], a[~other]
     s = rate_samples(q, rng, 1)  # one grid symmetry first: most children are clearly worse than the pool
     score = (pool["total"] + 1.0) / (pool["count"] + 1)
     go = np.flatnonzero((s[:, 0] >= 0) & (_log_score(s) >= np.quantile(score, CUT)))
@@ -650,7 +622,10 @@ def _beam_round(pool, rng, emit, kids, emit_rating, banned=frozenset()):
     unique = s[:, 0] >= 0
     hopeful = np.flatnonzero(unique & (np.median(s, 1) >= HOPEFUL * emit_rating))
     if len(hopeful):  # decide on fresh draws only: the first ones are the lucky ones the search kept
-        hard = hopeful[np.median(rate_samples(q[hopeful], rng, VERIFY), 1) >= emit_rating]
+        fresh = rate_samples(q[hopeful], rng, VERIFY // 2)  # half first: most hopefuls are clearly below
+        more = np.median(fresh, 1) >= 0.75 * emit_rating
+        hopeful, fresh = hopeful[more], np.concatenate([fresh[more], rate_samples(q[hopeful[more]], rng, VERIFY // 2)], 1)
+        hard = hopeful[np.median(fresh, 1) >= emit_rating]
         for i, key in zip(hard, symmetry_key(q[hard])):
             if key not in banned:
                 emit.setdefault(key, (q[i], a[i]))
@@ -673,7 +648,7 @@ def _seed_pool(q0, rng, size):
             break
         k = np.stack([_propose(q0, a0, rng) for _ in range(4 * size)])
         k = k[~_second_solution(k, np.tile(a0, (len(k), 1)), np.tile(q0, (len(k), 1)), rng)]
-        q = np.concatenate([q, k[_unique_answers(k)[0]]])
+        q = np.concatenate([q, k[_is_unique(k)]])
         q = q[np.sort(np.unique(q, axis=0, return_index=True)[1])]
     q = q[:size]
     return dict(q=q, a=np.tile(a0, (len(q), 1)), total=np.zeros(len(q)), count=np.zeros(len(q)))
