@@ -17,8 +17,8 @@ search opens before its first solution (0 = singles alone solve it), a rough ana
 backtrack count in Sudoku-Extreme's `rating` column. NOTE: it depends on the orientation and
 the digit names, so a symmetric copy of a puzzle can rate very differently; compare sets only
 after a random symmetry. Tiers: 0 = singles alone solve it; 1 = needs search (a random minimal
-puzzle); 2 = hard (found by the beam search of `hard_island`, started next to well-known hard
-17-clue puzzles); a CSV's tiers follow its rating
+puzzle); 2 = hard (found by the beam search of `hard_island`, started next to hard 17-clue
+puzzles); a CSV's tiers follow its rating
 (`tier_of_rating`). `rate_many` is the same rating,
 batched in numpy; `load_tiered` builds and caches train/test sets that mix the three tiers.
 """
@@ -452,13 +452,15 @@ def symmetry_key(boards, rounds=4):
 
 
 # ----------------------------------------------------------------------------------------------
-# the hard tier: a beam search over clue sets, started next to well-known hard puzzles
+# the hard tier: a beam search over clue sets, started next to hard 17-clue puzzles
 #
 # Random minimal puzzles almost never need many branch points (rate: median 2, p90 5), and a beam
 # search from them rarely finds a rich cluster (3 of 11 pools in 200 rounds, RESULTS.md). Hard
 # puzzles are rare and isolated: one clue added to a 21-clue puzzle that rates median 96 gives
-# median 26. But next to some well-known hard 17-clue puzzles (HARD_SEEDS) the clue sets of 18-21
-# clues are rich, and a search started there emits from its first rounds.
+# median 26. But next to some hard 17-clue puzzles the clue sets of 18-22 clues are rich (they
+# hold the 17 clues and a few more from the answer), and a search started there emits from its
+# first rounds. The seeds (HARD_SEEDS, from sudoku_seeds.txt) are the 17-clue puzzles of Gordon
+# Royle's collection that rate highest and whose search emits most (bench/sudoku_seeds.py).
 #
 # rate() depends on the symmetry a puzzle is shown in (the branch cell is the first of the tied
 # ones in row-major order; whether the search meets a "backdoor" cell first is luck of the
@@ -468,7 +470,8 @@ def symmetry_key(boards, rounds=4):
 #
 # An island is one seeded search: a pool of `pool` unique puzzles around one seed; every round each
 # proposes `kids` children (one or two moves: swap a clue for a blank, add a clue from the answer,
-# or drop one; so an island keeps its seed's solution grid). Most children are not unique; random
+# or drop one; so an island keeps its seed's solution grid, and seeds with the same or nearly the
+# same clue cells are on one side: training or test streams). Most children are not unique; random
 # dives (_second_solution) prove most of those so before any search tree is built.
 # The pool keeps the best by mean log(1 + rating) over every sample drawn so far (pool puzzles get
 # new samples each round, so a lucky draw does not stay on top), and a child whose median rating
@@ -478,7 +481,7 @@ def symmetry_key(boards, rounds=4):
 # lucky draws of many similar children, so deciding on its own draws overestimates what a puzzle
 # rates in the stored symmetry (RESULTS.md).
 
-HARD_VERSION = 6   # bump when anything below changes what a seed produces
+HARD_VERSION = 7   # bump when anything below changes what a seed produces
 ISLAND = 100       # hard puzzles per island; island j of a stream starts next to seed j % len(seeds)
 HARD = dict(pool=128, kids=8, emit_rating=50)  # the search
 GEOMETRIES, ORDERS = 3, 4  # rating samples of a child: grid symmetries x digit orders
@@ -488,23 +491,30 @@ CUT = 0.0  # children rated below this quantile of the pool's scores in their fi
 MAX_CLUES = 25     # moves keep at most this many clues (Sudoku-Extreme: 24.6 on average)
 MAX_TREE = 5000    # a child whose search tree is larger than this is dropped (never seen: hard ones have ~100-300)
 
-# Seeds: 17-clue puzzles from the "top95" list of hard puzzles (Norvig, "Solving Every Sudoku
-# Puzzle", after magictour's top 1465). Of its 40 puzzles with 17-19 clues, 13 started a search that
-# emitted 8-141 puzzles in its first 15 rounds (most others: none); of those, these gave islands of
-# median rating >= 40 within 150 s (the others 24-40, slower; RESULTS.md). Puzzles with the same
-# clue pattern are one family, and a family seeds either the training or the test streams, never
-# both. The seeds themselves are never emitted.
-HARD_SEEDS = {
-    "train": """
-52...6.........7.13...........4..8..6......5...........418.........3..2...87.....
-6..3.2....4.....1..........7.26............543.........8.15........4.2........7..
-4.....8.5.3..........7......2.....6.....8.4......1.......6.3.7.5..2.....1.4......
-6.....8.3.4.7.................5.4.7.3..2.....1.6.......2.....5.....8.6......1....
-""".split(),
-    "test": """
-48.3............71.2.......7.5....6....2..8.............1.76...3.....4......5....
-......8.17..2........5.6......7...5..1....3...8.......5......2..3..8....6...4....
-""".split()}
+SEEDS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sudoku_seeds.txt")
+
+
+def read_seeds(path=SEEDS_PATH):
+    """The seed puzzles of the hard tier: lines `family puzzle source` (family "train" or "test";
+    '#' starts a comment) -> {"train": [puzzle, ...], "test": [...]}. Seeds of one family start the
+    islands of the training streams, the other's those of the test streams (sudoku_seeds.txt says
+    where they come from and how they were chosen)."""
+    seeds = {"train": [], "test": []}
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            fields = line.split("#", 1)[0].split()
+            if not fields:
+                continue
+            if len(fields) != 3 or fields[0] not in seeds:
+                raise ValueError(f"{path}:{n}: expected `train|test PUZZLE SOURCE`, got {line.strip()!r}")
+            try:
+                parse_puzzle(fields[1])
+            except ValueError as e:
+                raise ValueError(f"{path}:{n}: {e}") from None
+            seeds[fields[0]].append(fields[1])
+    if not all(seeds.values()):
+        raise ValueError(f"{path}: needs at least one train and one test seed")
+    return seeds
 
 
 def parse_puzzle(text):
@@ -519,6 +529,9 @@ def parse_puzzle(text):
         if len(clues) != len(set(clues.tolist())):
             raise ValueError(f"the clues repeat a digit in a row, column or box (cells {unit})")
     return q
+
+
+HARD_SEEDS = read_seeds()
 
 
 def _seed_keys():

@@ -1,0 +1,93 @@
+"""
+bench/sudoku_seeds.py — choose the seed puzzles of the hard tier (sudoku_seeds.txt) from a list of
+17-clue puzzles, e.g. Gordon Royle's collection of 49,151 (one puzzle per line, digits, 0 or '.'
+for blanks; not shipped: pass its path).
+
+    python bench/sudoku_seeds.py sudoku17.txt --out sudoku_seeds.txt   # ~8 min on 2 cores
+
+1. Rate every puzzle in 4 random symmetries x 2 digit orders (sudoku.rate_samples); keep those
+   with median >= 30, rate them again in 16 x 2, keep median >= --min-median.
+2. Screen the --max-candidates highest-rated: a pool started next to each, --rounds rounds of the hard search (emit at 50); keep
+   those that emitted >= --min-emitted (a seed's own rating predicts this: correlation 0.8 on
+   top95's 17-clue puzzles, RESULTS.md).
+3. Split: puzzles with the same clue pattern, or sharing >= 14 clue cells, are one family; families
+   go to "test" every --test-every-th (by emitted count), the rest to "train".
+Prints one JSON line last.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import multiprocessing as mp  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+import sudoku  # noqa: E402
+
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p.add_argument("puzzles", help="text file, one 81-character puzzle per line")
+p.add_argument("--out", default="sudoku_seeds.txt", help="the seed file to write")
+p.add_argument("--min-median", type=float, default=40, help="keep puzzles rating at least this (median of 32 draws)")
+p.add_argument("--max-candidates", type=int, default=24, help="screen only this many, the highest-rated first")
+p.add_argument("--rounds", type=int, default=12, help="rounds of the screening search")
+p.add_argument("--min-emitted", type=int, default=80, help="keep seeds whose screen emitted at least this many")
+p.add_argument("--test-every", type=int, default=4, help="every n-th family (by emitted count) seeds the test streams")
+p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+args = p.parse_args()
+
+
+def rate(lines, geometries, seed):
+    q = np.stack([sudoku.parse_puzzle(s) for s in lines])
+    return np.median(sudoku.rate_samples(q, np.random.default_rng(seed), geometries, 2), 1)
+
+
+def screen(s):
+    """Puzzles emitted by --rounds rounds of the search started next to s, and seconds taken."""
+    rng, t0 = np.random.default_rng(7), time.time()
+    pool, emit = sudoku._seed_pool(sudoku.parse_puzzle(s), rng, sudoku.HARD["pool"]), {}
+    for _ in range(args.rounds):
+        pool = sudoku._beam_round(pool, rng, emit, sudoku.HARD["kids"], sudoku.HARD["emit_rating"])
+    return len(emit), time.time() - t0
+
+
+if __name__ == "__main__":
+    t0 = time.time()
+    lines = [s.strip().replace("0", ".") for s in open(args.puzzles) if s.strip()]
+    for n, s in enumerate(lines, 1):
+        try:
+            sudoku.parse_puzzle(s)
+        except ValueError as e:
+            raise SystemExit(f"{args.puzzles}:{n}: {e}")
+    workers = args.workers or os.cpu_count() or 1
+    split = lambda xs: [list(c) for c in np.array_split(np.array(xs, dtype=object), workers) if len(c)]
+    with mp.Pool(workers) as pool:
+        med = np.concatenate(pool.starmap(rate, [(c, 4, i) for i, c in enumerate(split(lines))]))
+        hard = [s for s, m in zip(lines, med) if m >= 30]
+        med2 = np.concatenate(pool.starmap(rate, [(c, 16, 10 + i) for i, c in enumerate(split(hard))])) if hard else []
+        order = np.argsort(-np.asarray(med2, float), kind="stable")
+        cand = [hard[i] for i in order if med2[i] >= args.min_median][:args.max_candidates]
+        print(f"{len(lines)} puzzles, {len(hard)} rate median >= 30 in 8 draws, {len(cand)} >= {args.min_median} in 32 screened",
+              flush=True)
+        result = pool.map(screen, cand, chunksize=1)
+    kept = sorted([(n, s) for s, (n, _) in zip(cand, result) if n >= args.min_emitted], reverse=True)
+    families, side = [], {}
+    for n, s in kept:  # a family: the same or nearly the same clue cells as an earlier seed
+        cells = {i for i, ch in enumerate(s) if ch != "."}
+        f = next((j for j, (c, _) in enumerate(families) if len(cells & c) >= 14), None)
+        if f is None:
+            families.append((cells, len(families)))
+            f = len(families) - 1
+        side[s] = "test" if f % args.test_every == args.test_every - 1 else "train"
+    with open(args.out, "w") as f:
+        f.write(f"# Seeds of the hard tier (sudoku.hard_island): written by `python bench/sudoku_seeds.py "
+                f"{os.path.basename(args.puzzles)}`.\n# Hard 17-clue puzzles whose screening search emitted "
+                f">= {args.min_emitted} puzzles in {args.rounds} rounds;\n# seeds sharing >= 14 clue cells are "
+                "one family, on one side. Columns: family, puzzle, puzzles emitted by the screen.\n")
+        for n, s in kept:
+            f.write(f"{side[s]} {s} screen={n}\n")
+    out = {"puzzles": len(lines), "candidates": len(cand), "kept": len(kept), "families": len(families),
+           "test": sum(v == "test" for v in side.values()), "seconds": round(time.time() - t0, 1)}
+    print(json.dumps(out))
