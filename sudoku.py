@@ -4,7 +4,7 @@ Sudoku-Extreme files, offline generators of unique-solution puzzles in three dif
 difficulty rating, and the Sudoku symmetry group as augmentation.
 
     python sudoku.py --n 200 --seed 0              # generate (tiers 0 and 1 as they come), rate, print speed
-    python sudoku.py --n 100 --hard --out hard.csv # the hard tier (tier 2): ~2-3 puzzles/s per core
+    python sudoku.py --n 100 --hard --out hard.csv # the hard tier (tier 2): ~5 puzzles/s per core
     python sudoku.py --n 100 --tier 1              # only puzzles that need search, from the plain generator
     python sudoku.py --check data/test.csv         # validate a CSV file
 
