@@ -3,15 +3,15 @@ bench/sudoku_seeds.py — choose the seed puzzles of the hard tier (sudoku_seeds
 17-clue puzzles, e.g. Gordon Royle's collection of 49,151 (one puzzle per line, digits, 0 or '.'
 for blanks; not shipped: pass its path).
 
-    python bench/sudoku_seeds.py sudoku17.txt --out sudoku_seeds.txt   # ~8 min on 2 cores
+    python bench/sudoku_seeds.py sudoku17.txt --out sudoku_seeds.txt   # ~5 min on 2 cores
 
 1. Rate every puzzle in 4 random symmetries x 2 digit orders (sudoku.rate_samples); keep those
    with median >= 30, rate them again in 16 x 2, keep median >= --min-median.
-2. Screen the --max-candidates highest-rated: a pool started next to each, --rounds rounds of the hard search (emit at 50); keep
-   those that emitted >= --min-emitted (a seed's own rating predicts this: correlation 0.8 on
-   top95's 17-clue puzzles, RESULTS.md).
-3. Split: puzzles with the same clue pattern, or sharing >= 14 clue cells, are one family; families
-   go to "test" every --test-every-th (by emitted count), the rest to "train".
+2. Screen the --max-candidates highest-rated: --rounds rounds of the hard search started next to
+   each (emitting at HARD's rating); keep those that emitted >= --min-emitted. A seed's own rating
+   predicts this (correlation 0.8 on top95's 17-clue puzzles, RESULTS.md).
+3. Split: seeds sharing >= 14 clue cells are one family; every --test-every-th family (by emitted
+   count) seeds the test streams, the rest the training streams.
 Prints one JSON line last.
 """
 import argparse
@@ -69,18 +69,21 @@ if __name__ == "__main__":
         med2 = np.concatenate(pool.starmap(rate, [(c, 16, 10 + i) for i, c in enumerate(split(hard))])) if hard else []
         order = np.argsort(-np.asarray(med2, float), kind="stable")
         cand = [hard[i] for i in order if med2[i] >= args.min_median][:args.max_candidates]
-        print(f"{len(lines)} puzzles, {len(hard)} rate median >= 30 in 8 draws, {len(cand)} >= {args.min_median} in 32 screened",
-              flush=True)
+        print(f"{len(lines)} puzzles, {len(hard)} rate median >= 30 in 8 draws; screening {len(cand)} of those "
+              f"with median >= {args.min_median} in 32", flush=True)
         result = pool.map(screen, cand, chunksize=1)
     kept = sorted([(n, s) for s, (n, _) in zip(cand, result) if n >= args.min_emitted], reverse=True)
     families, side = [], {}
     for n, s in kept:  # a family: the same or nearly the same clue cells as an earlier seed
         cells = {i for i, ch in enumerate(s) if ch != "."}
-        f = next((j for j, (c, _) in enumerate(families) if len(cells & c) >= 14), None)
+        f = next((j for j, c in enumerate(families) if len(cells & c) >= 14), None)
         if f is None:
-            families.append((cells, len(families)))
+            families.append(cells)
             f = len(families) - 1
-        side[s] = "test" if f % args.test_every == args.test_every - 1 else "train"
+        side[s] = "test" if f % args.test_every == args.test_every - 1 else "train"  # a family keeps one side
+    if set(side.values()) != {"train", "test"}:
+        raise SystemExit(f"{len(kept)} seeds in {len(families)} families: need at least one for each side "
+                         "(lower --min-emitted or --test-every, or raise --max-candidates)")
     with open(args.out, "w") as f:
         f.write(f"# Seeds of the hard tier (sudoku.hard_island): written by `python bench/sudoku_seeds.py "
                 f"{os.path.basename(args.puzzles)}`.\n# Hard 17-clue puzzles whose screening search emitted "
