@@ -784,8 +784,11 @@ def generate_hard(seed, n, family="train", workers=None, desc="hard puzzles"):
             island += len(jobs)
             bar.total += len(jobs) * ISLAND  # emitted puzzles; repeats are dropped below
             for part in _run_islands(jobs, min(workers, len(jobs)), bar):
-                new = [i for i, key in enumerate(symmetry_key(part["question"])) if key not in seen]
-                seen.update(symmetry_key(part["question"][new]))
+                new = []
+                for i, key in enumerate(symmetry_key(part["question"])):  # the first of each class
+                    if key not in seen:
+                        seen.add(key)
+                        new.append(i)
                 part = {k: v[new] for k, v in part.items()}
                 data = part if data is None else {k: np.concatenate([data[k], part[k]]) for k in data}
             bar.set_postfix(kept=f"{len(data['question'])}/{n}")
