@@ -30,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 import sudoku
+import sudoku_solver
 from model import (ModelConfig, Transformer, export_weights, load_checkpoint, load_model, load_state, pick_device,
                    save_checkpoint, shape_problem)
 from relay import OBJECTIVES, RolloutBuffer, mlm_loss, reveal_jittered_mass, rollout_loss
@@ -179,7 +180,7 @@ class Stream:
 
     def __call__(self, n):  # -> x0 (n, 81) long, fixed (n, 81) bool
         i = self.rng.integers(len(self.q), size=n)
-        q, a = (torch.from_numpy(b) for b in sudoku.augment(self.q[i], self.a[i], self.rng))
+        q, a = (torch.from_numpy(b) for b in sudoku_solver.augment(self.q[i], self.a[i], self.rng))
         if self.pin:
             q, a = q.pin_memory(), a.pin_memory()
         q, a = q.to(self.device, non_blocking=True), a.to(self.device, non_blocking=True)
@@ -271,7 +272,7 @@ def evaluate(model, test, tau, batch, ctx, desc="eval"):
     blank = q == 0
     exact = (out == a).all(1)
     tok = ((out == a) & blank).sum(1) / blank.sum(1)
-    legal = sudoku.is_legal(out)
+    legal = sudoku_solver.is_legal(out)
     res = {"tau": tau, "exact_match": exact.mean(), "token_acc": tok.mean(), "nfe": nfe.mean(),
            "nfe_batch": float(np.mean(nfe_batch)), "legal_rate": legal.mean(),
            "puzzles_per_s": len(q) / max(secs, 1e-9)}
@@ -284,7 +285,7 @@ def evaluate(model, test, tau, batch, ctx, desc="eval"):
 
 def groups(test):
     """The rows of each difficulty group: the three tiers, and the hard puzzles of rating >= 40
-    (sudoku.rate's branch points; a CSV's own rating column), the level of real hard sets."""
+    (sudoku_solver.rate's branch points; a CSV's own rating column), the level of real hard sets."""
     tier = test["tier"]
     rating = test.get("rating", np.zeros(len(tier)))
     return {"singles": tier == 0, "search": tier == 1, "hard": tier == 2,
@@ -352,9 +353,9 @@ def finish(args, model, test, ctx, step, t_start, train_seconds=0.0, losses=(), 
 
 
 def parse_puzzle(text):
-    """--solve's argument -> (81,) uint8 board (sudoku.parse_puzzle, errors naming the flag)."""
+    """--solve's argument -> (81,) uint8 board (sudoku_solver.parse_puzzle, errors naming the flag)."""
     try:
-        return sudoku.parse_puzzle(text)
+        return sudoku_solver.parse_puzzle(text)
     except ValueError as e:
         raise ValueError(f"--solve: {e}") from None
 
@@ -367,7 +368,7 @@ def solve_one(args, q, ctx):
     with ctx, torch.no_grad():
         out, st = sample_mdm(model, x, tau=args.tau)
     board, when = out[0].cpu().numpy(), st["revealed_at"][0].cpu().numpy()
-    legal = bool(sudoku.is_legal(board[None])[0])
+    legal = bool(sudoku_solver.is_legal(board[None])[0])
     for r in range(9):
         print(" ".join("".join(str(v) for v in board[r * 9 + c:r * 9 + c + 3]) for c in (0, 3, 6)))
         if r in (2, 5):
@@ -388,7 +389,7 @@ def plot_solve(q, board, when, path, title):
     import matplotlib.pyplot as plt
     steps = np.where(q > 0, np.nan, when).reshape(9, 9).astype(float)
     clash = np.zeros(81, bool)  # cells whose digit repeats in one of their units
-    for unit in sudoku.UNITS:
+    for unit in sudoku_solver.UNITS:
         d = board[unit]
         clash[unit] |= (d[:, None] == d[None, :]).sum(1) > 1
     fig, ax = plt.subplots(figsize=(5.2, 4.6))

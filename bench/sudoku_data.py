@@ -1,6 +1,6 @@
 """
 bench/sudoku_data.py — the default tiered Sudoku train and test sets (sudoku.load_tiered): how hard
-each tier is by sudoku.rate, a histogram figure, and generator speed per tier.
+each tier is by sudoku_solver.rate, a histogram figure, and generator speed per tier.
 
     python bench/sudoku_data.py --n-train 400 --n-test 200 --speed 0 --speed-hard 0   # a quick look (minutes)
     python bench/sudoku_data.py                      # the figure in assets/ and speeds (~1.5 h on 2 cores)
@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 import sudoku  # noqa: E402
+import sudoku_hard  # noqa: E402
 
 NAMES = ("singles", "search", "hard")
 
@@ -78,7 +79,7 @@ def plot(sets, path):
             clues = (d["question"][m] > 0).sum(1)
             row[1].hist(clues, bins=np.arange(16.5, 31.5), histtype="step", lw=1.8, label=f"{name}: mean {clues.mean():.1f}")
         row[0].set_xscale("symlog", linthresh=1)
-        row[0].set(title=f"{kind}: rating (branch points of sudoku.rate)", xlabel="rating", ylabel="puzzles")
+        row[0].set(title=f"{kind}: rating (branch points of sudoku_solver.rate)", xlabel="rating", ylabel="puzzles")
         row[1].set(title=f"{kind}: clues", xlabel="clues", ylabel="puzzles")
         row[0].legend(fontsize=8)
         row[1].legend(fontsize=8)
@@ -90,7 +91,7 @@ def plot(sets, path):
 t0 = time.time()
 sets = {kind: sudoku.load_tiered(kind, n, args.seed, args.data_dir, args.workers)
         for kind, n in (("train", args.n_train), ("test", args.n_test))}
-out = {"seed": args.seed, "hard_version": sudoku.HARD_VERSION, "mix": sudoku.MIX, "cores": os.cpu_count(),
+out = {"seed": args.seed, "hard_version": sudoku_hard.HARD_VERSION, "mix": sudoku.MIX, "cores": os.cpu_count(),
        "load_s": time.time() - t0, **{kind: stats(d) for kind, d in sets.items()}}
 for kind, s in out.items():
     if kind in sets:
@@ -100,7 +101,7 @@ for kind, s in out.items():
 plot(sets, args.out)
 print(f"figure: {args.out}")
 workers = args.workers or os.cpu_count() or 1
-n_hard = workers * sudoku.ISLAND if args.speed_hard < 0 else args.speed_hard
+n_hard = workers * sudoku_hard.ISLAND if args.speed_hard < 0 else args.speed_hard
 if args.speed or n_hard:
     out["puzzles_per_s"] = speed((args.speed, args.speed, n_hard), workers)
     out["puzzles_per_s_per_core"] = {k: v / workers for k, v in out["puzzles_per_s"].items()}

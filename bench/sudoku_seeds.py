@@ -5,7 +5,7 @@ for blanks; not shipped: pass its path).
 
     python bench/sudoku_seeds.py sudoku17.txt --out sudoku_seeds.txt   # ~5 min on 2 cores
 
-1. Rate every puzzle in 4 random symmetries x 2 digit orders (sudoku.rate_samples); keep those
+1. Rate every puzzle in 4 random symmetries x 2 digit orders (sudoku_hard.rate_samples); keep those
    with median >= 30, rate them again in 16 x 2, keep median >= --min-median.
 2. Screen the --max-candidates highest-rated: --rounds rounds of the hard search started next to
    each (emitting at HARD's rating); keep those that emitted >= --min-emitted. A seed's own rating
@@ -25,7 +25,8 @@ import multiprocessing as mp  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-import sudoku  # noqa: E402
+import sudoku_hard  # noqa: E402
+import sudoku_solver  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("puzzles", help="text file, one 81-character puzzle per line")
@@ -40,16 +41,16 @@ args = p.parse_args()
 
 
 def rate(lines, geometries, seed):
-    q = np.stack([sudoku.parse_puzzle(s) for s in lines])
-    return np.median(sudoku.rate_samples(q, np.random.default_rng(seed), geometries, 2), 1)
+    q = np.stack([sudoku_solver.parse_puzzle(s) for s in lines])
+    return np.median(sudoku_hard.rate_samples(q, np.random.default_rng(seed), geometries, 2), 1)
 
 
 def screen(s):
     """Puzzles emitted by --rounds rounds of the search started next to s, and seconds taken."""
     rng, t0 = np.random.default_rng(7), time.time()
-    pool, emit = sudoku._seed_pool(sudoku.parse_puzzle(s), rng, sudoku.HARD["pool"]), {}
+    pool, emit = sudoku_hard._seed_pool(sudoku_solver.parse_puzzle(s), rng, sudoku_hard.HARD["pool"]), {}
     for _ in range(args.rounds):
-        pool = sudoku._beam_round(pool, rng, emit, sudoku.HARD["kids"], sudoku.HARD["emit_rating"])
+        pool = sudoku_hard._beam_round(pool, rng, emit, sudoku_hard.HARD["kids"], sudoku_hard.HARD["emit_rating"])
     return len(emit), time.time() - t0
 
 
@@ -58,7 +59,7 @@ if __name__ == "__main__":
     lines = [s.strip().replace("0", ".") for s in open(args.puzzles) if s.strip()]
     for n, s in enumerate(lines, 1):
         try:
-            sudoku.parse_puzzle(s)
+            sudoku_solver.parse_puzzle(s)
         except ValueError as e:
             raise SystemExit(f"{args.puzzles}:{n}: {e}")
     workers = args.workers or os.cpu_count() or 1
@@ -85,7 +86,7 @@ if __name__ == "__main__":
         raise SystemExit(f"{len(kept)} seeds in {len(families)} families: need at least one for each side "
                          "(lower --min-emitted or --test-every, or raise --max-candidates)")
     with open(args.out, "w") as f:
-        f.write(f"# Seeds of the hard tier (sudoku.hard_island): written by `python bench/sudoku_seeds.py "
+        f.write(f"# Seeds of the hard tier (sudoku_hard.hard_island): written by `python bench/sudoku_seeds.py "
                 f"{os.path.basename(args.puzzles)}`.\n# Hard 17-clue puzzles whose screening search emitted "
                 f">= {args.min_emitted} puzzles in {args.rounds} rounds;\n# seeds sharing >= 14 clue cells are "
                 "one family, on one side. Columns: family, puzzle, puzzles emitted by the screen.\n")

@@ -4,10 +4,12 @@ import numpy as np
 import pytest
 
 import sudoku
+import sudoku_hard
+import sudoku_solver
 
 
 def grid_ok(a):
-    return sudoku.is_legal(a[None])[0]
+    return sudoku_solver.is_legal(a[None])[0]
 
 
 def test_generator_unique_valid_deterministic():
@@ -15,7 +17,7 @@ def test_generator_unique_valid_deterministic():
         q, a, tier, rating = sudoku.make_puzzle(7, i)
         assert grid_ok(a)
         assert ((q == 0) | (q == a)).all()
-        sols, _ = sudoku.solve(q, limit=2)
+        sols, _ = sudoku_solver.solve(q, limit=2)
         assert len(sols) == 1 and (sols[0] == a).all()  # unique solution
         q2, a2, _, _ = sudoku.make_puzzle(7, i)
         assert (q2 == q).all() and (a2 == a).all()
@@ -28,31 +30,31 @@ def test_generate_filter_and_tiers():
     easy = sudoku.generate(3, 4, hard=False, workers=1)
     assert (hard["tier"] == 1).all() and (easy["tier"] == 0).all()
     for q in hard["question"]:  # singles alone get stuck: search is needed
-        c = sudoku._cands(q)
-        sudoku._propagate(c, [False] * 81)
-        assert not all(sudoku.ONE[m] for m in c)
+        c = sudoku_solver._cands(q)
+        sudoku_solver._propagate(c, [False] * 81)
+        assert not all(sudoku_solver.ONE[m] for m in c)
     for q, a in zip(easy["question"], easy["answer"]):
-        c = sudoku._cands(q)
-        assert sudoku._propagate(c, [False] * 81)
-        assert [sudoku.DIGIT[m] for m in c] == a.tolist()
+        c = sudoku_solver._cands(q)
+        assert sudoku_solver._propagate(c, [False] * 81)
+        assert [sudoku_solver.DIGIT[m] for m in c] == a.tolist()
 
 
 def test_solver_counts_multiple_solutions():
     q, a, _, _ = sudoku.make_puzzle(0, 0)
     empty = np.zeros(81, np.uint8)
-    sols, _ = sudoku.solve(empty, limit=2)
+    sols, _ = sudoku_solver.solve(empty, limit=2)
     assert len(sols) == 2 and all(grid_ok(s) for s in sols)
 
 
 def test_augment_preserves_puzzles():
     d = sudoku.generate(5, 3, workers=1)
     rng = np.random.default_rng(0)
-    q, a = sudoku.augment(d["question"], d["answer"], rng)
+    q, a = sudoku_solver.augment(d["question"], d["answer"], rng)
     assert not (q == d["question"]).all()
     for qi, ai, q0 in zip(q, a, d["question"]):
         assert grid_ok(ai) and ((qi == 0) | (qi == ai)).all()
         assert (qi > 0).sum() == (q0 > 0).sum()
-        sols, _ = sudoku.solve(qi, limit=2)
+        sols, _ = sudoku_solver.solve(qi, limit=2)
         assert len(sols) == 1 and (sols[0] == ai).all()
 
 
@@ -128,7 +130,7 @@ TINY = dict(pool=6, kids=8, emit_rating=3)  # a hard-tier search small enough fo
 
 @pytest.fixture(scope="module")
 def hard():
-    return sudoku.hard_island(5, 0, 8, **TINY)
+    return sudoku_hard.hard_island(5, 0, 8, **TINY)
 
 
 def boards(n=40):
@@ -141,20 +143,20 @@ def boards(n=40):
 
 
 def test_propagate_many_matches_propagate(hard, monkeypatch):
-    seen, orig = [], sudoku._propagate
+    seen, orig = [], sudoku_solver._propagate
 
     def record(c, done):
         before = list(c)
         ok = orig(c, done)
         seen.append((before, ok, list(c)))
         return ok
-    monkeypatch.setattr(sudoku, "_propagate", record)
+    monkeypatch.setattr(sudoku_solver, "_propagate", record)
     for q in list(boards(20)[:-2]) + list(hard["question"]):
-        sudoku.solve(q, limit=2)
-    monkeypatch.setattr(sudoku, "_propagate", orig)
+        sudoku_solver.solve(q, limit=2)
+    monkeypatch.setattr(sudoku_solver, "_propagate", orig)
     c = np.array([s[0] for s in seen], np.uint16)
     ok = np.array([s[1] for s in seen])
-    x, ok_many = sudoku.propagate_many(c)
+    x, ok_many = sudoku_solver.propagate_many(c)
     assert len(c) > 1000 and 0.1 < ok.mean() < 0.95  # both outcomes are well represented
     assert (ok_many == ok).all()
     assert (x[ok] == np.array([s[2] for s in seen], np.uint16)[ok]).all()
@@ -162,27 +164,27 @@ def test_propagate_many_matches_propagate(hard, monkeypatch):
 
 def test_rate_many_equals_rate(hard):
     b = np.concatenate([boards(), hard["question"]])
-    tier, rating = sudoku.rate_many(b, max_branches=300)
-    ref = [sudoku.rate(q) for q in b]
+    tier, rating = sudoku_solver.rate_many(b, max_branches=300)
+    ref = [sudoku_solver.rate(q) for q in b]
     assert tier.tolist() == [t for t, _ in ref] and rating.tolist() == [r for _, r in ref]
     assert (rating[-len(hard["question"]):] == hard["rating"]).all()
     assert {0, 1} <= set(tier.tolist()) and rating.max() >= 10
-    tree = sudoku.search_trees(sudoku.cands_many(b[:40]), 2)
-    assert tree["branches"].tolist() == [sudoku.solve(q, 2)[1] for q in b[:40]]
+    tree = sudoku_solver.search_trees(sudoku_solver.cands_many(b[:40]), 2)
+    assert tree["branches"].tolist() == [sudoku_solver.solve(q, 2)[1] for q in b[:40]]
 
 
 def test_symmetry_key_is_a_class_invariant(hard):
     q = np.concatenate([boards()[:-2], hard["question"]])
-    a = np.stack([sudoku.solve(x, 1)[0][0] for x in q])
-    key = sudoku.symmetry_key(q)
+    a = np.stack([sudoku_solver.solve(x, 1)[0][0] for x in q])
+    key = sudoku_solver.symmetry_key(q)
     assert len(set(key)) == len(q)  # different puzzles, different keys
     rng = np.random.default_rng(0)
     for _ in range(3):
-        qa, _ = sudoku.augment(q, a, rng)
-        assert not (qa == q).all(1).any() and sudoku.symmetry_key(qa) == key
+        qa, _ = sudoku_solver.augment(q, a, rng)
+        assert not (qa == q).all(1).any() and sudoku_solver.symmetry_key(qa) == key
     one_less = q.copy()
     one_less[np.arange(len(q)), (q > 0).argmax(1)] = 0  # drop the first clue
-    assert all(k1 != k2 for k1, k2 in zip(sudoku.symmetry_key(one_less), key))
+    assert all(k1 != k2 for k1, k2 in zip(sudoku_solver.symmetry_key(one_less), key))
 
 
 def test_rate_samples_are_rate_in_renamed_symmetries(hard):
@@ -190,19 +192,19 @@ def test_rate_samples_are_rate_in_renamed_symmetries(hard):
     # puzzle is the tree visited in the renamed order
     q = np.concatenate([boards()[:-2], hard["question"]])
     rng = np.random.default_rng(3)
-    tree = sudoku.search_trees(sudoku.cands_many(q), 2)
-    ranks = np.stack([sudoku._digit_orders(len(q), rng) for _ in range(3)])
-    got = sudoku._dfs_branches(tree, len(q), ranks)
+    tree = sudoku_solver.search_trees(sudoku_solver.cands_many(q), 2)
+    ranks = np.stack([sudoku_solver.random_digit_orders(len(q), rng) for _ in range(3)])
+    got = sudoku_solver.dfs_branches(tree, len(q), ranks)
     for r in range(3):
         renamed = np.take_along_axis(ranks[r], q.astype(np.int64), 1)
-        assert got[:, r].tolist() == [sudoku.rate(x)[1] for x in renamed]
+        assert got[:, r].tolist() == [sudoku_solver.rate(x)[1] for x in renamed]
     assert (got != got[:, :1]).any()  # the renaming changes some ratings
-    assert (sudoku._dfs_branches(tree, len(q)) == [sudoku.rate(x)[1] for x in q]).all()
-    s = sudoku.rate_samples(q, rng, 2, 3)
+    assert (sudoku_solver.dfs_branches(tree, len(q)) == [sudoku_solver.rate(x)[1] for x in q]).all()
+    s = sudoku_hard.rate_samples(q, rng, 2, 3)
     assert s.shape == (len(q), 6) and (s >= 0).all() and (s.max(1) > 0).any()
     two = q[:1].copy()
     two[0, np.flatnonzero(two[0])[:3]] = 0  # several solutions
-    assert (sudoku.rate_samples(two, rng) == -1).all()
+    assert (sudoku_hard.rate_samples(two, rng) == -1).all()
 
 
 def test_second_solution_screen_is_never_wrong_and_catches_most(hard):
@@ -211,36 +213,36 @@ def test_second_solution_screen_is_never_wrong_and_catches_most(hard):
     rng = np.random.default_rng(4)
     pq, pa = hard["question"], hard["answer"]
     parent = np.repeat(np.arange(len(pq)), 40)
-    q = np.stack([sudoku._propose(pq[j], pa[j], rng) for j in parent])
-    flagged = sudoku._second_solution(q, pa[parent], pq[parent], rng)
-    unique = np.array([len(sudoku.solve(x, limit=2)[0]) == 1 for x in q])
+    q = np.stack([sudoku_hard._propose(pq[j], pa[j], rng) for j in parent])
+    flagged = sudoku_hard._second_solution(q, pa[parent], pq[parent], rng)
+    unique = np.array([len(sudoku_solver.solve(x, limit=2)[0]) == 1 for x in q])
     assert not (flagged & unique).any()
     assert (~unique).sum() >= 20 and (flagged & ~unique).sum() >= 0.5 * (~unique).sum()
     added = pq.copy()  # only adding clues keeps a unique puzzle unique: nothing to dive from
     added[np.arange(len(pq)), (pq == 0).argmax(1)] = pa[np.arange(len(pq)), (pq == 0).argmax(1)]
-    assert not sudoku._second_solution(added, pa, pq, rng).any()
+    assert not sudoku_hard._second_solution(added, pa, pq, rng).any()
 
 
 def test_hard_island_valid_unique_distinct_deterministic(hard):
     q, a = hard["question"], hard["answer"]
-    assert sudoku.is_legal(a).all() and ((q == 0) | (q == a)).all()
+    assert sudoku_solver.is_legal(a).all() and ((q == 0) | (q == a)).all()
     for qi, ai in zip(q, a):
-        sols, _ = sudoku.solve(qi, limit=2)
+        sols, _ = sudoku_solver.solve(qi, limit=2)
         assert len(sols) == 1 and (sols[0] == ai).all()
-    assert ((q > 0).sum(1) <= sudoku.MAX_CLUES).all() and (hard["tier"] == 2).all()
-    assert len(set(sudoku.symmetry_key(q))) == len(q)
-    assert hard["rating"].tolist() == [sudoku.rate(x)[1] for x in q] and (hard["rating"] > 0).all()
-    again = sudoku.hard_island(5, 0, 5, **TINY)  # same island, fewer puzzles: the same first five
+    assert ((q > 0).sum(1) <= sudoku_hard.MAX_CLUES).all() and (hard["tier"] == 2).all()
+    assert len(set(sudoku_solver.symmetry_key(q))) == len(q)
+    assert hard["rating"].tolist() == [sudoku_solver.rate(x)[1] for x in q] and (hard["rating"] > 0).all()
+    again = sudoku_hard.hard_island(5, 0, 5, **TINY)  # same island, fewer puzzles: the same first five
     assert all((again[k] == hard[k][:5]).all() for k in hard)
-    other = sudoku.hard_island(5, 1, 5, **TINY)
-    assert not set(sudoku.symmetry_key(other["question"])) & set(sudoku.symmetry_key(q))
+    other = sudoku_hard.hard_island(5, 1, 5, **TINY)
+    assert not set(sudoku_solver.symmetry_key(other["question"])) & set(sudoku_solver.symmetry_key(q))
 
 
 @pytest.mark.skipif(not os.environ.get("SUDOKU_SLOW"), reason="minutes of search: set SUDOKU_SLOW=1")
 def test_hard_tier_is_harder_than_the_search_tier():
     # one island with the real settings (a tiny search only tests the plumbing). Minimal puzzles that need search
     # rate median 2 (p90 5); the hard tier must be well clear of that in a fresh symmetry.
-    hard = sudoku.hard_island(0, 0, 200)
+    hard = sudoku_hard.hard_island(0, 0, 200)
     search = sudoku.generate(0, 200, hard=True)
     assert np.median(hard["rating"]) >= 10 * np.median(search["rating"])
     assert hard["rating"].mean() >= 10 * search["rating"].mean()
@@ -248,10 +250,10 @@ def test_hard_tier_is_harder_than_the_search_tier():
 
 def test_generate_hard_is_islands_in_order(monkeypatch):
     # with each island's first n independent of n (tested above) this makes a set a stream prefix
-    monkeypatch.setattr(sudoku, "ISLAND", 3)
-    monkeypatch.setattr(sudoku, "HARD", TINY)
-    d = sudoku.generate_hard(5, 5, workers=1)
-    parts = [sudoku.hard_island(5, 0, 3), sudoku.hard_island(5, 1, 2)]
+    monkeypatch.setattr(sudoku_hard, "ISLAND", 3)
+    monkeypatch.setattr(sudoku_hard, "HARD", TINY)
+    d = sudoku_hard.generate_hard(5, 5, workers=1)
+    parts = [sudoku_hard.hard_island(5, 0, 3), sudoku_hard.hard_island(5, 1, 2)]
     assert all((d[k] == np.concatenate([p[k] for p in parts])).all() for k in d)
 
 
@@ -266,19 +268,19 @@ def test_generate_hard_drops_repeats_and_runs_more_islands(monkeypatch):
     def island(seed, j, n, family, progress=None):
         calls.append(j)
         idx = made[j][:n]
-        qa, _ = sudoku.augment(q[idx], q[idx], rng)  # another symmetry: the same class
+        qa, _ = sudoku_solver.augment(q[idx], q[idx], rng)  # another symmetry: the same class
         return {"question": qa, "answer": qa, "tier": np.full(len(idx), 2, np.int8), "rating": np.array(idx)}
-    monkeypatch.setattr(sudoku, "hard_island", island)
-    monkeypatch.setattr(sudoku, "ISLAND", 2)
-    d = sudoku.generate_hard(5, 5, workers=1)
+    monkeypatch.setattr(sudoku_hard, "hard_island", island)
+    monkeypatch.setattr(sudoku_hard, "ISLAND", 2)
+    d = sudoku_hard.generate_hard(5, 5, workers=1)
     assert d["rating"].tolist() == [0, 1, 2, 3, 4] and calls == [0, 1, 2, 3]
     calls.clear()
-    small = sudoku.generate_hard(5, 3, workers=1)
+    small = sudoku_hard.generate_hard(5, 3, workers=1)
     assert small["rating"].tolist() == [0, 1, 2] and calls == [0, 1]
 
 
 def test_seed_file_errors_name_the_line(tmp_path):
-    good, test = sudoku.HARD_SEEDS["train"][0], sudoku.HARD_SEEDS["test"][0]
+    good, test = sudoku_hard.HARD_SEEDS["train"][0], sudoku_hard.HARD_SEEDS["test"][0]
     path = tmp_path / "seeds.txt"
     cases = [(f"train {good}", ":3: expected `train|test PUZZLE SOURCE`"),
              (f"dev {good} x", ":3: expected `train|test PUZZLE SOURCE`"),
@@ -287,35 +289,35 @@ def test_seed_file_errors_name_the_line(tmp_path):
     for text, msg in cases:
         path.write_text(f"# a comment\n\n{text}\n")
         with pytest.raises(ValueError) as e:
-            sudoku.read_seeds(str(path))
+            sudoku_hard.read_seeds(str(path))
         assert msg in str(e.value) and str(path) in str(e.value)
     path.write_text(f"train {good} here  # comment\ntest {test} there\n")
-    assert sudoku.read_seeds(str(path)) == {"train": [good], "test": [test]}
+    assert sudoku_hard.read_seeds(str(path)) == {"train": [good], "test": [test]}
 
 
 def test_seed_families_are_unique_hard_and_apart():
     # the hard search starts next to these: each must be a unique puzzle, and the training and test
     # streams must never start next to the same or nearly the same clue cells
     cells = {}
-    for family, seeds in sudoku.HARD_SEEDS.items():
-        qs = np.stack([sudoku.parse_puzzle(s) for s in seeds])
-        assert all(len(sudoku.solve(q, limit=2)[0]) == 1 and sudoku.rate(q)[0] == 1 for q in qs)
+    for family, seeds in sudoku_hard.HARD_SEEDS.items():
+        qs = np.stack([sudoku_solver.parse_puzzle(s) for s in seeds])
+        assert all(len(sudoku_solver.solve(q, limit=2)[0]) == 1 and sudoku_solver.rate(q)[0] == 1 for q in qs)
         cells[family] = (qs > 0).astype(int)
     assert (cells["train"] @ cells["test"].T).max() < 14  # shared clue cells of any train/test pair
-    keys = sudoku._seed_keys()
-    assert len(keys) == sum(map(len, sudoku.HARD_SEEDS.values()))
+    keys = sudoku_hard._seed_keys()
+    assert len(keys) == sum(map(len, sudoku_hard.HARD_SEEDS.values()))
     emit, rng = {}, np.random.default_rng(0)
-    q0 = sudoku.parse_puzzle(sudoku.HARD_SEEDS["train"][0])
-    pool = sudoku._seed_pool(q0, rng, 4)
+    q0 = sudoku_solver.parse_puzzle(sudoku_hard.HARD_SEEDS["train"][0])
+    pool = sudoku_hard._seed_pool(q0, rng, 4)
     assert (pool["q"][0] == q0).all() and len(pool["q"]) == 4
-    sudoku._beam_round(dict(pool, q=np.stack([q0] * 4)), rng, emit, 2, 0, banned=keys)
+    sudoku_hard._beam_round(dict(pool, q=np.stack([q0] * 4)), rng, emit, 2, 0, banned=keys)
     assert not set(emit) & keys  # a child equal to its seed is never emitted
 
 
 @pytest.fixture
 def tiny_hard(monkeypatch):
-    monkeypatch.setattr(sudoku, "ISLAND", 4)
-    monkeypatch.setattr(sudoku, "HARD", TINY)
+    monkeypatch.setattr(sudoku_hard, "ISLAND", 4)
+    monkeypatch.setattr(sudoku_hard, "HARD", TINY)
 
 
 def test_tiered_sets_mix_tiers_from_disjoint_streams(tiny_hard, tmp_path):
@@ -324,7 +326,7 @@ def test_tiered_sets_mix_tiers_from_disjoint_streams(tiny_hard, tmp_path):
     for d, kind in ((train, "train"), (test, "test")):
         assert [int((d["tier"] == t).sum()) for t in range(3)] == list(sudoku.tier_counts(sudoku.MIX[kind], 8))
         assert (d["rating"][d["tier"] == 0] == 0).all() and (d["rating"][d["tier"] > 0] > 0).all()
-    assert not set(sudoku.symmetry_key(train["question"])) & set(sudoku.symmetry_key(test["question"]))
+    assert not set(sudoku_solver.symmetry_key(train["question"])) & set(sudoku_solver.symmetry_key(test["question"]))
     with pytest.raises(ValueError, match="shares"):
         sudoku.tier_counts((0.8, 0.8, 0), 10)
 
@@ -335,7 +337,7 @@ def test_tier_cache_is_named_reused_and_serves_smaller_sets(tiny_hard, tmp_path,
     counts = sudoku.tier_counts(sudoku.MIX["train"], 8)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         f"sudoku_tier{t}{'_train' if t == 2 else ''}_stream{10 + t}_n{c}"
-        f"_v{sudoku.HARD_VERSION if t == 2 else sudoku.PLAIN_VERSION}.npz"
+        f"_v{sudoku_hard.HARD_VERSION if t == 2 else sudoku.PLAIN_VERSION}.npz"
         for t, c in enumerate(counts))
 
     (tmp_path / "sudoku_tier0_stream10_n99_v1.npz.123.tmp.npz").write_bytes(b"a killed run's leftover")

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import sudoku
+import sudoku_solver
 import train_sudoku
 from model import Transformer
 from relay import RolloutBuffer, rollout_loss
@@ -166,7 +167,7 @@ def test_solve_prints_the_grid_and_draws_the_steps(tmp_path, data_dir, capsys):
     r = train_sudoku.main(["--checkpoint", str(tmp_path / "ckpt.pt"), "--solve", puzzle, "--out-dir", str(tmp_path)])
     board = np.array([int(ch) for ch in r["solution"]], np.uint8)
     assert (board[d["question"][0] > 0] == d["question"][0][d["question"][0] > 0]).all() and (board > 0).all()
-    assert r["legal"] == bool(sudoku.is_legal(board[None])[0]) and r["nfe"] >= 1
+    assert r["legal"] == bool(sudoku_solver.is_legal(board[None])[0]) and r["nfe"] >= 1
     assert os.path.getsize(r["picture"]) > 10_000
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["solution"] == r["solution"]
     for bad, msg in [(puzzle[:80], "81 characters"), ("x" + puzzle[1:], "81 characters"),
