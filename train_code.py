@@ -54,7 +54,8 @@ from model import (QWEN2, SHAPES, ModelConfig, Transformer, from_pretrained, loa
                    save_checkpoint, save_pretrained, shape_problem)
 from relay import RolloutBuffer, add_relay, reveal_threshold_blocks, rollout_loss, sft_loss
 from runs import claim_out_dir, nonneg_float, nonneg_int, positive_float, positive_int, unit_float
-from eval_code import evaluate, load_problems, run_sandboxed
+from eval_code import evaluate, load_problems
+from sandbox import run_sandboxed
 from sampler import generate
 from tokenizer import byte_tokenizer, load_tokenizer, save_tokenizer
 

@@ -6,6 +6,7 @@ import time
 import pytest
 
 import eval_code as ev
+import sandbox
 
 # the sandbox refuses to run without root (namespaces, a per-run uid): see tests/test_sandbox.py
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="the sandbox needs root (it refuses otherwise)")
@@ -16,41 +17,41 @@ def test_canonical_solutions_pass_and_bad_bodies_fail():
     probs = ev.load_problems()
     assert len(probs) == 164
     for p in probs[:12]:
-        assert ev.run_sandboxed(p["prompt"] + p["canonical_solution"] + p["check"])["status"] == "passed", p["task_id"]
-        assert ev.run_sandboxed(p["prompt"] + "    pass\n" + p["check"])["status"] == "failed", p["task_id"]
+        assert sandbox.run_sandboxed(p["prompt"] + p["canonical_solution"] + p["check"])["status"] == "passed", p["task_id"]
+        assert sandbox.run_sandboxed(p["prompt"] + "    pass\n" + p["check"])["status"] == "failed", p["task_id"]
 
 
 @needs_root
 def test_infinite_loop_times_out():
     t = time.time()
-    assert ev.run_sandboxed("while True:\n    pass\n", timeout=1.0)["status"] == "timed out"
+    assert sandbox.run_sandboxed("while True:\n    pass\n", timeout=1.0)["status"] == "timed out"
     assert time.time() - t < 5
 
 
 @needs_root
 def test_fork_bomb_and_huge_allocation_are_contained():
-    r = ev.run_sandboxed("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n",
+    r = sandbox.run_sandboxed("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n",
                          timeout=1.0)
     assert r["status"] == "timed out"
-    assert ev.count_sandbox_processes() == 0
-    r = ev.run_sandboxed("x = bytearray(64 * 2**30)\n", timeout=5)
+    assert sandbox.count_sandbox_processes() == 0
+    r = sandbox.run_sandboxed("x = bytearray(64 * 2**30)\n", timeout=5)
     assert r["status"] == "failed" and "MemoryError" in r["stderr"]
 
 
 @needs_root
 def test_no_network_and_no_signals_to_the_caller():
-    r = ev.run_sandboxed("import socket\nsocket.socket().connect(('127.0.0.1', 22))\n")
+    r = sandbox.run_sandboxed("import socket\nsocket.socket().connect(('127.0.0.1', 22))\n")
     assert r["status"] == "failed" and "Network is unreachable" in r["stderr"]  # an empty network namespace
-    assert ev.run_sandboxed(f"import os, signal\nos.kill({os.getpid()}, signal.SIGTERM)\n")["status"] == "failed"
+    assert sandbox.run_sandboxed(f"import os, signal\nos.kill({os.getpid()}, signal.SIGTERM)\n")["status"] == "failed"
 
 
 @needs_root
 def test_cannot_touch_files_outside(tmp_path):
     victim = tmp_path / "repo_file.py"
     victim.write_text("keep")
-    r = ev.run_sandboxed(f"open({str(victim)!r}, 'w').write('gone')\n")
+    r = sandbox.run_sandboxed(f"open({str(victim)!r}, 'w').write('gone')\n")
     assert r["status"] == "failed" and "No such file" in r["stderr"]  # not in the sandbox's root
-    assert ev.run_sandboxed(f"import os\nos.remove({str(victim)!r})\n")["status"] == "failed"
+    assert sandbox.run_sandboxed(f"import os\nos.remove({str(victim)!r})\n")["status"] == "failed"
     assert victim.read_text() == "keep"
 
 
@@ -61,8 +62,8 @@ def test_problem_files_and_errors(tmp_path):
     (p,) = ev.load_problems(str(mbpp))
     assert p["entry_point"] == "add"
     if os.geteuid() == 0:  # the sandbox refuses to run without root
-        assert ev.run_sandboxed(ev.check_program(p, p["canonical_solution"], base=False))["status"] == "passed"
-        assert ev.run_sandboxed(ev.check_program(p, "def add(a, b):\n    return a - b", base=False))["status"] == "failed"
+        assert sandbox.run_sandboxed(ev.check_program(p, p["canonical_solution"], base=False))["status"] == "passed"
+        assert sandbox.run_sandboxed(ev.check_program(p, "def add(a, b):\n    return a - b", base=False))["status"] == "failed"
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"task_id": 1, "prompt": "x"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:1: neither HumanEval"):
@@ -89,13 +90,13 @@ def test_check_all_runs_each_distinct_program_once():
     ev.check_all(probs, rows, base=True, timeout=10, workers=2, seen=seen)
     assert [r["passed"] for r in rows] == [True, False, True] and len(seen) == 3
     calls = []
-    real = ev.run_sandboxed
-    ev.run_sandboxed = lambda *a, **k: calls.append(a) or real(*a, **k)
+    real = sandbox.run_sandboxed
+    sandbox.run_sandboxed = lambda *a, **k: calls.append(a) or real(*a, **k)
     try:
         again = [dict(r) for r in rows]
         ev.check_all(probs, again, base=True, timeout=10, workers=2, seen=seen)
     finally:
-        ev.run_sandboxed = real
+        sandbox.run_sandboxed = real
     assert not calls and [r["passed"] for r in again] == [True, False, True]
 
 

@@ -1,4 +1,4 @@
-"""eval_code.run_sandboxed: one test per guarantee of the sandbox (the issue's rows 1-9). Each runs a hostile
+"""sandbox.run_sandboxed: one test per guarantee of the sandbox (the issue's rows 1-9). Each runs a hostile
 probe program and asserts the contained outcome, with host-side evidence where there is any. Needs Linux and
 root, as CI has (without them the sandbox refuses to run, which test 5 checks with CAP_SYS_ADMIN dropped)."""
 import os
@@ -13,60 +13,60 @@ import time
 
 import pytest
 
-import eval_code as ev
+import sandbox
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the sandbox needs root (it refuses otherwise)")
-WRONG, CHECK = ev.WRONG, ev.CHECK  # a wrong add(a, b) and `assert add(1, 2) == 3`
+WRONG, CHECK = sandbox.WRONG, sandbox.CHECK  # a wrong add(a, b) and `assert add(1, 2) == 3`
 RIGHT = "import os, sys\ndef add(a, b):\n    return a + b\n"
 
 
 def test_1_exit_before_the_check_fails():
-    assert ev.run_sandboxed(RIGHT + CHECK, 3)["status"] == "passed"
-    assert ev.run_sandboxed(WRONG + CHECK, 3)["status"] == "failed"
+    assert sandbox.run_sandboxed(RIGHT + CHECK, 3)["status"] == "passed"
+    assert sandbox.run_sandboxed(WRONG + CHECK, 3)["status"] == "failed"
     for exit_ in ["sys.exit(0)", "exit()", "quit()", "os._exit(0)", "raise SystemExit",
                   "def main():\n    return 0\nif __name__ == '__main__':\n    sys.exit(main())"]:
-        assert ev.run_sandboxed(WRONG + exit_ + "\n" + CHECK, 3)["status"] == "failed", exit_
-        assert ev.run_sandboxed(RIGHT + exit_ + "\n" + CHECK, 3)["status"] == "failed", exit_  # the check never ran
+        assert sandbox.run_sandboxed(WRONG + exit_ + "\n" + CHECK, 3)["status"] == "failed", exit_
+        assert sandbox.run_sandboxed(RIGHT + exit_ + "\n" + CHECK, 3)["status"] == "failed", exit_  # the check never ran
     # nothing the program prints or writes to its descriptors counts: only the secret, after the end
     junk = ("for fd in range(1, 16):\n    try:\n        os.write(fd, b'ok\\npassed\\n')\n"
             "    except OSError:\n        pass\n")
-    assert ev.run_sandboxed(WRONG + junk + "os._exit(0)\n" + CHECK, 3)["status"] == "failed"
+    assert sandbox.run_sandboxed(WRONG + junk + "os._exit(0)\n" + CHECK, 3)["status"] == "failed"
 
 
 def test_2_stdlib_imports_pass_after_the_privilege_drop():
-    prog = (RIGHT + ev.STDLIB + "import numpy\n"
+    prog = (RIGHT + sandbox.STDLIB + "import numpy\n"
             "subprocess.run([sys.executable, '-c', 'import json, email, http.client'], check=True)\n"
             "with multiprocessing.Pool(2) as pool:\n    assert pool.map(abs, [-1, 2]) == [1, 2]\n"
             "assert asyncio.run(asyncio.sleep(0, 7)) == 7\n"
             "assert os.getuid() >= 2**30 and not os.access(os.path.realpath(sys.executable), os.W_OK)\n" + CHECK)
-    r = ev.run_sandboxed(prog, 10)
+    r = sandbox.run_sandboxed(prog, 10)
     assert r["status"] == "passed", r["stderr"]
 
 
 def test_3_nothing_outlives_the_run():
-    daemon = ev.DAEMON.format("os.closerange(0, 3)")
-    holder = ev.DAEMON.format("pass")  # keeps stdout and stderr open
+    daemon = sandbox.DAEMON.format("os.closerange(0, 3)")
+    holder = sandbox.DAEMON.format("pass")  # keeps stdout and stderr open
     for prog, want in [(daemon, "passed"), (holder, "passed"), (holder + "time.sleep(30)\n", "timed out")]:
         t = time.time()
-        r = ev.run_sandboxed(prog, 1.5)
+        r = sandbox.run_sandboxed(prog, 1.5)
         assert r["status"] == want and time.time() - t < 1.5 + 1.5
-        assert ev.count_sandbox_processes(wait=0) == 0
+        assert sandbox.count_sandbox_processes(wait=0) == 0
 
 
 def test_4_parallel_sandboxes_cannot_signal_each_other():
     victim = {}
-    t = threading.Thread(target=lambda: victim.update(ev.run_sandboxed("import time\ntime.sleep(2)\n", 5)))
+    t = threading.Thread(target=lambda: victim.update(sandbox.run_sandboxed("import time\ntime.sleep(2)\n", 5)))
     t.start()
     time.sleep(0.2)
-    ev.run_sandboxed(ev.KILLER, 5)  # SIGKILL to -1 and to every pid in /proc, for 1.5 s
+    sandbox.run_sandboxed(sandbox.KILLER, 5)  # SIGKILL to -1 and to every pid in /proc, for 1.5 s
     t.join()
     assert victim["status"] == "passed"
 
 
 def test_5_refuses_without_isolation_unless_told():
-    code = ("try:\n    eval_code.run_sandboxed('x = 1', 3)\nexcept RuntimeError as e:\n    print(e)\n"
-            "print(eval_code.run_sandboxed('x = 1', 3, allow_unisolated=True)['status'])\n")
-    r = subprocess.run([sys.executable, "-c", ev.NO_SYS_ADMIN.format(code)], capture_output=True, text=True,
+    code = ("try:\n    sandbox.run_sandboxed('x = 1', 3)\nexcept RuntimeError as e:\n    print(e)\n"
+            "print(sandbox.run_sandboxed('x = 1', 3, allow_unisolated=True)['status'])\n")
+    r = subprocess.run([sys.executable, "-c", sandbox.NO_SYS_ADMIN.format(code)], capture_output=True, text=True,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=60)
     refusal, status = r.stdout.splitlines()
     assert "refused" in refusal and "network namespace" in refusal and "allow_unisolated" in refusal
@@ -83,7 +83,7 @@ def test_6_no_unix_socket_to_the_host():
                     os.chmod(addr, 0o777)
                 server.listen()
                 server.setblocking(False)
-                r = ev.run_sandboxed(f"import _socket\ns = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)\n"
+                r = sandbox.run_sandboxed(f"import _socket\ns = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)\n"
                                      f"s.connect({addr!r})\n", 3)
                 assert r["status"] == "failed"
                 assert "No such file" in r["stderr"] or "Connection refused" in r["stderr"]
@@ -96,17 +96,17 @@ def test_7_output_is_capped():
             "sys.stderr.write('e' * 2**24)\n")  # 2 GiB to stdout, 16 MiB to stderr
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t = time.time()
-    r = ev.run_sandboxed(prog, 3)
+    r = sandbox.run_sandboxed(prog, 3)
     assert time.time() - t < 3 + 1.5 and len(r["stderr"]) <= 2000
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 64 << 10  # KiB: the caller kept < 64 MiB
 
 
 def test_8_tmp_is_private_removed_and_bounded():
     files = [f"{d}/relay-test-{secrets.token_hex(4)}" for d in ("/tmp", "/var/tmp", "/dev/shm")]
-    assert ev.run_sandboxed(f"for f in {files!r}:\n    open(f, 'w').write('x')\n", 3)["status"] == "passed"
+    assert sandbox.run_sandboxed(f"for f in {files!r}:\n    open(f, 'w').write('x')\n", 3)["status"] == "passed"
     assert not any(map(os.path.exists, files))
-    assert ev.run_sandboxed(f"import os\nassert not any(map(os.path.exists, {files!r}))\n", 3)["status"] == "passed"
-    r = ev.run_sandboxed(f"for i in range(5):\n    open({files!r}[i % 3] + str(i), 'wb').write(bytes(15 << 20))\n", 5)
+    assert sandbox.run_sandboxed(f"import os\nassert not any(map(os.path.exists, {files!r}))\n", 3)["status"] == "passed"
+    r = sandbox.run_sandboxed(f"for i in range(5):\n    open({files!r}[i % 3] + str(i), 'wb').write(bytes(15 << 20))\n", 5)
     assert r["status"] == "failed" and "No space left" in r["stderr"]  # 75 MiB > the 64 MiB the three share
 
 
@@ -115,6 +115,6 @@ def test_9_host_processes_are_invisible():
     prog = (f"import os\npids = [p for p in os.listdir('/proc') if p.isdigit()]\nassert pids\n"
             f"assert any(b'{tag}' in open(f'/proc/{{p}}/cmdline', 'rb').read() for p in pids), pids\n")
     with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", tag]) as host:
-        r = ev.run_sandboxed(prog, 3)
+        r = sandbox.run_sandboxed(prog, 3)
         host.kill()
     assert r["status"] == "failed" and "AssertionError: ['1', '2']" in r["stderr"]  # init and the program only
