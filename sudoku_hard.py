@@ -33,6 +33,12 @@ from sudoku_solver import (ALL, augment, branch_cell, cands_many, dfs_branches, 
 # O digit renamings, from one search tree per grid symmetry (renaming the digits only changes the
 # order in which a tree is visited).
 #
+# A stream has one island per seed, each one long search: an island never emits a symmetry class
+# twice, and islands of different seeds have different solution grids, so a set is (almost) all
+# distinct. Many short islands per seed were cheaper to spread over cores but met each other: 30
+# islands of 100 next to one seed gave 1,395 classes in 3,000 puzzles, 3 of 1,000 gave 2,064
+# (RESULTS.md).
+#
 # An island is one seeded search: a pool of `pool` unique puzzles around one seed; every round each
 # proposes `kids` children (one or two moves: swap a clue for a blank, add a clue from the answer,
 # or drop one; so an island keeps its seed's solution grid, and seeds with the same or nearly the
@@ -46,8 +52,7 @@ from sudoku_solver import (ALL, augment, branch_cell, cands_many, dfs_branches, 
 # lucky draws of many similar children, so deciding on its own draws overestimates what a puzzle
 # rates in the stored symmetry (RESULTS.md).
 
-HARD_VERSION = 7   # bump when anything below changes what a seed produces
-ISLAND = 100       # hard puzzles per island; island j of a stream starts next to seed j % len(seeds)
+HARD_VERSION = 8   # bump when anything below changes what a seed produces
 HARD = dict(pool=128, kids=8, emit_rating=50)  # the search
 GEOMETRIES, ORDERS = 3, 4  # rating samples of a child: grid symmetries x digit orders
 HOPEFUL, VERIFY = 0.5, 8   # a child whose median is >= HOPEFUL * emit_rating is rated in VERIFY fresh symmetries
@@ -218,21 +223,23 @@ def _seed_pool(q0, rng, size):
     return dict(q=q, a=np.tile(a0, (len(q), 1)), total=np.zeros(len(q)), count=np.zeros(len(q)))
 
 
-def hard_island(seed, island, n=ISLAND, family="train", pool=None, kids=None, emit_rating=None, warmup=200,
-                patience=50, min_rate=0.3, max_rounds=20000, progress=None):
+def hard_island(seed, island, n, family="train", pool=None, kids=None, emit_rating=None, warmup=200,
+                patience=50, min_rate=0.3, max_rounds=None, progress=None):
     """The first n hard puzzles of island `island` of stream `seed`, searched next to seed puzzle
     HARD_SEEDS[family][island % its length], in the order the search emits them, each in a fresh
     random symmetry of its own, rated with rate_many (== rate). Deterministic per (seed, island,
     family); the first n do not depend on n. Search settings default to HARD. A pool that, after
     `warmup` rounds, emits fewer than min_rate puzzles a round over `patience` rounds starts over
-    next to the seed. progress(k), if given, is called with the number emitted after every round.
-    -> dict question, answer (n, 81), tier (n,) = 2, rating (n,)."""
+    next to the seed; past max_rounds (default 20 n + 2000) it gives up. progress(k), if given, is
+    called with the number emitted after every round. -> dict question, answer (n, 81), tier (n,) = 2,
+    rating (n,)."""
     given = dict(pool=pool, kids=kids, emit_rating=emit_rating)
     pool, kids, emit_rating = [HARD[k] if v is None else v for k, v in given.items()]
     seeds = HARD_SEEDS[family]
     q0 = parse_puzzle(seeds[island % len(seeds)])
     rng = np.random.default_rng([seed, island, HARD_VERSION])
     state, begun, emit, counts, banned = _seed_pool(q0, rng, pool), 0, {}, [], _seed_keys()
+    max_rounds = 20 * n + 2000 if max_rounds is None else max_rounds
     for r in range(max_rounds):
         if len(emit) >= n:
             break
@@ -294,26 +301,25 @@ def _run_islands(jobs, workers, bar):
 
 
 def generate_hard(seed, n, family="train", workers=None, desc="hard puzzles"):
-    """The first n puzzles of hard stream `seed` (tier 2), seeded from HARD_SEEDS[family]: whole
-    islands 0, 1, ... of ISLAND puzzles, searched in parallel, concatenated in order, keeping the
-    first puzzle of each symmetry class. Islands next to the same seed can meet; a set that comes
-    out short runs the next islands. So puzzle i depends only on (seed, family, i), and a set of n
-    is a prefix of a set of m > n."""
-    workers = workers or os.cpu_count() or 1
-    data, seen, island = None, set(), 0
+    """The first n puzzles of hard stream `seed` (tier 2): island k searches next to seed k of
+    HARD_SEEDS[family] (L seeds), the islands run in parallel (at most L processes), and puzzle i of
+    the stream is puzzle i // L of island i % L, keeping the first of each symmetry class. So every
+    seed contributes equally, puzzle i depends only on (seed, family, i), and a set of n is a prefix
+    of a set of m > n. Repeats are rare (two seeds with one solution grid); a set that comes out
+    short runs every island again, further."""
+    L = len(HARD_SEEDS[family])
+    workers, per = min(workers or os.cpu_count() or 1, L), -(-n // L)
     with tqdm(total=0, desc=desc, unit="puzzle", leave=False) as bar:
-        while data is None or len(data["question"]) < n:
-            have = 0 if data is None else len(data["question"])
-            jobs = [(seed, j, ISLAND, family) for j in range(island, island - (-(n - have) // ISLAND))]
-            island += len(jobs)
-            bar.total += len(jobs) * ISLAND  # emitted puzzles; repeats are dropped below
-            for part in _run_islands(jobs, min(workers, len(jobs)), bar):
-                new = []
-                for i, key in enumerate(symmetry_key(part["question"])):  # the first of each class
-                    if key not in seen:
-                        seen.add(key)
-                        new.append(i)
-                part = {k: v[new] for k, v in part.items()}
-                data = part if data is None else {k: np.concatenate([data[k], part[k]]) for k in data}
-            bar.set_postfix(kept=f"{len(data['question'])}/{n}")
-    return {k: v[:n] for k, v in data.items()}
+        while True:
+            bar.reset(total=per * L)  # emitted puzzles; repeats are dropped below
+            parts = _run_islands([(seed, k, per, family) for k in range(L)], workers, bar)
+            data = {k: np.stack([p[k] for p in parts], 1).reshape(per * L, *parts[0][k].shape[1:]) for k in parts[0]}
+            seen, keep = set(), []
+            for i, key in enumerate(symmetry_key(data["question"])):  # the first of each class
+                if key not in seen:
+                    seen.add(key)
+                    keep.append(i)
+            bar.set_postfix(kept=f"{min(len(keep), n)}/{n}")
+            if len(keep) >= n:
+                return {k: v[keep[:n]] for k, v in data.items()}
+            per += -(-(n - len(keep)) // L)

@@ -7,9 +7,9 @@ each tier is by sudoku_solver.rate, a histogram figure, and generator speed per 
 
 Sets come from (and go to) the cache in --data-dir, so a second run only re-plots. The speed part
 times each tier's generator on fresh puzzles with --workers processes: --speed puzzles of tiers 0
-and 1, --speed-hard of tier 2 (default: one whole island per process, since an island's first
-puzzles cost its whole climb), and reports puzzles/s and puzzles/s per process (hard tier: ~0.5
-per core). Every rating is rate() of the puzzle as stored, which the hard tier stores in a fresh
+and 1, --speed-hard of tier 2 (default: 100 per training seed; an island's first puzzles cost its
+climb), and reports puzzles/s and puzzles/s per process (the hard tier runs at most one process
+per seed). Every rating is rate() of the puzzle as stored, which the hard tier stores in a fresh
 random symmetry (rate depends on the symmetry). Prints one JSON line last.
 """
 import argparse
@@ -33,7 +33,7 @@ p.add_argument("--seed", type=int, default=0, help="set seed (the test set uses 
 p.add_argument("--data-dir", default="data", help="cache of generated sets")
 p.add_argument("--workers", type=int, default=None, help="generator processes (default: all cores)")
 p.add_argument("--speed", type=int, default=400, help="tier 0 and 1 puzzles to time (0: skip)")
-p.add_argument("--speed-hard", type=int, default=-1, help="tier 2 puzzles to time (0: skip, -1: one island per process)")
+p.add_argument("--speed-hard", type=int, default=-1, help="tier 2 puzzles to time (0: skip, -1: 100 per training seed)")
 p.add_argument("--out", default="assets/sudoku_difficulty.png", help="the histogram figure")
 args = p.parse_args()
 
@@ -101,11 +101,12 @@ for kind, s in out.items():
 plot(sets, args.out)
 print(f"figure: {args.out}")
 workers = args.workers or os.cpu_count() or 1
-n_hard = workers * sudoku_hard.ISLAND if args.speed_hard < 0 else args.speed_hard
+n_hard = 100 * len(sudoku_hard.HARD_SEEDS["train"]) if args.speed_hard < 0 else args.speed_hard
 if args.speed or n_hard:
     out["puzzles_per_s"] = speed((args.speed, args.speed, n_hard), workers)
-    out["puzzles_per_s_per_core"] = {k: v / workers for k, v in out["puzzles_per_s"].items()}
+    procs = {name: min(workers, len(sudoku_hard.HARD_SEEDS["train"])) if name == NAMES[2] else workers for name in NAMES}
+    out["puzzles_per_s_per_core"] = {k: v / procs[k] for k, v in out["puzzles_per_s"].items()}
     out["workers"] = workers
     for name, v in out["puzzles_per_s"].items():
-        print(f"generator {name:>8}: {v:7.2f} puzzles/s on {workers} processes = {v / workers:.2f} per core")
+        print(f"generator {name:>8}: {v:7.2f} puzzles/s on {procs[name]} processes = {v / procs[name]:.2f} per core")
 print(json.dumps(out))

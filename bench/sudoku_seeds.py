@@ -3,15 +3,16 @@ bench/sudoku_seeds.py — choose the seed puzzles of the hard tier (sudoku_seeds
 17-clue puzzles, e.g. Gordon Royle's collection of 49,151 (one puzzle per line, digits, 0 or '.'
 for blanks; not shipped: pass its path).
 
-    python bench/sudoku_seeds.py sudoku17.txt --out sudoku_seeds.txt   # ~5 min on 2 cores
+    python bench/sudoku_seeds.py sudoku17.txt   # ~13 min on 2 cores; seeds already in --out keep their side
 
 1. Rate every puzzle in 4 random symmetries x 2 digit orders (sudoku_hard.rate_samples); keep those
    with median >= 30, rate them again in 16 x 2, keep median >= --min-median.
 2. Screen the --max-candidates highest-rated: --rounds rounds of the hard search started next to
    each (emitting at HARD's rating); keep those that emitted >= --min-emitted. A seed's own rating
    predicts this (correlation 0.8 on top95's 17-clue puzzles, RESULTS.md).
-3. Split: seeds sharing >= 14 clue cells are one family; every --test-every-th family (by emitted
-   count) seeds the test streams, the rest the training streams.
+3. Split: seeds sharing >= 14 clue cells are one family, on one side. Seeds already in --out keep
+   their side (and so does their family); of the new families (by emitted count) every
+   --test-every-th seeds the test streams, the rest the training streams.
 Prints one JSON line last.
 """
 import argparse
@@ -31,8 +32,8 @@ import sudoku_solver  # noqa: E402
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("puzzles", help="text file, one 81-character puzzle per line")
 p.add_argument("--out", default="sudoku_seeds.txt", help="the seed file to write")
-p.add_argument("--min-median", type=float, default=40, help="keep puzzles rating at least this (median of 32 draws)")
-p.add_argument("--max-candidates", type=int, default=24, help="screen only this many, the highest-rated first")
+p.add_argument("--min-median", type=float, default=35, help="keep puzzles rating at least this (median of 32 draws)")
+p.add_argument("--max-candidates", type=int, default=160, help="screen only this many, the highest-rated first")
 p.add_argument("--rounds", type=int, default=12, help="rounds of the screening search")
 p.add_argument("--min-emitted", type=int, default=80, help="keep seeds whose screen emitted at least this many")
 p.add_argument("--test-every", type=int, default=4, help="every n-th family (by emitted count) seeds the test streams")
@@ -52,6 +53,31 @@ def screen(s):
     for _ in range(args.rounds):
         pool = sudoku_hard._beam_round(pool, rng, emit, sudoku_hard.HARD["kids"], sudoku_hard.HARD["emit_rating"])
     return len(emit), time.time() - t0
+
+
+def assign_sides(kept, fixed):
+    """kept: [(emitted, puzzle)], best first; fixed: {puzzle: side} of an earlier seed file. A family (seeds
+    sharing >= 14 clue cells) takes the side of its fixed members; of the other families, every
+    --test-every-th goes to test. -> (number of families, {puzzle: side})."""
+    families = []  # [(clue cells of its first seed, [puzzles])]
+    for _, s in kept:
+        cells = {i for i, ch in enumerate(s) if ch != "."}
+        f = next((f for f in families if len(cells & f[0]) >= 14), None)
+        if f is None:
+            families.append((cells, [s]))
+        else:
+            f[1].append(s)
+    side, new = {}, 0
+    for _, members in families:
+        old = {fixed[s] for s in members if s in fixed}
+        if len(old) > 1:
+            raise SystemExit(f"{args.out}: one family holds train and test seeds: {members}")
+        if not old:
+            new += 1
+            old = {"test" if new % args.test_every == 0 else "train"}
+        kind = old.pop()
+        side.update((s, kind) for s in members)
+    return len(families), side
 
 
 if __name__ == "__main__":
@@ -74,24 +100,18 @@ if __name__ == "__main__":
               f"with median >= {args.min_median} in 32", flush=True)
         result = pool.map(screen, cand, chunksize=1)
     kept = sorted([(n, s) for s, (n, _) in zip(cand, result) if n >= args.min_emitted], reverse=True)
-    families, side = [], {}
-    for n, s in kept:  # a family: the same or nearly the same clue cells as an earlier seed
-        cells = {i for i, ch in enumerate(s) if ch != "."}
-        f = next((j for j, c in enumerate(families) if len(cells & c) >= 14), None)
-        if f is None:
-            families.append(cells)
-            f = len(families) - 1
-        side[s] = "test" if f % args.test_every == args.test_every - 1 else "train"  # a family keeps one side
-    if set(side.values()) != {"train", "test"}:
-        raise SystemExit(f"{len(kept)} seeds in {len(families)} families: need at least one for each side "
-                         "(lower --min-emitted or --test-every, or raise --max-candidates)")
+    fixed = {}  # seeds of an earlier file keep their side: a seed that moved would put a training grid into test sets
+    if os.path.exists(args.out):
+        fixed = {p: kind for kind, ps in sudoku_hard.read_seeds(args.out).items() for p in ps}
+    families, side = assign_sides(kept, fixed)
     with open(args.out, "w") as f:
         f.write(f"# Seeds of the hard tier (sudoku_hard.hard_island): written by `python bench/sudoku_seeds.py "
-                f"{os.path.basename(args.puzzles)}`.\n# Hard 17-clue puzzles whose screening search emitted "
-                f">= {args.min_emitted} puzzles in {args.rounds} rounds;\n# seeds sharing >= 14 clue cells are "
-                "one family, on one side. Columns: family, puzzle, puzzles emitted by the screen.\n")
+                f"{os.path.basename(args.puzzles)} --min-median {args.min_median:g} --max-candidates "
+                f"{args.max_candidates}`.\n# Hard 17-clue puzzles whose screening search emitted >= {args.min_emitted} "
+                f"puzzles in {args.rounds} rounds;\n# seeds sharing >= 14 clue cells are one family, on one side; a "
+                "seed keeps its side from run to run. Columns: family, puzzle, puzzles emitted by the screen.\n")
         for n, s in kept:
             f.write(f"{side[s]} {s} screen={n}\n")
-    out = {"puzzles": len(lines), "candidates": len(cand), "kept": len(kept), "families": len(families),
+    out = {"puzzles": len(lines), "candidates": len(cand), "kept": len(kept), "families": families,
            "test": sum(v == "test" for v in side.values()), "seconds": round(time.time() - t0, 1)}
     print(json.dumps(out))

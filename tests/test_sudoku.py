@@ -248,35 +248,40 @@ def test_hard_tier_is_harder_than_the_search_tier():
     assert hard["rating"].mean() >= 10 * search["rating"].mean()
 
 
-def test_generate_hard_is_islands_in_order(monkeypatch):
+def two_train_seeds(monkeypatch):
+    seeds = dict(sudoku_hard.HARD_SEEDS, train=sudoku_hard.HARD_SEEDS["train"][:2])
+    monkeypatch.setattr(sudoku_hard, "HARD_SEEDS", seeds)
+
+
+def test_generate_hard_interleaves_the_islands_of_its_seeds(monkeypatch):
     # with each island's first n independent of n (tested above) this makes a set a stream prefix
-    monkeypatch.setattr(sudoku_hard, "ISLAND", 3)
+    two_train_seeds(monkeypatch)
     monkeypatch.setattr(sudoku_hard, "HARD", TINY)
     d = sudoku_hard.generate_hard(5, 5, workers=1)
-    parts = [sudoku_hard.hard_island(5, 0, 3), sudoku_hard.hard_island(5, 1, 2)]
-    assert all((d[k] == np.concatenate([p[k] for p in parts])).all() for k in d)
+    a, b = sudoku_hard.hard_island(5, 0, 3), sudoku_hard.hard_island(5, 1, 3)
+    assert all((d[k] == np.stack([a[k], b[k]], 1).reshape(6, *a[k].shape[1:])[:5]).all() for k in d)
 
 
-def test_generate_hard_drops_repeats_and_runs_more_islands(monkeypatch):
-    # islands next to the same seed can emit the same puzzle: the set keeps the first of each
-    # symmetry class, runs further islands when it comes out short, and stays a stream prefix
+def test_generate_hard_drops_repeats_and_runs_the_islands_further(monkeypatch):
+    # islands can emit the same puzzle (two seeds of one grid): the set keeps the first of each symmetry
+    # class in the interleaved order, runs every island further when it comes out short, and stays a prefix
     q = np.stack([sudoku.make_puzzle(31, i)[0] for i in range(6)])
     rng = np.random.default_rng(0)
-    made = {0: [0, 1], 1: [1, 2], 2: [3, 0], 3: [4, 5]}  # island -> puzzles (island 1 repeats one, island 2 too)
+    made = {0: [0, 1, 2, 5], 1: [1, 3, 4, 0]}  # island -> the puzzles it emits, in order
     calls = []
 
     def island(seed, j, n, family, progress=None):
-        calls.append(j)
+        calls.append((j, n))
         idx = made[j][:n]
         qa, _ = sudoku_solver.augment(q[idx], q[idx], rng)  # another symmetry: the same class
         return {"question": qa, "answer": qa, "tier": np.full(len(idx), 2, np.int8), "rating": np.array(idx)}
+    two_train_seeds(monkeypatch)
     monkeypatch.setattr(sudoku_hard, "hard_island", island)
-    monkeypatch.setattr(sudoku_hard, "ISLAND", 2)
-    d = sudoku_hard.generate_hard(5, 5, workers=1)
-    assert d["rating"].tolist() == [0, 1, 2, 3, 4] and calls == [0, 1, 2, 3]
+    d = sudoku_hard.generate_hard(5, 4, workers=1)  # order 0 1 | 1 3 -> 3 kept; then 0 1 | 1 3 | 2 4
+    assert d["rating"].tolist() == [0, 1, 3, 2] and calls == [(0, 2), (1, 2), (0, 3), (1, 3)]
     calls.clear()
     small = sudoku_hard.generate_hard(5, 3, workers=1)
-    assert small["rating"].tolist() == [0, 1, 2] and calls == [0, 1]
+    assert small["rating"].tolist() == [0, 1, 3] and calls == [(0, 2), (1, 2)]
 
 
 def test_seed_file_errors_name_the_line(tmp_path):
@@ -316,7 +321,7 @@ def test_seed_families_are_unique_hard_and_apart():
 
 @pytest.fixture
 def tiny_hard(monkeypatch):
-    monkeypatch.setattr(sudoku_hard, "ISLAND", 4)
+    two_train_seeds(monkeypatch)
     monkeypatch.setattr(sudoku_hard, "HARD", TINY)
 
 
