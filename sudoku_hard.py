@@ -230,7 +230,7 @@ def hard_island(seed, island, n, family="train", pool=None, kids=None, emit_rati
     random symmetry of its own, rated with rate_many (== rate). Deterministic per (seed, island,
     family); the first n do not depend on n. Search settings default to HARD. A pool that, after
     `warmup` rounds, emits fewer than min_rate puzzles a round over `patience` rounds starts over
-    next to the seed; past max_rounds (default 20 n + 2000) it gives up. progress(k), if given, is
+    next to the seed; past max_rounds (default 2 n + 1000: a healthy island needs < n / 3) it gives up. progress(k), if given, is
     called with the number emitted after every round. -> dict question, answer (n, 81), tier (n,) = 2,
     rating (n,)."""
     given = dict(pool=pool, kids=kids, emit_rating=emit_rating)
@@ -239,7 +239,7 @@ def hard_island(seed, island, n, family="train", pool=None, kids=None, emit_rati
     q0 = parse_puzzle(seeds[island % len(seeds)])
     rng = np.random.default_rng([seed, island, HARD_VERSION])
     state, begun, emit, counts, banned = _seed_pool(q0, rng, pool), 0, {}, [], _seed_keys()
-    max_rounds = 20 * n + 2000 if max_rounds is None else max_rounds
+    max_rounds = 2 * n + 1000 if max_rounds is None else max_rounds
     for r in range(max_rounds):
         if len(emit) >= n:
             break
@@ -250,7 +250,9 @@ def hard_island(seed, island, n, family="train", pool=None, kids=None, emit_rati
         if progress:
             progress(min(len(emit), n))
     else:
-        raise RuntimeError(f"hard_island({seed}, {island}): {len(emit)} of {n} puzzles after {max_rounds} rounds")
+        raise RuntimeError(f"hard_island({seed}, {island}): {len(emit)} of {n} puzzles after {max_rounds} rounds: the "
+                           f"hard neighbourhood of seed {seeds[island % len(seeds)]} ran out. Ask for fewer hard puzzles "
+                           "(--n-train, --mix) or train on a CSV (--data)")
     found = list(emit.values())[:n]
     qa = [augment(q[None], a[None], np.random.default_rng([seed, island, HARD_VERSION, i]))
           for i, (q, a) in enumerate(found)]  # one generator per puzzle: its symmetry does not depend on n

@@ -253,6 +253,11 @@ def two_train_seeds(monkeypatch):
     monkeypatch.setattr(sudoku_hard, "HARD_SEEDS", seeds)
 
 
+def test_an_island_that_runs_out_says_so():
+    with pytest.raises(RuntimeError, match="ran out. Ask for fewer hard puzzles"):
+        sudoku_hard.hard_island(5, 0, 1000, max_rounds=2, **TINY)
+
+
 def test_generate_hard_interleaves_the_islands_of_its_seeds(monkeypatch):
     # with each island's first n independent of n (tested above) this makes a set a stream prefix
     two_train_seeds(monkeypatch)
