@@ -7,6 +7,7 @@ rating median >= 50 branch points, and the parallel driver that makes a data set
 
 RESULTS.md ("Hard data") tells how it got here and what did not work.
 """
+import math
 import multiprocessing as mp
 import os
 
@@ -33,11 +34,12 @@ from sudoku_solver import (ALL, augment, branch_cell, cands_many, dfs_branches, 
 # O digit renamings, from one search tree per grid symmetry (renaming the digits only changes the
 # order in which a tree is visited).
 #
-# A stream has one island per seed, each one long search: an island never emits a symmetry class
-# twice, and islands of different seeds have different solution grids, so a set is (almost) all
-# distinct. Many short islands per seed were cheaper to spread over cores but met each other: 30
-# islands of 100 next to one seed gave 1,395 classes in 3,000 puzzles, 3 of 1,000 gave 2,064
-# (RESULTS.md).
+# A stream has one island per seed, each one long search, and every island runs the same number of
+# rounds: an island never emits a symmetry class twice, islands of different seeds have different
+# solution grids, and a seed whose hard neighbourhood runs out (some do after ~750 puzzles) only
+# contributes less. Many short islands per seed met each other (30 islands of 100 next to one seed
+# gave 1,395 classes in 3,000 puzzles, 3 of 1,000 gave 2,064); equal puzzles per seed stalled on the
+# seed that ran out (RESULTS.md, v8).
 #
 # An island is one seeded search: a pool of `pool` unique puzzles around one seed; every round each
 # proposes `kids` children (one or two moves: swap a clue for a blank, add a clue from the answer,
@@ -52,7 +54,7 @@ from sudoku_solver import (ALL, augment, branch_cell, cands_many, dfs_branches, 
 # lucky draws of many similar children, so deciding on its own draws overestimates what a puzzle
 # rates in the stored symmetry (RESULTS.md).
 
-HARD_VERSION = 8   # bump when anything below changes what a seed produces
+HARD_VERSION = 9   # bump when anything below changes what a seed produces
 HARD = dict(pool=128, kids=8, emit_rating=50)  # the search
 GEOMETRIES, ORDERS = 3, 4  # rating samples of a child: grid symmetries x digit orders
 HOPEFUL, VERIFY = 0.5, 8   # a child whose median is >= HOPEFUL * emit_rating is rated in VERIFY fresh symmetries
@@ -223,43 +225,40 @@ def _seed_pool(q0, rng, size):
     return dict(q=q, a=np.tile(a0, (len(q), 1)), total=np.zeros(len(q)), count=np.zeros(len(q)))
 
 
-def hard_island(seed, island, n, family="train", pool=None, kids=None, emit_rating=None, warmup=200,
-                patience=50, min_rate=0.3, max_rounds=None, progress=None):
-    """The first n hard puzzles of island `island` of stream `seed`, searched next to seed puzzle
-    HARD_SEEDS[family][island % its length], in the order the search emits them, each in a fresh
-    random symmetry of its own, rated with rate_many (== rate). Deterministic per (seed, island,
-    family); the first n do not depend on n. Search settings default to HARD. A pool that, after
-    `warmup` rounds, emits fewer than min_rate puzzles a round over `patience` rounds starts over
-    next to the seed; past max_rounds (default 2 n + 1000: a healthy island needs < n / 3) it gives up. progress(k), if given, is
-    called with the number emitted after every round. -> dict question, answer (n, 81), tier (n,) = 2,
-    rating (n,)."""
+def hard_island(seed, island, rounds, family="train", pool=None, kids=None, emit_rating=None, warmup=200,
+                patience=50, min_rate=0.3, progress=None):
+    """Every hard puzzle that island `island` of stream `seed` emits in its first `rounds` rounds,
+    searched next to seed puzzle HARD_SEEDS[family][island % its length], in the order the search
+    emits them, each in a fresh random symmetry of its own, rated with rate_many (== rate).
+    Deterministic per (seed, island, family); what the first r rounds emit does not depend on
+    `rounds`. Search settings default to HARD. A pool that, after `warmup` rounds, emits fewer than
+    min_rate puzzles a round over `patience` rounds starts over next to the seed. progress(k), if
+    given, is called with the number emitted after every round. -> dict question, answer (N, 81),
+    tier (N,) = 2, rating (N,), round (N,): the round that emitted each."""
     given = dict(pool=pool, kids=kids, emit_rating=emit_rating)
     pool, kids, emit_rating = [HARD[k] if v is None else v for k, v in given.items()]
     seeds = HARD_SEEDS[family]
     q0 = parse_puzzle(seeds[island % len(seeds)])
     rng = np.random.default_rng([seed, island, HARD_VERSION])
     state, begun, emit, counts, banned = _seed_pool(q0, rng, pool), 0, {}, [], _seed_keys()
-    max_rounds = 2 * n + 1000 if max_rounds is None else max_rounds
-    for r in range(max_rounds):
-        if len(emit) >= n:
-            break
+    for r in range(rounds):
         counts.append(len(emit))
         if r - begun >= warmup and counts[-1] - counts[-1 - patience] < min_rate * patience:
             state, begun = _seed_pool(q0, rng, pool), r  # a poor pool: climb again from the seed
         state = _beam_round(state, rng, emit, kids, emit_rating, banned)
         if progress:
-            progress(min(len(emit), n))
-    else:
-        raise RuntimeError(f"hard_island({seed}, {island}): {len(emit)} of {n} puzzles after {max_rounds} rounds: the "
-                           f"hard neighbourhood of seed {seeds[island % len(seeds)]} ran out. Ask for fewer hard puzzles "
-                           "(--n-train, --mix) or train on a CSV (--data)")
-    found = list(emit.values())[:n]
-    qa = [augment(q[None], a[None], np.random.default_rng([seed, island, HARD_VERSION, i]))
-          for i, (q, a) in enumerate(found)]  # one generator per puzzle: its symmetry does not depend on n
-    q, a = np.concatenate([x[0] for x in qa]), np.concatenate([x[1] for x in qa])
-    tier, rating = rate_many(q)
+            progress(len(emit))
+    counts.append(len(emit))
+    found = list(emit.values())
+    q, a = np.zeros((0, 81), np.uint8), np.zeros((0, 81), np.uint8)
+    if found:
+        qa = [augment(q[None], a[None], np.random.default_rng([seed, island, HARD_VERSION, i]))
+              for i, (q, a) in enumerate(found)]  # one generator per puzzle: its symmetry does not depend on rounds
+        q, a = np.concatenate([x[0] for x in qa]), np.concatenate([x[1] for x in qa])
+    tier, rating = rate_many(q) if len(q) else (np.zeros(0, np.int8), np.zeros(0, np.int32))
     assert (tier == 1).all(), "a hard puzzle that singles alone solve"
-    return {"question": q, "answer": a, "tier": np.full(n, 2, np.int8), "rating": rating}
+    round_of = np.repeat(np.arange(rounds), np.diff(counts))  # counts[r]: emitted before round r
+    return {"question": q, "answer": a, "tier": np.full(len(q), 2, np.int8), "rating": rating, "round": round_of}
 
 
 _EMITTED = None  # a pool worker's shared count of emitted hard puzzles (generate_hard's progress bar)
@@ -302,26 +301,32 @@ def _run_islands(jobs, workers, bar):
         return result.get()
 
 
+PER_ROUND = 12.0  # a first guess of the puzzles an island emits a round (seed 0: 32 in its first 10 rounds, 19 over 80)
+
+
 def generate_hard(seed, n, family="train", workers=None, desc="hard puzzles"):
     """The first n puzzles of hard stream `seed` (tier 2): island k searches next to seed k of
-    HARD_SEEDS[family] (L seeds), the islands run in parallel (at most L processes), and puzzle i of
-    the stream is puzzle i // L of island i % L, keeping the first of each symmetry class. So every
-    seed contributes equally, puzzle i depends only on (seed, family, i), and a set of n is a prefix
-    of a set of m > n. Repeats are rare (two seeds with one solution grid); a set that comes out
-    short runs every island again, further."""
+    HARD_SEEDS[family] (L seeds), every island for the same number of rounds, in parallel (at most L
+    processes). The stream orders puzzles by the round that emitted them, then by island, keeping the
+    first of each symmetry class. So each seed gets the same search effort (a seed whose neighbourhood
+    runs out contributes less instead of stalling the set), puzzle i depends only on (seed, family,
+    i), and a set of n is a prefix of a set of m > n. The rounds are guessed from n (PER_ROUND); a set
+    that comes out short runs every island again, for more rounds."""
     L = len(HARD_SEEDS[family])
-    workers, per = min(workers or os.cpu_count() or 1, L), -(-n // L)
+    workers, rounds = min(workers or os.cpu_count() or 1, L), max(1, math.ceil(n / (L * PER_ROUND)))
     with tqdm(total=0, desc=desc, unit="puzzle", leave=False) as bar:
         while True:
-            bar.reset(total=per * L)  # emitted puzzles; repeats are dropped below
-            parts = _run_islands([(seed, k, per, family) for k in range(L)], workers, bar)
-            data = {k: np.stack([p[k] for p in parts], 1).reshape(per * L, *parts[0][k].shape[1:]) for k in parts[0]}
+            bar.reset(total=n)  # emitted puzzles; repeats and the surplus are dropped below
+            bar.set_postfix(rounds=rounds)
+            parts = _run_islands([(seed, k, rounds, family) for k in range(L)], workers, bar)
+            key = np.concatenate([p["round"] * L + k for k, p in enumerate(parts)])  # round, then island
+            order = np.argsort(key, kind="stable")  # stable: an island's own order within a round
+            data = {k: np.concatenate([p[k] for p in parts])[order] for k in ("question", "answer", "tier", "rating")}
             seen, keep = set(), []
-            for i, key in enumerate(symmetry_key(data["question"])):  # the first of each class
-                if key not in seen:
-                    seen.add(key)
+            for i, c in enumerate(symmetry_key(data["question"])):  # the first of each class
+                if c not in seen:
+                    seen.add(c)
                     keep.append(i)
-            bar.set_postfix(kept=f"{min(len(keep), n)}/{n}")
             if len(keep) >= n:
                 return {k: v[keep[:n]] for k, v in data.items()}
-            per += -(-(n - len(keep)) // L)
+            rounds = max(rounds + 1, math.ceil(rounds * 1.2 * n / max(len(keep), 1)))

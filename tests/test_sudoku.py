@@ -130,7 +130,7 @@ TINY = dict(pool=6, kids=8, emit_rating=3)  # a hard-tier search small enough fo
 
 @pytest.fixture(scope="module")
 def hard():
-    return sudoku_hard.hard_island(5, 0, 8, **TINY)
+    return sudoku_hard.hard_island(5, 0, 2, **TINY)  # two rounds: about ten puzzles
 
 
 def boards(n=40):
@@ -232,9 +232,11 @@ def test_hard_island_valid_unique_distinct_deterministic(hard):
     assert ((q > 0).sum(1) <= sudoku_hard.MAX_CLUES).all() and (hard["tier"] == 2).all()
     assert len(set(sudoku_solver.symmetry_key(q))) == len(q)
     assert hard["rating"].tolist() == [sudoku_solver.rate(x)[1] for x in q] and (hard["rating"] > 0).all()
-    again = sudoku_hard.hard_island(5, 0, 5, **TINY)  # same island, fewer puzzles: the same first five
-    assert all((again[k] == hard[k][:5]).all() for k in hard)
-    other = sudoku_hard.hard_island(5, 1, 5, **TINY)
+    assert len(q) >= 6 and (np.diff(hard["round"]) >= 0).all() and set(hard["round"].tolist()) == {0, 1}
+    again = sudoku_hard.hard_island(5, 0, 1, **TINY)  # same island, fewer rounds: the same first round
+    first = hard["round"] == 0
+    assert all((again[k] == hard[k][first]).all() for k in hard)
+    other = sudoku_hard.hard_island(5, 1, 1, **TINY)
     assert not set(sudoku_solver.symmetry_key(other["question"])) & set(sudoku_solver.symmetry_key(q))
 
 
@@ -242,7 +244,7 @@ def test_hard_island_valid_unique_distinct_deterministic(hard):
 def test_hard_tier_is_harder_than_the_search_tier():
     # one island with the real settings (a tiny search only tests the plumbing). Minimal puzzles that need search
     # rate median 2 (p90 5); the hard tier must be well clear of that in a fresh symmetry.
-    hard = sudoku_hard.hard_island(0, 0, 200)
+    hard = sudoku_hard.hard_island(0, 0, 12)  # a rich seed emits ~30 a round
     search = sudoku.generate(0, 200, hard=True)
     assert np.median(hard["rating"]) >= 10 * np.median(search["rating"])
     assert hard["rating"].mean() >= 10 * search["rating"].mean()
@@ -253,37 +255,37 @@ def two_train_seeds(monkeypatch):
     monkeypatch.setattr(sudoku_hard, "HARD_SEEDS", seeds)
 
 
-def test_an_island_that_runs_out_says_so():
-    with pytest.raises(RuntimeError, match="ran out. Ask for fewer hard puzzles"):
-        sudoku_hard.hard_island(5, 0, 1000, max_rounds=2, **TINY)
-
-
-def test_generate_hard_interleaves_the_islands_of_its_seeds(monkeypatch):
-    # with each island's first n independent of n (tested above) this makes a set a stream prefix
+def test_generate_hard_orders_by_round_then_island(monkeypatch):
+    # with what an island's first rounds emit independent of `rounds` (tested above) this makes a set a prefix
     two_train_seeds(monkeypatch)
     monkeypatch.setattr(sudoku_hard, "HARD", TINY)
-    d = sudoku_hard.generate_hard(5, 5, workers=1)
+    monkeypatch.setattr(sudoku_hard, "PER_ROUND", 3.0)
+    d = sudoku_hard.generate_hard(5, 15, workers=1)  # 15 / (2 * 3) -> 3 rounds
     a, b = sudoku_hard.hard_island(5, 0, 3), sudoku_hard.hard_island(5, 1, 3)
-    assert all((d[k] == np.stack([a[k], b[k]], 1).reshape(6, *a[k].shape[1:])[:5]).all() for k in d)
+    both = {k: np.concatenate([a[k], b[k]]) for k in a}
+    order = np.lexsort((np.r_[np.zeros(len(a["round"])), np.ones(len(b["round"]))], both["round"]))
+    assert all((d[k] == both[k][order][:15]).all() for k in d) and "round" not in d
 
 
-def test_generate_hard_drops_repeats_and_runs_the_islands_further(monkeypatch):
+def test_generate_hard_drops_repeats_and_runs_more_rounds(monkeypatch):
     # islands can emit the same puzzle (two seeds of one grid): the set keeps the first of each symmetry
-    # class in the interleaved order, runs every island further when it comes out short, and stays a prefix
+    # class in (round, island) order, runs every island for more rounds when it comes out short, and is a prefix
     q = np.stack([sudoku.make_puzzle(31, i)[0] for i in range(6)])
     rng = np.random.default_rng(0)
-    made = {0: [0, 1, 2, 5], 1: [1, 3, 4, 0]}  # island -> the puzzles it emits, in order
+    made = {0: [[0, 1], [], [2], [5]], 1: [[1], [3], [4, 0], []]}  # island -> the puzzles of each round
     calls = []
 
-    def island(seed, j, n, family, progress=None):
-        calls.append((j, n))
-        idx = made[j][:n]
+    def island(seed, j, rounds, family, progress=None):
+        calls.append((j, rounds))
+        idx = sum(made[j][:rounds], [])
         qa, _ = sudoku_solver.augment(q[idx], q[idx], rng)  # another symmetry: the same class
-        return {"question": qa, "answer": qa, "tier": np.full(len(idx), 2, np.int8), "rating": np.array(idx)}
+        r = np.repeat(np.arange(rounds), [len(x) for x in made[j][:rounds]])
+        return {"question": qa, "answer": qa, "tier": np.full(len(idx), 2, np.int8), "rating": np.array(idx), "round": r}
     two_train_seeds(monkeypatch)
     monkeypatch.setattr(sudoku_hard, "hard_island", island)
-    d = sudoku_hard.generate_hard(5, 4, workers=1)  # order 0 1 | 1 3 -> 3 kept; then 0 1 | 1 3 | 2 4
-    assert d["rating"].tolist() == [0, 1, 3, 2] and calls == [(0, 2), (1, 2), (0, 3), (1, 3)]
+    monkeypatch.setattr(sudoku_hard, "PER_ROUND", 1.0)
+    d = sudoku_hard.generate_hard(5, 4, workers=1)  # 2 rounds: 0 1 1 | 3 -> 3 kept; 4 rounds: ... | 2 4 0 | 5
+    assert d["rating"].tolist() == [0, 1, 3, 2] and calls == [(0, 2), (1, 2), (0, 4), (1, 4)]
     calls.clear()
     small = sudoku_hard.generate_hard(5, 3, workers=1)
     assert small["rating"].tolist() == [0, 1, 3] and calls == [(0, 2), (1, 2)]
