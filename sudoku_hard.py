@@ -249,13 +249,11 @@ def hard_island(seed, island, rounds, family="train", pool=None, kids=None, emit
         if progress:
             progress(len(emit))
     counts.append(len(emit))
-    found = list(emit.values())
-    q, a = np.zeros((0, 81), np.uint8), np.zeros((0, 81), np.uint8)
-    if found:
-        qa = [augment(q[None], a[None], np.random.default_rng([seed, island, HARD_VERSION, i]))
-              for i, (q, a) in enumerate(found)]  # one generator per puzzle: its symmetry does not depend on rounds
-        q, a = np.concatenate([x[0] for x in qa]), np.concatenate([x[1] for x in qa])
-    tier, rating = rate_many(q) if len(q) else (np.zeros(0, np.int8), np.zeros(0, np.int32))
+    qa = [augment(q[None], a[None], np.random.default_rng([seed, island, HARD_VERSION, i]))
+          for i, (q, a) in enumerate(emit.values())]  # one generator per puzzle: its symmetry does not depend on rounds
+    none = [np.zeros((0, 81), np.uint8)]  # an island may emit nothing in few rounds
+    q, a = np.concatenate([x[0] for x in qa] or none), np.concatenate([x[1] for x in qa] or none)
+    tier, rating = rate_many(q)
     assert (tier == 1).all(), "a hard puzzle that singles alone solve"
     round_of = np.repeat(np.arange(rounds), np.diff(counts))  # counts[r]: emitted before round r
     return {"question": q, "answer": a, "tier": np.full(len(q), 2, np.int8), "rating": rating, "round": round_of}
