@@ -225,38 +225,64 @@ def _seed_pool(q0, rng, size):
     return dict(q=q, a=np.tile(a0, (len(q), 1)), total=np.zeros(len(q)), count=np.zeros(len(q)))
 
 
-def hard_island(seed, island, rounds, family="train", pool=None, kids=None, emit_rating=None, warmup=200,
-                patience=50, min_rate=0.3, progress=None):
-    """Every hard puzzle that island `island` of stream `seed` emits in its first `rounds` rounds,
-    searched next to seed puzzle HARD_SEEDS[family][island % its length], in the order the search
-    emits them, each in a fresh random symmetry of its own, rated with rate_many (== rate).
-    Deterministic per (seed, island, family); what the first r rounds emit does not depend on
-    `rounds`. Search settings default to HARD. A pool that, after `warmup` rounds, emits fewer than
-    min_rate puzzles a round over `patience` rounds starts over next to the seed. progress(k), if
-    given, is called with the number emitted after every round. -> dict question, answer (N, 81),
-    tier (N,) = 2, rating (N,), round (N,): the round that emitted each."""
-    given = dict(pool=pool, kids=kids, emit_rating=emit_rating)
-    pool, kids, emit_rating = [HARD[k] if v is None else v for k, v in given.items()]
-    seeds = HARD_SEEDS[family]
-    q0 = parse_puzzle(seeds[island % len(seeds)])
-    rng = np.random.default_rng([seed, island, HARD_VERSION])
-    state, begun, emit, counts, banned = _seed_pool(q0, rng, pool), 0, {}, [], _seed_keys()
-    for r in range(rounds):
-        counts.append(len(emit))
-        if r - begun >= warmup and counts[-1] - counts[-1 - patience] < min_rate * patience:
-            state, begun = _seed_pool(q0, rng, pool), r  # a poor pool: climb again from the seed
-        state = _beam_round(state, rng, emit, kids, emit_rating, banned)
-        if progress:
-            progress(len(emit))
-    counts.append(len(emit))
-    qa = [augment(q[None], a[None], np.random.default_rng([seed, island, HARD_VERSION, i]))
-          for i, (q, a) in enumerate(emit.values())]  # one generator per puzzle: its symmetry does not depend on rounds
-    none = [np.zeros((0, 81), np.uint8)]  # an island may emit nothing in few rounds
-    q, a = np.concatenate([x[0] for x in qa] or none), np.concatenate([x[1] for x in qa] or none)
-    tier, rating = rate_many(q)
-    assert (tier == 1).all(), "a hard puzzle that singles alone solve"
-    round_of = np.repeat(np.arange(rounds), np.diff(counts))  # counts[r]: emitted before round r
-    return {"question": q, "answer": a, "tier": np.full(len(q), 2, np.int8), "rating": rating, "round": round_of}
+class Island:
+    """The beam search of island `island` of hard stream `seed`, next to seed puzzle
+    HARD_SEEDS[family][island % its length], that can be continued: run(rounds) goes on from the
+    round the last call stopped at, exactly as one longer run would (the random generator is part of
+    the state), so a set that comes out short costs only its extra rounds. Search settings default to
+    HARD. A pool that, after `warmup` rounds, emits fewer than min_rate puzzles a round over
+    `patience` rounds starts over next to the seed. Picklable: a worker process runs it and sends it
+    back."""
+
+    def __init__(self, seed, island, family="train", pool=None, kids=None, emit_rating=None, warmup=200,
+                 patience=50, min_rate=0.3):
+        given = dict(pool=pool, kids=kids, emit_rating=emit_rating)
+        self.pool, self.kids, self.emit_rating = [HARD[k] if v is None else v for k, v in given.items()]
+        self.seed, self.island, self.warmup, self.patience, self.min_rate = seed, island, warmup, patience, min_rate
+        seeds = HARD_SEEDS[family]
+        self.q0 = parse_puzzle(seeds[island % len(seeds)])
+        self.rng = np.random.default_rng([seed, island, HARD_VERSION])
+        self.beam, self.begun = None, 0  # the pool, made by the first run (a worker's job, not the caller's)
+        self.emit, self.counts = {}, []  # symmetry class -> (q, a) in emit order; counts[r]: emitted before round r
+        self.rated = {k: np.zeros((0, 81), np.uint8) for k in ("question", "answer")} | {"rating": np.zeros(0, np.int32)}
+
+    def run(self, rounds, progress=None):
+        """Search until `rounds` rounds have run in all. progress(k), if given, is called with the
+        number emitted after every round. -> self"""
+        banned = _seed_keys()
+        if self.beam is None:
+            self.beam = _seed_pool(self.q0, self.rng, self.pool)
+        for r in range(len(self.counts), rounds):
+            self.counts.append(len(self.emit))
+            if r - self.begun >= self.warmup and self.counts[-1] - self.counts[-1 - self.patience] < self.min_rate * self.patience:
+                self.beam, self.begun = _seed_pool(self.q0, self.rng, self.pool), r  # a poor pool: climb again from the seed
+            self.beam = _beam_round(self.beam, self.rng, self.emit, self.kids, self.emit_rating, banned)
+            if progress:
+                progress(len(self.emit))
+        return self
+
+    def puzzles(self):
+        """Every puzzle emitted so far, in emit order, each in a fresh random symmetry of its own, rated
+        with rate_many (== rate) -> dict question, answer (N, 81), tier (N,) = 2, rating (N,), round
+        (N,): the round that emitted each."""
+        done, emitted = len(self.rated["rating"]), list(self.emit.values())
+        qa = [augment(q[None], a[None], np.random.default_rng([self.seed, self.island, HARD_VERSION, i]))
+              for i, (q, a) in enumerate(emitted[done:], done)]  # one generator per puzzle: its symmetry does not depend on rounds
+        if qa:  # rate only what the last run added
+            q, a = np.concatenate([x[0] for x in qa]), np.concatenate([x[1] for x in qa])
+            tier, rating = rate_many(q)
+            assert (tier == 1).all(), "a hard puzzle that singles alone solve"
+            new = {"question": q, "answer": a, "rating": rating}
+            self.rated = {k: np.concatenate([self.rated[k], new[k]]) for k in self.rated}
+        round_of = np.repeat(np.arange(len(self.counts)), np.diff(self.counts + [len(self.emit)]))
+        return dict(self.rated, tier=np.full(len(self.emit), 2, np.int8), round=round_of)
+
+
+def hard_island(seed, island, rounds, family="train", progress=None, **search):
+    """Every hard puzzle that island `island` of stream `seed` emits in its first `rounds` rounds
+    (Island.puzzles). Deterministic per (seed, island, family); what the first r rounds emit does not
+    depend on `rounds`."""
+    return Island(seed, island, family, **search).run(rounds, progress).puzzles()
 
 
 _EMITTED = None  # a pool worker's shared count of emitted hard puzzles (generate_hard's progress bar)
@@ -269,37 +295,38 @@ def _count_into(counter):
 
 
 def _island(job):
-    """hard_island for a pool worker, adding what it emits to the shared counter."""
-    last = [0]
+    """Island.run for a pool worker, adding what it emits to the shared counter -> (island, puzzles)."""
+    island, rounds = job
+    last = [len(island.emit)]
 
     def progress(k):
         with _EMITTED.get_lock():
             _EMITTED.value += k - last[0]
         last[0] = k
-    return hard_island(*job, progress=progress if _EMITTED is not None else None)
+    island.run(rounds, progress if _EMITTED is not None else None)
+    return island, island.puzzles()
 
 
-def _run_islands(jobs, workers, bar):
-    """hard_island(*job) for every job, in parallel when workers > 1 -> list of results in job
-    order. The bar counts the puzzles the islands emit."""
-    start = bar.n
+def _run_islands(islands, rounds, workers, bar):
+    """Run every island on to `rounds` rounds, in parallel when workers > 1 -> (islands, their
+    puzzles), in order. The islands come back from the workers with their state. The bar counts the
+    puzzles the islands emit."""
     if workers == 1:  # in-process: no pool to start (tests, one island)
-        parts = []
-        for job in jobs:
-            before = bar.n
-            parts.append(hard_island(*job, progress=lambda k: bar.update(before + k - bar.n)))
-        return parts
+        for island in islands:
+            island.run(rounds, lambda k, before=bar.n - len(island.emit): bar.update(before + k - bar.n))
+        return islands, [island.puzzles() for island in islands]
     ctx = mp.get_context("fork" if hasattr(os, "fork") else "spawn")
     counter = ctx.Value("l", 0)
+    start = bar.n
     with ctx.Pool(workers, initializer=_count_into, initargs=(counter,)) as pool:
-        result = pool.map_async(_island, jobs, chunksize=1)  # islands differ in speed: one at a time
+        result = pool.map_async(_island, [(island, rounds) for island in islands], chunksize=1)  # islands differ in speed
         while not result.ready():
             result.wait(1.0)
             bar.update(start + counter.value - bar.n)
-        return result.get()
+        return tuple(map(list, zip(*result.get())))
 
 
-PER_ROUND = 12.0  # a first guess of the puzzles an island emits a round (seed 0: 32 in its first 10 rounds, 19 over 80)
+PER_ROUND = 15.0  # a first guess of the puzzles an island emits a round, on the low side: going on costs nothing
 
 
 def generate_hard(seed, n, family="train", workers=None, desc="hard puzzles"):
@@ -309,14 +336,14 @@ def generate_hard(seed, n, family="train", workers=None, desc="hard puzzles"):
     first of each symmetry class. So each seed gets the same search effort (a seed whose neighbourhood
     runs out contributes less instead of stalling the set), puzzle i depends only on (seed, family,
     i), and a set of n is a prefix of a set of m > n. The rounds are guessed from n (PER_ROUND); a set
-    that comes out short runs every island again, for more rounds."""
+    that comes out short runs every island on for the rounds that the rate so far says are missing."""
     L = len(HARD_SEEDS[family])
     workers, rounds = min(workers or os.cpu_count() or 1, L), max(1, math.ceil(n / (L * PER_ROUND)))
-    with tqdm(total=0, desc=desc, unit="puzzle", leave=False) as bar:
+    islands = [Island(seed, k, family) for k in range(L)]
+    with tqdm(total=n, desc=desc, unit="puzzle", leave=False) as bar:  # counts emitted puzzles, repeats included
         while True:
-            bar.reset(total=n)  # emitted puzzles; repeats and the surplus are dropped below
             bar.set_postfix(rounds=rounds)
-            parts = _run_islands([(seed, k, rounds, family) for k in range(L)], workers, bar)
+            islands, parts = _run_islands(islands, rounds, workers, bar)
             key = np.concatenate([p["round"] * L + k for k, p in enumerate(parts)])  # round, then island
             order = np.argsort(key, kind="stable")  # stable: an island's own order within a round
             data = {k: np.concatenate([p[k] for p in parts])[order] for k in ("question", "answer", "tier", "rating")}
@@ -327,4 +354,4 @@ def generate_hard(seed, n, family="train", workers=None, desc="hard puzzles"):
                     keep.append(i)
             if len(keep) >= n:
                 return {k: v[keep[:n]] for k, v in data.items()}
-            rounds = max(rounds + 1, math.ceil(rounds * 1.2 * n / max(len(keep), 1)))
+            rounds = max(rounds + 1, math.ceil(rounds * n / max(len(keep), 1)))  # later rounds emit less: may take more steps

@@ -1,4 +1,5 @@
 import os
+import pickle
 
 import numpy as np
 import pytest
@@ -240,6 +241,16 @@ def test_hard_island_valid_unique_distinct_deterministic(hard):
     assert not set(sudoku_solver.symmetry_key(other["question"])) & set(sudoku_solver.symmetry_key(q))
 
 
+def test_island_goes_on_where_it_stopped(hard):
+    # a short set runs its islands on, in worker processes: one round, a trip through pickle, one more
+    # round must give exactly the puzzles of one two-round run
+    island = sudoku_hard.Island(5, 0, **TINY).run(1)
+    assert len(island.puzzles()["round"]) == (hard["round"] == 0).sum()
+    island = pickle.loads(pickle.dumps(island)).run(2)
+    d = island.puzzles()
+    assert set(d) == set(hard) and all((d[k] == hard[k]).all() for k in hard)
+
+
 @pytest.mark.skipif(not os.environ.get("SUDOKU_SLOW"), reason="minutes of search: set SUDOKU_SLOW=1")
 def test_hard_tier_is_harder_than_the_search_tier():
     # one island with the real settings (a tiny search only tests the plumbing). Minimal puzzles that need search
@@ -269,26 +280,34 @@ def test_generate_hard_orders_by_round_then_island(monkeypatch):
 
 def test_generate_hard_drops_repeats_and_runs_more_rounds(monkeypatch):
     # islands can emit the same puzzle (two seeds of one grid): the set keeps the first of each symmetry
-    # class in (round, island) order, runs every island for more rounds when it comes out short, and is a prefix
+    # class in (round, island) order, runs every island on when it comes out short, and is a prefix
     q = np.stack([sudoku.make_puzzle(31, i)[0] for i in range(6)])
     rng = np.random.default_rng(0)
     made = {0: [[0, 1], [], [2], [5]], 1: [[1], [3], [4, 0], []]}  # island -> the puzzles of each round
     calls = []
 
-    def island(seed, j, rounds, family, progress=None):
-        calls.append((j, rounds))
-        idx = sum(made[j][:rounds], [])
-        qa, _ = sudoku_solver.augment(q[idx], q[idx], rng)  # another symmetry: the same class
-        r = np.repeat(np.arange(rounds), [len(x) for x in made[j][:rounds]])
-        return {"question": qa, "answer": qa, "tier": np.full(len(idx), 2, np.int8), "rating": np.array(idx), "round": r}
+    class Island:  # emits made[j] round by round
+        def __init__(self, seed, j, family):
+            self.j, self.rounds, self.emit = j, 0, {}
+
+        def run(self, rounds, progress=None):
+            calls.append((self.j, self.rounds, rounds))
+            self.rounds = rounds
+            return self
+
+        def puzzles(self):
+            idx = sum(made[self.j][:self.rounds], [])
+            qa, _ = sudoku_solver.augment(q[idx], q[idx], rng)  # another symmetry: the same class
+            r = np.repeat(np.arange(self.rounds), [len(x) for x in made[self.j][:self.rounds]])
+            return {"question": qa, "answer": qa, "tier": np.full(len(idx), 2, np.int8), "rating": np.array(idx), "round": r}
     two_train_seeds(monkeypatch)
-    monkeypatch.setattr(sudoku_hard, "hard_island", island)
+    monkeypatch.setattr(sudoku_hard, "Island", Island)
     monkeypatch.setattr(sudoku_hard, "PER_ROUND", 1.0)
-    d = sudoku_hard.generate_hard(5, 4, workers=1)  # 2 rounds: 0 1 1 | 3 -> 3 kept; 4 rounds: ... | 2 4 0 | 5
-    assert d["rating"].tolist() == [0, 1, 3, 2] and calls == [(0, 2), (1, 2), (0, 4), (1, 4)]
+    d = sudoku_hard.generate_hard(5, 4, workers=1)  # 2 rounds: 0 1 1 | 3 -> 3 kept, go on to 2 * 4 / 3 -> 3: ... | 2 4 0
+    assert d["rating"].tolist() == [0, 1, 3, 2] and calls == [(0, 0, 2), (1, 0, 2), (0, 2, 3), (1, 2, 3)]
     calls.clear()
     small = sudoku_hard.generate_hard(5, 3, workers=1)
-    assert small["rating"].tolist() == [0, 1, 3] and calls == [(0, 2), (1, 2)]
+    assert small["rating"].tolist() == [0, 1, 3] and calls == [(0, 0, 2), (1, 0, 2)]
 
 
 def test_seed_file_errors_name_the_line(tmp_path):
