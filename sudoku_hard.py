@@ -10,6 +10,7 @@ RESULTS.md ("Hard data") tells how it got here and what did not work.
 import math
 import multiprocessing as mp
 import os
+import time
 
 import numpy as np
 from tqdm import tqdm
@@ -243,13 +244,14 @@ class Island:
         self.q0 = parse_puzzle(seeds[island % len(seeds)])
         self.rng = np.random.default_rng([seed, island, HARD_VERSION])
         self.beam, self.begun = None, 0  # the pool, made by the first run (a worker's job, not the caller's)
+        self.seconds = 0.0  # wall time spent in run and puzzles (what one core per island would take)
         self.emit, self.counts = {}, []  # symmetry class -> (q, a) in emit order; counts[r]: emitted before round r
         self.rated = {k: np.zeros((0, 81), np.uint8) for k in ("question", "answer")} | {"rating": np.zeros(0, np.int32)}
 
     def run(self, rounds, progress=None):
         """Search until `rounds` rounds have run in all. progress(k), if given, is called with the
         number emitted after every round. -> self"""
-        banned = _seed_keys()
+        t0, banned = time.perf_counter(), _seed_keys()
         if self.beam is None:
             self.beam = _seed_pool(self.q0, self.rng, self.pool)
         for r in range(len(self.counts), rounds):
@@ -259,13 +261,14 @@ class Island:
             self.beam = _beam_round(self.beam, self.rng, self.emit, self.kids, self.emit_rating, banned)
             if progress:
                 progress(len(self.emit))
+        self.seconds += time.perf_counter() - t0
         return self
 
     def puzzles(self):
         """Every puzzle emitted so far, in emit order, each in a fresh random symmetry of its own, rated
         with rate_many (== rate) -> dict question, answer (N, 81), tier (N,) = 2, rating (N,), round
         (N,): the round that emitted each."""
-        done, emitted = len(self.rated["rating"]), list(self.emit.values())
+        t0, done, emitted = time.perf_counter(), len(self.rated["rating"]), list(self.emit.values())
         qa = [augment(q[None], a[None], np.random.default_rng([self.seed, self.island, HARD_VERSION, i]))
               for i, (q, a) in enumerate(emitted[done:], done)]  # one generator per puzzle: its symmetry does not depend on rounds
         if qa:  # rate only what the last run added
@@ -275,6 +278,7 @@ class Island:
             new = {"question": q, "answer": a, "rating": rating}
             self.rated = {k: np.concatenate([self.rated[k], new[k]]) for k in self.rated}
         round_of = np.repeat(np.arange(len(self.counts)), np.diff(self.counts + [len(self.emit)]))
+        self.seconds += time.perf_counter() - t0
         return dict(self.rated, tier=np.full(len(self.emit), 2, np.int8), round=round_of)
 
 
@@ -329,14 +333,15 @@ def _run_islands(islands, rounds, workers, bar):
 PER_ROUND = 15.0  # a first guess of the puzzles an island emits a round, on the low side: going on costs nothing
 
 
-def generate_hard(seed, n, family="train", workers=None, desc="hard puzzles"):
+def generate_hard(seed, n, family="train", workers=None, desc="hard puzzles", report=None):
     """The first n puzzles of hard stream `seed` (tier 2): island k searches next to seed k of
     HARD_SEEDS[family] (L seeds), every island for the same number of rounds, in parallel (at most L
     processes). The stream orders puzzles by the round that emitted them, then by island, keeping the
     first of each symmetry class. So each seed gets the same search effort (a seed whose neighbourhood
     runs out contributes less instead of stalling the set), puzzle i depends only on (seed, family,
     i), and a set of n is a prefix of a set of m > n. The rounds are guessed from n (PER_ROUND); a set
-    that comes out short runs every island on for the rounds that the rate so far says are missing."""
+    that comes out short runs every island on for the rounds that the rate so far says are missing.
+    report, if a dict, gets the rounds run and each island's puzzles and seconds (bench/sudoku_data.py)."""
     L = len(HARD_SEEDS[family])
     workers, rounds = min(workers or os.cpu_count() or 1, L), max(1, math.ceil(n / (L * PER_ROUND)))
     islands = [Island(seed, k, family) for k in range(L)]
@@ -352,6 +357,9 @@ def generate_hard(seed, n, family="train", workers=None, desc="hard puzzles"):
                 if c not in seen:
                     seen.add(c)
                     keep.append(i)
+            if report is not None:
+                report.update(rounds=rounds, kept=len(keep), island_puzzles=[len(p["round"]) for p in parts],
+                              island_seconds=[round(i.seconds, 1) for i in islands])
             if len(keep) >= n:
                 return {k: v[keep[:n]] for k, v in data.items()}
             rounds = max(rounds + 1, math.ceil(rounds * n / max(len(keep), 1)))  # later rounds emit less: may take more steps

@@ -4,12 +4,15 @@ each tier is by sudoku_solver.rate, a histogram figure, and generator speed per 
 
     python bench/sudoku_data.py --n-train 400 --n-test 200 --speed 0 --speed-hard 0   # a quick look (minutes)
     python bench/sudoku_data.py                      # the figure in assets/ and speeds (~1.5 h on 2 cores)
+    python bench/sudoku_data.py --scale 20000        # time 20,000 training hard puzzles (~35 min on 2 cores)
 
 Sets come from (and go to) the cache in --data-dir, so a second run only re-plots. The speed part
 times each tier's generator on fresh puzzles with --workers processes: --speed puzzles of tiers 0
 and 1, --speed-hard of tier 2 (default: 100 per training seed; an island's first puzzles cost its
 climb), and reports puzzles/s and puzzles/s per process (the hard tier runs at most one process
-per seed). Every rating is rate() of the puzzle as stored, which the hard tier stores in a fresh
+per seed). --scale N only times the first N puzzles of the training hard stream, fresh, with each
+island's seconds (with one core per island, the slowest island is the wall time), and caches them
+for training. Every rating is rate() of the puzzle as stored, which the hard tier stores in a fresh
 random symmetry (rate depends on the symmetry). Prints one JSON line last.
 """
 import argparse
@@ -23,6 +26,7 @@ import numpy as np  # noqa: E402
 
 import sudoku  # noqa: E402
 import sudoku_hard  # noqa: E402
+import sudoku_solver  # noqa: E402
 
 NAMES = ("singles", "search", "hard")
 
@@ -34,6 +38,7 @@ p.add_argument("--data-dir", default="data", help="cache of generated sets")
 p.add_argument("--workers", type=int, default=None, help="generator processes (default: all cores)")
 p.add_argument("--speed", type=int, default=400, help="tier 0 and 1 puzzles to time (0: skip)")
 p.add_argument("--speed-hard", type=int, default=-1, help="tier 2 puzzles to time (0: skip, -1: 100 per training seed)")
+p.add_argument("--scale", type=int, default=0, help="only time the first N training hard puzzles (0: off)")
 p.add_argument("--out", default="assets/sudoku_difficulty.png", help="the histogram figure")
 args = p.parse_args()
 
@@ -87,6 +92,35 @@ def plot(sets, path):
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=110)
 
+
+def cpu_name():
+    """The CPU's model name from /proc/cpuinfo (Linux), else 'unknown'."""
+    if not os.path.exists("/proc/cpuinfo"):
+        return "unknown"
+    return next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "unknown")
+
+
+def scale(n, workers):
+    """Generate the first n puzzles of the training hard stream (the one load_tiered uses), fresh,
+    timed; cache them for training -> dict of timings, rounds and the stats of the set."""
+    report, t0 = {}, time.time()
+    d = sudoku_hard.generate_hard(100 * args.seed + sudoku.STREAMS["train"][2], n, "train", workers, report=report)
+    seconds = time.time() - t0
+    sudoku.cached(sudoku.tier_path(args.data_dir, 2, 100 * args.seed + sudoku.STREAMS["train"][2], n), lambda: d)
+    q, r = d["question"], d["rating"]
+    return {"n": len(q), "distinct": len(set(sudoku_solver.symmetry_key(q))), "seconds": seconds, "workers": workers,
+            "puzzles_per_s": n / seconds, "rating_median": float(np.median(r)), "rating_mean": float(r.mean()),
+            "at_least_40": float((r >= 40).mean()), "clues_mean": float((q > 0).sum(1).mean()),
+            "slowest_island_s": max(report["island_seconds"]), **report}
+
+
+if args.scale:
+    out = {"seed": args.seed, "hard_version": sudoku_hard.HARD_VERSION, "cores": os.cpu_count(), "cpu": cpu_name(),
+           **scale(args.scale, args.workers or os.cpu_count() or 1)}
+    print(f"{out['n']} hard puzzles ({out['distinct']} distinct) in {out['seconds']:.0f} s on {out['workers']} processes, "
+          f"{out['rounds']} rounds; slowest island {out['slowest_island_s']:.0f} s; rating median {out['rating_median']:.0f}")
+    print(json.dumps(out))
+    sys.exit()
 
 t0 = time.time()
 sets = {kind: sudoku.load_tiered(kind, n, args.seed, args.data_dir, args.workers)
