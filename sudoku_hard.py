@@ -340,11 +340,12 @@ def generate_hard(seed, n, family="train", workers=None, desc="hard puzzles", re
     first of each symmetry class. So each seed gets the same search effort (a seed whose neighbourhood
     runs out contributes less instead of stalling the set), puzzle i depends only on (seed, family,
     i), and a set of n is a prefix of a set of m > n. The rounds are guessed from n (PER_ROUND); a set
-    that comes out short runs every island on for the rounds that the rate so far says are missing.
+    that comes out short runs every island on for the rounds that its latest rate says are missing
+    (at most doubling them).
     report, if a dict, gets the rounds run and each island's puzzles and seconds (bench/sudoku_data.py)."""
     L = len(HARD_SEEDS[family])
     workers, rounds = min(workers or os.cpu_count() or 1, L), max(1, math.ceil(n / (L * PER_ROUND)))
-    islands = [Island(seed, k, family) for k in range(L)]
+    islands, last = [Island(seed, k, family) for k in range(L)], (0, 0)  # last: rounds and puzzles kept at the last step
     with tqdm(total=n, desc=desc, unit="puzzle", leave=False) as bar:  # counts emitted puzzles, repeats included
         while True:
             bar.set_postfix(rounds=rounds)
@@ -358,8 +359,11 @@ def generate_hard(seed, n, family="train", workers=None, desc="hard puzzles", re
                     seen.add(c)
                     keep.append(i)
             if report is not None:
+                report.setdefault("steps", []).append(rounds)  # the rounds each run went to
                 report.update(rounds=rounds, kept=len(keep), island_puzzles=[len(p["round"]) for p in parts],
                               island_seconds=[round(i.seconds, 1) for i in islands])
             if len(keep) >= n:
                 return {k: v[keep[:n]] for k, v in data.items()}
-            rounds = max(rounds + 1, math.ceil(rounds * n / max(len(keep), 1)))  # later rounds emit less: may take more steps
+            rate = (len(keep) - last[1]) / (rounds - last[0])  # kept a round since the last step: later rounds keep fewer
+            last = rounds, len(keep)
+            rounds += min(rounds, max(1, math.ceil((n - len(keep)) / rate))) if rate > 0 else rounds

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# bench/llm_gpu.sh [OUT] — the LLM GPU checks of issue 13 in one command (one H100/H200, ~6 min, at most 8.5):
+#   1. block decoding of a 1.5B-shaped random model, batch 1 and 8/32: static cache + CUDA graphs,
+#      dynamic cache and uncached, ms per forward, tok/s and whether the tokens match
+#      (python sampler.py --random-init 1.5b --bench);
+#   2. peak memory and step time of SFT against Relay K = 2 at seq 2048, batch 2, gradient
+#      checkpointing (bench/train_memory.py), the target being Relay <= 0.90x SFT.
+# Each step has its own time limit and writes its JSON line to OUT; a step that fails does not stop
+# the next. Env: SHAPE (1.5b; tiny tries the script on a CPU), LENGTHS (64 256 1024), SEQ (2048),
+#      DEC_S and MEM_S (seconds for steps 1 and 2: 300, 200).
+set -uo pipefail
+OUT=${1:-out/llm_gpu}
+SHAPE=${SHAPE:-1.5b}; LENGTHS=${LENGTHS:-64 256 1024}; SEQ=${SEQ:-2048}; DEC_S=${DEC_S:-300}; MEM_S=${MEM_S:-200}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=20
+log() { tee -a "$OUT/log.txt"; }
+{ date -u; git rev-parse --short HEAD; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+  python -c "import torch; print('torch', torch.__version__)"; } 2>&1 | log
+
+# 1) decoding speed: static (graphs on CUDA) vs cached vs uncached, the same tokens
+timeout "$DEC_S" python sampler.py --random-init "$SHAPE" --bench --bench-lengths $LENGTHS 2>&1 | grep -v "it/s\]" | log
+tail -n 1 "$OUT/log.txt" | grep '^{' > "$OUT/decode.json" || echo "decode: no JSON line (failed or timed out)" | log
+
+# 2) training memory: SFT vs Relay K = 2, gradient checkpointing
+timeout "$MEM_S" python bench/train_memory.py --shape "$SHAPE" --batch 2 --seq-len "$SEQ" --grad-ckpt 2>&1 | log
+tail -n 1 "$OUT/log.txt" | grep '^{' > "$OUT/memory.json" || echo "memory: no JSON line (failed or timed out)" | log
+ls -la "$OUT" | log
