@@ -256,8 +256,9 @@ class Island:
             self.beam = _seed_pool(self.q0, self.rng, self.pool)
         for r in range(len(self.counts), rounds):
             self.counts.append(len(self.emit))
-            if r - self.begun >= self.warmup and self.counts[-1] - self.counts[-1 - self.patience] < self.min_rate * self.patience:
-                self.beam, self.begun = _seed_pool(self.q0, self.rng, self.pool), r  # a poor pool: climb again from the seed
+            if r - self.begun >= self.warmup and r >= self.patience:  # emitted in the last `patience` rounds:
+                if self.counts[-1] - self.counts[-1 - self.patience] < self.min_rate * self.patience:
+                    self.beam, self.begun = _seed_pool(self.q0, self.rng, self.pool), r  # a poor pool: climb again
             self.beam = _beam_round(self.beam, self.rng, self.emit, self.kids, self.emit_rating, banned)
             if progress:
                 progress(len(self.emit))
