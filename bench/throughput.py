@@ -34,8 +34,8 @@ p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDes
 p.add_argument("--steps", type=int, default=20, help="timed optimizer steps per objective")
 p.add_argument("--warmup-steps", type=int, default=3, help="untimed steps first")
 p.add_argument("--checkpoint", default="", help="trained checkpoint for the sampler timing")
-p.add_argument("--n-gen-hard", type=int, default=0, help="hard-tier puzzles to time (0: skip; 1000 = one island, "
-               "~30 min per process)")
+p.add_argument("--n-gen-hard", type=int, default=0, help="hard-tier puzzles to time (0: skip; one island per "
+               "training seed, ~5 puzzles/s per process)")
 p.add_argument("--objectives", nargs="+", choices=OBJECTIVES, default=list(OBJECTIVES), help="objectives to time")
 p.add_argument("--profile", action="store_true", help="print where 5 steps of relay spend their time (torch.profiler)")
 p.add_argument("--n-gen", type=int, default=200, help="puzzles to generate for the generator timing")
