@@ -79,6 +79,7 @@ for obj in args.objectives:  # the trainer's own step (loss, clip, AdamW, EMA), 
             t = time.time()
         loss, _ = ts.train_step(a, i, train_model, model, ema, opt, buf, stream, gen, ctx)
     loss.item()  # waits for the last step
+    out[f"train_rows_per_s_{obj}"] = rows_per_s = a.batch_size * args.steps / (time.time() - t)  # before any profile
     if args.profile and obj == "relay":
         from torch.profiler import ProfilerActivity, profile
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if out["gpu"] else [])
@@ -88,7 +89,6 @@ for obj in args.objectives:  # the trainer's own step (loss, clip, AdamW, EMA), 
             loss.item()
         key = "self_cuda_time_total" if out["gpu"] else "self_cpu_time_total"
         print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60))
-    out[f"train_rows_per_s_{obj}"] = rows_per_s = a.batch_size * args.steps / (time.time() - t)
     if out["gpu"]:  # model FLOPs: 6 per weight and token, plus attention's, per forward of a row (K for rollouts)
         cfg = model.cfg
         matmul = 6 * (model.num_params() - cfg.vocab_size * cfg.n_embd) + 12 * cfg.n_layer * 81 * cfg.n_embd
