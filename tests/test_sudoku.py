@@ -3,6 +3,7 @@ import pickle
 
 import numpy as np
 import pytest
+from tqdm import tqdm
 
 import sudoku
 import sudoku_hard
@@ -249,6 +250,9 @@ def test_island_goes_on_where_it_stopped(hard):
     island = pickle.loads(pickle.dumps(island)).run(2)
     d = island.puzzles()
     assert set(d) == set(hard) and all((d[k] == hard[k]).all() for k in hard)
+    # a worker process sends its island back with the rounds it ran, so the next step goes on from there
+    (back,), (part,) = sudoku_hard._run_islands([sudoku_hard.Island(5, 0, **TINY)], 1, 2, tqdm(disable=True))
+    assert len(back.counts) == 1 and back.beam is not None and (part["question"] == hard["question"][hard["round"] == 0]).all()
 
 
 @pytest.mark.skipif(not os.environ.get("SUDOKU_SLOW"), reason="minutes of search: set SUDOKU_SLOW=1")
@@ -276,6 +280,12 @@ def test_generate_hard_orders_by_round_then_island(monkeypatch):
     both = {k: np.concatenate([a[k], b[k]]) for k in a}
     order = np.lexsort((np.r_[np.zeros(len(a["round"])), np.ones(len(b["round"]))], both["round"]))
     assert all((d[k] == both[k][order][:15]).all() for k in d) and "round" not in d
+    # one round first, then on, with the islands travelling to worker processes and back: the same prefix
+    monkeypatch.setattr(sudoku_hard, "PER_ROUND", 30.0)
+    report = {}
+    more = sudoku_hard.generate_hard(5, 40, workers=2, report=report)
+    assert report["steps"][0] == 1 and len(report["steps"]) > 1 and report["kept"] >= 40
+    assert all((more[k][:15] == d[k]).all() for k in d)
 
 
 def test_generate_hard_drops_repeats_and_runs_more_rounds(monkeypatch):
