@@ -2,7 +2,9 @@
 # bench/sudoku_gpu.sh [OUT] — the Sudoku GPU session of RESULTS.md in one command (one H100/H200, ~9 min):
 #   1. training speed of the four objectives, eager (bench/throughput.py, with a profile of relay);
 #   2. Table 1 at equal steps: the four objectives, paper preset, compiled, on the tiered data
-#      (generated puzzles cached in data/: make them first on a CPU, see RESULTS.md), relay first;
+#      (generated puzzles cached in data/: make them first on a CPU and carry data/ along, e.g.
+#      `python bench/sudoku_data.py --n-train 40000 --n-test 2000 --speed 0 --speed-hard 0`, ~40 min
+#      on 2 cores, then N_TRAIN=40000: the paper preset's set; RESULTS.md), relay first;
 #      a time budget stops the comparison and whatever finished is reported;
 #   3. the relay run's EMA weights in fp16, for checkpoints/.
 # Env: STEPS (5000), BUDGET (seconds for step 2, 450), N_TRAIN (12000), N_TEST (2000),
