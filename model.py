@@ -294,9 +294,13 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.i, k, v)  # (B, Hkv, P + T, hd): committed prefix + this input
+        if attn_mask is not None and self.n_kv_head != self.n_head:
+            # NOTE: SDPA given both enable_gqa and a mask runs its math kernel on CUDA, which builds the
+            # whole (B, H, T, S) score matrix in fp32. K/V copied to every head keep a fused kernel.
+            k, v = (t.repeat_interleave(self.n_head // self.n_kv_head, 1) for t in (k, v))  # (B, H, S, hd)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_head != self.n_head)
+            enable_gqa=k.shape[1] != self.n_head)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -637,11 +641,13 @@ def load_state(model, sd, where):
     model.load_state_dict(sd)
 
 
-def random_model(shape, device="cpu", dtype=torch.float32, seed=0):
+def random_model(shape, device="cpu", dtype=torch.float32, seed=0, n_layer=None):
     """A Qwen2.5-shaped block-diffusion LLM with random weights and a relay, and the byte tokenizer:
-    speed and memory checks without a download. Returns (model in eval mode, tokenizer)."""
+    speed and memory checks without a download. n_layer: fewer blocks of that shape. Returns (model
+    in eval mode, tokenizer)."""
     tok = byte_tokenizer()
-    cfg = ModelConfig(**{**QWEN2, **SHAPES[shape], "mask_id": tok.mask_id, "relay": True})
+    cfg = ModelConfig(**{**QWEN2, **SHAPES[shape], "mask_id": tok.mask_id, "relay": True,
+                         **({"n_layer": n_layer} if n_layer else {})})
     torch.manual_seed(seed)
     with torch.device(device):
         model = Transformer(cfg)

@@ -31,7 +31,7 @@ from relay import RolloutBuffer, reveal_threshold_blocks, rollout_loss, sft_loss
 def one(args):
     device = pick_device(args.device)
     cuda = device.startswith("cuda")
-    model, _ = random_model(args.shape, device, torch.float32, 0)
+    model, _ = random_model(args.shape, device, torch.float32, 0, n_layer=args.layers)
     model.train()
     model.grad_ckpt = args.grad_ckpt
     cfg = model.cfg
@@ -79,6 +79,8 @@ def main():
     p.add_argument("--seq-len", type=int, default=512, help="tokens per row")
     p.add_argument("--steps", type=int, default=3, help="timed steps after 2 warm-up steps")
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing of every block")
+    p.add_argument("--layers", type=int, default=None, help="only this many blocks of the shape (a CPU estimate of a "
+                   "large shape: memory at two depths gives the per-block and the fixed part)")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda")
     p.add_argument("--only", choices=["sft", "relay"], help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -91,11 +93,11 @@ def main():
         if r.returncode:
             raise SystemExit(f"{obj} failed:\n{r.stderr[-3000:]}")
         res.append(json.loads(r.stdout.strip().splitlines()[-1]))
-    print(f"shape {args.shape}, batch {args.batch}/device, seq {args.seq_len}, grad ckpt {args.grad_ckpt}, "
+    print(f"shape {args.shape}{f' ({args.layers} layers)' if args.layers else ''}, batch {args.batch}/device, seq {args.seq_len}, grad ckpt {args.grad_ckpt}, "
           f"{res[0]['device']}, torch {torch.__version__}")
     for r in res:
         print(f"{r['objective']:>6}: peak {r['peak_gib']:7.2f} GiB, {r['step_s']:.3f} s/step")
-    print(json.dumps({"shape": args.shape, "batch": args.batch, "seq_len": args.seq_len, "grad_ckpt": args.grad_ckpt,
+    print(json.dumps({"shape": args.shape, "layers": args.layers, "batch": args.batch, "seq_len": args.seq_len, "grad_ckpt": args.grad_ckpt,
                       "results": res, "torch": torch.__version__}))
 
 
