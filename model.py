@@ -297,7 +297,9 @@ class Attention(nn.Module):
         if attn_mask is not None and self.n_kv_head != self.n_head:
             # NOTE: SDPA given both enable_gqa and a mask runs its math kernel on CUDA, which builds the
             # whole (B, H, T, S) score matrix in fp32. K/V copied to every head keep a fused kernel.
-            k, v = (t.repeat_interleave(self.n_head // self.n_kv_head, 1) for t in (k, v))  # (B, H, S, hd)
+            # query head h reads K/V head h // (n_head / n_kv_head); expand + flatten: no host sync in a CUDA graph
+            rep = (-1, -1, self.n_head // self.n_kv_head, -1, -1)
+            k, v = (t[:, :, None].expand(*rep).flatten(1, 2) for t in (k, v))  # (B, H, S, hd)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=k.shape[1] != self.n_head)
