@@ -648,8 +648,8 @@ def random_model(shape, device="cpu", dtype=torch.float32, seed=0, n_layer=None)
     speed and memory checks without a download. n_layer: fewer blocks of that shape. Returns (model
     in eval mode, tokenizer)."""
     tok = byte_tokenizer()
-    cfg = ModelConfig(**{**QWEN2, **SHAPES[shape], "mask_id": tok.mask_id, "relay": True,
-                         **({"n_layer": n_layer} if n_layer else {})})
+    cfg = ModelConfig(**{**QWEN2, **SHAPES[shape], "n_layer": n_layer or SHAPES[shape]["n_layer"],
+                         "mask_id": tok.mask_id, "relay": True})
     torch.manual_seed(seed)
     with torch.device(device):
         model = Transformer(cfg)

@@ -1,7 +1,8 @@
 """
 runs.py — what every script checks before it starts work: numeric flags in range (argparse `type=`
 functions, so a bad value is a usage error naming its flag) and an output directory that belongs to
-this run alone (a lock, and no new run over an earlier run's checkpoint). No command of its own.
+this run alone (a lock, and no new run over an earlier run's checkpoint); and the CPU's name that
+benchmarks print beside their figures. No command of its own.
 """
 import argparse
 import atexit
@@ -131,3 +132,14 @@ def release_lock(lock):
                 os.remove(lock)
     except FileNotFoundError:
         pass
+
+
+# ---------------------------------------------------------------------------------------------
+# the machine a figure was measured on
+
+def cpu_name():
+    """The CPU's model name from /proc/cpuinfo (Linux), else 'unknown': CPU figures mean little without it."""
+    if not os.path.exists("/proc/cpuinfo"):
+        return "unknown"
+    return next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                "unknown")

@@ -27,6 +27,7 @@ import numpy as np  # noqa: E402
 import sudoku  # noqa: E402
 import sudoku_hard  # noqa: E402
 import sudoku_solver  # noqa: E402
+from runs import cpu_name  # noqa: E402
 
 NAMES = ("singles", "search", "hard")
 
@@ -91,13 +92,6 @@ def plot(sets, path):
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=110)
-
-
-def cpu_name():
-    """The CPU's model name from /proc/cpuinfo (Linux), else 'unknown'."""
-    if not os.path.exists("/proc/cpuinfo"):
-        return "unknown"
-    return next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "unknown")
 
 
 def scale(n, workers):

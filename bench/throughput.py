@@ -28,6 +28,7 @@ import sudoku  # noqa: E402
 import train_sudoku as ts  # noqa: E402
 from model import load_model  # noqa: E402
 from relay import OBJECTIVES  # noqa: E402
+from runs import cpu_name  # noqa: E402
 from sampler import sample_mdm  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -52,9 +53,7 @@ def sync(device):
 
 def processor():
     """The CPU's model name (and the GPU's, when there is one): numbers mean little without it."""
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               "unknown") if os.path.exists("/proc/cpuinfo") else "unknown"
-    return cpu, torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return cpu_name(), torch.cuda.get_device_name() if torch.cuda.is_available() else None
 
 
 out = {"torch": torch.__version__, "threads": torch.get_num_threads()}

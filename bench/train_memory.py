@@ -93,12 +93,13 @@ def main():
         if r.returncode:
             raise SystemExit(f"{obj} failed:\n{r.stderr[-3000:]}")
         res.append(json.loads(r.stdout.strip().splitlines()[-1]))
-    print(f"shape {args.shape}{f' ({args.layers} layers)' if args.layers else ''}, batch {args.batch}/device, seq {args.seq_len}, grad ckpt {args.grad_ckpt}, "
+    layers = f" ({args.layers} layers)" if args.layers else ""
+    print(f"shape {args.shape}{layers}, batch {args.batch}/device, seq {args.seq_len}, grad ckpt {args.grad_ckpt}, "
           f"{res[0]['device']}, torch {torch.__version__}")
     for r in res:
         print(f"{r['objective']:>6}: peak {r['peak_gib']:7.2f} GiB, {r['step_s']:.3f} s/step")
-    print(json.dumps({"shape": args.shape, "layers": args.layers, "batch": args.batch, "seq_len": args.seq_len, "grad_ckpt": args.grad_ckpt,
-                      "results": res, "torch": torch.__version__}))
+    print(json.dumps({"shape": args.shape, "layers": args.layers, "batch": args.batch, "seq_len": args.seq_len,
+                      "grad_ckpt": args.grad_ckpt, "results": res, "torch": torch.__version__}))
 
 
 if __name__ == "__main__":
