@@ -122,7 +122,7 @@ def get_args(argv=None):
     p.add_argument("--out-dir", default="out/sudoku", help="checkpoint, curve")
     p.add_argument("--data-dir", default="data", help="cache of generated puzzle sets")
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt.pt")
-    p.add_argument("--init", default="", help="fine-tune: start from this checkpoint's evaluated weights "
+    p.add_argument("--init-from", default="", help="fine-tune: start from this checkpoint's evaluated weights "
                    "(fresh optimizer, rollout buffer and step count; the model flags must match it)")
     p.add_argument("--overwrite", action="store_true", help="start afresh even if OUT_DIR holds a checkpoint "
                    "(without it, or --resume, a run refuses to replace one)")
@@ -144,8 +144,8 @@ def get_args(argv=None):
         p.error(f"--n-embd/--n-head: {problem}")
     if args.resume and args.overwrite:
         p.error("--resume continues the checkpoint in --out-dir, --overwrite replaces it: pick one")
-    if args.init and (args.resume or args.eval_only or args.solve or args.export):
-        p.error("--init starts a new training run: it goes with neither --resume (the run's own checkpoint "
+    if args.init_from and (args.resume or args.eval_only or args.solve or args.export):
+        p.error("--init-from starts a new training run: it goes with neither --resume (the run's own checkpoint "
                 "already holds the weights) nor --eval-only, --solve or --export")
     args.mlm_steps = 0 if args.objective == "mlm" else round(args.mlm_frac * args.max_steps)  # derived
     return args
@@ -256,18 +256,16 @@ def resume(ck, path, args, model, ema, opt, buf, stream, gen):
 
 
 def init_from(path, model, ema):
-    """--init: another run's evaluated weights (EMA when it kept one) become this run's model and EMA.
+    """--init-from: another run's evaluated weights (EMA when it kept one) become this run's model and EMA.
     The architecture must match exactly: a fine-tune that silently changed the model would not be one."""
-    src, ck = load_model(path, kind="sudoku")
-    ours = model.config_dict()
-    if diff := {k: (v, ck["config"].get(k)) for k, v in ours.items() if ck["config"].get(k) != v}:
-        raise ValueError(f"--init {path}: its model differs from the one these flags build: {diff} (ours, "
-                         f"theirs); give the flags it was trained with (its args: {ck.get('args', {}).get('preset')} "
-                         f"preset)")
-    with torch.no_grad():
-        for m in (model, ema):
-            if m is not None:
-                load_state(m, {k: v.to(m.state_dict()[k].dtype) for k, v in src.state_dict().items()}, path)
+    src, ck = load_model(path, kind="sudoku")  # fp32, whatever the file stores
+    if diff := {k: (v, ck["config"].get(k)) for k, v in model.config_dict().items() if ck["config"].get(k) != v}:
+        preset = (ck.get("args") or {}).get("preset", "?")
+        raise ValueError(f"--init-from {path}: its model differs from the one these flags build: {diff} (ours, "
+                         f"theirs); give the model flags it was trained with (its run used --preset {preset})")
+    for m in (model, ema):
+        if m is not None:
+            load_state(m, src.state_dict(), path)
     print(f"initialised from {path} (step {ck['step']} of its run)")
 
 
@@ -489,10 +487,10 @@ def main(argv=None):
     model, ema, opt, stream, gen, buf = training_objects(args, train)
     print(f"model: {model.num_params() / 1e6:.2f}M parameters, objective {args.objective}, K={args.K}, "
           f"device {args.device}, {args.dtype}")
-    # 4) resume: model, EMA, optimizer, buffer, data position and every RNG; or fine-tune from --init
+    # 4) resume: model, EMA, optimizer, buffer, data position and every RNG; or fine-tune from --init-from
     step = resume(ck, ckpt_path, args, model, ema, opt, buf, stream, gen) if ck else 0
-    if args.init:
-        init_from(args.init, model, ema)
+    if args.init_from:
+        init_from(args.init_from, model, ema)
     train_model = torch.compile(model) if args.compile else model  # what the losses call
     save = lambda: save_checkpoint(training_state(args, step, model, ema, opt, buf, stream, gen), ckpt_path)
 

@@ -188,17 +188,17 @@ def test_export_writes_small_fp16_weights_that_evaluate_alike(tmp_path, data_dir
 
 def test_init_fine_tunes_from_another_runs_weights(tmp_path, data_dir):
     run(tmp_path / "a", data_dir, "--max-steps", "3")
-    src, _ = load_model(str(tmp_path / "a" / "ckpt.pt"))  # the EMA weights: what --init starts from
-    args = train_sudoku.get_args([*TINY, "--init", str(tmp_path / "a" / "ckpt.pt")])
+    src, _ = load_model(str(tmp_path / "a" / "ckpt.pt"))  # the EMA weights: what --init-from starts from
+    args = train_sudoku.get_args([*TINY, "--init-from", str(tmp_path / "a" / "ckpt.pt")])
     model = train_sudoku.build_model(args)
     ema = Transformer(model.cfg)
-    train_sudoku.init_from(args.init, model, ema)
+    train_sudoku.init_from(args.init_from, model, ema)
     for m in (model, ema):
         assert all(torch.equal(v, src.state_dict()[k]) for k, v in m.state_dict().items())
-    r = run(tmp_path / "b", data_dir, "--max-steps", "1", "--init", str(tmp_path / "a" / "ckpt.pt"))
+    r = run(tmp_path / "b", data_dir, "--max-steps", "1", "--init-from", str(tmp_path / "a" / "ckpt.pt"))
     assert r["steps"] == 1  # a new run: its own step count, optimizer and buffer
     with pytest.raises(ValueError, match="n_embd"):
         train_sudoku.main([*TINY[:4], "--n-embd", "48", *TINY[6:], "--out-dir", str(tmp_path / "c"),
-                           "--data-dir", data_dir, "--max-steps", "1", "--init", str(tmp_path / "a" / "ckpt.pt")])
+                           "--data-dir", data_dir, "--max-steps", "1", "--init-from", str(tmp_path / "a" / "ckpt.pt")])
     with pytest.raises(SystemExit):
-        run(tmp_path / "b", data_dir, "--max-steps", "2", "--resume", "--init", str(tmp_path / "a" / "ckpt.pt"))
+        run(tmp_path / "b", data_dir, "--max-steps", "2", "--resume", "--init-from", str(tmp_path / "a" / "ckpt.pt"))
