@@ -7,6 +7,7 @@ project's main job.
     python train_sudoku.py --objective mlm                   # a Table 1 baseline
     python train_sudoku.py --preset paper                    # the paper's recipe (GPU; 300k steps: hours)
     python train_sudoku.py --eval-only --checkpoint out/sudoku/ckpt.pt
+    python train_sudoku.py --preset paper --init-from checkpoints/sudoku_relay_hard.pt   # fine-tune shipped weights
     python train_sudoku.py --checkpoint out/sudoku/ckpt.pt --solve 4.....8.5.3..........7......2.....6.....8.4......1.......6.3.7.5..2.....1.4......
     python train_sudoku.py --data train.csv --test-data test.csv   # the real Sudoku-Extreme files
 
