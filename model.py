@@ -630,6 +630,11 @@ def export_weights(path, dtype=torch.float16):
             "exported_from": os.path.basename(path), "dtype": str(dtype)}
 
 
+def config_diff(model, ck):
+    """The config fields where checkpoint dict `ck` differs from `model`: {field: (ours, theirs)}."""
+    return {k: (v, ck["config"].get(k)) for k, v in model.config_dict().items() if ck["config"].get(k) != v}
+
+
 def load_state(model, sd, where):
     """Strict load: missing, unexpected or mis-shaped tensors raise one error that lists them all."""
     own = model.state_dict()

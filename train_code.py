@@ -50,8 +50,8 @@ from tqdm import tqdm
 
 from code_data import (Rows, held_out_signatures, load_stdlib, read_chat_jsonl, synthetic_problems, synthetic_rows,
                        synthetic_tokenizer)
-from model import (QWEN2, SHAPES, ModelConfig, Transformer, from_pretrained, load_checkpoint, load_state, pick_device,
-                   save_checkpoint, save_pretrained, shape_problem)
+from model import (QWEN2, SHAPES, ModelConfig, Transformer, config_diff, from_pretrained, load_checkpoint, load_state,
+                   pick_device, save_checkpoint, save_pretrained, shape_problem)
 from relay import RolloutBuffer, add_relay, reveal_threshold_blocks, rollout_loss, sft_loss
 from runs import claim_out_dir, nonneg_float, nonneg_int, positive_float, positive_int, unit_float
 from eval_code import evaluate, load_problems
@@ -341,7 +341,7 @@ def resume(args, d, path, raw, opt, streams, gens, bufs):
     if not os.path.exists(path):
         raise FileNotFoundError(f"--resume: no checkpoint at {path} (check --out-dir)")
     ck = load_checkpoint(path, kind="code")
-    diff = {k: (v, ck["config"].get(k)) for k, v in raw.config_dict().items() if ck["config"].get(k) != v}
+    diff = config_diff(raw, ck)
     buffers = ck["args"].get("buffers", "chunk")
     if diff or ck["world"] != d.world or ck["args"]["objective"] != args.objective or buffers != args.buffers:
         raise ValueError(f"{path} was trained with another setup: config {diff} (ours, theirs), world "

@@ -32,8 +32,8 @@ from tqdm import tqdm
 
 import sudoku
 import sudoku_solver
-from model import (ModelConfig, Transformer, export_weights, load_checkpoint, load_model, load_state, pick_device,
-                   save_checkpoint, shape_problem)
+from model import (ModelConfig, Transformer, config_diff, export_weights, load_checkpoint, load_model, load_state,
+                   pick_device, save_checkpoint, shape_problem)
 from relay import OBJECTIVES, RolloutBuffer, mlm_loss, reveal_jittered_mass, rollout_loss
 from runs import claim_out_dir, nonneg_float, nonneg_int, positive_float, positive_int, unit_float
 from sampler import sample_mdm
@@ -236,7 +236,7 @@ def training_state(args, step, model, ema, opt, buf, stream, gen):
 
 def resume(ck, path, args, model, ema, opt, buf, stream, gen):
     """Restore training_state() `ck` (loaded from `path`) into the live objects; returns the step."""
-    diff = {k: (v, ck["config"].get(k)) for k, v in model.config_dict().items() if ck["config"].get(k) != v}
+    diff = config_diff(model, ck)
     theirs = lambda k: ck["args"].get(k, getattr(args, k))  # older checkpoints lack some flags
     diff |= {k: (getattr(args, k), theirs(k)) for k in ("objective", "data", "mix", "seed")
              if tuple(np.atleast_1d(theirs(k))) != tuple(np.atleast_1d(getattr(args, k)))}
@@ -260,7 +260,7 @@ def init_from(path, model, ema):
     """--init-from: another run's evaluated weights (EMA when it kept one) become this run's model and EMA.
     The architecture must match exactly: a fine-tune that silently changed the model would not be one."""
     src, ck = load_model(path, kind="sudoku")  # fp32, whatever the file stores
-    if diff := {k: (v, ck["config"].get(k)) for k, v in model.config_dict().items() if ck["config"].get(k) != v}:
+    if diff := config_diff(model, ck):
         preset = (ck.get("args") or {}).get("preset", "?")
         raise ValueError(f"--init-from {path}: its model differs from the one these flags build: {diff} (ours, "
                          f"theirs); give the model flags it was trained with (its run used --preset {preset})")
