@@ -216,15 +216,34 @@ def _text_lines(f, path):
             raise ValueError(f"{path}:{n}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
+_CELLS = bytes.maketrans(b".0123456789", bytes([0, *range(10)]))  # a cell's character -> its value
+
+
+def read_list(path):
+    """A puzzle list: one puzzle per line as its first word (81 characters, digits for clues, '.'
+    or '0' for blanks; the rest of the line is ignored), '#' comment lines and blank lines skipped:
+    the format of the public collections (tdoku's benchmark files, the 17-clue list). -> (q (N, 81)
+    uint8, line numbers (N,)). A line that holds no puzzle raises ValueError naming file:line."""
+    qs, lines = [], []
+    with open(path, "rb") as f:
+        for n, text in enumerate(_text_lines(f, path), 1):
+            word = (text.split() or [""])[0]
+            if not word or word.startswith("#"):
+                continue
+            if len(word) != 81 or not set(word) <= set(".0123456789"):
+                raise ValueError(f"{path}:{n}: a puzzle is 81 characters of 1-9 and '.' or '0', got {word[:90]!r}")
+            qs.append(word.encode().translate(_CELLS))
+            lines.append(n)
+    if not qs:
+        raise ValueError(f"{path}: no puzzles")
+    return np.frombuffer(b"".join(qs), np.uint8).reshape(-1, 81).copy(), np.array(lines)
+
+
 def read_csv(path, skip_invalid=False, limit=None):
     """Read and validate a Sudoku CSV (columns `question`, `answer`, optional `rating` and `tier`,
     which come back as arrays when present). Raises ValueError naming file, line and reason,
     unless skip_invalid, which skips bad rows and prints how many."""
     qs, ans, extra, lines, bad = [], [], [], [], []
-    table = bytearray(range(256))
-    table[ord(".")] = 0
-    for d in range(10):
-        table[ord(str(d))] = d
     with open(path, "rb") as f:
         reader = csv.reader(_text_lines(f, path))
         header = next(reader, None)
@@ -241,8 +260,8 @@ def read_csv(path, skip_invalid=False, limit=None):
                     raise ValueError(f"{path}:{line}: {reason}")
                 bad.append(line)
                 continue
-            qs.append(row[cols["question"]].strip().encode().translate(table))
-            ans.append(row[cols["answer"]].strip().encode().translate(table))
+            qs.append(row[cols["question"]].strip().encode().translate(_CELLS))
+            ans.append(row[cols["answer"]].strip().encode().translate(_CELLS))
             extra.append([int(row[cols[k]]) for k in ("rating", "tier") if k in cols])
             lines.append(line)
             if limit and len(qs) >= limit:

@@ -342,17 +342,34 @@ def dfs_branches(tree, N, ranks=None):
     return out[:, 0] if ranks is None else out
 
 
-def rate_many(boards, max_branches=2000):
-    """rate() of every board, batched: (tier (N,) int8, rating (N,) int32). Boards with several
-    solutions (or past max_branches) are passed to rate() itself."""
+def solve_many(boards, max_branches=2000):
+    """solve() and rate() of every board, batched -> (answer (N, 81) uint8: the solution of a board
+    with exactly one, else zeros; nsol (N,): 0, 1, or 2 for two or more; rating (N,) int32: rate()
+    of a board with one solution, else 0). Boards past max_branches go to solve() itself."""
     boards = np.asarray(boards)
     tree = search_trees(cands_many(boards), 2, max_branches)
-    one = (tree["nsol"] == 1) & ~tree["aborted"]
-    rating = np.where(one, dfs_branches(tree, len(boards)), 0)
+    nsol, answer = tree["nsol"].copy(), np.zeros(boards.shape, np.uint8)
+    one = (nsol == 1) & ~tree["aborted"]
+    owner, digits = tree["solutions"]
+    answer[owner[one[owner]]] = digits[one[owner]]
+    rating = np.where(one, dfs_branches(tree, len(boards)), 0).astype(np.int32)
+    for i in np.flatnonzero(tree["aborted"]):  # a huge tree: the depth-first search decides
+        sols, _ = solve(boards[i], limit=2)
+        nsol[i] = len(sols)
+        if len(sols) == 1:
+            answer[i], rating[i] = sols[0], rate(boards[i])[1]
+    return answer, nsol, rating
+
+
+def rate_many(boards, max_branches=2000):
+    """rate() of every board, batched: (tier (N,) int8, rating (N,) int32). Boards with several
+    solutions (or none) are passed to rate() itself."""
+    boards = np.asarray(boards)
+    _, nsol, rating = solve_many(boards, max_branches)
     tier = (rating > 0).astype(np.int8)
-    for i in np.flatnonzero(~one):
+    for i in np.flatnonzero(nsol != 1):
         tier[i], rating[i] = rate(boards[i])
-    return tier, rating.astype(np.int32)
+    return tier, rating
 
 
 # ----------------------------------------------------------------------------------------------

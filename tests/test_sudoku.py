@@ -1,5 +1,7 @@
 import os
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -421,3 +423,69 @@ def test_add_tiers_rates_a_csv_without_ratings(tmp_path):
     ref = [sudoku.make_puzzle(11, i) for i in range(6)]
     assert got["rating"].tolist() == [r[3] for r in ref]
     assert got["tier"].tolist() == sudoku.tier_of_rating([r[3] for r in ref]).tolist()
+
+
+def test_read_list_reads_public_lists_and_names_bad_lines(tmp_path):
+    (q1, _), (q2, _) = good_row(0), good_row(1, blank="0")
+    p = tmp_path / "list.txt"
+    p.write_text(f"# From a forum\n#\n{q1}\n\n{q2}  ER=11.2\n")
+    q, lines = sudoku.read_list(str(p))
+    assert lines.tolist() == [3, 5]
+    assert (q == np.stack([sudoku.make_puzzle(11, i)[0] for i in range(2)])).all()
+    p.write_text(f"{q1}\n{q1[:-1]}\n")
+    with pytest.raises(ValueError, match=f"{p}:2: a puzzle is 81 characters"):
+        sudoku.read_list(str(p))
+    p.write_text("# nothing here\n")
+    with pytest.raises(ValueError, match="no puzzles"):
+        sudoku.read_list(str(p))
+
+
+def test_solve_many_equals_solve(hard):
+    b = np.concatenate([boards(), hard["question"]])
+    bad = b[0].reshape(9, 9).copy()
+    r = next(r for r in range(9) if (bad[r] > 0).any() and (bad[r] == 0).any())
+    bad[r, np.flatnonzero(bad[r] == 0)[0]] = bad[r][bad[r] > 0][0]  # a digit twice in a row: no solution
+    b = np.concatenate([b, bad.reshape(1, 81)])
+    answer, nsol, rating = sudoku_solver.solve_many(b, max_branches=300)
+    for i, q in enumerate(b):
+        sols, _ = sudoku_solver.solve(q, limit=2)
+        assert nsol[i] == len(sols)
+        if len(sols) == 1:
+            assert (answer[i] == sols[0]).all() and rating[i] == sudoku_solver.rate(q)[1]
+        else:
+            assert not answer[i].any() and rating[i] == 0
+    assert set(nsol.tolist()) == {0, 1, 2} and rating.max() >= 10
+
+
+def test_public_split_keeps_near_copies_of_test_puzzles_out_of_training(tmp_path):
+    """bench/sudoku_public.py end to end: list B holds a near copy (one more clue) of every puzzle of
+    list A; the test set comes from A, and no training puzzle may be a near copy of a test puzzle."""
+    a = [sudoku.make_puzzle(11, i) for i in range(20)]
+    near = []
+    for q, ans, _, _ in a:
+        c = q.copy()
+        c[np.flatnonzero(c == 0)[0]] = ans[np.flatnonzero(c == 0)[0]]
+        near.append(c)
+    text = lambda qs: "# a list\n" + "".join("".join(str(v) if v else "." for v in q) + "\n" for q in qs)
+    (tmp_path / "A").write_text(text([x[0] for x in a]))
+    (tmp_path / "B").write_text(text(near))
+    run = lambda *extra: subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "..", "bench", "sudoku_public.py"),
+                                         "A", "B", "--n-test", "6", "--test-from", "A", "--workers", "1", "--out-dir", "out", *extra],
+                                        cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    r = run()
+    assert r.returncode == 0, r.stderr
+    test, train = (sudoku.read_csv(str(tmp_path / "out" / f"{n}.csv")) for n in ("test", "train"))  # answers are checked here
+    key = lambda qs: sudoku_solver.symmetry_key(np.asarray(qs))
+    in_test = [i for i, k in enumerate(key([x[0] for x in a])) if k in set(key(test["question"]))]
+    assert len(in_test) == 6 and len(train["question"]) == 40 - 12
+    train_keys = set(key(train["question"]))
+    assert not any(k in train_keys for k in key([near[i] for i in in_test]))
+    assert all(k in train_keys for i, k in enumerate(key(near)) if i not in in_test)
+    assert "already holds" in run().stderr  # no run overwrites earlier sets unless told to
+    two = a[0][0].copy()
+    two[np.flatnonzero(two)[:3]] = 0
+    with open(tmp_path / "B", "a") as f:
+        f.write("".join(str(v) if v else "." for v in two) + "\n")
+    r = run("--force")
+    assert r.returncode != 0 and "B:22: several solutions" in r.stderr
+    assert run("--force", "--skip-invalid").returncode == 0
