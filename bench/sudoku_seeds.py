@@ -1,7 +1,7 @@
 """
 bench/sudoku_seeds.py — choose the seed puzzles of the hard tier (sudoku_seeds.txt) from a list of
 17-clue puzzles, e.g. Gordon Royle's collection of 49,151 (one puzzle per line, digits, 0 or '.'
-for blanks; not shipped: pass its path).
+for blanks, '#' comment lines: sudoku.read_list; not shipped: pass its path).
 
     python bench/sudoku_seeds.py sudoku17.txt   # ~13 min on 2 cores; seeds already in --out keep their side
 
@@ -26,6 +26,7 @@ import multiprocessing as mp  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+import sudoku  # noqa: E402
 import sudoku_hard  # noqa: E402
 import sudoku_solver  # noqa: E402
 
@@ -82,10 +83,14 @@ def assign_sides(kept, fixed):
 
 if __name__ == "__main__":
     t0 = time.time()
-    lines = [s.strip().replace("0", ".") for s in open(args.puzzles) if s.strip()]
-    for n, s in enumerate(lines, 1):
+    try:
+        q, numbers = sudoku.read_list(args.puzzles)
+    except (OSError, ValueError) as e:
+        raise SystemExit(str(e))
+    lines = ["".join(str(v) if v else "." for v in b) for b in q]
+    for n, s in zip(numbers, lines):
         try:
-            sudoku_solver.parse_puzzle(s)
+            sudoku_solver.parse_puzzle(s)  # the clues break no rule
         except ValueError as e:
             raise SystemExit(f"{args.puzzles}:{n}: {e}")
     workers = args.workers or os.cpu_count() or 1
