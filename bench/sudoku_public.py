@@ -36,16 +36,17 @@ from tqdm import tqdm  # noqa: E402
 
 import sudoku  # noqa: E402
 import sudoku_solver  # noqa: E402
+from runs import positive_int  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("lists", nargs="+", help="puzzle lists, one 81-character puzzle per line")
 p.add_argument("--out-dir", default="data/public", help="where train.csv and test.csv go")
-p.add_argument("--n-test", type=int, default=1000, help="test puzzles")
+p.add_argument("--n-test", type=positive_int, default=1000, help="test puzzles")
 p.add_argument("--test-from", nargs="*", default=None, help="draw the test set from these lists only (default: all)")
-p.add_argument("--near", type=int, default=16, help="drop a training puzzle sharing this many clues with a test puzzle")
+p.add_argument("--near", type=positive_int, default=16, help="drop a training puzzle sharing this many clues with a test puzzle")
 p.add_argument("--seed", type=int, default=0, help="symmetries and the split")
 p.add_argument("--skip-invalid", action="store_true", help="drop puzzles without exactly one solution")
-p.add_argument("--workers", type=int, default=None, help="solver processes (default: all cores)")
+p.add_argument("--workers", type=positive_int, default=None, help="solver processes (default: all cores)")
 p.add_argument("--force", action="store_true", help="overwrite train.csv and test.csv in --out-dir")
 
 
@@ -118,13 +119,14 @@ if __name__ == "__main__":
         raise SystemExit(f"--n-test {args.n_test}: only {len(pool_ids)} puzzles to draw from")
     test = np.sort(rng.choice(pool_ids, args.n_test, replace=False))
     near = near_test(q, test, args.near)
-    train = np.flatnonzero(~near)  # the test puzzles share all their clues with themselves
+    near[test] = False
+    train = np.setdiff1d(np.flatnonzero(~near), test)
     # 4) write
     os.makedirs(args.out_dir, exist_ok=True)
     for name, ids in (("train", train), ("test", test)):
         sudoku.write_csv(paths[name], {"question": stored[ids], "answer": answer[ids], "rating": rating[ids]})
     result = {"read": len(keys), "distinct": int(len(first)),
-              "no_unique_solution": int(len(bad)), "near_copies_dropped": int(near.sum() - len(test)),
+              "no_unique_solution": int(len(bad)), "near_copies_dropped": int(near.sum()),
               "train": stats(stored[train], rating[train]), "test": stats(stored[test], rating[test]),
               "per_list": {os.path.basename(x): stats(stored[src == k], rating[src == k]) for k, x in enumerate(args.lists)},
               "out": paths, "seconds": round(time.time() - t0, 1)}
