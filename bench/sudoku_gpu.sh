@@ -10,6 +10,9 @@
 #      checkpoints/sudoku_test_hard_v9.csv: the shipped file is already fine-tuned on hard data, RESULTS.md).
 # Env: STEPS (5000), BUDGET (seconds for step 2, 450), N_TRAIN (12000), N_TEST (2000),
 #      EXTRA (flags for every run, e.g. a tiny model to try this on a CPU).
+# Public hard puzzles instead of generated ones (RESULTS.md, "Public hard puzzles"): make data/public with
+# bench/sudoku_public.py on a CPU, carry data/, and pass
+#      EXTRA="--data data/public/train.csv --test-data data/public/test.csv" (about 15 MB).
 set -uo pipefail
 OUT=${1:-out/gpu}
 STEPS=${STEPS:-5000}; BUDGET=${BUDGET:-450}; N_TRAIN=${N_TRAIN:-12000}; N_TEST=${N_TEST:-2000}; EXTRA=${EXTRA:-}
