@@ -7,7 +7,7 @@
 #      on 2 cores, then N_TRAIN=40000: the paper preset's set; RESULTS.md), relay first;
 #      a time budget stops the comparison and whatever finished is reported;
 #   3. the relay run's EMA weights in fp16 (replace checkpoints/sudoku_relay_hard.pt only if they beat it on
-#      checkpoints/sudoku_test_hard_v9.csv: the shipped file is already fine-tuned on hard data, RESULTS.md).
+#      checkpoints/sudoku_test_public.csv: the shipped file is fine-tuned on public hard puzzles, RESULTS.md).
 # Env: STEPS (5000), BUDGET (seconds for step 2, 450), N_TRAIN (12000), N_TEST (2000),
 #      EXTRA (flags for every run, e.g. a tiny model to try this on a CPU).
 # Public hard puzzles instead of generated ones (RESULTS.md, "Public hard puzzles"): make data/public with
