@@ -4,7 +4,7 @@ no test puzzle has a near copy in training (arXiv 2605.22967 §4.1 trains and te
 NOTES.md §4).
 
     python bench/sudoku_public.py puzzles5_forum_hardest_1905_11+ puzzles6_forum_hardest_1106 \\
-        puzzles3_magictour_top1465 --out-dir data/public      # ~5 min on 2 cores
+        puzzles3_magictour_top1465 --out-dir data/public      # ~1 min on 2 cores
     python train_sudoku.py --preset paper --data data/public/train.csv --test-data data/public/test.csv
 
 The lists are not shipped: pass their paths. The ones above are files of tdoku's benchmark data
@@ -19,7 +19,8 @@ top 1465, one puzzle per line (sudoku.read_list; Gordon Royle's 17-clue list rea
    every other puzzle, less those sharing --near or more clues (same cell, same digit, as listed)
    with a test puzzle. The forum lists hold families of near copies (in forum_hardest_1905_11+, 65 %
    of puzzles share 17 or more clues with another one), so a plain random split would test on
-   puzzles training has seen with a few clues moved.
+   puzzles training has seen with a few clues moved. NOTE: near copies are compared as listed; one
+   stored in another orientation is not caught (exact symmetric copies are, in step 1).
 4. Write train.csv and test.csv (question, answer, rating) in --out-dir. Prints one JSON line last.
 """
 import argparse
@@ -48,10 +49,6 @@ p.add_argument("--seed", type=int, default=0, help="symmetries and the split")
 p.add_argument("--skip-invalid", action="store_true", help="drop puzzles without exactly one solution")
 p.add_argument("--workers", type=positive_int, default=None, help="solver processes (default: all cores)")
 p.add_argument("--force", action="store_true", help="overwrite train.csv and test.csv in --out-dir")
-
-
-def solve_chunk(q):
-    return sudoku_solver.solve_many(q)
 
 
 def clue_onehot(q):
@@ -100,7 +97,7 @@ if __name__ == "__main__":
     stored, _ = sudoku_solver.augment(q, q, rng)  # the question only: its answer is solved next
     chunks = np.array_split(stored, max(1, len(q) // 500))
     with mp.Pool(args.workers or os.cpu_count() or 1) as pool:
-        out = list(tqdm(pool.imap(solve_chunk, chunks), total=len(chunks), desc="solving", unit="chunk"))
+        out = list(tqdm(pool.imap(sudoku_solver.solve_many, chunks), total=len(chunks), desc="solving", unit="chunk"))
     answer, nsol, rating = (np.concatenate(z) for z in zip(*out))
     bad = np.flatnonzero(nsol != 1)
     for i in bad[:5 if args.skip_invalid else 1]:
