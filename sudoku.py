@@ -29,7 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from sudoku_hard import HARD_SEEDS, HARD_VERSION, generate_hard
-from sudoku_solver import UNITS_NP, minimal_puzzle, rate, rate_many
+from sudoku_solver import UNITS_NP, minimal_puzzle, puzzle_text, rate, rate_many
 
 # ----------------------------------------------------------------------------------------------
 # the plain generator: random minimal puzzles (tiers 0 and 1)
@@ -295,7 +295,7 @@ def write_csv(path, data):
         w = csv.writer(f)
         w.writerow(["question", "answer", "rating"] + (["tier"] if tier is not None else []))
         for i, (q, a) in enumerate(zip(data["question"], data["answer"])):
-            w.writerow(["".join(str(v) if v else "." for v in q), "".join(map(str, a)), int(rating[i])]
+            w.writerow([puzzle_text(q), "".join(map(str, a)), int(rating[i])]
                        + ([int(tier[i])] if tier is not None else []))
 
 def summary(d):

@@ -160,6 +160,11 @@ def parse_puzzle(text):
     return q
 
 
+def puzzle_text(board):
+    """parse_puzzle's inverse: (81,) board -> 81 characters, '.' for a blank."""
+    return "".join(str(v) if v else "." for v in np.asarray(board).tolist())
+
+
 # ----------------------------------------------------------------------------------------------
 # batched solver: the propagation and search above, over many boards at once in numpy. It makes
 # the hard generator affordable (several times fewer seconds per search node than the loop above

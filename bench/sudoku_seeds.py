@@ -87,7 +87,7 @@ if __name__ == "__main__":
         q, numbers = sudoku.read_list(args.puzzles)
     except (OSError, ValueError) as e:
         raise SystemExit(str(e))
-    lines = ["".join(str(v) if v else "." for v in b) for b in q]
+    lines = [sudoku_solver.puzzle_text(b) for b in q]
     for n, s in zip(numbers, lines):
         try:
             sudoku_solver.parse_puzzle(s)  # the clues break no rule

@@ -466,7 +466,7 @@ def test_public_split_keeps_near_copies_of_test_puzzles_out_of_training(tmp_path
         c = q.copy()
         c[np.flatnonzero(c == 0)[0]] = ans[np.flatnonzero(c == 0)[0]]
         near.append(c)
-    text = lambda qs: "# a list\n" + "".join("".join(str(v) if v else "." for v in q) + "\n" for q in qs)
+    text = lambda qs: "# a list\n" + "".join(sudoku_solver.puzzle_text(q) + "\n" for q in qs)
     (tmp_path / "A").write_text(text([x[0] for x in a]))
     (tmp_path / "B").write_text(text(near))
     run = lambda *extra: subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "..", "bench", "sudoku_public.py"),
@@ -488,7 +488,7 @@ def test_public_split_keeps_near_copies_of_test_puzzles_out_of_training(tmp_path
     two = a[0][0].copy()
     two[np.flatnonzero(two)[:3]] = 0
     with open(tmp_path / "B", "a") as f:
-        f.write("".join(str(v) if v else "." for v in two) + "\n")
+        f.write(sudoku_solver.puzzle_text(two) + "\n")
     r = run("--force")
     assert r.returncode != 0 and "B:22: several solutions" in r.stderr
     assert run("--force", "--skip-invalid").returncode == 0

@@ -163,7 +163,7 @@ def test_evaluation_runs_without_dropout(tmp_path, data_dir):
 def test_solve_prints_the_grid_and_draws_the_steps(tmp_path, data_dir, capsys):
     run(tmp_path, data_dir, "--max-steps", "2")
     d = sudoku.generate(51, 1, workers=1)
-    puzzle = "".join(str(v) if v else "." for v in d["question"][0])
+    puzzle = sudoku_solver.puzzle_text(d["question"][0])
     r = train_sudoku.main(["--checkpoint", str(tmp_path / "ckpt.pt"), "--solve", puzzle, "--out-dir", str(tmp_path)])
     board = np.array([int(ch) for ch in r["solution"]], np.uint8)
     assert (board[d["question"][0] > 0] == d["question"][0][d["question"][0] > 0]).all() and (board > 0).all()
