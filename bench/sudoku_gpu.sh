@@ -13,6 +13,7 @@
 # Public hard puzzles instead of generated ones (RESULTS.md, "Public hard puzzles"): make data/public with
 # bench/sudoku_public.py on a CPU, carry data/, and pass
 #      EXTRA="--data data/public/train.csv --test-data data/public/test.csv" (about 15 MB).
+# To fine-tune the shipped checkpoint on them instead: bash bench/sudoku_gpu_public.sh.
 set -uo pipefail
 OUT=${1:-out/gpu}
 STEPS=${STEPS:-5000}; BUDGET=${BUDGET:-450}; N_TRAIN=${N_TRAIN:-12000}; N_TEST=${N_TEST:-2000}; EXTRA=${EXTRA:-}
