@@ -114,6 +114,9 @@ def get_args(argv=None):
     p.add_argument("--test-mix", type=shares, default=(0.5, 0.5, 0.0), help="generated test set: shares of the "
                    "three tiers")
     p.add_argument("--skip-invalid", action="store_true", help="skip and count invalid CSV rows")
+    p.add_argument("--min-rating", type=nonneg_int, default=0,
+                   help="with --data: train only on rows whose rating column is at least this (e.g. 10: the hard "
+                        "part of a public set, RESULTS.md)")
     p.add_argument("--n-train", type=positive_int, default=6000, help="generated training puzzles (before augmentation)")
     p.add_argument("--eval-size", type=positive_int, default=512, help="test puzzles")
     p.add_argument("--eval-batch", type=positive_int, default=256, help="puzzles per sampler batch (NFE batch depends on it)")
@@ -143,6 +146,8 @@ def get_args(argv=None):
         p.error("--eval-only, --solve and --export need --checkpoint PATH")
     if problem := shape_problem(args.n_embd, args.n_head, args.n_head):
         p.error(f"--n-embd/--n-head: {problem}")
+    if args.min_rating and not args.data:
+        p.error("--min-rating filters a training CSV's rating column: it needs --data FILE.csv")
     if args.resume and args.overwrite:
         p.error("--resume continues the checkpoint in --out-dir, --overwrite replaces it: pick one")
     if args.init_from and (args.resume or args.eval_only or args.solve or args.export):
@@ -161,7 +166,16 @@ def load_train(args, n=None):
     supplies the rest, so short runs only make what they need (n = None). Every tier is cached on
     its own in --data-dir and a later run, with any mix, takes a prefix of what is there."""
     if args.data:
-        return sudoku.read_csv(args.data, args.skip_invalid)
+        train = sudoku.read_csv(args.data, args.skip_invalid)
+        if not args.min_rating:
+            return train
+        if "rating" not in train:
+            raise ValueError(f"{args.data}: --min-rating needs a rating column")
+        keep = train["rating"] >= args.min_rating
+        if not keep.any():
+            raise ValueError(f"{args.data}: no row is rated {args.min_rating} or more (--min-rating)")
+        print(f"--min-rating {args.min_rating}: training on {keep.sum()} of {len(keep)} puzzles")
+        return {k: v[keep] for k, v in train.items()}
     n = n or min(args.n_train, max(64, args.max_steps * args.batch_size // 8))
     return sudoku.load_tiered("train", n, 0, args.data_dir, shares=args.mix)
 
@@ -238,7 +252,7 @@ def resume(ck, path, args, model, ema, opt, buf, stream, gen):
     """Restore training_state() `ck` (loaded from `path`) into the live objects; returns the step."""
     diff = config_diff(model, ck)
     theirs = lambda k: ck["args"].get(k, getattr(args, k))  # older checkpoints lack some flags
-    diff |= {k: (getattr(args, k), theirs(k)) for k in ("objective", "data", "mix", "seed")
+    diff |= {k: (getattr(args, k), theirs(k)) for k in ("objective", "data", "min_rating", "mix", "seed")
              if tuple(np.atleast_1d(theirs(k))) != tuple(np.atleast_1d(getattr(args, k)))}
     if diff:
         raise ValueError(f"{path} was trained with another configuration: {diff} (ours, theirs)")

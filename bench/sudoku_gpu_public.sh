@@ -9,12 +9,13 @@
 #   3. its EMA weights in fp16 to OUT/sudoku_relay_hard.pt, evaluated at τ 0.15 and 0.01.
 #   The run's full state stays in OUT_run (train_sudoku.py refuses to start over it: a new OUT, or --resume).
 # Replace checkpoints/sudoku_relay_hard.pt only if step 3 beats step 1 at τ 0.15.
-# Env: MINUTES (6), TRAIN (data/public/train.csv), EXTRA (flags for every training and evaluation
+# Env: MINUTES (6), TRAIN (data/public/train.csv), MIN_RATING (10: the hard part, as in the
+#      shipped file's last CPU stage; 0: all), EXTRA (flags for every training and evaluation
 #      run: `EXTRA="--device cpu --dtype float32" MINUTES=0.5 FLAGS=` tries this on a CPU),
 #      FLAGS (training flags, default "--compile").
 set -uo pipefail
 OUT=${1:-out/gpu_public}
-MINUTES=${MINUTES:-6}; TRAIN=${TRAIN:-data/public/train.csv}; EXTRA=${EXTRA:-}; FLAGS=${FLAGS---compile}
+MINUTES=${MINUTES:-6}; TRAIN=${TRAIN:-data/public/train.csv}; MIN_RATING=${MIN_RATING:-10}; EXTRA=${EXTRA:-}; FLAGS=${FLAGS---compile}
 TEST=checkpoints/sudoku_test_public.csv; RUN=${OUT}_run  # the training run (full state; --resume-able)
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=20
@@ -31,7 +32,7 @@ python train_sudoku.py --checkpoint checkpoints/sudoku_relay_hard.pt $EVAL 2>&1 
 tail -n 1 "$OUT/log.txt" > "$OUT/shipped_tau0.15.json"
 
 # 2) the fine-tune: batch 512, lr 5e-4 after 2000 warmup steps (the paper preset), stopped by the clock
-python train_sudoku.py --preset paper --init-from checkpoints/sudoku_relay_hard.pt --data "$TRAIN" \
+python train_sudoku.py --preset paper --init-from checkpoints/sudoku_relay_hard.pt --data "$TRAIN" --min-rating "$MIN_RATING" \
     --test-data "$TEST" --ema 0.999 --time-limit "$MINUTES" --max-steps 300000 --eval-every 2000 \
     --ckpt-every 2000 --eval-size 1000 --eval-batch 500 --no-sweep --out-dir "$RUN" $FLAGS \
     $EXTRA 2>&1 | grep -v "it/s\]" | log

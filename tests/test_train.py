@@ -80,6 +80,25 @@ def test_trains_from_csv_files(tmp_path, data_dir):
     assert sum(r[t]["n"] for t in ("singles", "search") if r.get(t)) == 4  # evaluated on the CSV's 4 puzzles
 
 
+def test_min_rating_keeps_only_the_hard_rows_of_a_training_csv(tmp_path, capsys):
+    d = sudoku.generate(23, 12, workers=1)  # ratings from the solver: singles rate 0, search rows more
+    sudoku.write_csv(str(tmp_path / "train.csv"), d)
+    cut = int(np.median(d["rating"])) + 1
+    args = train_sudoku.get_args(["--data", str(tmp_path / "train.csv"), "--min-rating", str(cut)])
+    train = train_sudoku.load_train(args)
+    hard = d["rating"] >= cut
+    assert 0 < hard.sum() < len(hard) and (train["question"] == d["question"][hard]).all()
+    assert f"training on {hard.sum()} of {len(hard)} puzzles" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="no row is rated"):
+        train_sudoku.load_train(train_sudoku.get_args(["--data", str(tmp_path / "train.csv"), "--min-rating", "100000"]))
+    (tmp_path / "plain.csv").write_text("question,answer\n" + "\n".join(
+        sudoku_solver.puzzle_text(q) + "," + sudoku_solver.puzzle_text(a) for q, a in zip(d["question"], d["answer"])) + "\n")
+    with pytest.raises(ValueError, match="plain.csv: --min-rating needs a rating column"):
+        train_sudoku.load_train(train_sudoku.get_args(["--data", str(tmp_path / "plain.csv"), "--min-rating", "1"]))
+    with pytest.raises(SystemExit):  # a filter of generated data is nonsense
+        train_sudoku.get_args(["--min-rating", "10"])
+
+
 def test_relay_training_can_fit_a_handful_of_puzzles(tiny_cfg):
     """An optimisation check, not an accuracy claim: a few hundred relay steps on 4 fixed puzzles
     (each slot replays its own) drive the rollout plumbing, the relay gradient and the optimizer far
