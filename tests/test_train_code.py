@@ -141,7 +141,7 @@ def test_synthetic_run_ends_with_pass_at_1_and_samples(tmp_path, capsys):
     r = train_code.main(["--preset", "tiny", "--max-steps", "2", "--eval-problems", "4", "--samples", "2",
                          "--out-dir", str(tmp_path / "o")])
     out = capsys.readouterr().out
-    assert 0 <= r["pass@1"] <= 1 and r["nfe"] >= 1 and r["tokens_per_s"] > 0
+    assert r["pass@1"] * 4 in (0, 1, 2, 3, 4) and r["nfe"] >= 1 and r["tokens_per_s"] > 0  # a share of 4 problems
     assert out.count("--- synthetic/test/") == 2 and "held-out problems: pass@1" in out
 
 
