@@ -2,6 +2,7 @@
 validation, and 2-process gloo DDP against 1 process with the same global batch."""
 import json
 import os
+import signal
 import shutil
 import subprocess
 import sys
@@ -109,12 +110,23 @@ def test_chat_jsonl_validation(tmp_path, capsys):
     assert len(ids) % 16 == 0 and tok.decode(ids[sup].tolist()) == "hello<|im_end|>"
 
 
-def torchrun(args, nproc):
+def torchrun(args, nproc, timeout=300):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            os.path.join(ROOT, "train_code.py"), "--preset", "tiny", "--samples", "0", *args]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"})
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:  # a hung run: every process prints where it is, then all of them stop
+        os.killpg(p.pid, signal.SIGABRT)
+        try:
+            out, err = p.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            out, err = p.communicate()
+        pytest.fail(f"torchrun hung for {timeout} s; its stderr ends:\n{err[-6000:]}")
+    assert p.returncode == 0, err[-3000:]
+    return json.loads(out.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("objective,shard", [("sft", []), ("relay", []), ("relay", ["--fsdp"])])
