@@ -161,7 +161,8 @@ def get_args(argv=None):
 # data
 
 def load_train(args, n=None):
-    """Training boards: a CSV, or n generated with the tiers mixed by --mix. The generator needs
+    """Training boards: a CSV (with --min-rating, its rows rated at least that; a rating of 0 means
+    unknown, so such rows go too), or n generated with the tiers mixed by --mix. The generator needs
     ~one base puzzle per 8 rows a run can consume; the symmetry group (~1e12 boards per puzzle)
     supplies the rest, so short runs only make what they need (n = None). Every tier is cached on
     its own in --data-dir and a later run, with any mix, takes a prefix of what is there."""
