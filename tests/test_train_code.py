@@ -110,23 +110,50 @@ def test_chat_jsonl_validation(tmp_path, capsys):
     assert len(ids) % 16 == 0 and tok.decode(ids[sup].tolist()) == "hello<|im_end|>"
 
 
-def torchrun(args, nproc, timeout=300):
+def process_tree(pid):
+    """pid and every process below it. torchrun starts each worker in a session of its own, so the
+    launcher's process group does not reach them: walk the parent links in /proc instead."""
+    parent = {}
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (ValueError, OSError):
+            continue  # not a process, or it has just exited
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += [c for c, pp in parent.items() if pp == tree[-1]]
+    return tree
+
+
+def torchrun(args, nproc, tmp_path, timeout=300):
+    """Run train_code.py under torchrun; its JSON line. Output goes to files, not pipes: a worker that
+    outlives the launcher then cannot keep the test waiting for the end of a pipe."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            os.path.join(ROOT, "train_code.py"), "--preset", "tiny", "--samples", "0", *args]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"})
-    try:
-        out, err = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:  # a hung run: every process prints where it is, then all of them stop
-        os.killpg(p.pid, signal.SIGABRT)
+    out_path, err_path = tmp_path / f"torchrun{nproc}.out", tmp_path / f"torchrun{nproc}.err"
+    with open(out_path, "w") as out, open(err_path, "w") as err:
+        p = subprocess.Popen(cmd, stdout=out, stderr=err, env={**os.environ, "OMP_NUM_THREADS": "1",
+                                                               "PYTHONFAULTHANDLER": "1"})
         try:
-            out, err = p.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            out, err = p.communicate()
-        pytest.fail(f"torchrun hung for {timeout} s; its stderr ends:\n{err[-6000:]}")
-    assert p.returncode == 0, err[-3000:]
-    return json.loads(out.strip().splitlines()[-1])
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:  # a hung run: every process prints its stack, then all of them stop
+            tree = process_tree(p.pid)
+            for sig in (signal.SIGABRT, signal.SIGKILL):
+                for pid in reversed(tree):  # workers first, so the launcher does not tear them down first
+                    try:
+                        os.kill(pid, sig)
+                    except ProcessLookupError:
+                        pass
+                try:
+                    p.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    pass
+            p.wait()
+            pytest.fail(f"torchrun hung for {timeout} s; its stderr ends:\n{err_path.read_text()[-8000:]}")
+    assert p.returncode == 0, err_path.read_text()[-3000:]
+    return json.loads(out_path.read_text().strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("objective,shard", [("sft", []), ("relay", []), ("relay", ["--fsdp"])])
@@ -134,8 +161,8 @@ def test_two_process_ddp_equals_one_process(tmp_path, objective, shard):
     """DDP, and FSDP (fully_shard over gloo), give the parameters of one process with accumulation."""
     common = ["--objective", objective, "--max-steps", "3", "--batch-size", "4", "--micro-batch", "2",
               "--data-dir", str(tmp_path / "data")]
-    one = torchrun(common + ["--out-dir", str(tmp_path / "one")], 1)  # 1 process, 2 micro-steps
-    two = torchrun(common + shard + ["--out-dir", str(tmp_path / "two")], 2)  # 2 processes, 1 micro-step each
+    one = torchrun(common + ["--out-dir", str(tmp_path / "one")], 1, tmp_path)  # 1 process, 2 micro-steps
+    two = torchrun(common + shard + ["--out-dir", str(tmp_path / "two")], 2, tmp_path)  # 2 processes, 1 micro-step each
     if shard:  # the gathered export loads like any checkpoint
         from model import from_pretrained
         assert from_pretrained(str(tmp_path / "two" / "hf"), dtype=torch.float32).cfg.relay
