@@ -497,8 +497,9 @@ def main(argv=None):
     d = setup_distributed(args)
     result = train(args, d)
     if d.ddp:  # DDP's reducer and FSDP's sharded weights hold the process group: with them still alive
-        gc.collect()  # (gc: reference cycles), about 1 exit in 12 aborted or hung under gloo. No barrier:
-        dist.destroy_process_group()  # the last collective was the export, and rank 0 may evaluate for long
+        torch.compiler.reset()  # (--compile's caches, reference cycles), about 1 exit in 12 aborted or hung
+        gc.collect()  # under gloo. No barrier: the last collective was the export, and rank 0 may evaluate
+        dist.destroy_process_group()  # for long after it
     d.log(json.dumps({k: v for k, v in result.items() if k != "losses"}))
     return result
 
