@@ -497,16 +497,16 @@ def main(argv=None):
     d = setup_distributed(args)
     result = train(args, d)
     if d.ddp:  # DDP's reducer and FSDP's sharded weights hold the process group: with them still alive
-        torch.compiler.reset()  # (--compile's caches, reference cycles), about 1 exit in 12 aborted or hung
-        gc.collect()  # under gloo. No barrier: the last collective was the export, and rank 0 may evaluate
-        dist.destroy_process_group()  # for long after it
+        torch.compiler.reset()  # (--compile's caches, reference cycles), up to 1 run in 12 aborted or hung
+        gc.collect()  # at exit under gloo (RESULTS, Tests). No barrier: the last collective was the export,
+        dist.destroy_process_group()  # and rank 0 may evaluate for long after it
     d.log(json.dumps({k: v for k, v in result.items() if k != "losses"}))
     return result
 
 
 def train(args, d):
     """The whole run on this process: its model, optimizer and data live and die in this call."""
-    # 1) processes, tokenizer, data
+    # 1) this process's chunks, tokenizer, data
     chunks = my_chunks(args, d)
     d.log(json.dumps({"args": vars(args), "world": d.world, "accum": len(chunks), "device": d.device}))
     torch.manual_seed(args.seed)  # the same on every rank: identical initial weights
