@@ -113,17 +113,16 @@ def test_chat_jsonl_validation(tmp_path, capsys):
 def process_tree(pid):
     """pid and every process below it. torchrun starts each worker in a session of its own, so the
     launcher's process group does not reach them: walk the parent links in /proc instead."""
-    parent = {}
+    children = {}
     for entry in os.listdir("/proc"):
         try:
-            with open(f"/proc/{entry}/stat") as f:
-                parent[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/stat") as f:  # field 4, after the ")" that ends the name: the parent
+                children.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(entry))
         except (ValueError, OSError):
             continue  # not a process, or it has just exited
-    tree, todo = [], [pid]
-    while todo:
-        tree.append(todo.pop())
-        todo += [c for c, pp in parent.items() if pp == tree[-1]]
+    tree = [pid]
+    for p in tree:  # grows while it is walked: breadth first
+        tree += children.get(p, [])
     return tree
 
 
@@ -140,17 +139,16 @@ def torchrun(args, nproc, tmp_path, timeout=300):
             p.wait(timeout=timeout)
         except subprocess.TimeoutExpired:  # a hung run: every process prints its stack, then all of them stop
             tree = process_tree(p.pid)
-            for sig in (signal.SIGABRT, signal.SIGKILL):
+            for sig, grace in ((signal.SIGABRT, 20), (signal.SIGKILL, None)):
                 for pid in reversed(tree):  # workers first, so the launcher does not tear them down first
                     try:
                         os.kill(pid, sig)
                     except ProcessLookupError:
                         pass
                 try:
-                    p.wait(timeout=20)
+                    p.wait(timeout=grace)
                 except subprocess.TimeoutExpired:
                     pass
-            p.wait()
             pytest.fail(f"torchrun hung for {timeout} s; its stderr ends:\n{err_path.read_text()[-8000:]}")
     assert p.returncode == 0, err_path.read_text()[-3000:]
     return json.loads(out_path.read_text().strip().splitlines()[-1])
