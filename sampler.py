@@ -378,7 +378,7 @@ def bench(model, tok, args, gen_kw):
                      "new_tokens": sum(st["new_tokens"]), "nfe": sum(st["nfe"]) / len(prompts), "forwards": st["forward_calls"],
                      "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None}
 
-    chats = [tok.encode(tok.chat(p)) for p in BENCH_PROMPTS]
+    chats = [tok.encode(tok.chat(p)) for p in BENCH_PROMPTS[:args.bench_prompts]]
     for mode in MODES:  # warm-up: kernels, allocator (graphs are captured per generate() call, timed)
         generate(model, chats[:1], **{**gen_kw, **MODES[mode], "max_new_tokens": 8})
     for n in args.bench_lengths:
@@ -436,6 +436,8 @@ def get_args(argv=None):
                    help="random-init weights; Sudoku puzzles (decoding is greedy)")
     p.add_argument("--bench", action="store_true", help="static / cached / uncached decoding speed, JSON line last")
     p.add_argument("--bench-lengths", type=positive_int, nargs="+", default=[64, 256, 1024], help="--bench: new tokens")
+    p.add_argument("--bench-prompts", type=positive_int, default=len(BENCH_PROMPTS),
+                   help=f"--bench: time batch 1 on the first N of the {len(BENCH_PROMPTS)} prompts")
     p.add_argument("--bench-batch", type=positive_int, nargs="*", default=[8, 32],
                    help="--bench: static decoding of this many prompts at once (at the last length)")
     p.add_argument("--save", help="with --random-init: write the model and tokenizer as a checkpoint directory")
@@ -446,6 +448,8 @@ def get_args(argv=None):
     args.device = pick_device(args.device)
     if args.dtype == "auto":
         args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
+    if args.bench_prompts > len(BENCH_PROMPTS):
+        p.error(f"--bench-prompts {args.bench_prompts}: there are {len(BENCH_PROMPTS)} prompts")
     if (args.checkpoint is None) == (args.random_init is None):
         p.error("give exactly one of --checkpoint and --random-init")
     if args.bd_size and args.bd_size % args.sub_block:

@@ -105,7 +105,9 @@ def get_args(argv=None):
                    "none (RoPE only, the paper's) or sudoku (initialised as row + column + box embeddings)")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="autocast dtype")
-    p.add_argument("--compile", action="store_true", help="torch.compile the training forward")
+    p.add_argument("--compile", nargs="?", const="default", default="", metavar="MODE",
+                   choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+                   help="torch.compile the training forward, in this mode (default; reduce-overhead: CUDA graphs)")
     # data, evaluation, files
     p.add_argument("--data", default="", help="training CSV (question,answer[,...]); default: generated")
     p.add_argument("--test-data", default="", help="test CSV; default: generated, tiers mixed by --test-mix")
@@ -507,7 +509,7 @@ def main(argv=None):
     step = resume(ck, ckpt_path, args, model, ema, opt, buf, stream, gen) if ck else 0
     if args.init_from:
         init_from(args.init_from, model, ema)
-    train_model = torch.compile(model) if args.compile else model  # what the losses call
+    train_model = torch.compile(model, mode=args.compile) if args.compile else model  # what the losses call
     save = lambda: save_checkpoint(training_state(args, step, model, ema, opt, buf, stream, gen), ckpt_path)
 
     # 5) the training loop. Losses stay on the device and are read every LOG_EVERY steps: a host

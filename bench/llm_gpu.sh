@@ -7,10 +7,10 @@
 #      checkpointing (bench/train_memory.py), the target being Relay <= 0.90x SFT.
 # Each step has its own time limit and writes its JSON line to OUT; a step that fails does not stop
 # the next. Env: SHAPE (1.5b; tiny tries the script on a CPU), LENGTHS (64 256 1024), SEQ (2048),
-#      DEC_S and MEM_S (seconds for steps 1 and 2: 300, 200).
+#      PROMPTS (3: batch-1 prompts), DEC_S and MEM_S (seconds for steps 1 and 2: 300, 200).
 set -uo pipefail
 OUT=${1:-out/llm_gpu}
-SHAPE=${SHAPE:-1.5b}; LENGTHS=${LENGTHS:-64 256 1024}; SEQ=${SEQ:-2048}; DEC_S=${DEC_S:-300}; MEM_S=${MEM_S:-200}
+SHAPE=${SHAPE:-1.5b}; LENGTHS=${LENGTHS:-64 256 1024}; SEQ=${SEQ:-2048}; PROMPTS=${PROMPTS:-3}; DEC_S=${DEC_S:-300}; MEM_S=${MEM_S:-200}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=20
 log() { tee -a "$OUT/log.txt"; }
@@ -18,7 +18,7 @@ log() { tee -a "$OUT/log.txt"; }
   python -c "import torch; print('torch', torch.__version__)"; } 2>&1 | log
 
 # 1) decoding speed: static (graphs on CUDA) vs cached vs uncached, the same tokens
-timeout "$DEC_S" python sampler.py --random-init "$SHAPE" --bench --bench-lengths $LENGTHS 2>&1 | grep -v "it/s\]" | log
+timeout "$DEC_S" python sampler.py --random-init "$SHAPE" --bench --bench-lengths $LENGTHS --bench-prompts "$PROMPTS" 2>&1 | grep -v "it/s\]" | log
 tail -n 1 "$OUT/log.txt" | grep '^{' > "$OUT/decode.json" || echo "decode: no JSON line (failed or timed out)" | log
 
 # 2) training memory: SFT vs Relay K = 2, gradient checkpointing

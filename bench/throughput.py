@@ -71,7 +71,7 @@ for obj in args.objectives:  # the trainer's own step (loss, clip, AdamW, EMA), 
     a = ts.get_args([*rest, "--objective", obj, "--mlm-frac", "0"])
     ctx = torch.autocast(a.device.split(":")[0], dtype=torch.bfloat16) if a.dtype == "bfloat16" else nullcontext()
     model, ema, opt, stream, gen, buf = ts.training_objects(a, gen_data)
-    train_model = torch.compile(model) if a.compile else model
+    train_model = torch.compile(model, mode=a.compile) if a.compile else model
     for i in range(args.warmup_steps + args.steps):
         if i == args.warmup_steps:
             sync(a.device)
@@ -88,6 +88,10 @@ for obj in args.objectives:  # the trainer's own step (loss, clip, AdamW, EMA), 
             loss.item()
         key = "self_cuda_time_total" if out["gpu"] else "self_cpu_time_total"
         print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60))
+        if out["gpu"]:  # busy well under the step time: the GPU waits for the host (launches, Python)
+            busy_us = sum(e.self_device_time_total for e in prof.key_averages())
+            out["relay_gpu_busy_ms_per_step"] = busy_us / 5 / 1e3
+            out["relay_step_ms"] = 1e3 * a.batch_size / rows_per_s
     if out["gpu"]:  # model FLOPs: 6 per weight and token, plus attention's, per forward of a row (K for rollouts)
         cfg = model.cfg
         matmul = 6 * (model.num_params() - cfg.vocab_size * cfg.n_embd) + 12 * cfg.n_layer * 81 * cfg.n_embd
