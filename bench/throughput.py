@@ -89,7 +89,8 @@ for obj in args.objectives:  # the trainer's own step (loss, clip, AdamW, EMA), 
         key = "self_cuda_time_total" if out["gpu"] else "self_cpu_time_total"
         print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60))
         if out["gpu"]:  # busy well under the step time: the GPU waits for the host (launches, Python)
-            busy_us = sum(e.self_device_time_total for e in prof.key_averages())
+            # kernels only: an op's row also counts the kernels it launched
+            busy_us = sum(e.self_device_time_total for e in prof.events() if e.device_type.name == "CUDA")
             out["relay_gpu_busy_ms_per_step"] = busy_us / 5 / 1e3
             out["relay_step_ms"] = 1e3 * a.batch_size / rows_per_s
     if out["gpu"]:  # model FLOPs: 6 per weight and token, plus attention's, per forward of a row (K for rollouts)
