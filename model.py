@@ -259,6 +259,10 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+# NOTE: outside torch.compile. Compiled, the pow, cos and sin were fused into every layer's q/k
+# kernel and recomputed for each element of the batch: 19 % of the GPU time of a compiled Sudoku
+# step on an H100 (RESULTS.md, "Second H100 session"). Run eagerly, they are a (T, head_dim) table.
+@torch.compiler.disable
 def rope(pos, head_dim, theta):
     """cos, sin of shape (T, head_dim) or (B, 1, T, head_dim) for integer positions (T,) or (B, T),
     rotate-half layout, computed in fp32 as in Qwen2."""

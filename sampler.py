@@ -361,6 +361,16 @@ BENCH_PROMPTS = [
 MODES = {"static": dict(static=True), "cached": dict(), "uncached": dict(use_cache=False)}  # --bench rows
 
 
+def first_diff(outs, oracle):
+    """Where the first row whose tokens differ from the oracle's departs from them: (row, position),
+    or None when all are equal. In bf16 a near tie flips: how far decoding ran alike tells a flip
+    from a broken cache."""
+    for r, (a, b) in enumerate(zip(outs, oracle)):
+        if a != b:
+            return r, next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return None
+
+
 def bench(model, tok, args, gen_kw):
     """Per new-token length, one prompt at a time over BENCH_PROMPTS after a warm-up: tokens/s,
     forwards/s and ms per forward of each decoding mode -- static (StaticKVCache; CUDA graphs on
@@ -389,12 +399,14 @@ def bench(model, tok, args, gen_kw):
             row[m] = {"tokens_per_s": sum(r[1]["new_tokens"] for r in runs) / secs,
                       "ms_per_forward": 1e3 * secs / sum(r[1]["forwards"] for r in runs),
                       "same_tokens": [r[0] for r in runs] == [r[0] for r in res["uncached"]],
+                      "first_diff": first_diff([r[0] for r in runs], [r[0] for r in res["uncached"]]),
                       "nfe": sum(r[1]["nfe"] for r in runs) / len(runs), "peak_gib": runs[-1][1]["peak_gib"]}
         row["static_vs_uncached"] = row["static"]["tokens_per_s"] / row["uncached"]["tokens_per_s"]
         rows.append(row)
         print(f"{n:>6} new tokens, batch 1 | " + " | ".join(
             f"{m} {row[m]['tokens_per_s']:8.1f} tok/s {row[m]['ms_per_forward']:6.2f} ms/fwd" for m in MODES)
-            + f" | same tokens {all(row[m]['same_tokens'] for m in MODES)}", flush=True)
+            + " | same tokens " + (", ".join(f"{m}: no, (row, token) {row[m]['first_diff']}" for m in MODES
+                                            if row[m]["first_diff"]) or "True"), flush=True)
     for B in args.bench_batch:
         prompts = [chats[i % len(chats)] for i in range(B)]
         out, st = run(prompts, args.bench_lengths[-1], "static")

@@ -66,6 +66,7 @@ SAMPLER_BAD = [
     (["--seed", "-1"], "argument --seed"), (["--bench-lengths", "64", "0"], "argument --bench-lengths"),
     (["--n", "0"], "argument --n"), (["--max-steps", "-1"], "argument --max-steps"),
     (["--bd-size", "12"], "--bd-size 12 is not a multiple of --sub-block 8"),
+    (["--bench", "--bench-prompts", "9"], "--bench-prompts 9: there are 3 prompts"),
 ]
 SUDOKU_BAD = [
     (["--clip", "-0.5"], "argument --clip"), (["--tau", "nan"], "argument --tau"),

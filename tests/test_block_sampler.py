@@ -128,3 +128,18 @@ def test_reference_nfe_stops_at_the_denoising_step_that_reveals_a_stop(llm):
     several = generate(llm, PROMPTS, **{**kw, "stop_ids": [stop]})[1]
     assert all(r <= n for r, n in zip(several["nfe_ref"], several["nfe"]))
     assert several["nfe_ref"][4] == count  # batched == alone
+
+
+def test_bench_reports_equal_tokens_for_every_mode(capsys):
+    """sampler.py --bench (the GPU check's first step) runs static, cached and uncached decoding
+    and compares each with the oracle; in fp32 on the CPU all three must agree."""
+    import json
+    import sampler
+    sampler.main(["--random-init", "tiny", "--bench", "--bench-lengths", "40", "--bench-prompts", "2",
+                  "--bench-batch", "3"])
+    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["bench"]
+    assert [(r["max_new_tokens"], r["batch"]) for r in rows] == [(40, 1), (40, 3)]
+    for m in ("static", "cached", "uncached"):
+        assert rows[0][m]["same_tokens"] and rows[0][m]["first_diff"] is None
+        assert rows[0][m]["nfe"] > 0
+    assert rows[1]["static"]["new_tokens"] == 3 * 40
