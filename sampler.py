@@ -371,6 +371,20 @@ def first_diff(outs, oracle):
     return None
 
 
+def profile_static(model, ids, gen_kw, cuda, n=128):
+    """One static decode of n tokens under torch.profiler: the ops that cost most, and per forward
+    the wall time against the device's busy time (kernels only). Busy far below wall: the forward
+    waits for the host (bookkeeping, syncs, capture), and a faster graph would not show."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        _, st = generate(model, [ids], **{**gen_kw, **MODES["static"], "max_new_tokens": n})
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=50), file=sys.stderr)
+    busy = sum(e.self_device_time_total for e in prof.events() if e.device_type.name == "CUDA")
+    return {"max_new_tokens": n, "forwards": st["forward_calls"], "wall_ms_per_forward": 1e3 * st["seconds"] /
+            st["forward_calls"], "kernel_ms_per_forward": busy / 1e3 / st["forward_calls"] if cuda else None}
+
+
 def bench(model, tok, args, gen_kw):
     """Per new-token length, one prompt at a time over BENCH_PROMPTS after a warm-up: tokens/s,
     forwards/s and ms per forward of each decoding mode -- static (StaticKVCache; CUDA graphs on
@@ -407,6 +421,10 @@ def bench(model, tok, args, gen_kw):
             f"{m} {row[m]['tokens_per_s']:8.1f} tok/s {row[m]['ms_per_forward']:6.2f} ms/fwd" for m in MODES)
             + " | same tokens " + (", ".join(f"{m}: no, (row, token) {row[m]['first_diff']}" for m in MODES
                                             if row[m]["first_diff"]) or "True"), flush=True)
+    if args.bench_profile:
+        rows.append({"profile": (pr := profile_static(model, chats[0], gen_kw, cuda))})
+        print(f"profile, static, {pr['max_new_tokens']} new tokens: {pr['wall_ms_per_forward']:.2f} ms a forward, "
+              f"kernels {pr['kernel_ms_per_forward']} ms", flush=True)
     for B in args.bench_batch:
         prompts = [chats[i % len(chats)] for i in range(B)]
         out, st = run(prompts, args.bench_lengths[-1], "static")
@@ -450,6 +468,8 @@ def get_args(argv=None):
     p.add_argument("--bench-lengths", type=positive_int, nargs="+", default=[64, 256, 1024], help="--bench: new tokens")
     p.add_argument("--bench-prompts", type=positive_int, default=len(BENCH_PROMPTS),
                    help=f"--bench: time batch 1 on the first N of the {len(BENCH_PROMPTS)} prompts")
+    p.add_argument("--bench-profile", action="store_true",
+                   help="--bench: profile one static decode of 128 tokens (kernel vs wall time per forward)")
     p.add_argument("--bench-batch", type=positive_int, nargs="*", default=[8, 32],
                    help="--bench: static decoding of this many prompts at once (at the last length)")
     p.add_argument("--save", help="with --random-init: write the model and tokenizer as a checkpoint directory")

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# bench/llm_gpu.sh [OUT] — the LLM GPU checks of issue 13 in one command (one H100/H200, ~6 min, at most 8.5):
+# bench/llm_gpu.sh [OUT] — the LLM GPU checks in one command (one H100/H200, ~6 min, at most 8.5; with
+#   PROMPTS=1 LENGTHS="64 1024": 2.5 min):
 #   1. block decoding of a 1.5B-shaped random model, batch 1 and 8/32: static cache + CUDA graphs,
-#      dynamic cache and uncached, ms per forward, tok/s and whether the tokens match
-#      (python sampler.py --random-init 1.5b --bench);
+#      dynamic cache and uncached, ms per forward, tok/s and whether the tokens match, and a profile
+#      of one static decode: kernel against wall time per forward (sampler.py --bench --bench-profile);
 #   2. peak memory and step time of SFT against Relay K = 2 at seq 2048, batch 2, gradient
 #      checkpointing (bench/train_memory.py), the target being Relay <= 0.90x SFT.
 # Each step has its own time limit and writes its JSON line to OUT; a step that fails does not stop
@@ -18,7 +19,7 @@ log() { tee -a "$OUT/log.txt"; }
   python -c "import torch; print('torch', torch.__version__)"; } 2>&1 | log
 
 # 1) decoding speed: static (graphs on CUDA) vs cached vs uncached, the same tokens
-timeout "$DEC_S" python sampler.py --random-init "$SHAPE" --bench --bench-lengths $LENGTHS --bench-prompts "$PROMPTS" 2>&1 | grep -v "it/s\]" | log
+timeout "$DEC_S" python sampler.py --random-init "$SHAPE" --bench --bench-lengths $LENGTHS --bench-prompts "$PROMPTS" --bench-profile 2>&1 | grep -v "it/s\]" | log
 tail -n 1 "$OUT/log.txt" | grep '^{' > "$OUT/decode.json" || echo "decode: no JSON line (failed or timed out)" | log
 
 # 2) training memory: SFT vs Relay K = 2, gradient checkpointing
