@@ -189,10 +189,11 @@ def static_forward(model, st, q0, q1, relay, commit):
     m = m & (st.valid[:, None, None, :] | ~st.valid[:, None, q0:q1, None])  # (B', 1, q1 - q0, T)
     st.counts["tokens"] += len(st.x) * (q1 - q0)
     x, pos = st.x[:, q0:q1], st.pos[:, q0:q1]
-    if st.graphs is not None and q1 - q0 == st.bd_size:
+    if q1 - q0 == st.bd_size and st.graphs is not None:
         logits, h = st.graphs(x, pos, m, relay)
-    else:  # the prefill (one call of its own length), or no graphs (CPU)
-        logits, h = model(x, pos=pos, attn_mask=m, relay=relay, kv_cache=st.cache)
+    else:  # the prefill (one call of its own length, eager), or no graphs (CPU)
+        fwd = st.block_fwd if q1 - q0 == st.bd_size else model
+        logits, h = fwd(x, pos=pos, attn_mask=m, relay=relay, kv_cache=st.cache)
     if commit:
         st.cache.advance(q1 - q0)
     return logits, h
@@ -306,13 +307,15 @@ def commit_block(model, st, q0, q1):
 
 @torch.no_grad()
 def generate(model, prompts, *, max_new_tokens=256, threshold=0.85, bd_size=None, sub_block=8,
-             stop_ids=(), use_cache=True, use_relay=True, pad_id=0, static=False):
+             stop_ids=(), use_cache=True, use_relay=True, pad_id=0, static=False, compile=False):
     """Block decoding of a batch of prompts (lists of token ids) -> (list of generated id lists, stats).
     A row stops after its first stop token once nothing before it is masked (the stop is included),
     or after max_new_tokens; every row produces exactly what it produces alone. use_cache=False
     recomputes the whole prefix every forward: the oracle. static=True: a StaticKVCache, every
-    one-block forward one shape, replayed as a CUDA graph on CUDA (the same tokens). bd_size
-    defaults to the model's."""
+    one-block forward one shape, replayed as a CUDA graph on CUDA (the same tokens). compile=True
+    (with static): that forward is torch.compile'd first, so the graph replays fused kernels, not
+    one or more per elementwise op (the first call compiles for a minute). bd_size defaults to the
+    model's."""
     t0 = time.time()
     dev = next(model.parameters()).device
     bd_size = bd_size or model.cfg.bd_size  # one name for the block size, everywhere
@@ -322,8 +325,11 @@ def generate(model, prompts, *, max_new_tokens=256, threshold=0.85, bd_size=None
     st.stops = torch.tensor(list(stop_ids), device=dev, dtype=torch.long)
     if static and not use_cache:
         raise ValueError("static=True is a way of caching: it needs use_cache=True")
+    if compile and not static:
+        raise ValueError("compile=True compiles the static cache's one-block forward: it needs static=True")
     st.cache = (StaticKVCache if static else KVCache)(model.cfg.n_layer, st.x.shape[1]) if use_cache else None
-    st.graphs = BlockGraphs(model, st.cache) if static and dev.type == "cuda" else None
+    st.block_fwd = torch.compile(model, dynamic=True) if compile else model  # symbolic lengths: no recompiles
+    st.graphs = BlockGraphs(st.block_fwd, st.cache) if static and dev.type == "cuda" else None
     relay_on = use_relay and model.relay is not None
     # 2) prefill: the prompts' complete blocks go into the cache
     prefill(model, st, G)
@@ -358,7 +364,8 @@ BENCH_PROMPTS = [
 ]
 
 
-MODES = {"static": dict(static=True), "cached": dict(), "uncached": dict(use_cache=False)}  # --bench rows
+MODES = {"static": dict(static=True), "compiled": dict(static=True, compile=True), "cached": dict(),
+         "uncached": dict(use_cache=False)}  # --bench-modes; uncached is the oracle
 
 
 def first_diff(outs, oracle):
@@ -371,42 +378,47 @@ def first_diff(outs, oracle):
     return None
 
 
-def profile_static(model, ids, gen_kw, cuda, n=128):
-    """One static decode of n tokens under torch.profiler: the ops that cost most, and per forward
+def profile_decode(model, ids, gen_kw, cuda, mode, n=128):
+    """One decode of n tokens in this mode under torch.profiler: the ops that cost most, and per forward
     the wall time against the device's busy time (kernels only). Busy far below wall: the forward
     waits for the host (bookkeeping, syncs, capture), and a faster graph would not show."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
-        _, st = generate(model, [ids], **{**gen_kw, **MODES["static"], "max_new_tokens": n})
+        _, st = generate(model, [ids], **{**gen_kw, **MODES[mode], "max_new_tokens": n})
     key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=50), file=sys.stderr)
     busy = sum(e.self_device_time_total for e in prof.events() if e.device_type.name == "CUDA")
-    return {"max_new_tokens": n, "forwards": st["forward_calls"], "wall_ms_per_forward": 1e3 * st["seconds"] /
+    return {"mode": mode, "max_new_tokens": n, "forwards": st["forward_calls"], "wall_ms_per_forward": 1e3 * st["seconds"] /
             st["forward_calls"], "kernel_ms_per_forward": busy / 1e3 / st["forward_calls"] if cuda else None}
 
 
 def bench(model, tok, args, gen_kw):
     """Per new-token length, one prompt at a time over BENCH_PROMPTS after a warm-up: tokens/s,
-    forwards/s and ms per forward of each decoding mode -- static (StaticKVCache; CUDA graphs on
-    CUDA), cached (KVCache) and uncached (the oracle) -- and whether their tokens equal the oracle's.
-    Then --bench-batch rows: static decoding of B prompts at once. Random weights reveal about one
-    token per forward, real ones several: tokens/s and forwards/s say different things."""
+    forwards/s and ms per forward of each --bench-modes mode -- static (StaticKVCache; CUDA graphs
+    on CUDA), compiled (the same, its forward torch.compile'd), cached (KVCache) and uncached (the
+    oracle) -- and whether their tokens equal the oracle's. Then --bench-batch rows: B prompts at
+    once, compiled if timed, else static. Random weights reveal about one token per forward, real
+    ones several: tokens/s and forwards/s say different things."""
     rows, cuda = [], args.device.startswith("cuda")
+    modes = {m: MODES[m] for m in args.bench_modes}
 
     def run(prompts, n, mode):
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        out, st = generate(model, prompts, **{**gen_kw, **MODES[mode], "max_new_tokens": n})
+        out, st = generate(model, prompts, **{**gen_kw, **modes[mode], "max_new_tokens": n})
         return out, {"tokens_per_s": sum(st["new_tokens"]) / st["seconds"], "forwards_per_s": st["forward_calls"] /
                      st["seconds"], "ms_per_forward": 1e3 * st["seconds"] / st["forward_calls"], "seconds": st["seconds"],
                      "new_tokens": sum(st["new_tokens"]), "nfe": sum(st["nfe"]) / len(prompts), "forwards": st["forward_calls"],
                      "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None}
 
     chats = [tok.encode(tok.chat(p)) for p in BENCH_PROMPTS[:args.bench_prompts]]
-    for mode in MODES:  # warm-up: kernels, allocator (graphs are captured per generate() call, timed)
-        generate(model, chats[:1], **{**gen_kw, **MODES[mode], "max_new_tokens": 8})
+    fast = "compiled" if "compiled" in modes else "static"  # the graph path that the profile and batches use
+    for mode in modes:  # warm-up: kernels, allocator, compilation (graphs are captured per generate() call, timed)
+        sizes = (1, 2) if mode == fast and args.bench_batch else (1,)  # batch 1 compiles apart from > 1
+        for B in sizes:
+            generate(model, [chats[0]] * B, **{**gen_kw, **modes[mode], "max_new_tokens": 8})
     for n in args.bench_lengths:
-        res = {m: [run([ids], n, m) for ids in chats] for m in MODES}  # per mode: [(out, stats)] per prompt
+        res = {m: [run([ids], n, m) for ids in chats] for m in modes}  # per mode: [(out, stats)] per prompt
         row = {"max_new_tokens": n, "batch": 1}
         for m, runs in res.items():
             secs = sum(r[1]["seconds"] for r in runs)
@@ -415,21 +427,21 @@ def bench(model, tok, args, gen_kw):
                       "same_tokens": [r[0] for r in runs] == [r[0] for r in res["uncached"]],
                       "first_diff": first_diff([r[0] for r in runs], [r[0] for r in res["uncached"]]),
                       "nfe": sum(r[1]["nfe"] for r in runs) / len(runs), "peak_gib": runs[-1][1]["peak_gib"]}
-        row["static_vs_uncached"] = row["static"]["tokens_per_s"] / row["uncached"]["tokens_per_s"]
+        row.update({f"{m}_vs_uncached": row[m]["tokens_per_s"] / row["uncached"]["tokens_per_s"] for m in modes})
         rows.append(row)
         print(f"{n:>6} new tokens, batch 1 | " + " | ".join(
-            f"{m} {row[m]['tokens_per_s']:8.1f} tok/s {row[m]['ms_per_forward']:6.2f} ms/fwd" for m in MODES)
-            + " | same tokens " + (", ".join(f"{m}: no, (row, token) {row[m]['first_diff']}" for m in MODES
+            f"{m} {row[m]['tokens_per_s']:8.1f} tok/s {row[m]['ms_per_forward']:6.2f} ms/fwd" for m in modes)
+            + " | same tokens " + (", ".join(f"{m}: no, (row, token) {row[m]['first_diff']}" for m in modes
                                             if row[m]["first_diff"]) or "True"), flush=True)
     if args.bench_profile:
-        rows.append({"profile": (pr := profile_static(model, chats[0], gen_kw, cuda))})
-        print(f"profile, static, {pr['max_new_tokens']} new tokens: {pr['wall_ms_per_forward']:.2f} ms a forward, "
+        rows.append({"profile": (pr := profile_decode(model, chats[0], gen_kw, cuda, fast))})
+        print(f"profile, {fast}, {pr['max_new_tokens']} new tokens: {pr['wall_ms_per_forward']:.2f} ms a forward, "
               f"kernels {pr['kernel_ms_per_forward']} ms", flush=True)
     for B in args.bench_batch:
         prompts = [chats[i % len(chats)] for i in range(B)]
-        out, st = run(prompts, args.bench_lengths[-1], "static")
-        rows.append({"max_new_tokens": args.bench_lengths[-1], "batch": B, "static": st})
-        print(f"{args.bench_lengths[-1]:>6} new tokens, batch {B} | static {st['tokens_per_s']:8.1f} tok/s "
+        out, st = run(prompts, args.bench_lengths[-1], fast)
+        rows.append({"max_new_tokens": args.bench_lengths[-1], "batch": B, fast: st})
+        print(f"{args.bench_lengths[-1]:>6} new tokens, batch {B} | {fast} {st['tokens_per_s']:8.1f} tok/s "
               f"{st['forwards_per_s']:7.1f} fwd/s {st['ms_per_forward']:6.2f} ms/fwd", flush=True)
     return rows
 
@@ -468,10 +480,13 @@ def get_args(argv=None):
     p.add_argument("--bench-lengths", type=positive_int, nargs="+", default=[64, 256, 1024], help="--bench: new tokens")
     p.add_argument("--bench-prompts", type=positive_int, default=len(BENCH_PROMPTS),
                    help=f"--bench: time batch 1 on the first N of the {len(BENCH_PROMPTS)} prompts")
+    p.add_argument("--bench-modes", nargs="+", choices=list(MODES), default=["static", "cached", "uncached"],
+                   help="--bench: decoding modes to time; compiled = static with the block forward torch.compile'd "
+                        "(a minute of compilation on a GPU, in the warm-up)")
     p.add_argument("--bench-profile", action="store_true",
-                   help="--bench: profile one static decode of 128 tokens (kernel vs wall time per forward)")
+                   help="--bench: profile one static (or compiled) decode of 128 tokens: kernel vs wall time per forward")
     p.add_argument("--bench-batch", type=positive_int, nargs="*", default=[8, 32],
-                   help="--bench: static decoding of this many prompts at once (at the last length)")
+                   help="--bench: static (or compiled) decoding of this many prompts at once (at the last length)")
     p.add_argument("--save", help="with --random-init: write the model and tokenizer as a checkpoint directory")
     p.add_argument("--n", type=positive_int, default=64, help="Sudoku: generated puzzles that need search")
     p.add_argument("--tau", type=unit_float, default=0.15, help="Sudoku: reveal threshold")
@@ -480,6 +495,8 @@ def get_args(argv=None):
     args.device = pick_device(args.device)
     if args.dtype == "auto":
         args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
+    if "uncached" not in args.bench_modes:
+        p.error("--bench-modes: uncached is the oracle the others are compared with: include it")
     if args.bench_prompts > len(BENCH_PROMPTS):
         p.error(f"--bench-prompts {args.bench_prompts}: there are {len(BENCH_PROMPTS)} prompts")
     if (args.checkpoint is None) == (args.random_init is None):

@@ -4,14 +4,17 @@
 #   1. block decoding of a 1.5B-shaped random model, batch 1 and 8/32: static cache + CUDA graphs,
 #      dynamic cache and uncached, ms per forward, tok/s and whether the tokens match, and a profile
 #      of one static decode: kernel against wall time per forward (sampler.py --bench --bench-profile);
+#   1b. the same at the last length with the block forward torch.compile'd before capture (fused
+#      kernels; --bench-modes compiled uncached), in a process of its own: a failure keeps step 1;
 #   2. peak memory and step time of SFT against Relay K = 2 at seq 2048, batch 2, gradient
 #      checkpointing (bench/train_memory.py), the target being Relay <= 0.90x SFT.
 # Each step has its own time limit and writes its JSON line to OUT; a step that fails does not stop
 # the next. Env: SHAPE (1.5b; tiny tries the script on a CPU), LENGTHS (64 256 1024), SEQ (2048),
-#      PROMPTS (3: batch-1 prompts), DEC_S and MEM_S (seconds for steps 1 and 2: 300, 200).
+#      PROMPTS (3: batch-1 prompts), DEC_S, COMP_S and MEM_S (seconds for steps 1, 1b and 2: 300, 240, 200).
 set -uo pipefail
 OUT=${1:-out/llm_gpu}
-SHAPE=${SHAPE:-1.5b}; LENGTHS=${LENGTHS:-64 256 1024}; SEQ=${SEQ:-2048}; PROMPTS=${PROMPTS:-3}; DEC_S=${DEC_S:-300}; MEM_S=${MEM_S:-200}
+SHAPE=${SHAPE:-1.5b}; LENGTHS=${LENGTHS:-64 256 1024}; SEQ=${SEQ:-2048}; PROMPTS=${PROMPTS:-3}; DEC_S=${DEC_S:-300}
+COMP_S=${COMP_S:-240}; MEM_S=${MEM_S:-200}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=20
 log() { tee -a "$OUT/log.txt"; }
@@ -21,6 +24,11 @@ log() { tee -a "$OUT/log.txt"; }
 # 1) decoding speed: static (graphs on CUDA) vs cached vs uncached, the same tokens
 timeout "$DEC_S" python sampler.py --random-init "$SHAPE" --bench --bench-lengths $LENGTHS --bench-prompts "$PROMPTS" --bench-profile 2>&1 | grep -v "it/s\]" | log
 tail -n 1 "$OUT/log.txt" | grep '^{' > "$OUT/decode.json" || echo "decode: no JSON line (failed or timed out)" | log
+
+# 1b) the compiled block forward (its compilation, a minute or two, falls in the untimed warm-up)
+timeout "$COMP_S" python sampler.py --random-init "$SHAPE" --bench --bench-lengths ${LENGTHS##* } --bench-prompts 1 \
+    --bench-modes compiled uncached --bench-profile 2>&1 | grep -v "it/s\]" | log
+tail -n 1 "$OUT/log.txt" | grep '^{' > "$OUT/decode_compiled.json" || echo "compiled: no JSON line (failed or timed out)" | log
 
 # 2) training memory: SFT vs Relay K = 2, gradient checkpointing
 timeout "$MEM_S" python bench/train_memory.py --shape "$SHAPE" --batch 2 --seq-len "$SEQ" --grad-ckpt 2>&1 | log

@@ -46,6 +46,22 @@ def test_static_cache_equals_the_dynamic_cache(llm, use_relay):
         generate(llm, PROMPTS, use_cache=False, static=True, **KW)
 
 
+def test_compiled_static_decoding_equals_the_dynamic_cache(llm):
+    """static=True, compile=True: the one-block forward torch.compile'd (on CUDA then captured):
+    the same tokens and counts, rows stopping, batch > 1, relay on; no recompile per block."""
+    import torch._dynamo as dynamo
+    free, _ = generate(llm, PROMPTS, **KW)
+    kw = {**KW, "stop_ids": [free[1][5]]}
+    dynamo.utils.counters.clear()
+    for k in (KW, kw):
+        dyn, st_d = generate(llm, PROMPTS, **k)
+        com, st_c = generate(llm, PROMPTS, static=True, compile=True, **k)
+        assert com == dyn and st_c["nfe"] == st_d["nfe"] and st_c["forward_calls"] == st_d["forward_calls"]
+    assert dynamo.utils.counters["stats"]["unique_graphs"] <= 4  # relay or not (dynamic=False: 12, one per block)
+    with pytest.raises(ValueError, match="compile=True"):
+        generate(llm, PROMPTS, compile=True, **KW)
+
+
 def test_relay_changes_the_generation(llm):
     assert generate(llm, PROMPTS, **KW)[0] != generate(llm, PROMPTS, use_relay=False, **KW)[0]
 
