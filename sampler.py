@@ -471,6 +471,8 @@ def get_args(argv=None):
     p.add_argument("--no-cache", action="store_true", help="recompute the whole prefix every forward (oracle)")
     p.add_argument("--no-relay", action="store_true", help="do not carry the relay state")
     p.add_argument("--static", action="store_true", help="one-shape cache, CUDA graphs on CUDA (the same tokens)")
+    p.add_argument("--compile", action="store_true",
+                   help="with --static: torch.compile the block forward first (fused kernels; compiles for a minute)")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="weights dtype; auto = bfloat16 on CUDA, float32 elsewhere")
@@ -495,6 +497,8 @@ def get_args(argv=None):
     args.device = pick_device(args.device)
     if args.dtype == "auto":
         args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
+    if args.compile and (not args.static or args.no_cache):
+        p.error("--compile compiles the static cache's block forward: give --static (and not --no-cache)")
     if "uncached" not in args.bench_modes:
         p.error("--bench-modes: uncached is the oracle the others are compared with: include it")
     if args.bench_prompts > len(BENCH_PROMPTS):
@@ -537,7 +541,7 @@ def main(argv=None):
         p.error("give --prompt or --prompt-file (or --bench)")
     ids = tok.encode(tok.chat(args.prompt) if args.chat else args.prompt)
     out, st = generate(model, [ids], max_new_tokens=args.max_new_tokens, use_cache=not args.no_cache,
-                       static=args.static and not args.no_cache, **gen_kw)
+                       static=args.static and not args.no_cache, compile=args.compile, **gen_kw)
     print(tok.decode(out[0], skip_special=True))
     print(json.dumps({"tokens": out[0], "prompt_tokens": len(ids), **st}))
 

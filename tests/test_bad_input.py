@@ -67,6 +67,8 @@ SAMPLER_BAD = [
     (["--n", "0"], "argument --n"), (["--max-steps", "-1"], "argument --max-steps"),
     (["--bd-size", "12"], "--bd-size 12 is not a multiple of --sub-block 8"),
     (["--bench", "--bench-prompts", "9"], "--bench-prompts 9: there are 3 prompts"),
+    (["--compile"], "--compile compiles the static cache's block forward: give --static"),
+    (["--bench", "--bench-modes", "static"], "--bench-modes: uncached is the oracle"),
 ]
 SUDOKU_BAD = [
     (["--clip", "-0.5"], "argument --clip"), (["--tau", "nan"], "argument --tau"),
