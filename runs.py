@@ -1,8 +1,8 @@
 """
 runs.py — what every script checks before it starts work: numeric flags in range (argparse `type=`
 functions, so a bad value is a usage error naming its flag) and an output directory that belongs to
-this run alone (a lock, and no new run over an earlier run's checkpoint); and the CPU's name that
-benchmarks print beside their figures. No command of its own.
+this run alone (a lock, and no new run over an earlier run's checkpoint); and the CPU's name and
+the GPU's busy time that benchmarks print beside their figures. No command of its own.
 """
 import argparse
 import atexit
@@ -143,3 +143,9 @@ def cpu_name():
         return "unknown"
     return next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                 "unknown")
+
+
+def kernel_ms(prof):
+    """Milliseconds the GPU spent in kernels under a torch.profiler run (kernel events only: an op's
+    own row also counts the kernels it launched)."""
+    return sum(e.self_device_time_total for e in prof.events() if e.device_type.name == "CUDA") / 1e3

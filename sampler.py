@@ -35,7 +35,7 @@ import sudoku
 from model import (SHAPES, KVCache, StaticKVCache, block_mask, from_pretrained, load_model, pick_device,
                    random_model, save_pretrained, shift_right)
 from relay import predict, reveal_confidence_mass
-from runs import nonneg_int, positive_int, unit_float
+from runs import kernel_ms, nonneg_int, positive_int, unit_float
 from tokenizer import load_tokenizer, save_byte_tokenizer
 
 
@@ -189,11 +189,12 @@ def static_forward(model, st, q0, q1, relay, commit):
     m = m & (st.valid[:, None, None, :] | ~st.valid[:, None, q0:q1, None])  # (B', 1, q1 - q0, T)
     st.counts["tokens"] += len(st.x) * (q1 - q0)
     x, pos = st.x[:, q0:q1], st.pos[:, q0:q1]
-    if q1 - q0 == st.bd_size and st.graphs is not None:
+    if q1 - q0 != st.bd_size:  # the prefill: one call of its own length, eager
+        logits, h = model(x, pos=pos, attn_mask=m, relay=relay, kv_cache=st.cache)
+    elif st.graphs is not None:
         logits, h = st.graphs(x, pos, m, relay)
-    else:  # the prefill (one call of its own length, eager), or no graphs (CPU)
-        fwd = st.block_fwd if q1 - q0 == st.bd_size else model
-        logits, h = fwd(x, pos=pos, attn_mask=m, relay=relay, kv_cache=st.cache)
+    else:  # no graphs (CPU): the block forward, compiled or not
+        logits, h = st.block_fwd(x, pos=pos, attn_mask=m, relay=relay, kv_cache=st.cache)
     if commit:
         st.cache.advance(q1 - q0)
     return logits, h
@@ -387,9 +388,8 @@ def profile_decode(model, ids, gen_kw, cuda, mode, n=128):
         _, st = generate(model, [ids], **{**gen_kw, **MODES[mode], "max_new_tokens": n})
     key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=50), file=sys.stderr)
-    busy = sum(e.self_device_time_total for e in prof.events() if e.device_type.name == "CUDA")
     return {"mode": mode, "max_new_tokens": n, "forwards": st["forward_calls"], "wall_ms_per_forward": 1e3 * st["seconds"] /
-            st["forward_calls"], "kernel_ms_per_forward": busy / 1e3 / st["forward_calls"] if cuda else None}
+            st["forward_calls"], "kernel_ms_per_forward": kernel_ms(prof) / st["forward_calls"] if cuda else None}
 
 
 def bench(model, tok, args, gen_kw):
@@ -427,7 +427,8 @@ def bench(model, tok, args, gen_kw):
                       "same_tokens": [r[0] for r in runs] == [r[0] for r in res["uncached"]],
                       "first_diff": first_diff([r[0] for r in runs], [r[0] for r in res["uncached"]]),
                       "nfe": sum(r[1]["nfe"] for r in runs) / len(runs), "peak_gib": runs[-1][1]["peak_gib"]}
-        row.update({f"{m}_vs_uncached": row[m]["tokens_per_s"] / row["uncached"]["tokens_per_s"] for m in modes})
+        row.update({f"{m}_vs_uncached": row[m]["tokens_per_s"] / row["uncached"]["tokens_per_s"]
+                    for m in modes if m != "uncached"})
         rows.append(row)
         print(f"{n:>6} new tokens, batch 1 | " + " | ".join(
             f"{m} {row[m]['tokens_per_s']:8.1f} tok/s {row[m]['ms_per_forward']:6.2f} ms/fwd" for m in modes)

@@ -28,7 +28,7 @@ import sudoku  # noqa: E402
 import train_sudoku as ts  # noqa: E402
 from model import load_model  # noqa: E402
 from relay import OBJECTIVES  # noqa: E402
-from runs import cpu_name  # noqa: E402
+from runs import cpu_name, kernel_ms  # noqa: E402
 from sampler import sample_mdm  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -89,9 +89,7 @@ for obj in args.objectives:  # the trainer's own step (loss, clip, AdamW, EMA), 
         key = "self_cuda_time_total" if out["gpu"] else "self_cpu_time_total"
         print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60))
         if out["gpu"]:  # busy well under the step time: the GPU waits for the host (launches, Python)
-            # kernels only: an op's row also counts the kernels it launched
-            busy_us = sum(e.self_device_time_total for e in prof.events() if e.device_type.name == "CUDA")
-            out["relay_gpu_busy_ms_per_step"] = busy_us / 5 / 1e3
+            out["relay_gpu_busy_ms_per_step"] = kernel_ms(prof) / 5
             out["relay_step_ms"] = 1e3 * a.batch_size / rows_per_s
     if out["gpu"]:  # model FLOPs: 6 per weight and token, plus attention's, per forward of a row (K for rollouts)
         cfg = model.cfg
