@@ -6,7 +6,7 @@ NFE and latency per problem, with model-written code run in a sandbox (arXiv 260
     python eval_code.py --checkpoint out/code/hf --limit 10      # a train_code.py model
     python eval_code.py --checkpoint out/sft/hf out/code/hf --problems synthetic --batch 50 \\
         --max-new-tokens 192 --sweep 0.5,0.7,0.85,0.95          # code_tasks.py: pass@1 against NFE, per family
-    python eval_code.py --checkpoint Fast_dLLM_v2_1.5B --device cuda --max-new-tokens 2048
+    python eval_code.py --checkpoint Fast_dLLM_v2_1.5B --device cuda --max-new-tokens 2048 --static  # CUDA graphs
 
 Prompts follow EvalPlus's chat style: the problem in a fenced block inside a ChatML user turn, the
 assistant turn opened with EvalPlus's response prefix and "```python"; the completion is the code up
@@ -215,6 +215,10 @@ def main(argv=None):
     p.add_argument("--bd-size", type=positive_int, help="diffusion block size (default: the checkpoint's)")
     p.add_argument("--sub-block", type=positive_int, default=8, help="sub-block size: decoded strictly in order")
     p.add_argument("--no-relay", action="store_true", help="do not carry the relay state")
+    p.add_argument("--static", action="store_true",
+                   help="one-shape KV cache, each block forward a CUDA graph on CUDA (the same tokens; faster)")
+    p.add_argument("--compile", action="store_true",
+                   help="with --static: torch.compile the block forward first (fused kernels; compiles for a minute)")
     p.add_argument("--timeout", type=positive_float, default=10.0, help="seconds per program")
     p.add_argument("--workers", type=positive_int, default=2, help="sandboxes run in parallel")
     p.add_argument("--unsafe-no-isolation", action="store_true",
@@ -226,6 +230,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.bd_size and args.bd_size % args.sub_block:
         p.error(f"--bd-size {args.bd_size} is not a multiple of --sub-block {args.sub_block}")
+    if args.compile and not args.static:
+        p.error("--compile compiles the static cache's block forward: give --static")
     problems = load_problems(args.problems)[:args.limit or None]
     args.base = args.base or args.problems == "synthetic"  # trained prompt -> body, no chat turn
 
@@ -239,7 +245,7 @@ def main(argv=None):
     device = pick_device(args.device)
     dtype = getattr(torch, args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32"))
     gen_kw = dict(max_new_tokens=args.max_new_tokens, bd_size=args.bd_size, sub_block=args.sub_block,
-                  use_relay=not args.no_relay)
+                  use_relay=not args.no_relay, static=args.static, compile=args.compile)
     runs, seen = [], {}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as f:
@@ -261,6 +267,7 @@ def main(argv=None):
         print(f"figure: {args.plot}")
     head = {k: v for k, v in runs[0].items() if k != "families"}
     summary = {**head, "device": device, "dtype": str(dtype), "max_new_tokens": args.max_new_tokens,
+               "decoding": "compiled" if args.compile else "static" if args.static else "cached",
                "samples": args.out, "runs": [{k: v for k, v in r.items() if k != "families"} for r in runs]}
     print(json.dumps(summary))
     return summary

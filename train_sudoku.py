@@ -50,7 +50,7 @@ PRESETS = {  # flag defaults per preset; "cpu" is what the add_argument defaults
 }
 TAUS = (0.05, 0.10, 0.15, 0.20, 0.25)
 LOG_EVERY = 50  # steps between reads of the loss (each read waits for the device)
-H100_STEPS_PER_S = 16.3  # measured: paper preset, relay, one H100 (RESULTS.md)
+H100_STEPS_PER_S = 42.8  # measured: paper preset, relay, --compile, one H100 (21,900 rows/s; RESULTS.md)
 
 
 def shares(text):
@@ -470,7 +470,7 @@ def main(argv=None):
     args = get_args(argv)
     print(json.dumps({"args": vars(args)}))
     if args.device.startswith("cuda") and args.preset == "cpu":
-        print(f"CUDA found, running the cpu preset. The paper's recipe is `python train_sudoku.py --preset paper`: "
+        print(f"CUDA found, running the cpu preset. The paper's recipe is `python train_sudoku.py --preset paper --compile`: "
               f"300k steps, about {300_000 / H100_STEPS_PER_S / 3600:.0f} h on one H100.")
     torch.manual_seed(args.seed)  # model init; data order and noise have their own generators below
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32

@@ -86,6 +86,7 @@ EVAL_BAD = [
     (["--max-new-tokens", "0"], "argument --max-new-tokens"), (["--bd-size", "0"], "argument --bd-size"),
     (["--sub-block", "0"], "argument --sub-block"), (["--workers", "0"], "argument --workers"),
     (["--bd-size", "12"], "--bd-size 12 is not a multiple of --sub-block 8"),
+    (["--compile"], "--compile compiles the static cache's block forward: give --static"),
 ]
 
 

@@ -4,6 +4,7 @@ import os
 import time
 
 import pytest
+import torch
 
 import eval_code as ev
 import sandbox
@@ -78,6 +79,18 @@ def test_harness_end_to_end_on_a_random_model(tmp_path):
     rows = [json.loads(l) for l in out.read_text().splitlines()]
     assert len(rows) == 2 and s["n"] == 2 and s["pass@1"] == 0.0
     assert all(r["status"] == "failed" and r["nfe"] >= 1 and r["latency_s"] > 0 for r in rows)
+
+
+def test_static_decoding_completes_exactly_as_the_dynamic_cache():
+    """--static (the CUDA-graph path on a GPU) changes the speed, not one completion, NFE or stop."""
+    model, tok = ev.random_model("tiny", "cpu", torch.float32, 0)
+    probs = ev.load_problems("synthetic")[:3]  # prompts of different lengths: one left-padded batch
+    kw = dict(base=True, system=None, batch=3, threshold=0.5, max_new_tokens=24)
+    keys = ("completion", "nfe", "nfe_ref", "new_tokens")
+    dyn, _ = ev.complete(model, tok, probs, **kw)
+    sta, _ = ev.complete(model, tok, probs, static=True, **kw)
+    assert [[r[k] for k in keys] for r in sta] == [[r[k] for k in keys] for r in dyn]
+    assert len({len(r["completion"]) for r in dyn}) > 1 or len({r["nfe"] for r in dyn}) > 1  # rows differ
 
 
 @needs_root
