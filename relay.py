@@ -27,13 +27,13 @@ OBJECTIVES = ("mlm", "rollout", "relay_sg", "relay")  # the four rows of Table 1
 # 1. predictions and reveal rules (NOTES.md §3)
 
 def predict(logits, mask_id=None):
-    """Greedy argmax and its probability -> (pred, conf), each logits.shape[:-1]. mask_id: never
-    predict that token (the sampler); None: softmax over the whole vocabulary (training's
-    confidence, as the authors compute it)."""
-    logits = logits.float()
+    """Greedy argmax and its probability under the softmax over the whole vocabulary, as the
+    authors compute it -> (pred, conf), each logits.shape[:-1]. mask_id: never predict that token
+    (the sampler); its probability stays in the softmax, so conf is the number training uses."""
+    p = logits.float().softmax(-1)
     if mask_id is not None:
-        logits = logits.index_fill(-1, torch.tensor([mask_id], device=logits.device), -torch.inf)
-    conf, pred = logits.softmax(-1).max(-1)
+        p = p.index_fill(-1, torch.tensor([mask_id], device=p.device), 0.0)
+    conf, pred = p.max(-1)
     return pred, conf
 
 

@@ -20,7 +20,8 @@ can be one fewer). LLM, per row: denoising forwards in which the row still had a
 the block, until nothing before its first stop token is masked; prefill and commit forwards are not NFE.
 `nfe_ref` is the reference sampler's count (the paper's tables): forwards until a denoising step
 reveals a stop token, although positions before it may still be masked (the forwards that fill them
-are run but not counted there; a stop made by a commit forward does not end its count).
+are run but not counted there). A stop made by a prefill or commit forward does not end that count,
+but it ends the row, whose count stops there too; the reference would decode on and count further.
 """
 import argparse
 import json
@@ -86,7 +87,7 @@ def sample_mdm(model, x, *, tau=0.15, max_steps=64, use_relay=True):
 
 @dataclass
 class Decode:
-    """The state of one generate() call. The tensors hold the rows still decoding (B' of the B
+    """The state of one generate() call. The tensors hold the rows still in the batch (B' of the B
     prompts) on a shared batch layout of T positions; rows that are done leave them together
     (retire). Blocks sit on absolute bd_size boundaries of the batch layout."""
     x: torch.Tensor  # (B', T) canvas: left padding, prompt, generated tokens, MASK
@@ -98,6 +99,7 @@ class Decode:
     nfe: torch.Tensor  # (B',) denoising forwards in which the row had something to decode
     nfe_ref: torch.Tensor  # (B',) the reference's count: nfe up to the denoising step that reveals a stop
     ref_done: torch.Tensor  # (B',) bool: a denoising step has revealed a stop token (the reference stops there)
+    done: torch.Tensor  # (B',) bool: finished and written out; decodes nothing more while it waits to leave
     h: torch.Tensor = None  # (B', bd_size, D) relay state of the block's last denoising forward
     cache: KVCache = None  # committed blocks' keys/values; None = the uncached oracle
     bd_size: int = 32
@@ -110,7 +112,7 @@ class Decode:
     counts: dict = None  # forward calls by kind, and tokens through the model
     graphs: "BlockGraphs" = None  # CUDA graphs of the one-block forward (a StaticKVCache on CUDA)
 
-    ROWS = ("x", "valid", "pos", "ids", "start", "end", "nfe", "nfe_ref", "ref_done")
+    ROWS = ("x", "valid", "pos", "ids", "start", "end", "nfe", "nfe_ref", "ref_done", "done")
 
     def keep(self, rows):
         """Only `rows` (indices into the current B') stay."""
@@ -154,7 +156,8 @@ def left_pad(prompts, max_new_tokens, bd_size, mask_id, pad_id, device):
     st = Decode(x=x, valid=ar[None] >= pad[:, None], pos=(ar[None] - pad[:, None]).clamp(min=0),
                 ids=torch.arange(B, device=device), start=start, end=end,
                 nfe=torch.zeros(B, dtype=torch.long, device=device), nfe_ref=torch.zeros(B, dtype=torch.long,
-                device=device), ref_done=torch.zeros(B, dtype=torch.bool, device=device), bd_size=bd_size,
+                device=device), ref_done=torch.zeros(B, dtype=torch.bool, device=device),
+                done=torch.zeros(B, dtype=torch.bool, device=device), bd_size=bd_size,
                 mask_id=mask_id, padded=bool((pad > 0).any()), out=[None] * B, nfe_out=[0] * B, nfe_ref_out=[0] * B,
                 counts={"prefill": 0, "denoise": 0, "commit": 0, "tokens": 0})
     return st, G
@@ -240,19 +243,23 @@ class BlockGraphs:
 
 
 def retire(st):
-    """Rows with nothing left to decode leave the batch (and the cache): a row is done when nothing
-    up to its first stop token (or its last allowed position) is masked."""
+    """A row is done when nothing up to its first stop token (or its last allowed position) is
+    masked: its output is written out and it decodes nothing more. Done rows leave the batch (and
+    the cache) at once; on a StaticKVCache only once half of the batch is done, because every new
+    batch size means new CUDA graphs: at most log2(B) + 1 sizes per call instead of up to B."""
     ar = torch.arange(st.x.shape[1], device=st.x.device)
     gen = (ar[None] >= st.start[:, None]) & (ar[None] < st.end[:, None])  # (B', T) generated positions
     is_stop = torch.isin(st.x, st.stops) & gen
     stop_at = torch.where(is_stop.any(1), is_stop.float().argmax(1), st.end - 1)  # last position kept
     done = ~((st.x == st.mask_id) & gen & (ar[None] <= stop_at[:, None])).any(1)
-    for r in done.nonzero().flatten().tolist():
+    for r in (done & ~st.done).nonzero().flatten().tolist():
         st.out[st.ids[r]] = st.x[r, st.start[r]:stop_at[r] + 1].tolist()
         st.nfe_out[st.ids[r]] = int(st.nfe[r])
         st.nfe_ref_out[st.ids[r]] = int(st.nfe_ref[r])
-    if done.any():
-        st.keep((~done).nonzero().flatten())
+    st.done = st.done | done
+    n_live = len(st.x) - int(st.done.sum())
+    if n_live < len(st.x) and (n_live <= len(st.x) // 2 or not isinstance(st.cache, StaticKVCache)):
+        st.keep((~st.done).nonzero().flatten())
 
 
 def prefill(model, st, G):
@@ -272,7 +279,7 @@ def denoise_step(model, st, q0, q1, threshold, sub_block, relay_on):
     masks: it reveals the positions there with confidence > threshold, plus the most confident one
     (first on ties). Returns False when no row has anything left to decode in this block."""
     ar = torch.arange(q0, q1, device=st.x.device)
-    todo = (st.x[:, q0:q1] == st.mask_id) & (ar[None] < st.end[:, None])  # (B', bd_size)
+    todo = (st.x[:, q0:q1] == st.mask_id) & (ar[None] < st.end[:, None]) & ~st.done[:, None]  # (B', bd_size)
     stepping = todo.any(1)  # (B',) rows that count this forward as NFE
     if not stepping.any():
         return False
@@ -308,15 +315,15 @@ def commit_block(model, st, q0, q1):
 
 @torch.no_grad()
 def generate(model, prompts, *, max_new_tokens=256, threshold=0.85, bd_size=None, sub_block=8,
-             stop_ids=(), use_cache=True, use_relay=True, pad_id=0, static=False, compile=False):
+             stop_ids=(), use_cache=True, use_relay=True, pad_id=0, static=False, compile=False, graphs=True):
     """Block decoding of a batch of prompts (lists of token ids) -> (list of generated id lists, stats).
     A row stops after its first stop token once nothing before it is masked (the stop is included),
     or after max_new_tokens; every row produces exactly what it produces alone. use_cache=False
     recomputes the whole prefix every forward: the oracle. static=True: a StaticKVCache, every
     one-block forward one shape, replayed as a CUDA graph on CUDA (the same tokens). compile=True
     (with static): that forward is torch.compile'd first, so the graph replays fused kernels, not
-    one or more per elementwise op (the first call compiles for a minute). bd_size defaults to the
-    model's."""
+    one or more per elementwise op (the first call compiles for a minute). graphs=False: static
+    without CUDA graphs, the graphs' oracle at the same shapes. bd_size defaults to the model's."""
     t0 = time.time()
     dev = next(model.parameters()).device
     bd_size = bd_size or model.cfg.bd_size  # one name for the block size, everywhere
@@ -330,7 +337,7 @@ def generate(model, prompts, *, max_new_tokens=256, threshold=0.85, bd_size=None
         raise ValueError("compile=True compiles the static cache's one-block forward: it needs static=True")
     st.cache = (StaticKVCache if static else KVCache)(model.cfg.n_layer, st.x.shape[1]) if use_cache else None
     st.block_fwd = torch.compile(model, dynamic=True) if compile else model  # symbolic lengths: no recompiles
-    st.graphs = BlockGraphs(st.block_fwd, st.cache) if static and dev.type == "cuda" else None
+    st.graphs = BlockGraphs(st.block_fwd, st.cache) if static and graphs and dev.type == "cuda" else None
     relay_on = use_relay and model.relay is not None
     # 2) prefill: the prompts' complete blocks go into the cache
     prefill(model, st, G)
@@ -366,7 +373,8 @@ BENCH_PROMPTS = [
 
 
 MODES = {"static": dict(static=True), "compiled": dict(static=True, compile=True), "cached": dict(),
-         "uncached": dict(use_cache=False)}  # --bench-modes; uncached is the oracle
+         "uncached": dict(use_cache=False),  # --bench-modes; uncached is the oracle
+         "static_eager": dict(static=True, graphs=False)}  # the graphs' oracle: the same shapes, no graphs
 
 
 def first_diff(outs, oracle):
@@ -429,11 +437,17 @@ def bench(model, tok, args, gen_kw):
                       "nfe": sum(r[1]["nfe"] for r in runs) / len(runs), "peak_gib": runs[-1][1]["peak_gib"]}
         row.update({f"{m}_vs_uncached": row[m]["tokens_per_s"] / row["uncached"]["tokens_per_s"]
                     for m in modes if m != "uncached"})
+        if "static" in res and "static_eager" in res:
+            # the same shapes with and without graphs: equal tokens mean the graphs replay right, and a
+            # difference from the oracle comes from kernels that change with shape
+            row["graphs_same_tokens"] = [r[0] for r in res["static"]] == [r[0] for r in res["static_eager"]]
         rows.append(row)
         print(f"{n:>6} new tokens, batch 1 | " + " | ".join(
             f"{m} {row[m]['tokens_per_s']:8.1f} tok/s {row[m]['ms_per_forward']:6.2f} ms/fwd" for m in modes)
             + " | same tokens " + (", ".join(f"{m}: no, (row, token) {row[m]['first_diff']}" for m in modes
-                                            if row[m]["first_diff"]) or "True"), flush=True)
+                                            if row[m]["first_diff"]) or "True")
+            + (f" | graphs = static_eager: {row['graphs_same_tokens']}" if "graphs_same_tokens" in row else ""),
+            flush=True)
     if args.bench_profile:
         rows.append({"profile": (pr := profile_decode(model, chats[0], gen_kw, cuda, fast))})
         print(f"profile, {fast}, {pr['max_new_tokens']} new tokens: {pr['wall_ms_per_forward']:.2f} ms a forward, "
@@ -485,7 +499,7 @@ def get_args(argv=None):
                    help=f"--bench: time batch 1 on the first N of the {len(BENCH_PROMPTS)} prompts")
     p.add_argument("--bench-modes", nargs="+", choices=list(MODES), default=["static", "cached", "uncached"],
                    help="--bench: decoding modes to time; compiled = static with the block forward torch.compile'd "
-                        "(a minute of compilation on a GPU, in the warm-up)")
+                        "(a minute of compilation on a GPU, in the warm-up); static_eager = static without CUDA graphs")
     p.add_argument("--bench-profile", action="store_true",
                    help="--bench: profile one static (or compiled) decode of 128 tokens: kernel vs wall time per forward")
     p.add_argument("--bench-batch", type=positive_int, nargs="*", default=[8, 32],

@@ -2,7 +2,8 @@
 # bench/llm_gpu.sh [OUT] — the LLM GPU checks in one command (one H100/H200, ~6 min, at most 8.5; with
 #   PROMPTS=1 LENGTHS="64 1024": 2.5 min):
 #   1. block decoding of a 1.5B-shaped random model, batch 1 and 8/32: static cache + CUDA graphs,
-#      dynamic cache and uncached, ms per forward, tok/s and whether the tokens match, and a profile
+#      the static cache without graphs (graphs == static_eager: the graphs replay right), dynamic
+#      cache and uncached, ms per forward, tok/s and whether the tokens match, and a profile
 #      of one static decode: kernel against wall time per forward (sampler.py --bench --bench-profile);
 #   1b. the same at the last length with the block forward torch.compile'd before capture (fused
 #      kernels; --bench-modes compiled uncached), in a process of its own: a failure keeps step 1;
@@ -22,7 +23,8 @@ log() { tee -a "$OUT/log.txt"; }
   python -c "import torch; print('torch', torch.__version__)"; } 2>&1 | log
 
 # 1) decoding speed: static (graphs on CUDA) vs cached vs uncached, the same tokens
-timeout "$DEC_S" python sampler.py --random-init "$SHAPE" --bench --bench-lengths $LENGTHS --bench-prompts "$PROMPTS" --bench-profile 2>&1 | grep -v "it/s\]" | log
+timeout "$DEC_S" python sampler.py --random-init "$SHAPE" --bench --bench-lengths $LENGTHS --bench-prompts "$PROMPTS" \
+    --bench-modes static static_eager cached uncached --bench-profile 2>&1 | grep -v "it/s\]" | log
 tail -n 1 "$OUT/log.txt" | grep '^{' > "$OUT/decode.json" || echo "decode: no JSON line (failed or timed out)" | log
 
 # 1b) the compiled block forward (its compilation, a minute or two, falls in the untimed warm-up)

@@ -46,6 +46,27 @@ def test_static_cache_equals_the_dynamic_cache(llm, use_relay):
         generate(llm, PROMPTS, use_cache=False, static=True, **KW)
 
 
+def test_static_batch_keeps_done_rows_until_half_are_done(llm):
+    """Each batch size is a new CUDA graph, so on a StaticKVCache done rows wait (decoding nothing)
+    until half of the batch is done; the dynamic cache drops them at once. Same tokens and counts."""
+    free, _ = generate(llm, PROMPTS, **KW)
+    gradual = False  # some run where the dynamic batch shrinks by less than half
+    for stop in list(dict.fromkeys(free[0] + free[1]))[:10]:
+        kw = {**KW, "max_new_tokens": 60, "stop_ids": [stop]}
+        sizes, res = {}, {}
+        for static in (False, True):
+            seen = []
+            hook = llm.register_forward_pre_hook(lambda m, args: seen.append(len(args[0])))
+            out, st = generate(llm, PROMPTS, static=static, **kw)
+            hook.remove()
+            sizes[static] = [n for i, n in enumerate(seen) if i == 0 or n != seen[i - 1]]  # batch sizes in order
+            res[static] = (out, st["nfe"], st["nfe_ref"], st["forward_calls"])
+        assert res[True] == res[False]
+        assert all(b <= a // 2 for a, b in zip(sizes[True], sizes[True][1:]))
+        gradual |= any(b > a // 2 for a, b in zip(sizes[False], sizes[False][1:]))
+    assert gradual
+
+
 def test_compiled_static_decoding_equals_the_dynamic_cache(llm):
     """static=True, compile=True: the one-block forward torch.compile'd (on CUDA then captured):
     the same tokens and counts, rows stopping, batch > 1, relay on; no recompile per block."""
@@ -152,10 +173,11 @@ def test_bench_reports_equal_tokens_for_every_mode(capsys):
     import json
     import sampler
     sampler.main(["--random-init", "tiny", "--bench", "--bench-lengths", "40", "--bench-prompts", "2",
-                  "--bench-batch", "3"])
+                  "--bench-batch", "3", "--bench-modes", "static", "static_eager", "cached", "uncached"])
     rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["bench"]
     assert [(r["max_new_tokens"], r["batch"]) for r in rows] == [(40, 1), (40, 3)]
-    for m in ("static", "cached", "uncached"):
+    assert rows[0]["graphs_same_tokens"] is True
+    for m in ("static", "static_eager", "cached", "uncached"):
         assert rows[0][m]["same_tokens"] and rows[0][m]["first_diff"] is None
         assert rows[0][m]["nfe"] > 0
     assert rows[1]["static"]["new_tokens"] == 3 * 40

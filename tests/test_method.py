@@ -251,7 +251,8 @@ def test_sft_noise_level_varies_between_blocks_of_a_row():
 def test_block_sampler_reads_shifted_logits_and_relay(live_llm, use_cache):
     """Record every forward of generate() and replay each denoising step by hand: the relay state
     handed in is the previous step's h shifted by one token, and the tokens revealed are the argmaxes
-    of the shifted logits (MASK excluded), > threshold plus the best, in the first sub-block with masks."""
+    of the shifted logits (MASK never; confidence over the whole vocabulary), > threshold plus the best,
+    in the first sub-block with masks."""
     bd, sub, thr, mask_id = 8, 4, 0.9, 63
     calls = []
 
@@ -265,9 +266,9 @@ def test_block_sampler_reads_shifted_logits_and_relay(live_llm, use_cache):
     handle.remove()
 
     def step(idx, logits):
-        pl = logits.float().clone()
-        pl[..., mask_id] = -torch.inf
-        conf, pred = pl.softmax(-1).max(-1)
+        p = logits.float().softmax(-1)  # conf = p[x] over the whole vocabulary, as the reference
+        p[..., mask_id] = 0.0  # ... but MASK is never the prediction
+        conf, pred = p.max(-1)
         todo = idx == mask_id
         first = todo.view(-1, bd // sub, sub).any(-1).float().argmax(-1)  # (B,) first sub-block with masks
         cand = todo & ((torch.arange(bd) // sub)[None] == first[:, None])

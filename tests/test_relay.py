@@ -5,9 +5,20 @@ import torch.nn.functional as F
 
 from model import Transformer
 from relay import RolloutBuffer, mlm_loss, rollout_loss
-from relay import reveal_confidence_mass
+from relay import predict, reveal_confidence_mass
 
 REVEAL = lambda conf, masked: reveal_confidence_mass(conf, masked, 0.3)
+
+
+def test_predict_never_picks_mask_and_keeps_the_full_softmax():
+    """conf = p[x] under the softmax over the whole vocabulary (the reference sampler's number, and
+    training's), also when MASK is excluded from the argmax."""
+    logits = torch.tensor([[2.0, 0.0, 0.0, 1.9], [1.0, 0.0, 0.0, 5.0]])
+    p = logits.softmax(-1)
+    pred, conf = predict(logits, mask_id=3)
+    assert pred.tolist() == [0, 0] and torch.allclose(conf, p[:, 0])  # 0.46, not 0.79 renormalised
+    pred, conf = predict(logits)  # training: MASK may be the argmax
+    assert pred.tolist() == [0, 3] and torch.allclose(conf, p.max(-1).values)
 
 
 def rows(n, T=81, seed=0):
