@@ -653,15 +653,17 @@ def load_state(model, sd, where):
 
 
 def random_model(shape, device="cpu", dtype=torch.float32, seed=0, n_layer=None):
-    """A Qwen2.5-shaped block-diffusion LLM with random weights and a relay, and the byte tokenizer:
-    speed and memory checks without a download. n_layer: fewer blocks of that shape. Returns (model
-    in eval mode, tokenizer)."""
+    """A Qwen2.5-shaped block-diffusion LLM with random weights and a live relay, and the byte
+    tokenizer: speed and memory checks without a download. n_layer: fewer blocks of that shape.
+    Returns (model in eval mode, tokenizer)."""
     tok = byte_tokenizer()
     cfg = ModelConfig(**{**QWEN2, **SHAPES[shape], "n_layer": n_layer or SHAPES[shape]["n_layer"],
                          "mask_id": tok.mask_id, "relay": True})
     torch.manual_seed(seed)
     with torch.device(device):
         model = Transformer(cfg)
+    # weight 1, not a fine-tune's 0 (which injects nothing), so decoding checks cover the carried state
+    nn.init.ones_(model.relay.norm.weight)
     return model.to(dtype).eval(), tok
 
 

@@ -448,6 +448,15 @@ def bench(model, tok, args, gen_kw):
                                             if row[m]["first_diff"]) or "True")
             + (f" | graphs = static_eager: {row['graphs_same_tokens']}" if "graphs_same_tokens" in row else ""),
             flush=True)
+    # the graph path's other ways in, against the oracle: a prompt under one block (no prefill), and
+    # one of one to two blocks (its prefill is one block long, so it runs through a graph)
+    text, same = tok.encode("def add(a, b):\n    return a + b\n" * 3), {}
+    for n in (12, 40):
+        outs = [generate(model, [text[:n]], **{**gen_kw, **modes[m], "max_new_tokens": 64})[0]
+                for m in (fast, "uncached")]
+        same[n] = outs[0] == outs[1]
+    rows.append({"short_prompts_same_tokens": same})
+    print(f"prompts of {' and '.join(map(str, same))} tokens, {fast} = uncached: {list(same.values())}", flush=True)
     if args.bench_profile:
         rows.append({"profile": (pr := profile_decode(model, chats[0], gen_kw, cuda, fast))})
         print(f"profile, {fast}, {pr['max_new_tokens']} new tokens: {pr['wall_ms_per_forward']:.2f} ms a forward, "

@@ -175,6 +175,8 @@ def test_bench_reports_equal_tokens_for_every_mode(capsys):
     sampler.main(["--random-init", "tiny", "--bench", "--bench-lengths", "40", "--bench-prompts", "2",
                   "--bench-batch", "3", "--bench-modes", "static", "static_eager", "cached", "uncached"])
     rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["bench"]
+    assert rows[1]["short_prompts_same_tokens"] == {"12": True, "40": True}
+    rows = [r for r in rows if "batch" in r]
     assert [(r["max_new_tokens"], r["batch"]) for r in rows] == [(40, 1), (40, 3)]
     assert rows[0]["graphs_same_tokens"] is True
     for m in ("static", "static_eager", "cached", "uncached"):
