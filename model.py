@@ -298,15 +298,20 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.i, k, v)  # (B, Hkv, P + T, hd): committed prefix + this input
-        if attn_mask is not None and self.n_kv_head != self.n_head:
-            # NOTE: SDPA given both enable_gqa and a mask runs its math kernel on CUDA, which builds the
-            # whole (B, H, T, S) score matrix in fp32. K/V copied to every head keep a fused kernel.
-            # query head h reads K/V head h // (n_head / n_kv_head); expand + flatten: no host sync in a CUDA graph
-            rep = (-1, -1, self.n_head // self.n_kv_head, -1, -1)
-            k, v = (t[:, :, None].expand(*rep).flatten(1, 2) for t in (k, v))  # (B, H, S, hd)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=k.shape[1] != self.n_head)
+        dropout_p = self.dropout if self.training else 0.0
+        g = self.n_head // self.n_kv_head  # query head h reads K/V head h // g
+        if attn_mask is None or g == 1:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, enable_gqa=g > 1)
+        # NOTE: SDPA given both enable_gqa and a mask runs its math kernel on CUDA, which builds the
+        # whole (B, H, T, S) score matrix in fp32. With a mask, one of two exact rewrites keeps a fused kernel:
+        elif T * g <= k.shape[2]:  # a short input against a long cache (a decoding block): the g query
+            # heads of each K/V head become its query rows, (B, Hkv, g * T, hd); only the mask is copied
+            m = attn_mask.repeat(*(1,) * (attn_mask.dim() - 2), g, 1)  # row j * T + t = row t
+            y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv_head, g * T, self.hd), k, v, attn_mask=m,
+                                               dropout_p=dropout_p).view(B, self.n_head, T, self.hd)
+        else:  # a long input (training, prefill): K/V copied to every head; expand + flatten, no host sync
+            k, v = (t[:, :, None].expand(-1, -1, g, -1, -1).flatten(1, 2) for t in (k, v))  # (B, H, S, hd)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
