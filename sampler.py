@@ -404,8 +404,9 @@ def bench(model, tok, args, gen_kw):
     """Per new-token length, one prompt at a time over BENCH_PROMPTS after a warm-up: tokens/s,
     forwards/s and ms per forward of each --bench-modes mode -- static (StaticKVCache; CUDA graphs
     on CUDA), compiled (the same, its forward torch.compile'd), cached (KVCache) and uncached (the
-    oracle) -- and whether their tokens equal the oracle's. Then --bench-batch rows: B prompts at
-    once, compiled if timed, else static. Random weights reveal about one token per forward, real
+    oracle) -- and whether their tokens equal the oracle's; prompts under one and two blocks against
+    the oracle. Then --bench-batch rows: B prompts at once in the fastest mode timed, and whether
+    each row's tokens are its batch-1 tokens. Random weights reveal about one token per forward, real
     ones several: tokens/s and forwards/s say different things."""
     rows, cuda = [], args.device.startswith("cuda")
     modes = {m: MODES[m] for m in args.bench_modes}
@@ -420,7 +421,8 @@ def bench(model, tok, args, gen_kw):
                      "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None}
 
     chats = [tok.encode(tok.chat(p)) for p in BENCH_PROMPTS[:args.bench_prompts]]
-    fast = "compiled" if "compiled" in modes else "static"  # the graph path that the profile and batches use
+    fast = next(m for m in ("compiled", "static", "static_eager", "cached", "uncached") if m in modes)  # the
+    # fastest path timed: the profile and the batches use it
     for mode in modes:  # warm-up: kernels, allocator, compilation (graphs are captured per generate() call, timed)
         sizes = (1, 2) if mode == fast and args.bench_batch else (1,)  # batch 1 compiles apart from > 1
         for B in sizes:
@@ -461,12 +463,15 @@ def bench(model, tok, args, gen_kw):
         rows.append({"profile": (pr := profile_decode(model, chats[0], gen_kw, cuda, fast))})
         print(f"profile, {fast}, {pr['max_new_tokens']} new tokens: {pr['wall_ms_per_forward']:.2f} ms a forward, "
               f"kernels {pr['kernel_ms_per_forward']} ms", flush=True)
+    alone = [r[0][0] for r in res[fast]]  # the last length's batch-1 tokens of each prompt
     for B in args.bench_batch:
         prompts = [chats[i % len(chats)] for i in range(B)]
         out, st = run(prompts, args.bench_lengths[-1], fast)
-        rows.append({"max_new_tokens": args.bench_lengths[-1], "batch": B, fast: st})
+        diff = first_diff(out, [alone[i % len(chats)] for i in range(B)])  # in bf16 kernels may change with B
+        rows.append({"max_new_tokens": args.bench_lengths[-1], "batch": B, fast: st, "first_diff_from_alone": diff})
         print(f"{args.bench_lengths[-1]:>6} new tokens, batch {B} | {fast} {st['tokens_per_s']:8.1f} tok/s "
-              f"{st['forwards_per_s']:7.1f} fwd/s {st['ms_per_forward']:6.2f} ms/fwd", flush=True)
+              f"{st['forwards_per_s']:7.1f} fwd/s {st['ms_per_forward']:6.2f} ms/fwd | tokens as alone: "
+              f"{'yes' if diff is None else f'no, (row, token) {diff}'}", flush=True)
     return rows
 
 

@@ -182,4 +182,4 @@ def test_bench_reports_equal_tokens_for_every_mode(capsys):
     for m in ("static", "static_eager", "cached", "uncached"):
         assert rows[0][m]["same_tokens"] and rows[0][m]["first_diff"] is None
         assert rows[0][m]["nfe"] > 0
-    assert rows[1]["static"]["new_tokens"] == 3 * 40
+    assert rows[1]["static"]["new_tokens"] == 3 * 40 and rows[1]["first_diff_from_alone"] is None
