@@ -421,8 +421,8 @@ def bench(model, tok, args, gen_kw):
                      "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None}
 
     chats = [tok.encode(tok.chat(p)) for p in BENCH_PROMPTS[:args.bench_prompts]]
-    fast = next(m for m in ("compiled", "static", "static_eager", "cached", "uncached") if m in modes)  # the
-    # fastest path timed: the profile and the batches use it
+    # the fastest path timed: the profile and the batches use it
+    fast = next(m for m in ("compiled", "static", "static_eager", "cached", "uncached") if m in modes)
     for mode in modes:  # warm-up: kernels, allocator, compilation (graphs are captured per generate() call, timed)
         sizes = (1, 2) if mode == fast and args.bench_batch else (1,)  # batch 1 compiles apart from > 1
         for B in sizes:
