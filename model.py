@@ -227,12 +227,16 @@ class StaticKVCache(KVCache):
     device tensor, and attention reads the whole buffer (max_len keys); the caller's mask hides the
     keys past the forward's own positions. The same tokens as KVCache (tests)."""
 
+    def allocate(self, B, n_kv_head, head_dim, dtype, device):
+        """The buffers, up front: neither a CUDA graph nor a compiled forward may allocate them."""
+        self.k = torch.zeros(self.n_layer, B, n_kv_head, self.max_len, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.offset = torch.zeros((), dtype=torch.long, device=device)
+
     def update(self, i, k, v):
         B, H, T, hd = k.shape
         if self.k is None:
-            self.k = k.new_zeros(self.n_layer, B, H, self.max_len, hd)
-            self.v = torch.zeros_like(self.k)
-            self.offset = torch.zeros((), dtype=torch.long, device=k.device)
+            self.allocate(B, H, hd, k.dtype, k.device)
         if self.len + T > self.max_len:
             raise ValueError(f"KV cache full: {self.len} + {T} > max_len {self.max_len}")
         slot = self.offset + torch.arange(T, device=k.device)

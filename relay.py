@@ -32,7 +32,7 @@ def predict(logits, mask_id=None):
     (the sampler); its probability stays in the softmax, so conf is the number training uses."""
     p = logits.float().softmax(-1)
     if mask_id is not None:
-        p = p.index_fill(-1, torch.tensor([mask_id], device=p.device), 0.0)
+        p = p.index_fill(-1, torch.full((1,), mask_id, device=p.device), 0.0)  # no host copy: CUDA graphs
     conf, pred = p.max(-1)
     return pred, conf
 
@@ -59,7 +59,7 @@ def reveal_threshold_blocks(conf, masked, threshold, bd_size):
     """The block-diffusion training rule: masked positions with conf > threshold, plus the most
     confident masked position of every bd_size-block that still has masks (every block advances).
     conf, masked (B, T) with T a multiple of bd_size -> reveal (B, T) bool. (The sampler applies the
-    same rule per sub-block of the current block: sampler.denoise_step.)"""
+    same rule per sub-block of the current block: sampler.reveal_block.)"""
     B, T = conf.shape
     reveal = masked & (conf > threshold)
     c = torch.where(masked, conf.float(), -1.0).view(B, T // bd_size, bd_size)

@@ -103,6 +103,7 @@ class Decode:
     h: torch.Tensor = None  # (B', bd_size, D) relay state of the block's last denoising forward
     cache: KVCache = None  # committed blocks' keys/values; None = the uncached oracle
     bd_size: int = 32
+    rule: object = None  # reveal_block(logits, xb, todo) with this call's threshold, sub-block and stops
     mask_id: int = -1
     padded: bool = False  # some row is left-padded: attention masks hide the padding
     stops: torch.Tensor = None  # stop token ids
@@ -110,7 +111,8 @@ class Decode:
     nfe_out: list = None  # per prompt: NFE
     nfe_ref_out: list = None  # per prompt: the reference's NFE
     counts: dict = None  # forward calls by kind, and tokens through the model
-    graphs: "BlockGraphs" = None  # CUDA graphs of the one-block forward (a StaticKVCache on CUDA)
+    step: object = None  # StaticKVCache: block_step over tensors (compiled, CUDA-graphed on CUDA)
+    blk: tuple = None  # StaticKVCache: the current block's (q0, pos, mask, live), see block_inputs
 
     ROWS = ("x", "valid", "pos", "ids", "start", "end", "nfe", "nfe_ref", "ref_done", "done")
 
@@ -119,6 +121,7 @@ class Decode:
         for k in self.ROWS:
             setattr(self, k, getattr(self, k)[rows])
         self.h = self.h[rows] if self.h is not None else None
+        self.blk = None
         if self.cache is not None:
             self.cache.keep(rows)
 
@@ -163,103 +166,161 @@ def left_pad(prompts, max_new_tokens, bd_size, mask_id, pad_id, device):
     return st, G
 
 
+def reveal_block(logits, xb, todo, threshold, sub_block, mask_id, stops):
+    """The block reveal rule (NOTES.md §6). logits (B', bd, V) of the block's positions, xb (B', bd)
+    its tokens, todo (B', bd) the masked positions each row may decode. Each row decodes its first
+    sub-block that still has masks: it reveals the positions there with confidence > threshold, plus
+    the most confident one (first on ties). -> (xb with the reveals, (B',) a stop token was revealed)."""
+    pred, conf = predict(shift_right(logits), mask_id)  # (B', bd) per token
+    B, bd = todo.shape
+    ar = torch.arange(bd, device=xb.device)[None]
+    sub = todo.view(B, bd // sub_block, sub_block).any(-1).float().argmax(-1, keepdim=True)  # (B', 1)
+    cand = todo & (ar // sub_block == sub)  # the masked positions of the current sub-block
+    best = torch.where(cand, conf, -1.0).argmax(-1, keepdim=True)  # a candidate whenever there is one
+    reveal = cand & ((conf > threshold) | (ar == best))
+    return torch.where(reveal, pred, xb), (reveal & torch.isin(pred, stops)).any(1)
+
+
+def block_step(forward, rule, xb, h, live, mask_id):
+    """One denoising forward of a block and its reveal, on the device and without a host sync, so
+    that the static cache captures the whole step in one CUDA graph. forward(relay) -> (logits, h)
+    of the block; rule(logits, xb, todo): reveal_block with the call's settings; xb (B', bd) the
+    block's tokens; h (B', bd, D) the last forward's relay state by position, or None; live (B', bd)
+    the positions each row may still decode. Returns, each (B', ...): xb after the reveal, h, rows
+    that had something to decode (NFE), rows that revealed a stop, rows with something left to
+    decode, and the prediction of the block's last logit (the commit's next token)."""
+    todo = (xb == mask_id) & live
+    logits, h = forward(None if h is None else shift_right(h))  # h by position -> h by token
+    xb, stop = rule(logits, xb, todo)
+    return xb, h, todo.any(1), stop, ((xb == mask_id) & live).any(1), predict(logits[:, -1], mask_id)[0]
+
+
 def block_forward(model, st, q0, q1, relay=None, commit=False):
     """The active rows' logits and h at batch positions [q0, q1). Cached: the input is [q0, q1)
     against the committed cache. Uncached (the oracle): the input is [0, q1), everything recomputed.
     relay (B', q1 - q0, D) or None; commit=True writes this input's K/V into the cache."""
-    if isinstance(st.cache, StaticKVCache):
-        return static_forward(model, st, q0, q1, relay, commit)
     k0 = q0 if st.cache is not None else 0
+    st.counts["tokens"] += len(st.x) * (q1 - k0)
+    if isinstance(st.cache, StaticKVCache):  # only its prefill comes here, eagerly: one length of its own
+        logits, h = model(st.x[:, q0:q1], pos=st.pos[:, q0:q1], attn_mask=static_mask(st, q0, q1), relay=relay,
+                          kv_cache=st.cache)
+        st.cache.advance(q1 - q0)
+        return logits, h
     one_block = q1 - k0 <= st.bd_size == model.cfg.bd_size  # the model's own default mask is all True
     m = None if one_block else block_mask(q1, st.bd_size, q0=k0, device=st.x.device)  # (q1 - k0, q1)
     if st.padded:  # padding is seen by no real token (pads see everything, so no row is empty)
         m = (True if m is None else m) & (st.valid[:, None, None, :q1] | ~st.valid[:, None, k0:q1, None])
     if relay is not None and st.cache is None:  # the recomputed prefix gets no relay
         relay = torch.cat([relay.new_zeros(len(st.x), q0, relay.shape[-1]), relay], 1)
-    st.counts["tokens"] += len(st.x) * (q1 - k0)
     logits, h = model(st.x[:, k0:q1], pos=st.pos[:, k0:q1], attn_mask=m, relay=relay, kv_cache=st.cache,
                       commit=commit)
     return logits[:, q0 - k0:], h[:, q0 - k0:]  # (B', q1 - q0, V), (B', q1 - q0, D)
 
 
-def static_forward(model, st, q0, q1, relay, commit):
-    """block_forward on a StaticKVCache: the input [q0, q1) attends to all T keys of the batch
-    layout, the mask hiding keys from q1 on (not written yet, or left by an earlier forward) and the
-    padding. Every one-block forward of a call has the same shapes, so on CUDA it replays a graph."""
-    T = st.x.shape[1]
-    m = torch.zeros(q1 - q0, T, dtype=torch.bool, device=st.x.device)
+def static_mask(st, q0, q1):
+    """A StaticKVCache forward of [q0, q1) attends to all T keys of the batch layout: the mask hides
+    the keys from q1 on (not written yet, or left by an earlier forward) and the padding."""
+    m = torch.zeros(q1 - q0, st.x.shape[1], dtype=torch.bool, device=st.x.device)
     m[:, :q1] = block_mask(q1, st.bd_size, q0=q0, device=st.x.device)
-    m = m & (st.valid[:, None, None, :] | ~st.valid[:, None, q0:q1, None])  # (B', 1, q1 - q0, T)
-    st.counts["tokens"] += len(st.x) * (q1 - q0)
-    x, pos = st.x[:, q0:q1], st.pos[:, q0:q1]
-    if q1 - q0 != st.bd_size:  # the prefill: one call of its own length, eager
-        logits, h = model(x, pos=pos, attn_mask=m, relay=relay, kv_cache=st.cache)
-    elif st.graphs is not None:
-        logits, h = st.graphs(x, pos, m, relay)
-    else:  # no graphs (CPU): the block forward, compiled or not
-        logits, h = st.block_fwd(x, pos=pos, attn_mask=m, relay=relay, kv_cache=st.cache)
-    if commit:
-        st.cache.advance(q1 - q0)
-    return logits, h
+    return m & (st.valid[:, None, None, :] | ~st.valid[:, None, q0:q1, None])  # (B', 1, q1 - q0, T)
+
+
+def block_inputs(st, q0, q1):
+    """The static block step's inputs that change only with the block and the rows: positions, mask,
+    and the positions each row may still decode. Built once per block (and again when rows finish or
+    leave), so the step launches nothing for them and a graph replay copies them once."""
+    if st.blk is None or st.blk[0] != q0:
+        st.blk = (q0, st.pos[:, q0:q1], static_mask(st, q0, q1), live_positions(st, q0, q1))
+    return st.blk[1:]
+
+
+def live_positions(st, q0, q1):
+    """(B', q1 - q0) bool: the positions of block [q0, q1) each row may still decode (before its end,
+    and the row not done)."""
+    return (torch.arange(q0, q1, device=st.x.device)[None] < st.end[:, None]) & ~st.done[:, None]
+
+
+def run_block(model, st, q0, q1, h, commit=False):
+    """block_step on block [q0, q1) in this call's mode. StaticKVCache: st.step, every call one shape
+    (a CUDA graph on CUDA). Otherwise the forward of block_forward. commit=True: this forward's K/V
+    join the cache (the block is complete, so nothing is revealed)."""
+    if st.step is not None:
+        pos, mask, live = block_inputs(st, q0, q1)
+        st.counts["tokens"] += len(st.x) * (q1 - q0)
+        out = st.step(st.x[:, q0:q1], pos, mask, h, live)
+        if commit:
+            st.cache.advance(q1 - q0)
+        return out
+    forward = lambda relay: block_forward(model, st, q0, q1, relay=relay, commit=commit)  # noqa: E731
+    return block_step(forward, st.rule, st.x[:, q0:q1], h, live_positions(st, q0, q1), st.mask_id)
+
+
+GRAPH_DEVICES = ("cuda",)  # device types whose static block steps are replayed as CUDA graphs
 
 
 class BlockGraphs:
-    """CUDA graphs of the one-block forward on a StaticKVCache, one per (rows, relay given or not):
-    a call copies its inputs into the graph's own tensors and replays it, one launch for the whole
-    forward instead of hundreds. Captured on first use, and again after rows retire (the cache's
-    buffers change). The outputs are the graph's tensors: read them before the next call."""
+    """CUDA graphs of the static cache's block step, one per (rows, relay given or not): a call copies
+    its inputs into the graph's own tensors and replays it, one launch for the forward and the reveal
+    instead of hundreds of kernels. Captured on first use, and again after rows leave (the cache's
+    buffers change). An input that is the same tensor object as at the graph's last call is not copied
+    again (block_inputs). NOTE: the outputs are the graphs' own tensors, which the next replay of any
+    of these graphs may overwrite (they share a memory pool): use or copy them before that."""
 
-    def __init__(self, model, cache):
-        self.model, self.cache, self.graphs, self.k = model, cache, {}, None
+    def __init__(self, fn, cache):
+        self.fn, self.cache, self.graphs, self.k = fn, cache, {}, None
         self.pool = torch.cuda.graph_pool_handle()
 
-    def __call__(self, x, pos, mask, relay):
+    def __call__(self, *args):
         if self.cache.k is not self.k:  # new cache buffers: the graphs hold the old ones
             self.graphs, self.k = {}, self.cache.k
-        key = (len(x), relay is not None)
+        key = (len(args[0]), tuple(t is None for t in args))
         if key not in self.graphs:
-            self.graphs[key] = self.capture(x, pos, mask, relay)
-        graph, inputs, outputs = self.graphs[key]
-        for buf, t in zip(inputs, (x, pos, mask, relay)):
-            if t is not None:
+            self.graphs[key] = self.capture(args)
+        graph, inputs, last, outputs = self.graphs[key]
+        for buf, t, seen in zip(inputs, args, last):
+            if t is not None and t is not seen:
                 buf.copy_(t)
+        last[:] = args
         graph.replay()
-        return outputs[0], outputs[1].clone()  # h is kept as the next forward's relay
+        return outputs
 
-    def capture(self, x, pos, mask, relay):
-        inputs = [t.clone() if t is not None else None for t in (x, pos, mask, relay)]
-        run = lambda: self.model(inputs[0], pos=inputs[1], attn_mask=inputs[2], relay=inputs[3], kv_cache=self.cache)
+    def capture(self, args):
+        inputs = [t.clone() if t is not None else None for t in args]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up outside the graph (allocations, lazy initialisation)
             for _ in range(2):
-                run()
+                self.fn(*inputs)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            outputs = run()
-        self.k = self.cache.k  # the warm-up may have allocated the cache
-        return graph, inputs, outputs
+            outputs = self.fn(*inputs)
+        return graph, inputs, list(args), outputs
 
 
-def retire(st):
+def retire(st, left=None):
     """A row is done when nothing up to its first stop token (or its last allowed position) is
     masked: its output is written out and it decodes nothing more. Done rows leave the batch (and
     the cache) at once; on a StaticKVCache only once half of the batch is done, because every new
-    batch size means new CUDA graphs: at most log2(B) + 1 sizes per call instead of up to B."""
+    batch size means new CUDA graphs: at most log2(B) + 1 sizes per call instead of up to B.
+    left (B',) bool: rows with something left in the current block. This is a decoding step's one
+    host sync; it returns whether a row that is not done has something left."""
     ar = torch.arange(st.x.shape[1], device=st.x.device)
     gen = (ar[None] >= st.start[:, None]) & (ar[None] < st.end[:, None])  # (B', T) generated positions
     is_stop = torch.isin(st.x, st.stops) & gen
     stop_at = torch.where(is_stop.any(1), is_stop.float().argmax(1), st.end - 1)  # last position kept
     done = ~((st.x == st.mask_id) & gen & (ar[None] <= stop_at[:, None])).any(1)
-    for r in (done & ~st.done).nonzero().flatten().tolist():
+    new, done, left = torch.stack([done & ~st.done, done, done if left is None else left]).tolist()
+    for r in (r for r, n in enumerate(new) if n):
         st.out[st.ids[r]] = st.x[r, st.start[r]:stop_at[r] + 1].tolist()
         st.nfe_out[st.ids[r]] = int(st.nfe[r])
         st.nfe_ref_out[st.ids[r]] = int(st.nfe_ref[r])
-    st.done = st.done | done
-    n_live = len(st.x) - int(st.done.sum())
-    if n_live < len(st.x) and (n_live <= len(st.x) // 2 or not isinstance(st.cache, StaticKVCache)):
-        st.keep((~st.done).nonzero().flatten())
+    if any(new):
+        st.done, st.blk = torch.tensor(done, device=st.x.device), None  # fewer live positions
+        n_live = done.count(False)
+        if n_live <= len(done) // 2 or not isinstance(st.cache, StaticKVCache):
+            st.keep(torch.tensor([r for r, d in enumerate(done) if not d], dtype=torch.long, device=st.x.device))
+    return any(lf and not d for lf, d in zip(left, done))
 
 
 def prefill(model, st, G):
@@ -274,41 +335,25 @@ def prefill(model, st, G):
     retire(st)
 
 
-def denoise_step(model, st, q0, q1, threshold, sub_block, relay_on):
-    """One denoising forward of block [q0, q1). Each row decodes its first sub-block that still has
-    masks: it reveals the positions there with confidence > threshold, plus the most confident one
-    (first on ties). Returns False when no row has anything left to decode in this block."""
-    ar = torch.arange(q0, q1, device=st.x.device)
-    todo = (st.x[:, q0:q1] == st.mask_id) & (ar[None] < st.end[:, None]) & ~st.done[:, None]  # (B', bd_size)
-    stepping = todo.any(1)  # (B',) rows that count this forward as NFE
-    if not stepping.any():
-        return False
-    relay = shift_right(st.h) if st.h is not None else None  # h by position -> h by token
-    logits, h_out = block_forward(model, st, q0, q1, relay=relay)
+def denoise_step(model, st, q0, q1, relay_on):
+    """One denoising forward of block [q0, q1) and its reveal (block_step), then the bookkeeping.
+    Returns whether some row has something left to decode in this block."""
+    xb, h, stepping, stop, left, _ = run_block(model, st, q0, q1, st.h)
     st.counts["denoise"] += 1
+    st.x[:, q0:q1] = xb
     st.nfe += stepping
     st.nfe_ref += stepping & ~st.ref_done  # the reference counts until a denoising step reveals a stop
-    pred, conf = predict(shift_right(logits), st.mask_id)  # (B', bd_size) per token
-    B, bd = todo.shape
-    sub = todo.view(B, bd // sub_block, sub_block).any(-1).float().argmax(-1)  # (B',) current sub-block
-    cand = todo & ((torch.arange(bd, device=st.x.device) // sub_block)[None] == sub[:, None])
-    reveal = cand & (conf > threshold)
-    best = torch.where(cand, conf, -1.0).argmax(-1)  # most confident candidate, first on ties
-    reveal[torch.arange(B, device=st.x.device), best] |= stepping
-    st.x[:, q0:q1] = torch.where(reveal, pred, st.x[:, q0:q1])
-    st.ref_done |= (reveal & torch.isin(pred, st.stops)).any(1)
-    st.h = h_out if relay_on else None
-    retire(st)
-    return len(st.x) > 0
+    st.ref_done |= stop
+    st.h = h.clone() if relay_on else None  # a copy: a CUDA graph's output is overwritten by its next replay
+    return retire(st, left)
 
 
 def commit_block(model, st, q0, q1):
     """The block is complete: one more forward writes its K/V into the cache, and its last
     (unshifted) logit becomes the first token of the next block."""
-    logits, _ = block_forward(model, st, q0, q1, commit=True)
+    *_, nxt = run_block(model, st, q0, q1, None, commit=True)
     st.counts["commit"] += 1
     if q1 < st.x.shape[1]:
-        nxt = predict(logits[:, -1], st.mask_id)[0]
         st.x[:, q1] = torch.where(q1 < st.end, nxt, st.x[:, q1])
     retire(st)
 
@@ -320,10 +365,11 @@ def generate(model, prompts, *, max_new_tokens=256, threshold=0.85, bd_size=None
     A row stops after its first stop token once nothing before it is masked (the stop is included),
     or after max_new_tokens; every row produces exactly what it produces alone. use_cache=False
     recomputes the whole prefix every forward: the oracle. static=True: a StaticKVCache, every
-    one-block forward one shape, replayed as a CUDA graph on CUDA (the same tokens). compile=True
-    (with static): that forward is torch.compile'd first, so the graph replays fused kernels, not
-    one or more per elementwise op (the first call compiles for a minute). graphs=False: static
-    without CUDA graphs, the graphs' oracle at the same shapes. bd_size defaults to the model's."""
+    one-block step (forward and reveal) one shape, replayed as a CUDA graph on CUDA (the same tokens).
+    compile=True (with static): that step is torch.compile'd first, so the graph replays fused
+    kernels, not one or more per elementwise op (the first call compiles for a minute).
+    graphs=False: static without CUDA graphs, the graphs' oracle at the same shapes. bd_size defaults
+    to the model's."""
     t0 = time.time()
     dev = next(model.parameters()).device
     bd_size = bd_size or model.cfg.bd_size  # one name for the block size, everywhere
@@ -331,13 +377,23 @@ def generate(model, prompts, *, max_new_tokens=256, threshold=0.85, bd_size=None
     check_generate_args(model, prompts, max_new_tokens, bd_size, sub_block)
     st, G = left_pad(prompts, max_new_tokens, bd_size, model.cfg.mask_id, pad_id, dev)
     st.stops = torch.tensor(list(stop_ids), device=dev, dtype=torch.long)
+    st.rule = lambda logits, xb, todo: reveal_block(logits, xb, todo, threshold, sub_block, st.mask_id, st.stops)
     if static and not use_cache:
         raise ValueError("static=True is a way of caching: it needs use_cache=True")
     if compile and not static:
-        raise ValueError("compile=True compiles the static cache's one-block forward: it needs static=True")
-    st.cache = (StaticKVCache if static else KVCache)(model.cfg.n_layer, st.x.shape[1]) if use_cache else None
-    st.block_fwd = torch.compile(model, dynamic=True) if compile else model  # symbolic lengths: no recompiles
-    st.graphs = BlockGraphs(st.block_fwd, st.cache) if static and graphs and dev.type == "cuda" else None
+        raise ValueError("compile=True compiles the static cache's one-block step: it needs static=True")
+    fwd = model
+    if static:  # buffers allocated up front: neither a graph nor a compiled step may allocate them
+        st.cache = StaticKVCache(model.cfg.n_layer, st.x.shape[1])
+        st.cache.allocate(len(prompts), model.cfg.n_kv_head, model.cfg.head_dim, next(model.parameters()).dtype, dev)
+        if compile:  # the forward and the reveal rule apart (RoPE breaks the graph); symbolic lengths
+            fwd, st.rule = torch.compile(model, dynamic=True), torch.compile(st.rule, dynamic=True)
+        step = lambda xb, pos, mask, h, live: block_step(  # noqa: E731
+            lambda relay: fwd(xb, pos=pos, attn_mask=mask, relay=relay, kv_cache=st.cache), st.rule, xb, h, live,
+            st.mask_id)
+        st.step = BlockGraphs(step, st.cache) if graphs and dev.type in GRAPH_DEVICES else step
+    elif use_cache:
+        st.cache = KVCache(model.cfg.n_layer, st.x.shape[1])
     relay_on = use_relay and model.relay is not None
     # 2) prefill: the prompts' complete blocks go into the cache
     prefill(model, st, G)
@@ -345,10 +401,12 @@ def generate(model, prompts, *, max_new_tokens=256, threshold=0.85, bd_size=None
         if len(st.x) == 0:  # every row stopped
             break
         q0, q1 = b * bd_size, (b + 1) * bd_size
-        # 3) denoise the block, sub-block by sub-block; the relay carry starts empty in every block
-        st.h = None
-        while denoise_step(model, st, q0, q1, threshold, sub_block, relay_on):  # one NFE per call
-            pass
+        # 3) denoise the block, sub-block by sub-block (one NFE per step); the relay carry starts empty
+        # in every block. A row that is not done has a masked position in this block, so the first
+        # step always has work; afterwards retire says whether any is left.
+        st.h, left = None, True
+        while left:
+            left = denoise_step(model, st, q0, q1, relay_on)
         # 4) commit it: cache its K/V and predict the first token of the next block
         if len(st.x) > 0:
             commit_block(model, st, q0, q1)
