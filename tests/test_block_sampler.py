@@ -191,7 +191,7 @@ class FakeGraph:
     """CUDA-graph semantics on the CPU, to test BlockGraphs here: the capture records every op with
     its tensors; a replay runs the ops again on those same tensors and writes each result into the
     tensor the capture produced (fixed addresses, as on a GPU), so whatever a call does not copy into
-    the graph's inputs is stale. A host sync inside the capture raises, as it does on CUDA."""
+    the graph's inputs is stale. A host sync or host data inside the capture raises, as on CUDA."""
 
     def __init__(self):
         self.ops = []
@@ -215,8 +215,9 @@ def fake_cuda_graphs(monkeypatch):
             self.graph = graph
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            assert func.__name__.split(".")[0] not in ("_local_scalar_dense", "is_nonzero", "nonzero"), \
-                f"host sync inside a graph capture: {func}"
+            # a host read (sync) or a tensor made from host data (a copy from the host): CUDA refuses both
+            assert func.__name__.split(".")[0] not in ("_local_scalar_dense", "is_nonzero", "nonzero", "lift_fresh"), \
+                f"host sync or host data inside a graph capture: {func}"
             out = func(*args, **(kwargs or {}))
             self.graph.ops.append((func, args, kwargs or {}, out))
             return out
