@@ -10,8 +10,9 @@ forwards (arXiv 2605.22967; NOTES.md §1, §4, §6).
 - sample_mdm: a fixed-length canvas (Sudoku). Greedy argmax, the confidence-mass reveal rule, at most
   `max_steps` loop steps, then one final forward fills every cell still masked.
 - generate: block decoding in named stages: left_pad -> prefill -> per block (denoise_step until the
-  block is complete -> commit_block) -> rows that are done retire. An uncached path recomputes the
-  whole prefix every forward: the oracle the cached path must equal token for token.
+  block is complete -> commit_block) -> rows that are done retire. A step's device work (forward,
+  reveal, flags) is block_step, free of host syncs: on the static cache, one CUDA graph. An uncached
+  path recomputes the whole prefix every forward: the oracle the cached path must equal token for token.
 
 NFE = one call of the model's forward that denoises. Sudoku, per puzzle: the forwards it took part
 in (finished rows leave the batch); `nfe_batch` is the authors' count, loop steps + 1 for the final
