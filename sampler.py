@@ -179,7 +179,8 @@ def reveal_block(logits, xb, todo, threshold, sub_block, mask_id, stops):
     cand = todo & (ar // sub_block == sub)  # the masked positions of the current sub-block
     best = torch.where(cand, conf, -1.0).argmax(-1, keepdim=True)  # a candidate whenever there is one
     reveal = cand & ((conf > threshold) | (ar == best))
-    return torch.where(reveal, pred, xb), (reveal & torch.isin(pred, stops)).any(1)
+    is_stop = (pred[..., None] == stops).any(-1)  # not torch.isin: with many stops it sorts and syncs
+    return torch.where(reveal, pred, xb), (reveal & is_stop).any(1)
 
 
 def block_step(forward, rule, xb, h, live, mask_id):
@@ -269,11 +270,11 @@ class BlockGraphs:
 
     def __init__(self, fn, cache):
         self.fn, self.cache, self.graphs, self.k = fn, cache, {}, None
-        self.pool = torch.cuda.graph_pool_handle()
 
     def __call__(self, *args):
         if self.cache.k is not self.k:  # new cache buffers: the graphs hold the old ones
-            self.graphs, self.k = {}, self.cache.k
+            # NOTE: a new memory pool too; capturing into the pool of destroyed graphs fails an assert
+            self.graphs, self.k, self.pool = {}, self.cache.k, torch.cuda.graph_pool_handle()
         key = (len(args[0]), tuple(t is None for t in args))
         if key not in self.graphs:
             self.graphs[key] = self.capture(args)
@@ -386,7 +387,9 @@ def generate(model, prompts, *, max_new_tokens=256, threshold=0.85, bd_size=None
     fwd = model
     if static:  # buffers allocated up front: neither a graph nor a compiled step may allocate them
         st.cache = StaticKVCache(model.cfg.n_layer, st.x.shape[1])
-        st.cache.allocate(len(prompts), model.cfg.n_kv_head, model.cfg.head_dim, next(model.parameters()).dtype, dev)
+        kv_dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else \
+            next(model.parameters()).dtype  # the dtype of the keys and values the forward makes
+        st.cache.allocate(len(prompts), model.cfg.n_kv_head, model.cfg.head_dim, kv_dtype, dev)
         if compile:  # the forward and the reveal rule apart (RoPE breaks the graph); symbolic lengths
             fwd, st.rule = torch.compile(model, dynamic=True), torch.compile(st.rule, dynamic=True)
         step = lambda xb, pos, mask, h, live: block_step(  # noqa: E731
@@ -403,9 +406,10 @@ def generate(model, prompts, *, max_new_tokens=256, threshold=0.85, bd_size=None
             break
         q0, q1 = b * bd_size, (b + 1) * bd_size
         # 3) denoise the block, sub-block by sub-block (one NFE per step); the relay carry starts empty
-        # in every block. A row that is not done has a masked position in this block, so the first
-        # step always has work; afterwards retire says whether any is left.
-        st.h, left = None, True
+        # in every block. A row that is not done has a masked position in this block (unless blocks
+        # are one token, which the prefill or commit fills), so the first step has work; afterwards
+        # retire says whether any is left.
+        st.h, left = None, bd_size > 1
         while left:
             left = denoise_step(model, st, q0, q1, relay_on)
         # 4) commit it: cache its K/V and predict the first token of the next block
@@ -510,7 +514,7 @@ def bench(model, tok, args, gen_kw):
             + (f" | graphs = static_eager: {row['graphs_same_tokens']}" if "graphs_same_tokens" in row else ""),
             flush=True)
     # the graph path's other ways in, against the oracle: a prompt under one block (no prefill), and
-    # one of one to two blocks (its prefill is one block long, so it runs through a graph)
+    # one of one to two blocks (a one-block prefill, then the graph)
     text, same = tok.encode("def add(a, b):\n    return a + b\n" * 3), {}
     for n in (12, 40):
         outs = [generate(model, [text[:n]], **{**gen_kw, **modes[m], "max_new_tokens": 64})[0]
@@ -560,7 +564,7 @@ def get_args(argv=None):
     p.add_argument("--no-relay", action="store_true", help="do not carry the relay state")
     p.add_argument("--static", action="store_true", help="one-shape cache, CUDA graphs on CUDA (the same tokens)")
     p.add_argument("--compile", action="store_true",
-                   help="with --static: torch.compile the block forward first (fused kernels; compiles for a minute)")
+                   help="with --static: torch.compile the block step first (fused kernels; compiles for a minute)")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="weights dtype; auto = bfloat16 on CUDA, float32 elsewhere")

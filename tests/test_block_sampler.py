@@ -194,7 +194,11 @@ class FakeGraph:
     the graph's inputs is stale. A host sync or host data inside the capture raises, as on CUDA."""
 
     def __init__(self):
-        self.ops = []
+        self.ops, self.pool = [], None
+
+    def __del__(self):
+        if self.pool is not None:
+            self.pool["graphs"] -= 1
 
     def replay(self):
         for func, args, kwargs, out in self.ops:
@@ -224,6 +228,9 @@ def fake_cuda_graphs(monkeypatch):
 
     @contextmanager
     def graph(g, pool=None):
+        # as CUDA's allocator: a pool whose graphs were all destroyed cannot take a new capture
+        assert pool["graphs"] > 0 or not pool["used"], "capture into the pool of destroyed graphs"
+        g.pool, pool["graphs"], pool["used"] = pool, pool["graphs"] + 1, True
         with Record(g):
             yield
 
@@ -233,11 +240,11 @@ def fake_cuda_graphs(monkeypatch):
 
     captures = []
     monkeypatch.setattr(sampler, "GRAPH_DEVICES", ("cpu", "cuda"))
-    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: {"graphs": 0, "used": False})
     monkeypatch.setattr(torch.cuda, "Stream", Stream)
     monkeypatch.setattr(torch.cuda, "current_stream", Stream)
     monkeypatch.setattr(torch.cuda, "stream", lambda s: nullcontext())
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: captures.append(FakeGraph()) or captures[-1])
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: captures.append(1) or FakeGraph())  # no reference kept
     monkeypatch.setattr(torch.cuda, "graph", graph)
     return captures
 
@@ -261,3 +268,20 @@ def test_graphed_block_steps_equal_the_dynamic_cache(llm, monkeypatch, use_relay
     # all five rows, then at most three (rows leave once half are done), then one: relay or not each
     assert 2 <= len(captures) <= (2 if use_relay else 1) * 3
     assert st_g["denoise_calls"] + st_g["commit_calls"] > 4 * len(captures)  # most steps are replays
+
+
+def test_one_token_blocks_need_no_denoising_forward(llm):
+    """bd_size 1: the prefill or the commit fills each block's only position, so no block has
+    anything to denoise: no denoising forward runs, and none is counted."""
+    for static in (False, True):
+        out, st = generate(llm, PROMPTS, **{**KW, "bd_size": 1, "sub_block": 1, "max_new_tokens": 5}, static=static)
+        assert all(len(o) == 5 for o in out) and st["denoise_calls"] == 0 and st["nfe"] == [0] * len(PROMPTS)
+
+
+def test_static_cache_under_autocast(llm):
+    """Under bf16 autocast the keys and values are bf16 while the weights are fp32: the static cache
+    is allocated in the dtype the forward makes, and decodes as the dynamic cache does."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        dyn, _ = generate(llm, PROMPTS, **KW)
+        sta, _ = generate(llm, PROMPTS, static=True, **KW)
+    assert sta == dyn
