@@ -266,10 +266,12 @@ class BlockGraphs:
     instead of hundreds of kernels. Captured on first use, and again after rows leave (the cache's
     buffers change). An input that is the same tensor object as at the graph's last call is not copied
     again (block_inputs). NOTE: the outputs are the graphs' own tensors, which the next replay of any
-    of these graphs may overwrite (they share a memory pool): use or copy them before that."""
+    of these graphs may overwrite (they share a memory pool): use or copy them before that.
+    captures, capture_s: graphs captured and the wall time spent on them (warm-up included)."""
 
     def __init__(self, fn, cache):
         self.fn, self.cache, self.graphs, self.k = fn, cache, {}, None
+        self.captures, self.capture_s = 0, 0.0
 
     def __call__(self, *args):
         if self.cache.k is not self.k:  # new cache buffers: the graphs hold the old ones
@@ -287,6 +289,7 @@ class BlockGraphs:
         return outputs
 
     def capture(self, args):
+        t0 = time.time()
         inputs = [t.clone() if t is not None else None for t in args]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -297,6 +300,8 @@ class BlockGraphs:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             outputs = self.fn(*inputs)
+        torch.cuda.current_stream().synchronize()
+        self.captures, self.capture_s = self.captures + 1, self.capture_s + time.time() - t0
         return graph, inputs, list(args), outputs
 
 
@@ -418,11 +423,13 @@ def generate(model, prompts, *, max_new_tokens=256, threshold=0.85, bd_size=None
     if dev.type == "cuda":  # the clock stops when the device is done, not when the launches are
         torch.cuda.synchronize(dev)
     secs = time.time() - t0
-    n = st.counts
+    n, graphs = st.counts, st.step if isinstance(st.step, BlockGraphs) else None
     return st.out, {"nfe": st.nfe_out, "nfe_ref": st.nfe_ref_out, "new_tokens": [len(o) for o in st.out],
                     "forward_calls": n["prefill"] + n["denoise"] + n["commit"], "denoise_calls": n["denoise"],
                     "prefill_calls": n["prefill"], "commit_calls": n["commit"], "forward_tokens": n["tokens"],
-                    "seconds": secs, "tokens_per_s": sum(map(len, st.out)) / max(secs, 1e-9)}
+                    "seconds": secs, "tokens_per_s": sum(map(len, st.out)) / max(secs, 1e-9),
+                    "graph_captures": graphs.captures if graphs else 0,  # CUDA graphs, and the seconds in `seconds`
+                    "graph_capture_s": graphs.capture_s if graphs else 0.0}  # spent capturing them
 
 
 # ---------------------------------------------------------------------------------------------
@@ -467,9 +474,10 @@ def bench(model, tok, args, gen_kw):
     """Per new-token length, one prompt at a time over BENCH_PROMPTS after a warm-up: tokens/s,
     forwards/s and ms per forward of each --bench-modes mode -- static (StaticKVCache; CUDA graphs
     on CUDA), compiled (the same, its forward torch.compile'd), cached (KVCache) and uncached (the
-    oracle) -- and whether their tokens equal the oracle's; prompts under one and two blocks against
-    the oracle. Then --bench-batch rows: B prompts at once in the fastest mode timed, and whether
-    each row's tokens are its batch-1 tokens. Random weights reveal about one token per forward, real
+    oracle) -- whether their tokens equal the oracle's, and how much of a forward's time went into
+    capturing CUDA graphs (once per generate() call and batch size); prompts under one and two
+    blocks against the oracle. Then --bench-batch rows: B prompts at once in the fastest mode timed,
+    and whether each row's tokens are its batch-1 tokens. Random weights reveal about one token per forward, real
     ones several: tokens/s and forwards/s say different things."""
     rows, cuda = [], args.device.startswith("cuda")
     modes = {m: MODES[m] for m in args.bench_modes}
@@ -481,6 +489,7 @@ def bench(model, tok, args, gen_kw):
         return out, {"tokens_per_s": sum(st["new_tokens"]) / st["seconds"], "forwards_per_s": st["forward_calls"] /
                      st["seconds"], "ms_per_forward": 1e3 * st["seconds"] / st["forward_calls"], "seconds": st["seconds"],
                      "new_tokens": sum(st["new_tokens"]), "nfe": sum(st["nfe"]) / len(prompts), "forwards": st["forward_calls"],
+                     "capture_s": st["graph_capture_s"],
                      "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None}
 
     chats = [tok.encode(tok.chat(p)) for p in BENCH_PROMPTS[:args.bench_prompts]]
@@ -494,12 +503,12 @@ def bench(model, tok, args, gen_kw):
         res = {m: [run([ids], n, m) for ids in chats] for m in modes}  # per mode: [(out, stats)] per prompt
         row = {"max_new_tokens": n, "batch": 1}
         for m, runs in res.items():
-            secs = sum(r[1]["seconds"] for r in runs)
-            row[m] = {"tokens_per_s": sum(r[1]["new_tokens"] for r in runs) / secs,
-                      "ms_per_forward": 1e3 * secs / sum(r[1]["forwards"] for r in runs),
+            secs, fwds = sum(r[1]["seconds"] for r in runs), sum(r[1]["forwards"] for r in runs)
+            row[m] = {"tokens_per_s": sum(r[1]["new_tokens"] for r in runs) / secs, "ms_per_forward": 1e3 * secs / fwds,
                       "same_tokens": [r[0] for r in runs] == [r[0] for r in res["uncached"]],
                       "first_diff": first_diff([r[0] for r in runs], [r[0] for r in res["uncached"]]),
-                      "nfe": sum(r[1]["nfe"] for r in runs) / len(runs), "peak_gib": runs[-1][1]["peak_gib"]}
+                      "nfe": sum(r[1]["nfe"] for r in runs) / len(runs), "peak_gib": runs[-1][1]["peak_gib"],
+                      "capture_ms_per_forward": 1e3 * sum(r[1]["capture_s"] for r in runs) / fwds}  # in ms_per_forward
         row.update({f"{m}_vs_uncached": row[m]["tokens_per_s"] / row["uncached"]["tokens_per_s"]
                     for m in modes if m != "uncached"})
         if "static" in res and "static_eager" in res:
@@ -508,7 +517,8 @@ def bench(model, tok, args, gen_kw):
             row["graphs_same_tokens"] = [r[0] for r in res["static"]] == [r[0] for r in res["static_eager"]]
         rows.append(row)
         print(f"{n:>6} new tokens, batch 1 | " + " | ".join(
-            f"{m} {row[m]['tokens_per_s']:8.1f} tok/s {row[m]['ms_per_forward']:6.2f} ms/fwd" for m in modes)
+            f"{m} {row[m]['tokens_per_s']:8.1f} tok/s {row[m]['ms_per_forward']:6.2f} ms/fwd"
+            + (f" (capture {c:.2f})" if (c := row[m]["capture_ms_per_forward"]) else "") for m in modes)
             + " | same tokens " + (", ".join(f"{m}: no, (row, token) {row[m]['first_diff']}" for m in modes
                                             if row[m]["first_diff"]) or "True")
             + (f" | graphs = static_eager: {row['graphs_same_tokens']}" if "graphs_same_tokens" in row else ""),
