@@ -166,26 +166,57 @@ def synthetic_rows(problems, tok, seq_len, bd):
 
 
 class Rows:
-    """Training rows for one chunk of the global batch: a numpy stream whose state is the data
-    position. fetch(n) -> x0 (n, L) long, fixed (n, L) bool (True = context, never masked).
-    bucket=W (row lists): the n rows of a fetch come from W neighbours in length order, so a batch
-    is about as long as its rows and the losses cut the rest (relay.used_width). On code_tasks.py's
-    problems with W = a tenth of them: batches 214 instead of 311 tokens wide, ~1.7x less compute,
-    10 instead of 12.5 families in 16 rows. Every row is still drawn about equally often."""
+    """Training rows for one chunk of the global batch. fetch(n) -> x0 (n, L) long, fixed (n, L) bool
+    (True = context, never masked). Row lists come in epochs, as a distributed sampler deals them:
+    each epoch is one seeded permutation of all rows, the same for every chunk; chunk c of C takes
+    every C-th row of it from c on, and a fetch goes on where the last one stopped, so every row is
+    drawn once an epoch. bucket=W: the permutation is sorted by length within windows of W rows
+    (alternately up and down), so the rows of a fetch are about equally long and the losses cut the
+    rest (relay.used_width; on code_tasks.py's problems, W = a tenth of them). A token stream: random
+    windows. state() is the data position, saved in checkpoints."""
 
-    def __init__(self, data, seq_len, seed, chunk, pad_id, device, bucket=0):
+    def __init__(self, data, seq_len, seed, chunk, pad_id, device, bucket=0, chunks=1):
+        if not isinstance(data, np.ndarray) and len(data) < chunks:
+            raise ValueError(f"{len(data)} rows cannot be dealt to {chunks} chunks of the batch: give more rows "
+                             f"or a smaller --batch-size / --micro-batch ratio")
         self.data, self.L, self.pad, self.device = data, seq_len, pad_id, device
-        self.rng = np.random.default_rng([seed, chunk])
-        self.bucket = min(bucket, len(data))
+        self.seed, self.chunk, self.chunks, self.bucket = seed, chunk, chunks, bucket
+        self.rewind()
+
+    def rewind(self):
+        """Back to the start: epoch 0, its first row (and the token stream's first window)."""
+        self.rng = np.random.default_rng([self.seed, self.chunk])  # the token stream's windows
+        self.epoch, self.pos, self.order = 0, 0, None
+
+    def state(self):
+        return {"epoch": self.epoch, "pos": self.pos, "rng": self.rng.bit_generator.state}
+
+    def load_state(self, s):
+        self.epoch, self.pos, self.order = s["epoch"], s["pos"], None
+        self.rng.bit_generator.state = s["rng"]
+
+    def epoch_order(self):
+        """This chunk's rows of the current epoch, in the order they are drawn."""
+        perm = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.data))
         if self.bucket:
-            self.by_length = np.argsort([len(ids) for ids, _ in data], kind="stable")
+            lengths = np.array([len(ids) for ids, _ in self.data])
+            windows = np.array_split(perm, -(-len(perm) // self.bucket))  # sorted up, down, up, ...: a fetch
+            perm = np.concatenate([w[np.argsort(lengths[w], kind="stable")][::1 - 2 * (k % 2)]  # that spans two
+                                   for k, w in enumerate(windows)])  # windows joins rows of similar length
+        return perm[self.chunk % self.chunks::self.chunks]  # (a held-out stream's chunk id is only a seed)
 
     def pick(self, n):
-        """n row indices: uniform, or n of `bucket` neighbours in length order."""
-        if not self.bucket or n > self.bucket:
-            return self.rng.integers(0, len(self.data), size=n)
-        start = self.rng.integers(0, len(self.data) - self.bucket + 1)
-        return self.by_length[start + self.rng.choice(self.bucket, size=n, replace=False)]
+        """The next n row indices of this chunk's share of the epochs."""
+        out = []
+        while len(out) < n:
+            if self.order is None:
+                self.order = self.epoch_order()
+            take = self.order[self.pos:self.pos + n - len(out)]
+            out.extend(take.tolist())
+            self.pos += len(take)
+            if self.pos == len(self.order):  # the epoch is over: the next one is another permutation
+                self.epoch, self.pos, self.order = self.epoch + 1, 0, None
+        return out
 
     def __call__(self, n):
         if isinstance(self.data, np.ndarray):  # a token stream: random windows, token 0 is context

@@ -321,7 +321,7 @@ def gather_state(args, raw, opt, with_optimizer=True):
 
 def save(args, d, path, step, raw, opt, streams, gens, bufs):
     """Every rank's data position, noise generators and rollout buffers, plus the gathered weights."""
-    mine = {"streams": [s.rng.bit_generator.state for s in streams], "gens": [g.get_state() for g in gens],
+    mine = {"streams": [s.state() for s in streams], "gens": [g.get_state() for g in gens],
             "bufs": [b.state_dict() for b in bufs], "torch_rng": torch.get_rng_state()}
     ranks = [None] * d.world
     if d.ddp:
@@ -356,8 +356,10 @@ def resume(args, d, path, raw, opt, streams, gens, bufs):
         load_state(raw, ck["model"], path)
         opt.load_state_dict(ck["optimizer"])
     mine = ck["ranks"][d.rank]
+    if any("epoch" not in v for v in mine["streams"]):
+        raise ValueError(f"{path} was written before rows were drawn in epochs: its data position cannot be restored")
     for s, v in zip(streams, mine["streams"]):
-        s.rng.bit_generator.state = v
+        s.load_state(v)
     for g, v in zip(gens, mine["gens"]):
         g.set_state(v)
     for b, v in zip(bufs, mine["bufs"]):
@@ -414,7 +416,7 @@ def validate(model, val_rows, args, ctx):
     """Held-out SFT loss with fixed rows and noise: one scale for every objective (no relay)."""
     model.eval()
     gen = torch.Generator(device=val_rows.device).manual_seed(args.seed + 1)
-    val_rows.rng = np.random.default_rng([args.seed, 10 ** 6])
+    val_rows.rewind()
     losses = []
     for _ in range(args.eval_batches):
         x0, fixed = val_rows(args.micro_batch)
@@ -515,6 +517,7 @@ def train(args, d):
     claim(args, d)  # before any work: never two runs in one OUT_DIR, never a new run over a checkpoint
     t_start = time.time()
     tok = get_tokenizer(args)
+    raw = build_model(args, tok)  # before the data: --init-from sets the block size the rows are padded to
     train_data, val_data, val_text = load_data(args, tok, d)
     args.schedule = schedule_steps(args, train_data)
     if args.schedule != args.max_steps:
@@ -526,7 +529,7 @@ def train(args, d):
             raise RuntimeError(f"--eval-problems {args.eval_problems} runs model code in a sandbox: {e}. Or train "
                                f"with --eval-problems 0 and score later: sudo python eval_code.py ...") from None
     # 2) model, wrapper, optimizer; per chunk: a row stream, a noise generator, a rollout buffer
-    raw = build_model(args, tok).to(d.device).train()
+    raw = raw.to(d.device).train()
     d.log(f"model: {raw.num_params() / 1e6:.2f}M parameters, objective {args.objective}, bd_size {args.bd_size}, "
           f"{d.world} process(es) x {args.micro_batch} rows x {len(chunks)} micro-steps, {d.device} {args.dtype}")
     model = wrap_model(args, raw, d)  # what backward/no_sync go through; raw = the unwrapped weights
@@ -536,7 +539,8 @@ def train(args, d):
     pad_id = tok.added["<|endoftext|>"]
     # each chunk draws its rows, noise and rollout trajectories from its own seeded state
     bucket = len(train_data) // 10 if args.data == "synthetic" else 0  # similar lengths in a batch (code_data.Rows)
-    streams = [Rows(train_data, args.seq_len, args.seed, c, pad_id, d.device, bucket) for c in chunks]
+    n_chunks = args.batch_size // args.micro_batch  # all processes' chunks: each takes its share of every epoch
+    streams = [Rows(train_data, args.seq_len, args.seed, c, pad_id, d.device, bucket, n_chunks) for c in chunks]
     val_rows = Rows(val_data, args.seq_len, args.seed, 10 ** 6, pad_id, d.device)
     gens = [torch.Generator(device=d.device).manual_seed(args.seed * 1000 + c) for c in chunks]
     n_bufs = (len(chunks) if args.buffers == "chunk" else 1) if args.objective != "sft" else 0

@@ -89,6 +89,38 @@ def test_resume_reproduces_the_next_losses(tmp_path, objective, warm):
                  ["--out-dir", str(tmp_path / "b"), "--resume"])
 
 
+def test_rows_come_in_epochs_dealt_to_the_chunks():
+    """Every row once an epoch over all chunks of the batch (as a distributed sampler deals them),
+    with or without length buckets, in fetches of any size; the next epoch is another order; a saved
+    data position resumes the same rows; length buckets make a fetch's rows about equally long."""
+    import numpy as np
+    data = [(np.array([i + 1] + [200] * (i * 7 % 13), dtype=np.int32), np.ones(1 + i * 7 % 13, dtype=bool))
+            for i in range(200)]
+    spread = {}
+    for bucket in (0, 40):
+        streams = [code_data.Rows(data, 16, 0, c, 0, "cpu", bucket, chunks=2) for c in range(2)]
+        epochs, widths = [], []
+        for _ in range(2):
+            seen = []
+            for s in streams:
+                for n in (3, 4, 5, 6, 7) * 4:  # 100 rows: this chunk's share of one epoch
+                    x0, fixed = s(n)
+                    seen += x0[:, 0].tolist()
+                    lengths = (~fixed[:, 1:]).sum(1) + 1
+                    widths.append(int(lengths.max() - lengths.min()))
+            assert sorted(seen) == list(range(1, 201))
+            epochs.append(seen)
+        assert epochs[0] != epochs[1]
+        spread[bucket] = np.mean(widths)
+        a, b = (code_data.Rows(data, 16, 0, 1, 0, "cpu", bucket, chunks=2) for _ in range(2))
+        a(130)  # into the second epoch
+        b.load_state(a.state())
+        assert torch.equal(a(9)[0], b(9)[0])
+    assert spread[40] < spread[0] / 2
+    with pytest.raises(ValueError, match="3 rows cannot be dealt to 4 chunks"):
+        code_data.Rows(data[:3], 16, 0, 0, 0, "cpu", chunks=4)
+
+
 def test_chat_jsonl_validation(tmp_path, capsys):
     tok = byte_tokenizer()
     good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
@@ -215,10 +247,14 @@ def test_presets_are_defaults_and_the_paper_preset_needs_weights(capsys):
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the sandbox needs root (it refuses otherwise)")
-def test_synthetic_task_fine_tunes_a_qwen_checkpoint(tmp_path, capsys):
+def test_synthetic_task_fine_tunes_a_qwen_checkpoint(tmp_path, capsys, monkeypatch):
     """--init-from a Qwen2-layout checkpoint with its own BPE tokenizer, on the default generated
-    problems: rows are tokenized with that tokenizer, the run trains, saves a checkpoint that loads,
-    and solves held-out problems through the sandbox."""
+    problems: rows are tokenized with that tokenizer and padded to its block size (8, where the tiny
+    preset says 16), the run trains, saves a checkpoint that loads, and solves held-out problems
+    through the sandbox."""
+    blocks = []
+    rows = train_code.synthetic_rows
+    monkeypatch.setattr(train_code, "synthetic_rows", lambda *a: blocks.append(a[-1]) or rows(*a))
     transformers = pytest.importorskip("transformers")
     from test_fastdllm import build_hf_tokenizer
     from model import from_pretrained
@@ -237,6 +273,7 @@ def test_synthetic_task_fine_tunes_a_qwen_checkpoint(tmp_path, capsys):
                          "--out-dir", str(tmp_path / "o")])
     out = capsys.readouterr().out
     assert r["steps"] == 2 and 0 <= r["pass@1"] <= 1 and "held-out problems: pass@1" in out
+    assert blocks == [8, 8]  # training and held-out rows
     m = from_pretrained(str(tmp_path / "o" / "hf"))
     assert m.cfg.vocab_size == c.vocab_size and m.relay is not None
 
