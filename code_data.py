@@ -168,19 +168,20 @@ def synthetic_rows(problems, tok, seq_len, bd):
 class Rows:
     """Training rows for one chunk of the global batch. fetch(n) -> x0 (n, L) long, fixed (n, L) bool
     (True = context, never masked). Row lists come in epochs, as a distributed sampler deals them:
-    each epoch is one seeded permutation of all rows, the same for every chunk; chunk c of C takes
-    every C-th row of it from c on, and a fetch goes on where the last one stopped, so every row is
-    drawn once an epoch. bucket=W: the permutation is sorted by length within windows of W rows
-    (alternately up and down), so the rows of a fetch are about equally long and the losses cut the
-    rest (relay.used_width; on code_tasks.py's problems, W = a tenth of them). A token stream: random
-    windows. state() is the data position, saved in checkpoints."""
+    each epoch is one seeded permutation of all rows, the same for every chunk, cut into groups of
+    `group` rows (a micro-batch); chunk c of C takes every C-th group from c on, and a fetch goes on
+    where the last one stopped, so every row is drawn once an epoch. bucket=W: each window of W rows
+    of the permutation is sorted by length before it is cut into groups, and the groups are shuffled,
+    so a micro-batch's rows are about equally long (the losses cut the rest, relay.used_width; on
+    code_tasks.py's problems W = a tenth of them) while consecutive micro-batches are not. A token
+    stream: random windows. state() is the data position, saved in checkpoints."""
 
-    def __init__(self, data, seq_len, seed, chunk, pad_id, device, bucket=0, chunks=1):
-        if not isinstance(data, np.ndarray) and len(data) < chunks:
-            raise ValueError(f"{len(data)} rows cannot be dealt to {chunks} chunks of the batch: give more rows "
-                             f"or a smaller --batch-size / --micro-batch ratio")
+    def __init__(self, data, seq_len, seed, chunk, pad_id, device, bucket=0, chunks=1, group=1):
+        if not isinstance(data, np.ndarray) and len(data) < chunks * group:
+            raise ValueError(f"{len(data)} rows cannot be dealt to {chunks} chunks of the batch in groups of {group}: "
+                             f"give more rows or a smaller --batch-size")
         self.data, self.L, self.pad, self.device = data, seq_len, pad_id, device
-        self.seed, self.chunk, self.chunks, self.bucket = seed, chunk, chunks, bucket
+        self.seed, self.chunk, self.chunks, self.bucket, self.group = seed, chunk, chunks, bucket, group
         self.rewind()
 
     def rewind(self):
@@ -197,13 +198,16 @@ class Rows:
 
     def epoch_order(self):
         """This chunk's rows of the current epoch, in the order they are drawn."""
-        perm = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.data))
+        rng, g = np.random.default_rng([self.seed, self.epoch]), self.group
+        perm = rng.permutation(len(self.data))
+        if self.bucket:  # windows a whole number of groups long, each sorted by length
+            lengths, w = np.array([len(ids) for ids, _ in self.data]), -(-self.bucket // g) * g
+            windows = np.split(perm, range(w, len(perm), w))
+            perm = np.concatenate([p[np.argsort(lengths[p], kind="stable")] for p in windows])
+        groups = np.split(perm, range(g, len(perm), g))
         if self.bucket:
-            lengths = np.array([len(ids) for ids, _ in self.data])
-            windows = np.array_split(perm, -(-len(perm) // self.bucket))  # sorted up, down, up, ...: a fetch
-            perm = np.concatenate([w[np.argsort(lengths[w], kind="stable")][::1 - 2 * (k % 2)]  # that spans two
-                                   for k, w in enumerate(windows)])  # windows joins rows of similar length
-        return perm[self.chunk % self.chunks::self.chunks]  # (a held-out stream's chunk id is only a seed)
+            groups = [groups[i] for i in rng.permutation(len(groups))]
+        return np.concatenate(groups[self.chunk % self.chunks::self.chunks])  # (a held-out stream's chunk id: a seed)
 
     def pick(self, n):
         """The next n row indices of this chunk's share of the epochs."""

@@ -540,7 +540,8 @@ def train(args, d):
     # each chunk draws its rows, noise and rollout trajectories from its own seeded state
     bucket = len(train_data) // 10 if args.data == "synthetic" else 0  # similar lengths in a batch (code_data.Rows)
     n_chunks = args.batch_size // args.micro_batch  # all processes' chunks: each takes its share of every epoch
-    streams = [Rows(train_data, args.seq_len, args.seed, c, pad_id, d.device, bucket, n_chunks) for c in chunks]
+    streams = [Rows(train_data, args.seq_len, args.seed, c, pad_id, d.device, bucket, n_chunks, args.micro_batch)
+               for c in chunks]
     val_rows = Rows(val_data, args.seq_len, args.seed, 10 ** 6, pad_id, d.device)
     gens = [torch.Generator(device=d.device).manual_seed(args.seed * 1000 + c) for c in chunks]
     n_bufs = (len(chunks) if args.buffers == "chunk" else 1) if args.objective != "sft" else 0

@@ -92,33 +92,37 @@ def test_resume_reproduces_the_next_losses(tmp_path, objective, warm):
 def test_rows_come_in_epochs_dealt_to_the_chunks():
     """Every row once an epoch over all chunks of the batch (as a distributed sampler deals them),
     with or without length buckets, in fetches of any size; the next epoch is another order; a saved
-    data position resumes the same rows; length buckets make a fetch's rows about equally long."""
+    data position resumes the same rows; length buckets make a micro-batch's rows about equally long
+    but do not order the micro-batches by length."""
     import numpy as np
     data = [(np.array([i + 1] + [200] * (i * 7 % 13), dtype=np.int32), np.ones(1 + i * 7 % 13, dtype=bool))
-            for i in range(200)]
-    spread = {}
-    for bucket in (0, 40):
-        streams = [code_data.Rows(data, 16, 0, c, 0, "cpu", bucket, chunks=2) for c in range(2)]
-        epochs, widths = [], []
+            for i in range(2000)]
+    spread, trend = {}, {}
+    for bucket in (0, 400):
+        streams = [code_data.Rows(data, 16, 0, c, 0, "cpu", bucket, chunks=2, group=5) for c in range(2)]
+        epochs, widths, means = [], [], []
         for _ in range(2):
             seen = []
             for s in streams:
-                for n in (3, 4, 5, 6, 7) * 4:  # 100 rows: this chunk's share of one epoch
+                for n in (5,) * 196 + (3, 4, 6, 7):  # 1000 rows: this chunk's share of one epoch
                     x0, fixed = s(n)
                     seen += x0[:, 0].tolist()
-                    lengths = (~fixed[:, 1:]).sum(1) + 1
-                    widths.append(int(lengths.max() - lengths.min()))
-            assert sorted(seen) == list(range(1, 201))
+                    lengths = ((~fixed).sum(1) + 1).float()
+                    if n == 5:
+                        widths.append(float(lengths.max() - lengths.min()))
+                        means.append(float(lengths.mean()))
+            assert sorted(seen) == list(range(1, 2001))
             epochs.append(seen)
         assert epochs[0] != epochs[1]
         spread[bucket] = np.mean(widths)
-        a, b = (code_data.Rows(data, 16, 0, 1, 0, "cpu", bucket, chunks=2) for _ in range(2))
-        a(130)  # into the second epoch
+        trend[bucket] = abs(np.corrcoef(means[:-1], means[1:])[0, 1])  # neighbouring micro-batches' lengths
+        a, b = (code_data.Rows(data, 16, 0, 1, 0, "cpu", bucket, chunks=2, group=5) for _ in range(2))
+        a(1030)  # into the second epoch
         b.load_state(a.state())
         assert torch.equal(a(9)[0], b(9)[0])
-    assert spread[40] < spread[0] / 2
-    with pytest.raises(ValueError, match="3 rows cannot be dealt to 4 chunks"):
-        code_data.Rows(data[:3], 16, 0, 0, 0, "cpu", chunks=4)
+    assert spread[400] < spread[0] / 2 and trend[400] < 0.3
+    with pytest.raises(ValueError, match="7 rows cannot be dealt to 2 chunks of the batch in groups of 4"):
+        code_data.Rows(data[:7], 16, 0, 0, 0, "cpu", chunks=2, group=4)
 
 
 def test_chat_jsonl_validation(tmp_path, capsys):
