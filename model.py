@@ -283,6 +283,32 @@ def apply_rope(x, cos, sin):  # x: (B, H, T, hd); in x's dtype, as Qwen2 does
     return x * cos.to(x.dtype) + torch.cat([-x2, x1], dim=-1) * sin.to(x.dtype)
 
 
+def dropout(x, p, training=True):
+    """F.dropout, but eager on the CPU the mask comes from 16 random bits per element: torch's CPU
+    Bernoulli sampler takes about 3x as long and was 13-18 % of a bf16 Sudoku training step
+    (RESULTS.md, "CPU training throughput"). An element is kept with probability q = 1 - round(p 2^16)
+    / 2^16 (within 2^-17 of 1 - p) and scaled by 1/q, so the output's mean is x exactly. Seeded by
+    torch's CPU generator like F.dropout, though the two draw different masks."""
+    if not training or not 0 < p < 1 or x.device.type != "cpu" or torch.compiler.is_compiling():
+        return F.dropout(x, p, training)  # on GPUs and in compiled code torch's own is fused and fast
+    drop = round(p * 65536)
+    bits = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_(-2 ** 63, 2 ** 63 - 1)
+    keep = bits.view(torch.int16)[:x.numel()].view(x.shape) >= drop - 32768  # P = (65536 - drop) / 65536
+    return torch.where(keep, x * (65536 / (65536 - drop)), 0)
+
+
+def attention_math(q, k, v, attn_mask=None, dropout_p=0.0):
+    """softmax(q k^T / sqrt(hd) + mask) v with dropout on the probabilities, written out. SDPA runs
+    this math anyway on the CPU when dropout is on, but upcasts bf16 inputs to fp32 for both
+    matmuls and draws its mask with the slow sampler; here the matmuls stay in the input dtype
+    (accumulating in fp32) and only the softmax runs in fp32, as the fused GPU kernels do.
+    q: (B, H, T, hd); k, v: (B, H, S, hd); attn_mask: bool, True = may attend."""
+    att = (q @ k.transpose(-2, -1)).float() * q.shape[-1] ** -0.5
+    if attn_mask is not None:
+        att = att.masked_fill(~attn_mask, float("-inf"))
+    return dropout(att.softmax(-1).to(v.dtype), dropout_p) @ v
+
+
 class Attention(nn.Module):
     def __init__(self, cfg, i):
         super().__init__()
@@ -304,7 +330,11 @@ class Attention(nn.Module):
             k, v = kv_cache.update(self.i, k, v)  # (B, Hkv, P + T, hd): committed prefix + this input
         dropout_p = self.dropout if self.training else 0.0
         g = self.n_head // self.n_kv_head  # query head h reads K/V head h // g
-        if attn_mask is None or g == 1:
+        if dropout_p and q.device.type == "cpu" and not torch.compiler.is_compiling():  # eager CPU training
+            if g > 1:
+                k, v = (t.repeat_interleave(g, 1) for t in (k, v))
+            y = attention_math(q, k, v, attn_mask, dropout_p)
+        elif attn_mask is None or g == 1:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, enable_gqa=g > 1)
         # NOTE: SDPA given both enable_gqa and a mask runs its math kernel on CUDA, which builds the
         # whole (B, H, T, S) score matrix in fp32. With a mask, one of two exact rewrites keeps a fused kernel:
@@ -337,11 +367,12 @@ class Block(nn.Module):
         self.self_attn = Attention(cfg, i)
         self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.mlp = MLP(cfg)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.dropout = cfg.dropout
 
     def forward(self, x, cos, sin, attn_mask, kv_cache):
-        x = x + self.drop(self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, kv_cache))
-        return x + self.drop(self.mlp(self.post_attention_layernorm(x)))
+        p = self.dropout
+        x = x + dropout(self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, kv_cache), p, self.training)
+        return x + dropout(self.mlp(self.post_attention_layernorm(x)), p, self.training)
 
 
 

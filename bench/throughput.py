@@ -41,6 +41,8 @@ p.add_argument("--objectives", nargs="+", choices=OBJECTIVES, default=list(OBJEC
 p.add_argument("--profile", action="store_true", help="print where 5 steps of relay spend their time (torch.profiler)")
 p.add_argument("--n-gen", type=int, default=200, help="puzzles to generate for the generator timing")
 args, rest = p.parse_known_args()
+if args.n_gen < 1:
+    p.error(f"--n-gen {args.n_gen}: the training steps draw their rows from these puzzles, so at least 1")
 
 
 PEAK_BF16 = 989e12  # dense bf16 FLOP/s of an H100 SXM or H200 (NVIDIA's data sheets)

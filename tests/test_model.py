@@ -112,3 +112,44 @@ def test_compiled_equals_eager(tiny_cfg):
         m.zero_grad()
     torch.testing.assert_close(out["compiled"], out["eager"], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(fast(idx, relay=relay), m(idx, relay=relay), rtol=1e-4, atol=1e-5)
+
+
+def test_cpu_dropout_keeps_each_element_at_the_rate_and_the_mean():
+    """model.dropout (random bits instead of torch's Bernoulli sampler on the CPU): every element,
+    whichever of the four 16-bit lanes of a 64-bit draw it comes from, is kept with probability 1 - p
+    and scaled so the mean is unchanged; the gradient flows through kept elements only; eval mode and
+    p = 0 are the identity; the mask follows torch's seed."""
+    from model import dropout
+    x = torch.ones(4_000_000)
+    torch.manual_seed(0)
+    y = dropout(x, 0.1)
+    kept = (y != 0).view(-1, 4).float().mean(0)  # per lane: 1M draws, sd 3e-4
+    torch.testing.assert_close(kept, torch.full((4,), 0.9), atol=2e-3, rtol=0)
+    assert set(y.unique().tolist()) == {0.0, torch.tensor(65536 / (65536 - round(0.1 * 65536))).item()}
+    torch.testing.assert_close(y.mean(), torch.tensor(1.0), atol=2e-3, rtol=0)
+    torch.manual_seed(0)
+    assert torch.equal(dropout(x, 0.1), y)
+    xb = torch.randn(5, 7, dtype=torch.bfloat16, requires_grad=True)
+    yb = dropout(xb, 0.5)
+    yb.float().sum().backward()
+    assert yb.dtype == torch.bfloat16 and torch.equal(xb.grad != 0, yb != 0)
+    assert torch.equal(dropout(xb, 0.5, training=False), xb) and torch.equal(dropout(xb, 0.0), xb)
+
+
+def test_written_out_attention_equals_sdpa(tiny_cfg):
+    """The attention that CPU training with dropout runs (model.attention_math) equals SDPA without
+    dropout, with and without a block mask; and a model whose dropout rounds to no dropped element
+    trains on it (train mode, grouped-query heads) with the logits of eval mode."""
+    import torch.nn.functional as F
+    from model import attention_math, block_mask
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 12, 8) for _ in range(3))
+    for mask in (None, block_mask(12, 4)):
+        want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        torch.testing.assert_close(attention_math(q, k, v, mask), want)
+        got = attention_math(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask)
+        torch.testing.assert_close(got.float(), want, atol=0.03, rtol=0.03)
+    m = Transformer(dataclasses.replace(tiny_cfg, dropout=1e-6, bd_size=8))  # round(1e-6 * 2^16) = 0 dropped
+    idx = torch.randint(0, 10, (3, 24))
+    train = m.train()(idx)[0]
+    torch.testing.assert_close(train, m.eval()(idx)[0])
