@@ -21,14 +21,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import train_sudoku  # noqa: E402
+from runs import nonneg_int  # noqa: E402
 from relay import OBJECTIVES  # noqa: E402
 
-p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                            allow_abbrev=False)  # else train_sudoku's --objective would be read as --objectives
 p.add_argument("--objectives", nargs="*", choices=OBJECTIVES, default=list(OBJECTIVES),
                help="objectives to train now, in this order (saved results of the others are reused; none: only "
                     "report what is saved)")
 p.add_argument("--out-dir", default="out/compare", help="one folder per objective, the figure")
-p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+p.add_argument("--threads", type=nonneg_int, default=0, help="torch threads (0 = torch's default)")
 args, passthrough = p.parse_known_args()
 if not any(f.startswith("--mlm-frac") for f in passthrough):
     passthrough += ["--mlm-frac", "0"]  # Table 1's rows are pure objectives (no MLM warm start)
@@ -42,20 +44,32 @@ for obj in [*args.objectives, *(o for o in OBJECTIVES if o not in args.objective
     out = os.path.join(args.out_dir, obj)
     path = os.path.join(out, "result.json")
     flags = [*passthrough, "--objective", obj, "--out-dir", out]
+    saved = None
     if os.path.exists(path):
-        with open(path) as f:
-            saved = json.load(f)
-        if saved["flags"] == flags:
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+            old = saved["flags"]
+        except (ValueError, KeyError, TypeError) as e:
+            sys.exit(f"{path}: not a saved result of this script ({e!r}); move it away to train {obj} again")
+        if old == flags:
             results[obj] = saved
             continue
     if obj not in args.objectives:
+        if saved:
+            print(f"{obj}: the result saved in {path} is for other flags, left out")
         continue
+    if saved:
+        only = lambda a, b: " ".join(f for f in a if f not in b) or "-"
+        print(f"{obj}: replacing the result saved in {path}, made with other flags (only there: "
+              f"{only(old, flags)}; only now: {only(flags, old)})")
     r = train_sudoku.main([*flags, "--overwrite"])  # an objective without a saved result starts afresh
     r.pop("losses")
     results[obj] = {**r, "flags": flags, "torch": torch.__version__, "threads": torch.get_num_threads(),
                     "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
-    with open(path, "w") as f:
+    with open(path + ".tmp", "w") as f:  # whole or not at all: a run stopped by a time budget resumes from it
         json.dump(results[obj], f)
+    os.replace(path + ".tmp", path)
 
 results = {k: results[k] for k in OBJECTIVES if k in results}  # Table 1's order
 if results:

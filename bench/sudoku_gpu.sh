@@ -19,6 +19,7 @@ set -uo pipefail
 OUT=${1:-out/gpu}
 STEPS=${STEPS:-5000}; BUDGET=${BUDGET:-450}; N_TRAIN=${N_TRAIN:-12000}; N_TEST=${N_TEST:-2000}; EXTRA=${EXTRA:-}
 mkdir -p "$OUT"
+STAMP="$OUT/.started"; touch "$STAMP"  # a relay checkpoint older than this is an earlier run's
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=20
 log() { tee -a "$OUT/log.txt"; }
 { date -u; git rev-parse --short HEAD; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
@@ -26,22 +27,26 @@ log() { tee -a "$OUT/log.txt"; }
 
 # 1) compiled speed, and where relay's step spends its time
 python bench/throughput.py --preset paper --compile --objectives relay mlm --steps 50 --n-gen 64 --profile $EXTRA 2>&1 \
-    | grep -v "it/s\]" | log
-tail -n 1 "$OUT/log.txt" > "$OUT/throughput_compiled.json"
+    | grep -v "it/s\]" | log | grep '^{' | tail -n 1 > "$OUT/throughput_compiled.json"
 
 # 2) the four objectives at equal steps, compiled, relay first; each saves its result as it ends
 FLAGS="--preset paper --compile --max-steps $STEPS --n-train $N_TRAIN --eval-size $N_TEST --eval-every $STEPS \
        --ckpt-every 1000 $EXTRA"
 timeout "$BUDGET" python bench/compare_objectives.py --out-dir out/compare --objectives relay mlm relay_sg rollout \
     $FLAGS 2>&1 | grep -v "it/s\]" | log
-python bench/compare_objectives.py --out-dir out/compare --objectives $FLAGS 2>&1 | log  # report what finished
+rc=${PIPESTATUS[0]}
+if [ "$rc" != 0 ] && [ "$rc" != 124 ]; then  # 124: the budget ran out, which is expected
+    echo "step 2 failed (exit $rc, see above): nothing exported" | log; exit 1
+fi
+# report what finished with these flags (saved results of other flags are left out)
+python bench/compare_objectives.py --out-dir out/compare --objectives $FLAGS 2>&1 | log \
+    | grep '^{' | tail -n 1 > "$OUT/compare.json"
 cp out/compare/curves.png "$OUT/" 2>/dev/null
-python - "$OUT" <<'PY'
-import glob, json, sys
-saved = {p.split("/")[-2]: json.load(open(p)) for p in glob.glob("out/compare/*/result.json")}
-json.dump(saved, open(f"{sys.argv[1]}/compare.json", "w"))
-PY
 
-# 3) the relay run's EMA weights (fp16), finished or not
-python train_sudoku.py --export "$OUT/sudoku_relay_hard.pt" --checkpoint out/compare/relay/ckpt.pt 2>&1 | log
+# 3) the relay run's EMA weights (fp16), finished or not: a finished one with these flags, or one this run wrote
+if grep -q '"relay"' "$OUT/compare.json" || [ out/compare/relay/ckpt.pt -nt "$STAMP" ]; then
+    python train_sudoku.py --export "$OUT/sudoku_relay_hard.pt" --checkpoint out/compare/relay/ckpt.pt 2>&1 | log
+else
+    echo "no relay checkpoint from this run or with these flags: nothing exported" | log
+fi
 ls -la "$OUT" | log

@@ -28,20 +28,19 @@ EVAL="--eval-only --test-data $TEST --eval-size 1000 --eval-batch 500 --no-sweep
 
 # 1) the baseline: the shipped file on this device
 python train_sudoku.py --checkpoint checkpoints/sudoku_relay_hard.pt $EVAL 2>&1 \
-    | grep -v "it/s\]" | log
-tail -n 1 "$OUT/log.txt" > "$OUT/shipped_tau0.15.json"
+    | grep -v "it/s\]" | log | grep '^{' | tail -n 1 > "$OUT/shipped_tau0.15.json"
 
 # 2) the fine-tune: batch 512, lr 5e-4 after 2000 warmup steps (the paper preset), stopped by the clock
 python train_sudoku.py --preset paper --init-from checkpoints/sudoku_relay_hard.pt --data "$TRAIN" --min-rating "$MIN_RATING" \
     --test-data "$TEST" --ema 0.999 --time-limit "$MINUTES" --max-steps 300000 --eval-every 2000 \
     --ckpt-every 2000 --eval-size 1000 --eval-batch 500 --no-sweep --out-dir "$RUN" $FLAGS \
-    $EXTRA 2>&1 | grep -v "it/s\]" | log
-tail -n 1 "$OUT/log.txt" > "$OUT/train.json"
+    $EXTRA 2>&1 | grep -v "it/s\]" | log | grep '^{' | tail -n 1 > "$OUT/train.json"
+[ -f "$RUN/ckpt.pt" ] || { echo "step 2 wrote no $RUN/ckpt.pt (see above): stopping" | log; exit 1; }
 
 # 3) its EMA weights (fp16), evaluated as the shipped file was
 python train_sudoku.py --checkpoint "$RUN/ckpt.pt" --export "$OUT/sudoku_relay_hard.pt" 2>&1 | log
 for tau in 0.15 0.01; do
-    python train_sudoku.py --checkpoint "$OUT/sudoku_relay_hard.pt" $EVAL --tau $tau 2>&1 | grep -v "it/s\]" | log
-    tail -n 1 "$OUT/log.txt" > "$OUT/finetuned_tau$tau.json"
+    python train_sudoku.py --checkpoint "$OUT/sudoku_relay_hard.pt" $EVAL --tau $tau 2>&1 | grep -v "it/s\]" | log \
+        | grep '^{' | tail -n 1 > "$OUT/finetuned_tau$tau.json"
 done
 ls -la "$OUT" | log
