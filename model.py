@@ -633,6 +633,9 @@ def load_checkpoint(path, device="cpu", kind=None):
     """A training checkpoint (one file: model, optimizer, step, config, args, RNG, data position).
     Verifies the tensor digests when the file has them (older files have none); kind: raise unless
     the checkpoint holds that kind of model."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path}: a directory; a training checkpoint is one file (a Fast-dLLM v2 / Qwen2 "
+                                f"directory loads with from_pretrained: sampler.py, train_code.py --init-from)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     try:
@@ -766,6 +769,8 @@ def from_pretrained(path, *, device="cpu", dtype=torch.bfloat16):
     if os.path.isfile(path):
         raise ValueError(f"{path} is a file; expected a Fast-dLLM v2 / Qwen2 checkpoint directory (train_code.py "
                          f"exports one as OUT_DIR/hf)")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file or directory")
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{path}: no config.json (expected a Fast-dLLM v2 / Qwen2 checkpoint directory)")

@@ -310,15 +310,16 @@ def summary(d):
 
 
 if __name__ == "__main__":
+    from runs import positive_int
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=200, help="puzzles to generate")
+    p.add_argument("--n", type=positive_int, default=200, help="puzzles to generate")
     p.add_argument("--seed", type=int, default=0, help="puzzle stream: puzzle i depends only on (seed, i)")
     p.add_argument("--tier", type=int, choices=(0, 1, 2), default=None,
                    help="only this tier: 0 singles, 1 needs search, 2 hard (default: tiers 0 and 1 as they come)")
     p.add_argument("--hard", action="store_true", help="the hardest tier, same as --tier 2")
     p.add_argument("--family", choices=tuple(HARD_SEEDS), default="train",
                    help="hard tier: the seed puzzles its search starts next to (the default sets' own split)")
-    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--workers", type=positive_int, default=None, help="processes (default: all cores)")
     p.add_argument("--out", default="", help="write the generated puzzles to this CSV")
     p.add_argument("--check", default="", help="validate this CSV and print a summary")
     args = p.parse_args()

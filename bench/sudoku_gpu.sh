@@ -22,6 +22,9 @@ mkdir -p "$OUT"
 STAMP="$OUT/.started"; touch "$STAMP"  # a relay checkpoint older than this is an earlier run's
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=20
 log() { tee -a "$OUT/log.txt"; }
+for f in $(echo "$EXTRA" | grep -oE -- '--(test-)?data [^ ]+' | cut -d' ' -f2); do  # before a minute of GPU time
+    [ -f "$f" ] || { echo "no $f (named in EXTRA): make it on a CPU and carry it along" | log; exit 1; }
+done
 { date -u; git rev-parse --short HEAD; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
   python -c "import torch; print('torch', torch.__version__)"; } 2>&1 | log
 

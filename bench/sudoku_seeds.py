@@ -29,17 +29,21 @@ import numpy as np  # noqa: E402
 import sudoku  # noqa: E402
 import sudoku_hard  # noqa: E402
 import sudoku_solver  # noqa: E402
+from runs import positive_int  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("puzzles", help="text file, one 81-character puzzle per line")
 p.add_argument("--out", default="sudoku_seeds.txt", help="the seed file to write")
 p.add_argument("--min-median", type=float, default=35, help="keep puzzles rating at least this (median of 32 draws)")
-p.add_argument("--max-candidates", type=int, default=160, help="screen only this many, the highest-rated first")
-p.add_argument("--rounds", type=int, default=12, help="rounds of the screening search")
+p.add_argument("--max-candidates", type=positive_int, default=160, help="screen only this many, the highest-rated first")
+p.add_argument("--rounds", type=positive_int, default=12, help="rounds of the screening search")
 p.add_argument("--min-emitted", type=int, default=80, help="keep seeds whose screen emitted at least this many")
-p.add_argument("--test-every", type=int, default=4, help="every n-th family (by emitted count) seeds the test streams")
-p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+p.add_argument("--test-every", type=positive_int, default=4, help="every n-th family (by emitted count) seeds the test streams")
+p.add_argument("--workers", type=positive_int, default=None, help="processes (default: all cores)")
+p.add_argument("--force", action="store_true", help="write --out even if seeds already in it are not kept again")
 args = p.parse_args()
+if os.path.isdir(args.out):
+    p.error(f"--out {args.out} is a directory; it names the seed file to write")
 
 
 def rate(lines, geometries, seed):
@@ -108,6 +112,10 @@ if __name__ == "__main__":
     fixed = {}  # seeds of an earlier file keep their side: a seed that moved would put a training grid into test sets
     if os.path.exists(args.out):
         fixed = {p: kind for kind, ps in sudoku_hard.read_seeds(args.out).items() for p in ps}
+    if (dropped := sorted(set(fixed) - {s for _, s in kept})) and not args.force:
+        raise SystemExit(f"{args.out}: {len(dropped)} of its {len(fixed)} seeds were not kept by this run (other "
+                         f"puzzles or settings?) and would be lost: pass --force to write only this run's "
+                         f"{len(kept)}, or --out another file")
     families, side = assign_sides(kept, fixed)
     with open(args.out, "w") as f:
         f.write(f"# Seeds of the hard tier (sudoku_hard.hard_island): written by `python bench/sudoku_seeds.py "

@@ -28,21 +28,22 @@ import sudoku  # noqa: E402
 import train_sudoku as ts  # noqa: E402
 from model import load_model  # noqa: E402
 from relay import OBJECTIVES  # noqa: E402
-from runs import cpu_name, kernel_ms  # noqa: E402
+from runs import cpu_name, kernel_ms, nonneg_int, positive_int  # noqa: E402
 from sampler import sample_mdm  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-p.add_argument("--steps", type=int, default=20, help="timed optimizer steps per objective")
-p.add_argument("--warmup-steps", type=int, default=3, help="untimed steps first")
+p.add_argument("--steps", type=positive_int, default=20, help="timed optimizer steps per objective")
+p.add_argument("--warmup-steps", type=nonneg_int, default=3, help="untimed steps first")
 p.add_argument("--checkpoint", default="", help="trained checkpoint for the sampler timing")
-p.add_argument("--n-gen-hard", type=int, default=0, help="hard-tier puzzles to time (0: skip; one island per "
+p.add_argument("--n-gen-hard", type=nonneg_int, default=0, help="hard-tier puzzles to time (0: skip; one island per "
                "training seed, ~5 puzzles/s per process)")
 p.add_argument("--objectives", nargs="+", choices=OBJECTIVES, default=list(OBJECTIVES), help="objectives to time")
 p.add_argument("--profile", action="store_true", help="print where 5 steps of relay spend their time (torch.profiler)")
-p.add_argument("--n-gen", type=int, default=200, help="puzzles to generate for the generator timing")
+p.add_argument("--n-gen", type=positive_int, default=200, help="puzzles to generate for the generator timing "
+               "(the training steps draw their rows from them)")
 args, rest = p.parse_known_args()
-if args.n_gen < 1:
-    p.error(f"--n-gen {args.n_gen}: the training steps draw their rows from these puzzles, so at least 1")
+if args.checkpoint:  # before minutes of training timings, not after
+    load_model(args.checkpoint, kind="sudoku")
 
 
 PEAK_BF16 = 989e12  # dense bf16 FLOP/s of an H100 SXM or H200 (NVIDIA's data sheets)

@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from functools import partial  # noqa: E402
 
 from model import SHAPES, pick_device, random_model  # noqa: E402
+from runs import positive_int  # noqa: E402
 from relay import RolloutBuffer, reveal_threshold_blocks, rollout_loss, sft_loss  # noqa: E402
 
 
@@ -75,15 +76,18 @@ def one(args):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=list(SHAPES), default="tiny", help="random Qwen2.5 shape (model.SHAPES)")
-    p.add_argument("--batch", type=int, default=2, help="rows per device")
+    p.add_argument("--batch", type=positive_int, default=2, help="rows per device")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per row")
-    p.add_argument("--steps", type=int, default=3, help="timed steps after 2 warm-up steps")
+    p.add_argument("--steps", type=positive_int, default=3, help="timed steps after 2 warm-up steps")
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing of every block")
-    p.add_argument("--layers", type=int, default=None, help="only this many blocks of the shape (a CPU estimate of a "
+    p.add_argument("--layers", type=positive_int, default=None, help="only this many blocks of the shape (a CPU estimate of a "
                    "large shape: memory at two depths gives the per-block and the fixed part)")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda")
     p.add_argument("--only", choices=["sft", "relay"], help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.seq_len <= 64:
+        p.error(f"--seq-len {args.seq_len}: the first 64 tokens of a row are its prompt, so a longer row is needed "
+                "for any loss")
     if args.only:
         return one(args)
     res = []

@@ -100,8 +100,11 @@ def test_tampered_checkpoints_name_the_tensor(tmp_path):
     tamper(d, lambda sd: sd.__setitem__("lm_head.weight", torch.zeros(96, 64)))  # tied, but different
     with pytest.raises(ValueError, match="lm_head.weight"):
         from_pretrained(d)
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(FileNotFoundError, match="no such file or directory"):
         from_pretrained(str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        from_pretrained(str(tmp_path / "empty"))
 
 
 def test_save_load_round_trip_with_relay(tmp_path, tiny_llm):
