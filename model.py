@@ -791,7 +791,11 @@ def from_pretrained(path, *, device="cpu", dtype=torch.bfloat16):
     want = {hf_name(k): (k, v.shape) for k, v in model.state_dict().items()}
     sd, seen, unexpected, shapes, twice = {}, {}, [], [], []
     for shard in shards:
-        with safe_open(os.path.join(path, shard), framework="pt", device="cpu") as f:
+        try:
+            handle = safe_open(os.path.join(path, shard), framework="pt", device="cpu")
+        except Exception as e:  # truncated or not safetensors at all: the library's message names no file
+            raise ValueError(f"{os.path.join(path, shard)}: not a readable safetensors file ({e})") from None
+        with handle as f:
             for name in f.keys():
                 if name in seen:  # which copy is right is unknowable: refuse rather than let the last win
                     twice.append(f"{name} in {seen[name]} and {shard}")

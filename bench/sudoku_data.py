@@ -27,21 +27,23 @@ import numpy as np  # noqa: E402
 import sudoku  # noqa: E402
 import sudoku_hard  # noqa: E402
 import sudoku_solver  # noqa: E402
-from runs import cpu_name  # noqa: E402
+from runs import cpu_name, nonneg_int, positive_int  # noqa: E402
 
 NAMES = ("singles", "search", "hard")
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-p.add_argument("--n-train", type=int, default=1000, help="puzzles in the training set")
-p.add_argument("--n-test", type=int, default=500, help="puzzles in the test set")
-p.add_argument("--seed", type=int, default=0, help="set seed (the test set uses other streams)")
+p.add_argument("--n-train", type=positive_int, default=1000, help="puzzles in the training set")
+p.add_argument("--n-test", type=positive_int, default=500, help="puzzles in the test set")
+p.add_argument("--seed", type=nonneg_int, default=0, help="set seed (the test set uses other streams)")
 p.add_argument("--data-dir", default="data", help="cache of generated sets")
-p.add_argument("--workers", type=int, default=None, help="generator processes (default: all cores)")
-p.add_argument("--speed", type=int, default=400, help="tier 0 and 1 puzzles to time (0: skip)")
+p.add_argument("--workers", type=positive_int, default=None, help="generator processes (default: all cores)")
+p.add_argument("--speed", type=nonneg_int, default=400, help="tier 0 and 1 puzzles to time (0: skip)")
 p.add_argument("--speed-hard", type=int, default=-1, help="tier 2 puzzles to time (0: skip, -1: 100 per training seed)")
-p.add_argument("--scale", type=int, default=0, help="only time the first N training hard puzzles (0: off)")
+p.add_argument("--scale", type=nonneg_int, default=0, help="only time the first N training hard puzzles (0: off)")
 p.add_argument("--out", default="assets/sudoku_difficulty.png", help="the histogram figure")
 args = p.parse_args()
+if args.speed_hard < -1:
+    p.error(f"--speed-hard {args.speed_hard}: 0 skips, -1 means 100 per training seed, else a count")
 
 
 def stats(d):

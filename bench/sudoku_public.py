@@ -118,6 +118,9 @@ if __name__ == "__main__":
     near = near_test(q, test, args.near)
     near[test] = False
     train = np.setdiff1d(np.flatnonzero(~near), test)
+    if not len(train):
+        raise SystemExit(f"no training puzzles left: --n-test {args.n_test} took them, or --near {args.near} "
+                         f"dropped every other puzzle as a near copy of a test puzzle")
     # 4) write
     os.makedirs(args.out_dir, exist_ok=True)
     for name, ids in (("train", train), ("test", test)):

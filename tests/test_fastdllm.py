@@ -105,6 +105,12 @@ def test_tampered_checkpoints_name_the_tensor(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="config.json"):
         from_pretrained(str(tmp_path / "empty"))
+    _, d = hf_checkpoint(tmp_path / "f", True)
+    shard = os.path.join(d, "model.safetensors")  # cut short, as an interrupted copy leaves it
+    with open(shard, "r+b") as f:
+        f.truncate(os.path.getsize(shard) // 2)
+    with pytest.raises(ValueError, match="model.safetensors: not a readable safetensors file"):
+        from_pretrained(d)
 
 
 def test_save_load_round_trip_with_relay(tmp_path, tiny_llm):
