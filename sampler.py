@@ -609,6 +609,10 @@ def get_args(argv=None):
         p.error("give exactly one of --checkpoint and --random-init")
     if args.bd_size and args.bd_size % args.sub_block:
         p.error(f"--bd-size {args.bd_size} is not a multiple of --sub-block {args.sub_block}")
+    llm_only = [f"--{k.replace('_', '-')}" for k in ("prompt", "prompt_file", "chat", "bench", "static", "compile", "save")
+                if getattr(args, k)]
+    if args.checkpoint and os.path.isfile(args.checkpoint) and llm_only:  # a Sudoku .pt: solve_sudoku reads none
+        p.error(f"{' '.join(llm_only)}: for an LLM; {args.checkpoint} is a Sudoku checkpoint (--n, --tau, --max-steps)")
     return args, p
 
 
@@ -638,7 +642,10 @@ def main(argv=None):
         return
     if args.prompt_file:
         with open(args.prompt_file, encoding="utf-8") as f:
-            args.prompt = f.read()
+            try:
+                args.prompt = f.read()
+            except UnicodeDecodeError as e:
+                p.error(f"--prompt-file {args.prompt_file}: not UTF-8 text (byte {e.start}: {e.reason})")
     if args.prompt is None:
         p.error("give --prompt or --prompt-file (or --bench)")
     ids = tok.encode(tok.chat(args.prompt) if args.chat else args.prompt)

@@ -112,6 +112,13 @@ def test_sampler_flags(capsys, argv, msg):
     assert msg in usage_error(capsys, sampler.get_args, ["--random-init", "tiny", *argv])
 
 
+def test_sampler_refuses_llm_flags_with_a_sudoku_checkpoint(capsys, tmp_path):
+    ck = tmp_path / "sudoku.pt"
+    ck.write_bytes(b"x")  # only its being a file counts here
+    err = usage_error(capsys, sampler.get_args, ["--checkpoint", str(ck), "--prompt", "hi", "--static"])
+    assert "--prompt --static: for an LLM" in err
+
+
 @pytest.mark.parametrize("argv,msg", EVAL_BAD)
 def test_eval_code_flags(capsys, tmp_path, argv, msg):
     out = tmp_path / "eval" / "samples.jsonl"
