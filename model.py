@@ -283,13 +283,18 @@ def apply_rope(x, cos, sin):  # x: (B, H, T, hd); in x's dtype, as Qwen2 does
     return x * cos.to(x.dtype) + torch.cat([-x2, x1], dim=-1) * sin.to(x.dtype)
 
 
+def eager_cpu(x):
+    """Eager code on the CPU: where torch's dropout and SDPA-with-dropout are slow (dropout below)."""
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def dropout(x, p, training=True):
     """F.dropout, but eager on the CPU the mask comes from 16 random bits per element: torch's CPU
     Bernoulli sampler takes about 3x as long and was 13-18 % of a bf16 Sudoku training step
     (RESULTS.md, "CPU training throughput"). An element is kept with probability q = 1 - round(p 2^16)
     / 2^16 (within 2^-17 of 1 - p) and scaled by 1/q, so the output's mean is x exactly. Seeded by
     torch's CPU generator like F.dropout, though the two draw different masks."""
-    if not training or not 0 < p < 1 or x.device.type != "cpu" or torch.compiler.is_compiling():
+    if not training or not 0 < p < 1 or not eager_cpu(x):
         return F.dropout(x, p, training)  # on GPUs and in compiled code torch's own is fused and fast
     drop = round(p * 65536)
     bits = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_(-2 ** 63, 2 ** 63 - 1)
@@ -330,7 +335,7 @@ class Attention(nn.Module):
             k, v = kv_cache.update(self.i, k, v)  # (B, Hkv, P + T, hd): committed prefix + this input
         dropout_p = self.dropout if self.training else 0.0
         g = self.n_head // self.n_kv_head  # query head h reads K/V head h // g
-        if dropout_p and q.device.type == "cpu" and not torch.compiler.is_compiling():  # eager CPU training
+        if dropout_p and eager_cpu(q):  # CPU training: attention_math's faster mask and bf16 matmuls
             if g > 1:
                 k, v = (t.repeat_interleave(g, 1) for t in (k, v))
             y = attention_math(q, k, v, attn_mask, dropout_p)

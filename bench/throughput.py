@@ -42,8 +42,7 @@ p.add_argument("--profile", action="store_true", help="print where 5 steps of re
 p.add_argument("--n-gen", type=positive_int, default=200, help="puzzles to generate for the generator timing "
                "(the training steps draw their rows from them)")
 args, rest = p.parse_known_args()
-if args.checkpoint:  # before minutes of training timings, not after
-    load_model(args.checkpoint, kind="sudoku")
+trained = load_model(args.checkpoint, kind="sudoku")[0] if args.checkpoint else None  # before the training timings
 
 
 PEAK_BF16 = 989e12  # dense bf16 FLOP/s of an H100 SXM or H200 (NVIDIA's data sheets)
@@ -100,8 +99,8 @@ for obj in args.objectives:  # the trainer's own step (loss, clip, AdamW, EMA), 
         flops = matmul * 81 * (1 if obj == "mlm" else a.K)
         out[f"mfu_bf16_{obj}"] = rows_per_s * flops / PEAK_BF16
     out["device"], out["preset"], out["batch_size"], out["compile"] = a.device, a.preset, a.batch_size, a.compile
-if args.checkpoint:
-    model, _ = load_model(args.checkpoint, out["device"])
+if trained is not None:
+    model = trained.to(out["device"])
     x = torch.from_numpy(gen_data["question"]).long().to(out["device"])
     sample_mdm(model, x[:16])
     sync(out["device"])
