@@ -310,10 +310,10 @@ def summary(d):
 
 
 if __name__ == "__main__":
-    from runs import positive_int
+    from runs import nonneg_int, positive_int
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=positive_int, default=200, help="puzzles to generate")
-    p.add_argument("--seed", type=int, default=0, help="puzzle stream: puzzle i depends only on (seed, i)")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="puzzle stream: puzzle i depends only on (seed, i)")
     p.add_argument("--tier", type=int, choices=(0, 1, 2), default=None,
                    help="only this tier: 0 singles, 1 needs search, 2 hard (default: tiers 0 and 1 as they come)")
     p.add_argument("--hard", action="store_true", help="the hardest tier, same as --tier 2")

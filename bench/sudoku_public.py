@@ -37,7 +37,7 @@ from tqdm import tqdm  # noqa: E402
 
 import sudoku  # noqa: E402
 import sudoku_solver  # noqa: E402
-from runs import positive_int  # noqa: E402
+from runs import nonneg_int, positive_int  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("lists", nargs="+", help="puzzle lists, one 81-character puzzle per line")
@@ -45,7 +45,7 @@ p.add_argument("--out-dir", default="data/public", help="where train.csv and tes
 p.add_argument("--n-test", type=positive_int, default=1000, help="test puzzles")
 p.add_argument("--test-from", nargs="*", default=None, help="draw the test set from these lists only (default: all)")
 p.add_argument("--near", type=positive_int, default=16, help="drop a training puzzle sharing this many clues with a test puzzle")
-p.add_argument("--seed", type=int, default=0, help="symmetries and the split")
+p.add_argument("--seed", type=nonneg_int, default=0, help="symmetries and the split")
 p.add_argument("--skip-invalid", action="store_true", help="drop puzzles without exactly one solution")
 p.add_argument("--workers", type=positive_int, default=None, help="solver processes (default: all cores)")
 p.add_argument("--force", action="store_true", help="overwrite train.csv and test.csv in --out-dir")
@@ -72,6 +72,8 @@ def stats(q, rating):
 
 if __name__ == "__main__":
     args = p.parse_args()
+    if args.near > 81:
+        p.error(f"argument --near: a puzzle has 81 cells, got {args.near}")
     t0 = time.time()
     paths = {name: os.path.join(args.out_dir, f"{name}.csv") for name in ("train", "test")}
     if not args.force and any(os.path.exists(x) for x in paths.values()):

@@ -131,6 +131,17 @@ def test_a_bad_flag_stops_train_code_before_any_work(capsys, tmp_path):
     assert "argument --clip: need a number > 0, got '-0.5'" in err and not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("script,argv,msg", [
+    ("bench/compare_objectives.py", ["--max-steps", "0"], "argument --max-steps: need an integer >= 1"),
+    ("bench/sudoku_public.py", ["none.txt", "--near", "82"], "argument --near: a puzzle has 81 cells"),
+    ("bench/sudoku_public.py", ["none.txt", "--seed", "-1"], "argument --seed"),
+    ("sudoku.py", ["--seed", "-1"], "argument --seed"),
+])
+def test_script_flags(tmp_path, script, argv, msg):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 2 and msg in r.stderr and not os.listdir(tmp_path), r.stderr
+
+
 def test_the_value_checks_accept_their_range():
     assert R.positive_int("3") == 3 and R.nonneg_int("0") == 0 and R.positive_float("1e-3") == 1e-3
     assert R.nonneg_float("0") == 0.0 and R.unit_float("1") == 1.0 and R.finite_float("-2.5") == -2.5
