@@ -828,20 +828,54 @@ def from_pretrained(path, *, device="cpu", dtype=torch.bfloat16):
     return model.eval()
 
 
-def save_pretrained(model, path):
-    """Write config.json + model.safetensors under Qwen2 / Fast-dLLM v2 names (relay as the authors
-    name it), keeping the other keys of the config the model was loaded from."""
+def save_pretrained(model, path, dtype=None, max_shard_bytes=5 * 10**9):
+    """Write config.json + the weights under Qwen2 / Fast-dLLM v2 names (relay as the authors name it),
+    keeping the other keys of the config the model was loaded from. dtype: on disk; default: the
+    torch_dtype of that config (bfloat16 for Fast-dLLM v2), else the model's own. Weights above
+    max_shard_bytes (Hugging Face's default, "5GB") go to shards model-0000i-of-0000n.safetensors and
+    model.safetensors.index.json, as Hugging Face writes them; one shard is converted at a time. Each file
+    is written under a temporary name, then moved into place; files of an earlier export's other layout
+    are removed."""
     os.makedirs(path, exist_ok=True)
     cfg = {**(getattr(model, "hf_config", None) or {}), **model.cfg.to_hf()}
     if not cfg["use_relay"]:
         cfg.pop("use_relay")
-    tensors = {hf_name(k): v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = os.path.join(path, "model.safetensors.tmp")
-    save_file(tensors, tmp, metadata={"format": "pt"})
-    os.replace(tmp, os.path.join(path, "model.safetensors"))
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
-
+    params = model.state_dict()
+    if dtype is None:
+        named = getattr(torch, str(cfg.get("torch_dtype", cfg.get("dtype"))), None)  # "auto", None: not a dtype
+        ok = isinstance(named, torch.dtype) and named.is_floating_point
+        dtype = named if ok else next(iter(params.values())).dtype
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"save_pretrained: the weights' dtype must be a floating-point torch dtype, got {dtype!r}")
+    for key in {"torch_dtype", "dtype"} & {"torch_dtype", *cfg}:  # newer transformers write "dtype"
+        cfg[key] = str(dtype).removeprefix("torch.")
+    shards, size = [[]], 0  # greedy, in the state dict's order (a layer's tensors stay together)
+    for k, v in params.items():
+        nbytes = v.numel() * dtype.itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(k)
+        size += nbytes
+    n = len(shards)
+    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    for name, keys in zip(names, shards):
+        tensors = {hf_name(k): params[k].detach().to("cpu", dtype).contiguous() for k in keys}
+        save_file(tensors, os.path.join(path, name + ".tmp"), metadata={"format": "pt"})
+    index = "model.safetensors.index.json"
+    jsons = {"config.json": cfg}
+    if n > 1:
+        jsons[index] = {"metadata": {"total_size": sum(v.numel() for v in params.values()) * dtype.itemsize},
+                        "weight_map": {hf_name(k): name for name, keys in zip(names, shards) for k in keys}}
+    for name, obj in jsons.items():
+        with open(os.path.join(path, name + ".tmp"), "w") as f:
+            json.dump(obj, f, indent=2)
+    layout = re.compile(r"model\.safetensors|model-\d{5}-of-\d{5}\.safetensors|" + re.escape(index))
+    stale = {f for f in os.listdir(path) if layout.fullmatch(f)} - {*names, *jsons}
+    for name in [*names, *jsons]:
+        os.replace(os.path.join(path, name + ".tmp"), os.path.join(path, name))
+    for f in stale:  # an earlier export's other layout: the loader would prefer a stale index
+        os.remove(os.path.join(path, f))
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

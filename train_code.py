@@ -370,8 +370,10 @@ def resume(args, d, path, raw, opt, streams, gens, bufs):
 
 
 def export(args, d, raw, tok):
-    """OUT_DIR/hf: the trained model in the Fast-dLLM v2 layout (rank 0), with its tokenizer.
-    Returns (directory, the exported model on rank 0 or None)."""
+    """OUT_DIR/hf: the trained model in the Fast-dLLM v2 layout (rank 0), with its tokenizer; in the
+    --init-from config's dtype (bf16 for Fast-dLLM v2, sharded past 5 GB), from scratch in fp32.
+    Returns (directory, the exported model on rank 0 or None); samples after training use that model
+    as trained (fp32 weights), not the file."""
     hf_dir, model = os.path.join(args.out_dir, "hf"), raw
     if args.fsdp:  # every rank takes part in the gather; rank 0 builds an unsharded copy
         full, _ = gather_state(args, raw, None, with_optimizer=False)

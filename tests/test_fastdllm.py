@@ -213,20 +213,46 @@ def test_bpe_learned_from_problems_round_trips_saves_and_treats_unseen_values_al
     assert all(tk.Tokenizer.from_file(str(tmp_path / "tokenizer.json")).encode(t).ids == tok.encode(t) for t in test)
 
 
-def test_sharded_checkpoint_loads(tmp_path, tiny_llm):
-    from safetensors.torch import load_file, save_file
-    d = tmp_path / "m"
-    save_pretrained(tiny_llm, str(d))
-    sd = load_file(str(d / "model.safetensors"))
-    os.remove(d / "model.safetensors")
-    names = sorted(sd)
-    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
-    for f, keys in shards.items():
-        save_file({k: sd[k] for k in keys}, str(d / f))
-    json.dump({"metadata": {}, "weight_map": {k: f for f, keys in shards.items() for k in keys}},
-              open(d / "model.safetensors.index.json", "w"))
+def test_sharded_export_in_another_dtype_loads_and_replaces_the_old_layout(tmp_path, tiny_llm):
+    from safetensors import safe_open
+    d, sd = tmp_path / "m", tiny_llm.state_dict()
+    total = sum(v.numel() for v in sd.values()) * 4
+    save_pretrained(tiny_llm, str(d), max_shard_bytes=total // 3)
+    index = json.load(open(d / "model.safetensors.index.json"))
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) >= 3 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    assert index["metadata"]["total_size"] == total and not (d / "model.safetensors").exists()
+    for f in files:  # every tensor in the shard the index names; no shard over the limit but a lone tensor
+        with safe_open(str(d / f), "pt") as h:
+            keys = set(h.keys())
+            assert keys == {k for k, v in index["weight_map"].items() if v == f}
+            size = sum(h.get_tensor(k).nbytes for k in keys)
+        assert size <= total // 3 or len(keys) == 1
+    assert sorted(os.listdir(d)) == sorted([*files, "config.json", "model.safetensors.index.json"])  # no .tmp
     back = from_pretrained(str(d), dtype=torch.float32)
-    assert all(torch.equal(a, b) for a, b in zip(tiny_llm.state_dict().values(), back.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(sd.values(), back.state_dict().values()))
+
+    tiny_llm.hf_config = {"torch_dtype": "bfloat16"}  # Fast-dLLM v2's config.json: export in its dtype
+    save_pretrained(tiny_llm, str(d))
+    assert sorted(os.listdir(d)) == ["config.json", "model.safetensors"]  # the shards and their index are gone
+    assert json.load(open(d / "config.json"))["torch_dtype"] == "bfloat16"
+    with safe_open(str(d / "model.safetensors"), "pt") as h:
+        assert {h.get_tensor(k).dtype for k in h.keys()} == {torch.bfloat16}
+    back = from_pretrained(str(d), dtype=torch.float32)
+    assert all(torch.equal(a.bfloat16().float(), b) for a, b in zip(sd.values(), back.state_dict().values()))
+    with pytest.raises(ValueError, match="floating-point"):
+        save_pretrained(tiny_llm, str(d), dtype=torch.int8)
+
+
+def test_transformers_reads_a_sharded_export(tmp_path):
+    hf, d = hf_checkpoint(tmp_path, tie=False)
+    out = tmp_path / "export"
+    save_pretrained(from_pretrained(d, dtype=torch.float32), str(out), max_shard_bytes=100_000)
+    assert len(json.load(open(out / "model.safetensors.index.json"))["weight_map"]) == len(hf.state_dict())
+    import transformers
+    back = transformers.Qwen2ForCausalLM.from_pretrained(str(out), torch_dtype=torch.float32)
+    for k, v in hf.state_dict().items():
+        assert torch.equal(v, back.state_dict()[k]), k
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_llm):
