@@ -687,8 +687,9 @@ def config_diff(model, ck):
     return {k: (v, ck["config"].get(k)) for k, v in model.config_dict().items() if ck["config"].get(k) != v}
 
 
-def load_state(model, sd, where):
-    """Strict load: missing, unexpected or mis-shaped tensors raise one error that lists them all."""
+def load_state(model, sd, where, assign=False):
+    """Strict load: missing, unexpected or mis-shaped tensors raise one error that lists them all.
+    assign: the model takes sd's tensors themselves (a model built on the meta device)."""
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
@@ -697,7 +698,7 @@ def load_state(model, sd, where):
     if missing or unexpected or shapes:
         raise ValueError(f"{where} does not match the model: missing {missing}, unexpected {unexpected}, "
                          f"mis-shaped {shapes}")
-    model.load_state_dict(sd)
+    model.load_state_dict(sd, assign=assign)
 
 
 def random_model(shape, device="cpu", dtype=torch.float32, seed=0, n_layer=None):

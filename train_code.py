@@ -377,9 +377,10 @@ def export(args, d, raw, tok):
     hf_dir, model = os.path.join(args.out_dir, "hf"), raw
     if args.fsdp:  # every rank takes part in the gather; rank 0 builds an unsharded copy
         full, _ = gather_state(args, raw, None, with_optimizer=False)
-        if d.master:
-            model = Transformer(ModelConfig(**raw.config_dict()))
-            load_state(model, full, "the gathered FSDP state")
+        if d.master:  # on the meta device, then the gathered tensors themselves: no second copy, no init
+            with torch.device("meta"):
+                model = Transformer(ModelConfig(**raw.config_dict()))
+            load_state(model, full, "the gathered FSDP state", assign=True)
             model.hf_config = getattr(raw, "hf_config", None)
     if not d.master:
         return hf_dir, None

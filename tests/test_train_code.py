@@ -196,13 +196,17 @@ def test_two_process_ddp_equals_one_process(tmp_path, objective, shard):
     common = ["--objective", objective, "--max-steps", "3", "--batch-size", "4", "--micro-batch", "2",
               "--data-dir", str(tmp_path / "data")]
     one = torchrun(common + ["--out-dir", str(tmp_path / "one")], 1, tmp_path)  # 1 process, 2 micro-steps
-    two = torchrun(common + shard + ["--out-dir", str(tmp_path / "two")], 2, tmp_path)  # 2 processes, 1 micro-step each
-    if shard:  # the gathered export loads like any checkpoint
-        from model import from_pretrained
-        assert from_pretrained(str(tmp_path / "two" / "hf"), dtype=torch.float32).cfg.relay
+    solve = bool(shard) and os.geteuid() == 0  # FSDP: rank 0 decodes with the gathered model (the sandbox needs root)
+    two = torchrun(common + shard + ["--eval-problems", "2"] * solve + ["--out-dir", str(tmp_path / "two")], 2,
+                   tmp_path)  # 2 processes, 1 micro-step each
     assert one["world"] == 1 and two["world"] == 2
     a = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=False)["model"]
+    if shard:  # the gathered export loads like any checkpoint and holds the checkpoint's weights
+        from model import from_pretrained
+        hf = from_pretrained(str(tmp_path / "two" / "hf"), dtype=torch.float32)
+        assert hf.cfg.relay and all(torch.equal(v, b[k]) for k, v in hf.state_dict().items())
+        assert "pass@1" in two or not solve
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=2e-6, rtol=1e-5, msg=k)
     assert abs(one["val_loss"] - two["val_loss"]) < 1e-4
