@@ -468,10 +468,6 @@ def training_objects(args, train):
 def main(argv=None):
     # 1) arguments and device
     args = get_args(argv)
-    print(json.dumps({"args": vars(args)}))
-    if args.device.startswith("cuda") and args.preset == "cpu":
-        print(f"CUDA found, running the cpu preset. The paper's recipe is `python train_sudoku.py --preset paper --compile`: "
-              f"300k steps, about {300_000 / H100_STEPS_PER_S / 3600:.0f} h on one H100.")
     torch.manual_seed(args.seed)  # model init; data order and noise have their own generators below
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
     # bf16 autocast only when asked: on CPUs without AMX / AVX512-BF16 it is slower than fp32
@@ -488,7 +484,13 @@ def main(argv=None):
         # results are labelled with the checkpoint's objective and warm start, not this command's flags
         args.objective = ck.get("objective") or ck.get("args", {}).get("objective", args.objective)
         args.mlm_steps = ck.get("args", {}).get("mlm_steps", 0)
+        print(f"model: {args.checkpoint}, {model.num_params() / 1e6:.2f}M parameters, objective {args.objective}, "
+              f"step {ck['step']}")
         return finish(args, model, load_test(args), ctx, ck["step"], t_start)
+    print(json.dumps({"args": vars(args)}))  # a training run's flags (the modes above take the checkpoint's)
+    if args.device.startswith("cuda") and args.preset == "cpu":
+        print(f"CUDA found, running the cpu preset. The paper's recipe is `python train_sudoku.py --preset paper --compile`: "
+              f"300k steps, about {300_000 / H100_STEPS_PER_S / 3600:.0f} h on one H100.")
 
     # 2) data: training puzzles (augmented on the fly) and the tiered test set; a resumed run keeps
     #    its checkpoint's training set (its size follows --max-steps, which a resume may raise)
