@@ -28,8 +28,9 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from tqdm import tqdm
 
+from checkpoint import from_pretrained
 from code_tasks import TEST_ONLY, make_problems
-from model import SHAPES, from_pretrained, pick_device, random_model
+from model import SHAPES, pick_device, random_model
 from runs import nonneg_int, positive_float, positive_int, unit_float, unit_floats
 from sampler import generate
 from sandbox import run_sandboxed, self_check

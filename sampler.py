@@ -34,8 +34,8 @@ from dataclasses import dataclass
 import torch
 
 import sudoku
-from model import (SHAPES, KVCache, StaticKVCache, block_mask, from_pretrained, load_model, pick_device,
-                   random_model, save_pretrained, shift_right)
+from checkpoint import from_pretrained, load_model, save_pretrained
+from model import SHAPES, KVCache, StaticKVCache, block_mask, pick_device, random_model, shift_right
 from relay import predict, reveal_confidence_mass
 from runs import kernel_ms, nonneg_int, positive_int, unit_float
 from tokenizer import load_tokenizer, save_byte_tokenizer

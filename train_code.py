@@ -49,10 +49,10 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import fully_shard
 from tqdm import tqdm
 
+from checkpoint import config_diff, from_pretrained, load_checkpoint, load_state, save_checkpoint, save_pretrained
 from code_data import (Rows, held_out_signatures, load_stdlib, read_chat_jsonl, synthetic_problems, synthetic_rows,
                        synthetic_tokenizer)
-from model import (QWEN2, SHAPES, ModelConfig, Transformer, config_diff, from_pretrained, load_checkpoint, load_state,
-                   pick_device, save_checkpoint, save_pretrained, shape_problem)
+from model import QWEN2, SHAPES, ModelConfig, Transformer, pick_device, shape_problem
 from relay import RolloutBuffer, add_relay, reveal_threshold_blocks, rollout_loss, sft_loss
 from runs import claim_out_dir, nonneg_float, nonneg_int, positive_float, positive_int, unit_float
 from eval_code import evaluate, load_problems

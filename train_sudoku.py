@@ -32,8 +32,8 @@ from tqdm import tqdm
 
 import sudoku
 import sudoku_solver
-from model import (ModelConfig, Transformer, config_diff, export_weights, load_checkpoint, load_model, load_state,
-                   pick_device, save_checkpoint, shape_problem)
+from checkpoint import config_diff, export_weights, load_checkpoint, load_model, load_state, save_checkpoint
+from model import ModelConfig, Transformer, pick_device, shape_problem
 from relay import OBJECTIVES, RolloutBuffer, mlm_loss, reveal_jittered_mass, rollout_loss
 from runs import claim_out_dir, nonneg_float, nonneg_int, positive_float, positive_int, unit_float
 from sampler import sample_mdm

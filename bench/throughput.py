@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 import sudoku  # noqa: E402
 import train_sudoku as ts  # noqa: E402
-from model import load_model  # noqa: E402
+from checkpoint import load_model  # noqa: E402
 from relay import OBJECTIVES  # noqa: E402
 from runs import cpu_name, kernel_ms, nonneg_int, positive_int  # noqa: E402
 from sampler import sample_mdm  # noqa: E402

@@ -14,14 +14,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import checkpoint
 import code_data
 import eval_code
-import model as M
 import runs as R
 import sampler
 import train_code
 import train_sudoku
-from model import QWEN2, ModelConfig, Transformer, from_pretrained, load_model, save_checkpoint
+from checkpoint import from_pretrained, load_model, save_checkpoint
+from model import QWEN2, ModelConfig, Transformer
 from tokenizer import MASK_TOKEN, byte_tokenizer, load_tokenizer, save_byte_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -258,7 +259,7 @@ class FullDisk(io.RawIOBase):
 def test_a_full_disk_keeps_the_old_checkpoint(tiny_cfg, tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
     sudoku_checkpoint(tiny_cfg, path, step=1)
-    monkeypatch.setattr(M, "open", lambda *a, **k: FullDisk(), raising=False)
+    monkeypatch.setattr(checkpoint, "open", lambda *a, **k: FullDisk(), raising=False)
     with pytest.raises(OSError, match=f"no space left on {path}"):
         sudoku_checkpoint(tiny_cfg, path, step=2)
     monkeypatch.undo()

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from model import from_pretrained, load_model
+from checkpoint import from_pretrained, load_model
 from sampler import generate, sample_mdm
 
 D = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "old_layout")

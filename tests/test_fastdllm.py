@@ -1,4 +1,4 @@
-"""Fast-dLLM v2 side of model.py: block masks, the loader against transformers, tampered
+"""Fast-dLLM v2 side of model.py and checkpoint.py: block masks, the loader against transformers, tampered
 checkpoints, save/load round trip, and the tiktoken tokenizer against HF tokenizers."""
 import json
 import os
@@ -6,7 +6,8 @@ import os
 import pytest
 import torch
 
-from model import block_mask, from_pretrained, save_pretrained
+from checkpoint import from_pretrained, save_pretrained
+from model import block_mask
 from tokenizer import byte_tokenizer, load_tokenizer
 
 

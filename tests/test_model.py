@@ -3,8 +3,8 @@ import dataclasses
 import pytest
 import torch
 
-from model import Transformer, load_state
-from model import RelayChannel
+from checkpoint import load_state
+from model import RelayChannel, Transformer
 
 
 def test_shapes_and_gqa(tiny_cfg):

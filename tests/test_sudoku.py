@@ -482,7 +482,7 @@ def test_public_split_keeps_near_copies_of_test_puzzles_out_of_training(tmp_path
     assert not any(k in train_keys for k in key([near[i] for i in in_test]))
     assert all(k in train_keys for i, k in enumerate(key(near)) if i not in in_test)
     assert "already holds" in run().stderr  # no run overwrites earlier sets unless told to
-    assert run("--force", "--near", "82").returncode == 0  # no near copies now, yet test puzzles stay out
+    assert run("--force", "--near", "81").returncode == 0  # no near-copy filter now, yet test puzzles stay out
     train = sudoku.read_csv(str(tmp_path / "out" / "train.csv"))
     assert len(train["question"]) == 40 - 6 and not set(key(train["question"])) & set(key(test["question"]))
     two = a[0][0].copy()

@@ -9,7 +9,8 @@ import torch
 import sudoku
 import sudoku_solver
 import train_sudoku
-from model import Transformer, load_model
+from checkpoint import load_model
+from model import Transformer
 from relay import RolloutBuffer, rollout_loss
 from relay import reveal_confidence_mass
 from sampler import sample_mdm
@@ -143,7 +144,7 @@ def test_presets_are_defaults_that_help_shows_and_flags_override(capsys):
 
 
 def test_a_corrupt_checkpoint_names_the_file(tmp_path):
-    from model import load_model
+    from checkpoint import load_model
     bad = tmp_path / "ckpt.pt"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match=f"{bad}: not a readable checkpoint"):

@@ -203,7 +203,7 @@ def test_two_process_ddp_equals_one_process(tmp_path, objective, shard):
     a = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=False)["model"]
     if shard:  # the gathered export loads like any checkpoint and holds the checkpoint's weights
-        from model import from_pretrained
+        from checkpoint import from_pretrained
         hf = from_pretrained(str(tmp_path / "two" / "hf"), dtype=torch.float32)
         assert hf.cfg.relay and all(torch.equal(v, b[k]) for k, v in hf.state_dict().items())
         assert "pass@1" in two or not solve
@@ -265,7 +265,7 @@ def test_synthetic_task_fine_tunes_a_qwen_checkpoint(tmp_path, capsys, monkeypat
     monkeypatch.setattr(train_code, "synthetic_rows", lambda *a: blocks.append(a[-1]) or rows(*a))
     transformers = pytest.importorskip("transformers")
     from test_fastdllm import build_hf_tokenizer
-    from model import from_pretrained
+    from checkpoint import from_pretrained
     tok, tok_dir = build_hf_tokenizer(tmp_path)
     c = transformers.Qwen2Config(vocab_size=tok.get_vocab_size() + 3, hidden_size=64, intermediate_size=128,
                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

@@ -1,0 +1,318 @@
+"""
+checkpoint.py — weights on disk, in two formats:
+
+- training checkpoints (one .pt file: model, optimizer, step, config, args, RNG, data position),
+  written atomically with a sha256 digest of every tensor and the kind of model they hold (sudoku
+  or code), and the small fp16 exports shared in checkpoints/;
+- Fast-dLLM v2 (arXiv 2509.26328) / Qwen2 directories: config.json and (sharded) safetensors under
+  Hugging Face names, read and written through one strict name table (NOTES.md §5).
+
+    python checkpoint.py DIR      # load a Fast-dLLM v2 / Qwen2 directory, print its config
+
+The network itself is model.py.
+"""
+import argparse
+import errno
+import hashlib
+import json
+import os
+import re
+from dataclasses import asdict, fields
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from model import ModelConfig, Transformer
+from tokenizer import MASK_TOKEN, find_token
+
+# ---------------------------------------------------------------------------------------------
+# training checkpoints
+
+KINDS = ("sudoku", "code")  # what a training checkpoint holds: train_sudoku.py's or train_code.py's model
+
+
+def tensor_digests(obj, prefix=""):
+    """{"model/embed_tokens.weight": sha256 hex, ...} of every tensor in a nested dict/list: bytes,
+    dtype and shape. Stored in the checkpoint, so zeroed or flipped bytes are caught at load time."""
+    out = {}
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for k, v in items:
+        name = f"{prefix}{k}"
+        if isinstance(v, torch.Tensor):
+            t = v.detach().cpu().contiguous().reshape(-1)
+            h = hashlib.sha256(f"{t.dtype}{tuple(v.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy())
+            out[name] = h.hexdigest()
+        elif isinstance(v, (dict, list, tuple)):
+            out |= tensor_digests(v, name + "/")
+    return out
+
+
+def save_checkpoint(obj, path):
+    """torch.save through a temp file + rename: a crash or a full disk never leaves a half-written
+    checkpoint, and the previous one stays. Adds "sha256": tensor_digests(obj), which
+    load_checkpoint verifies. Training checkpoints carry "kind" (KINDS) and "objective"."""
+    if "kind" in obj and obj["kind"] not in KINDS:
+        raise ValueError(f"checkpoint kind {obj['kind']!r} is not one of {KINDS}")
+    obj = {**obj, "sha256": tensor_digests({k: v for k, v in obj.items() if k != "sha256"})}
+    tmp = path + ".tmp"
+    try:
+        # unbuffered: a full disk raises OSError(ENOSPC) from the write itself (through a buffer,
+        # torch reports it as an opaque "unexpected pos" RuntimeError)
+        with open(tmp, "wb", buffering=0) as f:
+            torch.save(obj, f)
+            os.fsync(f.fileno())
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if e.errno == errno.ENOSPC:
+            raise OSError(errno.ENOSPC, f"no space left on {path}: the checkpoint was not written "
+                                        f"(the previous one, if any, is intact)") from e
+        raise
+    os.replace(tmp, path)
+
+
+def checkpoint_kind(ck):
+    """"sudoku" or "code". Checkpoints before the "kind" field: a Sudoku model attends over the whole
+    board (bd_size 0), a code model block by block (bd_size > 0)."""
+    return ck.get("kind") or ("code" if ck["config"].get("bd_size") else "sudoku")
+
+
+def load_checkpoint(path, device="cpu", kind=None):
+    """A training checkpoint (one file: model, optimizer, step, config, args, RNG, data position).
+    Verifies the tensor digests when the file has them (older files have none); kind: raise unless
+    the checkpoint holds that kind of model."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path}: a directory; a training checkpoint is one file (a Fast-dLLM v2 / Qwen2 "
+                                f"directory loads with from_pretrained: sampler.py, train_code.py --init-from)")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    try:
+        ck = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ck, dict) or not {"model", "config", "step"} <= set(ck):
+        raise ValueError(f"{path}: not a training checkpoint of this repository (needs model, config, step)")
+    if "sha256" in ck:
+        got = tensor_digests({k: v for k, v in ck.items() if k != "sha256"})
+        if bad := sorted(k for k in set(got) | set(ck["sha256"]) if got.get(k) != ck["sha256"].get(k)):
+            raise ValueError(f"{path}: corrupt checkpoint: {len(bad)} tensor(s) do not match the sha256 "
+                             f"recorded when it was saved: {bad[:5]}{' ...' if len(bad) > 5 else ''}")
+    if kind is not None and checkpoint_kind(ck) != kind:
+        raise ValueError(f"{path} holds a {checkpoint_kind(ck)} model (train_{checkpoint_kind(ck)}.py), "
+                         f"not a {kind} model")
+    return ck
+
+
+def load_model(path, device="cpu", kind=None):
+    """The evaluated weights (EMA when the run kept one) of a training checkpoint, in eval mode.
+    kind: "sudoku" or "code" to refuse the other one. Returns (model, checkpoint dict)."""
+    ck = load_checkpoint(path, device, kind)
+    names = {f.name for f in fields(ModelConfig)}
+    if unknown := sorted(set(ck["config"]) - names):
+        raise ValueError(f"{path}: config has fields this model.py does not know: {unknown}")
+    model = Transformer(ModelConfig(**ck["config"])).to(device)
+    load_state(model, ck.get("ema") or ck["model"], path)
+    return model.eval(), ck
+
+
+def export_weights(path, dtype=torch.float16):
+    """A training checkpoint -> a small one for sharing: the evaluated (EMA) weights in `dtype`, with
+    config, step, args, kind and objective, no optimizer or buffer. load_model() reads it (fp32)."""
+    ck = load_checkpoint(path)
+    sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in (ck.get("ema") or ck["model"]).items()}
+    return {"model": sd, "config": ck["config"], "step": ck["step"], "args": ck.get("args"),
+            "kind": checkpoint_kind(ck), "objective": ck.get("objective", (ck.get("args") or {}).get("objective")),
+            "exported_from": os.path.basename(path), "dtype": str(dtype)}
+
+
+def config_diff(model, ck):
+    """The config fields where checkpoint dict `ck` differs from `model`: {field: (ours, theirs)}."""
+    return {k: (v, ck["config"].get(k)) for k, v in model.config_dict().items() if ck["config"].get(k) != v}
+
+
+def load_state(model, sd, where, assign=False):
+    """Strict load: missing, unexpected or mis-shaped tensors raise one error that lists them all.
+    assign: the model takes sd's tensors themselves (a model built on the meta device)."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    shapes = [f"{k}: {tuple(sd[k].shape)} in file vs {tuple(v.shape)} in model"
+              for k, v in own.items() if k in sd and sd[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"{where} does not match the model: missing {missing}, unexpected {unexpected}, "
+                         f"mis-shaped {shapes}")
+    model.load_state_dict(sd, assign=assign)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fast-dLLM v2 / Qwen2 checkpoint directories (NOTES.md §5)
+
+# our parameter name -> Hugging Face Qwen2 name; {i} = layer index. Relay tensors use the authors'.
+HF_NAMES = {
+    "embed_tokens.weight": "model.embed_tokens.weight",
+    "layers.{i}.input_layernorm.weight": "model.layers.{i}.input_layernorm.weight",
+    "layers.{i}.self_attn.q_proj.weight": "model.layers.{i}.self_attn.q_proj.weight",
+    "layers.{i}.self_attn.q_proj.bias": "model.layers.{i}.self_attn.q_proj.bias",
+    "layers.{i}.self_attn.k_proj.weight": "model.layers.{i}.self_attn.k_proj.weight",
+    "layers.{i}.self_attn.k_proj.bias": "model.layers.{i}.self_attn.k_proj.bias",
+    "layers.{i}.self_attn.v_proj.weight": "model.layers.{i}.self_attn.v_proj.weight",
+    "layers.{i}.self_attn.v_proj.bias": "model.layers.{i}.self_attn.v_proj.bias",
+    "layers.{i}.self_attn.o_proj.weight": "model.layers.{i}.self_attn.o_proj.weight",
+    "layers.{i}.post_attention_layernorm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "layers.{i}.mlp.gate_proj.weight": "model.layers.{i}.mlp.gate_proj.weight",
+    "layers.{i}.mlp.up_proj.weight": "model.layers.{i}.mlp.up_proj.weight",
+    "layers.{i}.mlp.down_proj.weight": "model.layers.{i}.mlp.down_proj.weight",
+    "norm.weight": "model.norm.weight",
+    "lm_head.weight": "lm_head.weight",
+    "relay.norm.weight": "model.relay_layer_norm.weight",
+    "relay.norm.bias": "model.relay_layer_norm.bias",
+}
+
+
+def hf_name(name):
+    key = re.sub(r"^layers\.\d+\.", "layers.{i}.", name)
+    if key not in HF_NAMES:
+        raise KeyError(f"no Hugging Face name for parameter {name}")
+    return HF_NAMES[key].replace("{i}", name.split(".")[1]) if "{i}" in key else HF_NAMES[key]
+
+
+def shard_names(path):
+    """The safetensors files of a checkpoint directory: model.safetensors, or the shards that
+    model.safetensors.index.json names. NOTE: a shard name must stay inside the directory; it is
+    checked by name (not resolved), so a Hugging Face cache's symlinked snapshots still load."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if not os.path.isfile(index):
+        if os.path.isfile(os.path.join(path, "model.safetensors")):
+            return ["model.safetensors"]
+        raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
+    with open(index, encoding="utf-8") as f:
+        wm = json.load(f).get("weight_map")
+    if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+        raise ValueError(f"{index}: weight_map must be an object of tensor name -> shard file name")
+    outside = sorted({v for v in wm.values() if os.path.isabs(v) or os.path.normpath(v).split(os.sep)[0] == os.pardir})
+    if outside:
+        raise ValueError(f"{index}: shard(s) {outside} are outside the checkpoint directory {path}")
+    return sorted(set(wm.values()))
+
+
+def from_pretrained(path, *, device="cpu", dtype=torch.bfloat16):
+    """A Fast-dLLM v2 (or Qwen2) directory -> Transformer in eval mode. Reads config.json and
+    model.safetensors or model.safetensors.index.json + shards; strict: missing, unexpected,
+    mis-shaped or duplicated (in two shards) tensors raise one error naming them. Relay checkpoints:
+    use_relay + relay_layer_norm."""
+    if os.path.isfile(path):
+        raise ValueError(f"{path} is a file; expected a Fast-dLLM v2 / Qwen2 checkpoint directory (train_code.py "
+                         f"exports one as OUT_DIR/hf)")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{path}: no config.json (expected a Fast-dLLM v2 / Qwen2 checkpoint directory)")
+    with open(cfg_path, encoding="utf-8") as f:
+        try:
+            hf_cfg = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cfg_path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    cfg = ModelConfig.from_hf(hf_cfg, cfg_path)
+    if cfg.mask_id < 0:  # Fast-dLLM v2 keeps the mask token in the tokenizer, not in config.json
+        cfg.mask_id = find_token(path, MASK_TOKEN)
+    if not 0 <= cfg.mask_id < cfg.vocab_size:  # an embedding lookup would fail only at decoding time
+        raise ValueError(f"{path}: mask token id {cfg.mask_id} (config.json mask_token_id or the tokenizer's "
+                         f"{MASK_TOKEN}) is outside the vocabulary (vocab_size {cfg.vocab_size})")
+    shards = shard_names(path)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    want = {hf_name(k): (k, v.shape) for k, v in model.state_dict().items()}
+    sd, seen, unexpected, shapes, twice = {}, {}, [], [], []
+    for shard in shards:
+        try:
+            handle = safe_open(os.path.join(path, shard), framework="pt", device="cpu")
+        except Exception as e:  # truncated or not safetensors at all: the library's message names no file
+            raise ValueError(f"{os.path.join(path, shard)}: not a readable safetensors file ({e})") from None
+        with handle as f:
+            for name in f.keys():
+                if name in seen:  # which copy is right is unknowable: refuse rather than let the last win
+                    twice.append(f"{name} in {seen[name]} and {shard}")
+                    continue
+                seen[name] = shard
+                t = f.get_tensor(name)
+                if name == "lm_head.weight" and cfg.tie_embeddings and name not in want:
+                    sd["@lm_head"] = t  # some exporters write the tied head too; checked below
+                elif name not in want:
+                    unexpected.append(f"{shard}:{name}")
+                elif t.shape != want[name][1]:
+                    shapes.append(f"{name}: {tuple(t.shape)} in {shard} vs {tuple(want[name][1])} in the model")
+                else:
+                    sd[want[name][0]] = t.to(device=device, dtype=dtype)
+    tied_head = sd.pop("@lm_head", None)
+    missing = sorted(hf for hf, (ours, _) in want.items() if ours not in sd)
+    if tied_head is not None and "embed_tokens.weight" in sd and not torch.equal(
+            tied_head.to(device=device, dtype=dtype), sd["embed_tokens.weight"]):
+        unexpected.append("lm_head.weight (differs from embed_tokens but tie_word_embeddings is true)")
+    if missing or unexpected or shapes or twice:
+        raise ValueError(f"{path} does not match its config.json: missing {missing}, unexpected {unexpected}, "
+                         f"mis-shaped {shapes}" + (f", in two shards {twice}" if twice else ""))
+    model.load_state_dict(sd, assign=True)
+    model.hf_config = hf_cfg
+    return model.eval()
+
+
+def save_pretrained(model, path, dtype=None, max_shard_bytes=5 * 10**9):
+    """Write config.json + the weights under Qwen2 / Fast-dLLM v2 names (relay as the authors name it),
+    keeping the other keys of the config the model was loaded from. dtype: on disk; default: the
+    torch_dtype of that config (bfloat16 for Fast-dLLM v2), else the model's own. Weights above
+    max_shard_bytes (Hugging Face's default, "5GB") go to shards model-0000i-of-0000n.safetensors and
+    model.safetensors.index.json, as Hugging Face writes them; one shard is converted at a time. Each file
+    is written under a temporary name, then moved into place; files of an earlier export's other layout
+    are removed."""
+    os.makedirs(path, exist_ok=True)
+    cfg = {**(getattr(model, "hf_config", None) or {}), **model.cfg.to_hf()}
+    if not cfg["use_relay"]:
+        cfg.pop("use_relay")
+    params = model.state_dict()
+    if dtype is None:
+        named = getattr(torch, str(cfg.get("torch_dtype", cfg.get("dtype"))), None)  # "auto", None: not a dtype
+        ok = isinstance(named, torch.dtype) and named.is_floating_point
+        dtype = named if ok else next(iter(params.values())).dtype
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"save_pretrained: the weights' dtype must be a floating-point torch dtype, got {dtype!r}")
+    for key in {"torch_dtype", "dtype"} & {"torch_dtype", *cfg}:  # newer transformers write "dtype"
+        cfg[key] = str(dtype).removeprefix("torch.")
+    shards, size = [[]], 0  # greedy, in the state dict's order (a layer's tensors stay together)
+    for k, v in params.items():
+        nbytes = v.numel() * dtype.itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(k)
+        size += nbytes
+    n = len(shards)
+    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    for name, keys in zip(names, shards):
+        tensors = {hf_name(k): params[k].detach().to("cpu", dtype).contiguous() for k in keys}
+        save_file(tensors, os.path.join(path, name + ".tmp"), metadata={"format": "pt"})
+    index = "model.safetensors.index.json"
+    jsons = {"config.json": cfg}
+    if n > 1:
+        jsons[index] = {"metadata": {"total_size": sum(v.numel() for v in params.values()) * dtype.itemsize},
+                        "weight_map": {hf_name(k): name for name, keys in zip(names, shards) for k in keys}}
+    for name, obj in jsons.items():
+        with open(os.path.join(path, name + ".tmp"), "w") as f:
+            json.dump(obj, f, indent=2)
+    layout = re.compile(r"model\.safetensors|model-\d{5}-of-\d{5}\.safetensors|" + re.escape(index))
+    stale = {f for f in os.listdir(path) if layout.fullmatch(f)} - {*names, *jsons}
+    for name in [*names, *jsons]:
+        os.replace(os.path.join(path, name + ".tmp"), os.path.join(path, name))
+    for f in stale:  # an earlier export's other layout: the loader would prefer a stale index
+        os.remove(os.path.join(path, f))
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dir", help="a Fast-dLLM v2 / Qwen2 directory to load and describe")
+    args = p.parse_args()
+    m = from_pretrained(args.dir, dtype=torch.float32)
+    print(json.dumps(asdict(m.cfg), indent=1))
+    print(f"{m.num_params() / 1e6:.1f}M parameters, relay {m.relay is not None}")
