@@ -301,11 +301,11 @@ def save_pretrained(model, path, dtype=None, max_shard_bytes=5 * 10**9):
     for name, obj in jsons.items():
         with open(os.path.join(path, name + ".tmp"), "w") as f:
             json.dump(obj, f, indent=2)
-    layout = re.compile(r"model\.safetensors|model-\d{5}-of-\d{5}\.safetensors|" + re.escape(index))
-    stale = {f for f in os.listdir(path) if layout.fullmatch(f)} - {*names, *jsons}
     for name in [*names, *jsons]:
         os.replace(os.path.join(path, name + ".tmp"), os.path.join(path, name))
-    for f in stale:  # an earlier export's other layout: the loader would prefer a stale index
+    # an earlier export's other layout (the loader would prefer a stale index), or what a crash left
+    layout = re.compile(r"(model\.safetensors|model-\d{5}-of-\d{5}\.safetensors|" + re.escape(index) + r")(\.tmp)?")
+    for f in sorted(f for f in os.listdir(path) if layout.fullmatch(f) and f not in {*names, *jsons}):
         os.remove(os.path.join(path, f))
 
 

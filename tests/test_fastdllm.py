@@ -234,8 +234,9 @@ def test_sharded_export_in_another_dtype_loads_and_replaces_the_old_layout(tmp_p
     assert all(torch.equal(a, b) for a, b in zip(sd.values(), back.state_dict().values()))
 
     tiny_llm.hf_config = {"torch_dtype": "bfloat16"}  # Fast-dLLM v2's config.json: export in its dtype
+    (d / "model-00002-of-00009.safetensors.tmp").write_bytes(b"left by a crash")
     save_pretrained(tiny_llm, str(d))
-    assert sorted(os.listdir(d)) == ["config.json", "model.safetensors"]  # the shards and their index are gone
+    assert sorted(os.listdir(d)) == ["config.json", "model.safetensors"]  # shards, index, leftovers: gone
     assert json.load(open(d / "config.json"))["torch_dtype"] == "bfloat16"
     with safe_open(str(d / "model.safetensors"), "pt") as h:
         assert {h.get_tensor(k).dtype for k in h.keys()} == {torch.bfloat16}
