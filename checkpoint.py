@@ -7,7 +7,7 @@ checkpoint.py — weights on disk, in two formats:
 - Fast-dLLM v2 (arXiv 2509.26328) / Qwen2 directories: config.json and (sharded) safetensors under
   Hugging Face names, read and written through one strict name table (NOTES.md §5).
 
-    python checkpoint.py DIR      # load a Fast-dLLM v2 / Qwen2 directory, print its config
+    python checkpoint.py PATH     # describe a training checkpoint (.pt) or a Fast-dLLM v2 / Qwen2 directory
 
 The network itself is model.py.
 """
@@ -311,8 +311,17 @@ def save_pretrained(model, path, dtype=None, max_shard_bytes=5 * 10**9):
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("dir", help="a Fast-dLLM v2 / Qwen2 directory to load and describe")
+    p.add_argument("path", help="a training checkpoint (.pt) or a Fast-dLLM v2 / Qwen2 directory to load and describe")
     args = p.parse_args()
-    m = from_pretrained(args.dir, dtype=torch.float32)
-    print(json.dumps(asdict(m.cfg), indent=1))
-    print(f"{m.num_params() / 1e6:.1f}M parameters, relay {m.relay is not None}")
+    if os.path.isdir(args.path):
+        m = from_pretrained(args.path, dtype=torch.float32)
+        print(json.dumps(asdict(m.cfg), indent=1))
+    else:  # the digests are checked on the way in
+        m, ck = load_model(args.path)
+        print(json.dumps(ck["config"], indent=1))
+        weights = "EMA and raw" if "ema" in ck else f"the evaluated ones in {ck['dtype']}, exported from " \
+            f"{ck['exported_from']}" if "exported_from" in ck else "as trained"
+        print(f"{checkpoint_kind(ck)} model, objective {ck.get('objective')}, step {ck['step']}, weights: {weights}"
+              f"{', with optimizer state' if 'optimizer' in ck else ''}, "
+              f"{'digests verified' if 'sha256' in ck else 'no digests (older file)'}")
+    print(f"{m.num_params() / 1e6:.2f}M parameters, relay {m.relay is not None}")

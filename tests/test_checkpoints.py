@@ -68,3 +68,23 @@ def test_the_shipped_code_checkpoints_load_on_cpu_and_finish_held_out_problems(n
                        threshold=0.85, stop_ids=[eot])
     for ids, n in zip(out, st["new_tokens"]):  # each body ends with the stop token, well before the limit
         assert eot in ids and n < 96 and tok.decode(ids, skip_special=True).startswith("    ")  # an indented body
+
+
+def test_checkpoint_cli_describes_both_formats_and_refuses_a_corrupt_file(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = lambda path: subprocess.run([sys.executable, os.path.join(root, "checkpoint.py"), path], capture_output=True,
+                                      text=True, timeout=120)
+    r = run(os.path.join(D, "sudoku_ckpt.pt"))
+    assert r.returncode == 0 and "sudoku model" in r.stdout and "step 2" in r.stdout and "relay True" in r.stdout
+    r = run(os.path.join(root, "checkpoints", "code_relay"))
+    assert r.returncode == 0 and '"bd_size"' in r.stdout and "relay True" in r.stdout, r.stderr
+    bad = tmp_path / "bad.pt"
+    shutil.copy(os.path.join(root, "checkpoints", "sudoku_relay_cpu.pt"), bad)
+    with open(bad, "r+b") as f:  # flip bytes in the middle of the weights: the file still unpickles
+        f.seek(os.path.getsize(bad) // 2)
+        f.write(bytes(64))
+    r = run(str(bad))
+    assert r.returncode != 0 and "corrupt checkpoint" in r.stderr, r.stderr[-2000:]
