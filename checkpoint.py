@@ -174,7 +174,8 @@ HF_NAMES = {
 def hf_name(name):
     key = re.sub(r"^layers\.\d+\.", "layers.{i}.", name)
     if key not in HF_NAMES:
-        raise KeyError(f"no Hugging Face name for parameter {name}")
+        raise ValueError(f"{name}: no Fast-dLLM v2 / Qwen2 name for this parameter (a Sudoku model has no "
+                         f"such layout)")
     return HF_NAMES[key].replace("{i}", name.split(".")[1]) if "{i}" in key else HF_NAMES[key]
 
 
@@ -259,25 +260,31 @@ def from_pretrained(path, *, device="cpu", dtype=torch.bfloat16):
     return model.eval()
 
 
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what a Fast-dLLM v2 / Qwen2 directory is written in
+
+
 def save_pretrained(model, path, dtype=None, max_shard_bytes=5 * 10**9):
     """Write config.json + the weights under Qwen2 / Fast-dLLM v2 names (relay as the authors name it),
-    keeping the other keys of the config the model was loaded from. dtype: on disk; default: the
-    torch_dtype of that config (bfloat16 for Fast-dLLM v2), else the model's own. Weights above
+    keeping the other keys of the config the model was loaded from. dtype (DTYPES): on disk; default:
+    the torch_dtype of that config (bfloat16 for Fast-dLLM v2), else the model's own. Weights above
     max_shard_bytes (Hugging Face's default, "5GB") go to shards model-0000i-of-0000n.safetensors and
-    model.safetensors.index.json, as Hugging Face writes them; one shard is converted at a time. Each file
-    is written under a temporary name, then moved into place; files of an earlier export's other layout
-    are removed."""
-    os.makedirs(path, exist_ok=True)
+    model.safetensors.index.json, as Hugging Face writes them; one shard is converted at a time.
+    NOTE: a crash never leaves weights of two exports that load: files are written under temporary
+    names and synced, then the old entry points (index, single file) go, the new files move into
+    place with config.json last, and the rest of the old layout is removed."""
+    params = model.state_dict()
+    hf = {k: hf_name(k) for k in params}  # a model with no Fast-dLLM v2 layout fails here, before any write
     cfg = {**(getattr(model, "hf_config", None) or {}), **model.cfg.to_hf()}
     if not cfg["use_relay"]:
         cfg.pop("use_relay")
-    params = model.state_dict()
     if dtype is None:
         named = getattr(torch, str(cfg.get("torch_dtype", cfg.get("dtype"))), None)  # "auto", None: not a dtype
-        ok = isinstance(named, torch.dtype) and named.is_floating_point
-        dtype = named if ok else next(iter(params.values())).dtype
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"save_pretrained: the weights' dtype must be a floating-point torch dtype, got {dtype!r}")
+        dtype = named if named in DTYPES else next(iter(params.values())).dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"save_pretrained: weights are written in float32, bfloat16 or float16, not {dtype}")
+    big = [hf[k] for k, v in params.items() if dtype == torch.float16 and v.abs().max() > torch.finfo(dtype).max]
+    if big:
+        raise ValueError(f"save_pretrained: {big[:3]} exceed float16's range: write bfloat16 or float32")
     for key in {"torch_dtype", "dtype"} & {"torch_dtype", *cfg}:  # newer transformers write "dtype"
         cfg[key] = str(dtype).removeprefix("torch.")
     shards, size = [[]], 0  # greedy, in the state dict's order (a layer's tensors stay together)
@@ -288,26 +295,31 @@ def save_pretrained(model, path, dtype=None, max_shard_bytes=5 * 10**9):
             size = 0
         shards[-1].append(k)
         size += nbytes
-    n = len(shards)
+    n, index = len(shards), "model.safetensors.index.json"
     names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    jsons = {index: {"metadata": {"total_size": sum(v.numel() for v in params.values()) * dtype.itemsize},
+                     "weight_map": {hf[k]: name for name, keys in zip(names, shards) for k in keys}}} if n > 1 else {}
+    jsons["config.json"] = cfg  # last: the loader's first read, written after the weights it describes
+    os.makedirs(path, exist_ok=True)
     for name, keys in zip(names, shards):
-        tensors = {hf_name(k): params[k].detach().to("cpu", dtype).contiguous() for k in keys}
-        save_file(tensors, os.path.join(path, name + ".tmp"), metadata={"format": "pt"})
-    index = "model.safetensors.index.json"
-    jsons = {"config.json": cfg}
-    if n > 1:
-        jsons[index] = {"metadata": {"total_size": sum(v.numel() for v in params.values()) * dtype.itemsize},
-                        "weight_map": {hf_name(k): name for name, keys in zip(names, shards) for k in keys}}
+        save_file({hf[k]: params[k].detach().to("cpu", dtype).contiguous() for k in keys},
+                  os.path.join(path, name + ".tmp"), metadata={"format": "pt"})
     for name, obj in jsons.items():
         with open(os.path.join(path, name + ".tmp"), "w") as f:
             json.dump(obj, f, indent=2)
+    for name in [*names, *jsons]:  # on disk before any rename
+        fd = os.open(os.path.join(path, name + ".tmp"), os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+    for f in (index, "model.safetensors"):  # without an entry point a half-moved directory fails to load
+        if os.path.exists(os.path.join(path, f)):
+            os.remove(os.path.join(path, f))
     for name in [*names, *jsons]:
         os.replace(os.path.join(path, name + ".tmp"), os.path.join(path, name))
-    # an earlier export's other layout (the loader would prefer a stale index), or what a crash left
+    # the rest of an earlier export's other layout, or what a crash left
     layout = re.compile(r"(model\.safetensors|model-\d{5}-of-\d{5}\.safetensors|" + re.escape(index) + r")(\.tmp)?")
     for f in sorted(f for f in os.listdir(path) if layout.fullmatch(f) and f not in {*names, *jsons}):
         os.remove(os.path.join(path, f))
-
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

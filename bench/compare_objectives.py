@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import train_sudoku  # noqa: E402
-from runs import nonneg_int, positive_int  # noqa: E402
+from runs import nonneg_int  # noqa: E402
 from relay import OBJECTIVES  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -32,9 +32,8 @@ p.add_argument("--objectives", nargs="*", choices=OBJECTIVES, default=list(OBJEC
 p.add_argument("--out-dir", default="out/compare", help="one folder per objective, the figure")
 p.add_argument("--threads", type=nonneg_int, default=0, help="torch threads (0 = torch's default)")
 args, passthrough = p.parse_known_args()
-steps = argparse.ArgumentParser(prog=p.prog, allow_abbrev=False, add_help=False)
-steps.add_argument("--max-steps", type=positive_int)  # train_sudoku takes 0 (evaluate only); a table row does not
-steps.parse_known_args(passthrough)
+if train_sudoku.get_args(passthrough).max_steps < 1:  # read as train_sudoku reads it (abbreviations too)
+    p.error("--max-steps: a row of the table needs at least one training step")
 if not any(f.startswith("--mlm-frac") for f in passthrough):
     passthrough += ["--mlm-frac", "0"]  # Table 1's rows are pure objectives (no MLM warm start)
 if args.threads:

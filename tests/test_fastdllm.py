@@ -242,8 +242,52 @@ def test_sharded_export_in_another_dtype_loads_and_replaces_the_old_layout(tmp_p
         assert {h.get_tensor(k).dtype for k in h.keys()} == {torch.bfloat16}
     back = from_pretrained(str(d), dtype=torch.float32)
     assert all(torch.equal(a.bfloat16().float(), b) for a, b in zip(sd.values(), back.state_dict().values()))
-    with pytest.raises(ValueError, match="floating-point"):
-        save_pretrained(tiny_llm, str(d), dtype=torch.int8)
+    with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
+        save_pretrained(tiny_llm, str(d), dtype=torch.float8_e4m3fn)
+    with torch.no_grad():
+        tiny_llm.norm.weight[0] = 1e6
+    with pytest.raises(ValueError, match=r"\['model.norm.weight'\] exceed float16's range"):
+        save_pretrained(tiny_llm, str(d), dtype=torch.float16)
+
+
+@pytest.mark.parametrize("first,then", [("shards", "one"), ("one", "shards"), ("shards", "shards")])
+def test_an_export_that_crashes_halfway_fails_to_load_rather_than_mix_two(tmp_path, tiny_llm, monkeypatch, first,
+                                                                          then):
+    """Shards -> one file, back, and shards over shards, the second export killed after its first
+    rename: no loader may then read the old weights (or a mix) as if they were the new export."""
+    import checkpoint
+    d = str(tmp_path / "m")
+    limit = {"one": 10**9, "shards": sum(v.numel() for v in tiny_llm.state_dict().values()) * 4 // 3}
+    first, then = limit[first], limit[then]
+    save_pretrained(tiny_llm, d, max_shard_bytes=first)
+    with torch.no_grad():
+        tiny_llm.norm.weight.add_(1.0)
+    replace, calls = os.replace, []
+
+    def dies(a, b):
+        calls.append(b)
+        if len(calls) > 1:
+            raise OSError("killed")
+        replace(a, b)
+    monkeypatch.setattr(checkpoint.os, "replace", dies)
+    with pytest.raises(OSError, match="killed"):
+        save_pretrained(tiny_llm, d, max_shard_bytes=then)
+    monkeypatch.undo()
+    try:  # a single file moves in one rename: then the new weights may load (under the old config.json)
+        loaded = from_pretrained(d, dtype=torch.float32).norm.weight
+    except (FileNotFoundError, ValueError):
+        loaded = None
+    assert (loaded is None) != (then == limit["one"]) and (loaded is None or torch.equal(loaded, tiny_llm.norm.weight))
+    save_pretrained(tiny_llm, d, max_shard_bytes=then)  # the next export cleans up
+    assert torch.equal(from_pretrained(d, dtype=torch.float32).norm.weight, tiny_llm.norm.weight)
+    assert not [f for f in os.listdir(d) if f.endswith(".tmp")]
+
+
+def test_a_sudoku_model_has_no_fast_dllm_layout(tmp_path):
+    from model import ModelConfig, Transformer
+    with pytest.raises(ValueError, match="embed_pos.weight: no Fast-dLLM v2 / Qwen2 name"):
+        save_pretrained(Transformer(ModelConfig(n_embd=32, n_head=2, n_kv_head=2, n_ffn=64, n_pos=81)), str(tmp_path / "m"))
+    assert not (tmp_path / "m").exists()  # refused before anything was written
 
 
 def test_transformers_reads_a_sharded_export(tmp_path):

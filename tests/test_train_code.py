@@ -206,7 +206,8 @@ def test_two_process_ddp_equals_one_process(tmp_path, objective, shard):
         from checkpoint import from_pretrained
         hf = from_pretrained(str(tmp_path / "two" / "hf"), dtype=torch.float32)
         assert hf.cfg.relay and all(torch.equal(v, b[k]) for k, v in hf.state_dict().items())
-        assert "pass@1" in two or not solve
+        if solve:  # as root: rank 0 solved held-out problems with that model in the sandbox
+            assert "pass@1" in two
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=2e-6, rtol=1e-5, msg=k)
     assert abs(one["val_loss"] - two["val_loss"]) < 1e-4
