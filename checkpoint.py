@@ -171,6 +171,9 @@ HF_NAMES = {
 }
 
 
+SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"  # a directory's entry points, one of them
+
+
 def hf_name(name):
     key = re.sub(r"^layers\.\d+\.", "layers.{i}.", name)
     if key not in HF_NAMES:
@@ -183,11 +186,11 @@ def shard_names(path):
     """The safetensors files of a checkpoint directory: model.safetensors, or the shards that
     model.safetensors.index.json names. NOTE: a shard name must stay inside the directory; it is
     checked by name (not resolved), so a Hugging Face cache's symlinked snapshots still load."""
-    index = os.path.join(path, "model.safetensors.index.json")
+    index = os.path.join(path, INDEX)
     if not os.path.isfile(index):
-        if os.path.isfile(os.path.join(path, "model.safetensors")):
-            return ["model.safetensors"]
-        raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
+        if os.path.isfile(os.path.join(path, SINGLE)):
+            return [SINGLE]
+        raise FileNotFoundError(f"{path}: neither {SINGLE} nor {INDEX}")
     with open(index, encoding="utf-8") as f:
         wm = json.load(f).get("weight_map")
     if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
@@ -260,6 +263,20 @@ def from_pretrained(path, *, device="cpu", dtype=torch.bfloat16):
     return model.eval()
 
 
+def shard_plan(sizes, max_bytes):
+    """{file name: tensor names}: tensors in order (a layer's stay together) into files of at most
+    max_bytes (a larger tensor gets one of its own), named as Hugging Face names them; one file is SINGLE."""
+    shards, size = [[]], 0
+    for k, nbytes in sizes.items():
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(k)
+        size += nbytes
+    n = len(shards)
+    return {SINGLE if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors": keys for i, keys in enumerate(shards)}
+
+
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what a Fast-dLLM v2 / Qwen2 directory is written in
 
 
@@ -287,21 +304,14 @@ def save_pretrained(model, path, dtype=None, max_shard_bytes=5 * 10**9):
         raise ValueError(f"save_pretrained: {big[:3]} exceed float16's range: write bfloat16 or float32")
     for key in {"torch_dtype", "dtype"} & {"torch_dtype", *cfg}:  # newer transformers write "dtype"
         cfg[key] = str(dtype).removeprefix("torch.")
-    shards, size = [[]], 0  # greedy, in the state dict's order (a layer's tensors stay together)
-    for k, v in params.items():
-        nbytes = v.numel() * dtype.itemsize
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(k)
-        size += nbytes
-    n, index = len(shards), "model.safetensors.index.json"
-    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    jsons = {index: {"metadata": {"total_size": sum(v.numel() for v in params.values()) * dtype.itemsize},
-                     "weight_map": {hf[k]: name for name, keys in zip(names, shards) for k in keys}}} if n > 1 else {}
+    sizes = {k: v.numel() * dtype.itemsize for k, v in params.items()}
+    shards = shard_plan(sizes, max_shard_bytes)
+    names = list(shards)
+    jsons = {} if len(names) == 1 else {INDEX: {"metadata": {"total_size": sum(sizes.values())}, "weight_map": {
+        hf[k]: name for name, keys in shards.items() for k in keys}}}
     jsons["config.json"] = cfg  # last: the loader's first read, written after the weights it describes
     os.makedirs(path, exist_ok=True)
-    for name, keys in zip(names, shards):
+    for name, keys in shards.items():
         save_file({hf[k]: params[k].detach().to("cpu", dtype).contiguous() for k in keys},
                   os.path.join(path, name + ".tmp"), metadata={"format": "pt"})
     for name, obj in jsons.items():
@@ -311,15 +321,16 @@ def save_pretrained(model, path, dtype=None, max_shard_bytes=5 * 10**9):
         fd = os.open(os.path.join(path, name + ".tmp"), os.O_RDONLY)
         os.fsync(fd)
         os.close(fd)
-    for f in (index, "model.safetensors"):  # without an entry point a half-moved directory fails to load
+    for f in (INDEX, SINGLE):  # without an entry point a half-moved directory fails to load
         if os.path.exists(os.path.join(path, f)):
             os.remove(os.path.join(path, f))
     for name in [*names, *jsons]:
         os.replace(os.path.join(path, name + ".tmp"), os.path.join(path, name))
     # the rest of an earlier export's other layout, or what a crash left
-    layout = re.compile(r"(model\.safetensors|model-\d{5}-of-\d{5}\.safetensors|" + re.escape(index) + r")(\.tmp)?")
+    layout = re.compile(rf"({re.escape(SINGLE)}|model-\d{{5}}-of-\d{{5}}\.safetensors|{re.escape(INDEX)})(\.tmp)?")
     for f in sorted(f for f in os.listdir(path) if layout.fullmatch(f) and f not in {*names, *jsons}):
         os.remove(os.path.join(path, f))
+
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
