@@ -342,7 +342,7 @@ if __name__ == "__main__":
     else:  # the digests are checked on the way in
         m, ck = load_model(args.path)
         print(json.dumps(ck["config"], indent=1))
-        weights = "EMA and raw" if "ema" in ck else f"the evaluated ones in {ck['dtype']}, exported from " \
+        weights = "EMA and raw" if ck.get("ema") is not None else f"the evaluated ones in {ck['dtype']}, exported from " \
             f"{ck['exported_from']}" if "exported_from" in ck else "as trained"
         print(f"{checkpoint_kind(ck)} model, objective {ck.get('objective')}, step {ck['step']}, weights: {weights}"
               f"{', with optimizer state' if 'optimizer' in ck else ''}, "

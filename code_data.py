@@ -74,9 +74,10 @@ MAX_ROW_BYTES = 1 << 20  # a chat row must fit --seq-len tokens; 1 MiB is far pa
 def jsonl_lines(path):
     """(line number, text) of each non-blank line of a UTF-8 JSONL file (a byte-order mark at the start
     is allowed). Read as bytes, so a huge row is refused by its length before it is decoded or
-    tokenized (readline never reads past MAX_ROW_BYTES + 1), and bad UTF-8 names its line."""
+    tokenized (readline never reads past MAX_ROW_BYTES + 2: a row of the limit and its \r\n), and bad
+    UTF-8 names its line."""
     with open(path, "rb") as f:
-        for n, raw in enumerate(iter(lambda: f.readline(MAX_ROW_BYTES + 1), b""), 1):
+        for n, raw in enumerate(iter(lambda: f.readline(MAX_ROW_BYTES + 2), b""), 1):
             where = f"{path}:{n}"
             if len(raw.rstrip(b"\r\n")) > MAX_ROW_BYTES:
                 raise ValueError(f"{where}: row longer than {MAX_ROW_BYTES} bytes (a row must fit --seq-len "

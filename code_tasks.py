@@ -24,6 +24,8 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass
 
+from runs import positive_int
+
 # ---------------------------------------------------------------------------------------------------------
 # Parameter sets: (train values, test values), disjoint so the test split only sees unseen values. Many values
 # per slot, interleaved: a model cannot look a value up, it has to copy it from the instruction, and a test value
@@ -129,8 +131,9 @@ FAMILIES = [
     # --- strings ---------------------------------------------------------------------------------------
     F("repeat_chars_k", "Repeat every character of s {k} times.", "str", "str",
       "return ''.join(ch * {k} for ch in s)", (("k", POS),)),
-    F("caesar_k", "Shift every letter of s forward by {k} places in the alphabet, wrapping from z to a.",
-      "str", "str", "return ''.join(chr((ord(ch) - 97 + {k}) % 26 + 97) for ch in s)", (("k", WIDE_ADD),)),
+    F("caesar_k", "Shift every lowercase letter of s forward by {k} places in the alphabet, wrapping from z to a "
+      "(other characters stay).", "str", "str",
+      "return ''.join(chr((ord(ch) - 97 + {k}) % 26 + 97) if ch.islower() else ch for ch in s)", (("k", WIDE_ADD),)),
     F("remove_char_c", "Remove every '{c}' from s.", "str", "str", "return s.replace({c!r}, '')",
       (("c", CHAR_A),)),
     F("replace_char_c_d", "Replace every '{c}' in s by '{d}'.", "str", "str", "return s.replace({c!r}, {d!r})",
@@ -286,7 +289,7 @@ def summary(problems):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--split", default="test", choices=SPLITS, help="which parameter values and pairs to draw")
-    ap.add_argument("--n", type=int, default=200, help="number of problems")
+    ap.add_argument("--n", type=positive_int, default=200, help="number of problems")
     ap.add_argument("--seed", type=int, default=0, help="seed: (split, n, seed) fixes the output")
     ap.add_argument("--out", default=None, help="JSONL to write (HumanEval format); none: summary only")
     args = ap.parse_args(argv)

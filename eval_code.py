@@ -82,6 +82,8 @@ def load_problems(path=None):
             else:
                 raise ValueError(f"{path}:{n}: neither HumanEval (prompt, entry_point, test) nor MBPP "
                                  f"(text, test_list) fields; has {sorted(r)}")
+    if not out:
+        raise ValueError(f"{path}: no problems (the file has no non-blank line)")
     return out
 
 
@@ -214,7 +216,8 @@ def main(argv=None):
     p.add_argument("--batch", type=positive_int, default=1, help="problems decoded together (same tokens as alone; "
                    "latency_s is then the batch's)")
     p.add_argument("--bd-size", type=positive_int, help="diffusion block size (default: the checkpoint's)")
-    p.add_argument("--sub-block", type=positive_int, default=8, help="sub-block size: decoded strictly in order")
+    p.add_argument("--sub-block", type=positive_int, help="sub-block size: decoded strictly in order (default: 8, "
+                   "or the largest divisor of a smaller or odd block size)")
     p.add_argument("--no-relay", action="store_true", help="do not carry the relay state")
     p.add_argument("--static", action="store_true",
                    help="one-shape KV cache, each block forward a CUDA graph on CUDA (the same tokens; faster)")
@@ -229,7 +232,7 @@ def main(argv=None):
                    help="weights dtype; auto = bfloat16 on CUDA, float32 elsewhere")
     p.add_argument("--out", default="out/eval/samples.jsonl", help="one JSON row per problem (and threshold)")
     args = p.parse_args(argv)
-    if args.bd_size and args.bd_size % args.sub_block:
+    if args.bd_size and args.sub_block and args.bd_size % args.sub_block:
         p.error(f"--bd-size {args.bd_size} is not a multiple of --sub-block {args.sub_block}")
     if args.compile and not args.static:
         p.error("--compile compiles the static cache's block forward: give --static")

@@ -26,6 +26,7 @@ but it ends the row, whose count stops there too; the reference would decode on 
 """
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -85,6 +86,9 @@ def sample_mdm(model, x, *, tau=0.15, max_steps=64, use_relay=True):
 
 # ---------------------------------------------------------------------------------------------
 # Fast-dLLM v2 block decoding with a KV cache and relay carry (NOTES.md §6)
+
+SUB_BLOCK = 8  # Fast-dLLM v2's sub-block: a block is decoded in sub-blocks of 8, strictly in order
+
 
 @dataclass
 class Decode:
@@ -366,7 +370,7 @@ def commit_block(model, st, q0, q1):
 
 
 @torch.no_grad()
-def generate(model, prompts, *, max_new_tokens=256, threshold=0.85, bd_size=None, sub_block=8,
+def generate(model, prompts, *, max_new_tokens=256, threshold=0.85, bd_size=None, sub_block=None,
              stop_ids=(), use_cache=True, use_relay=True, pad_id=0, static=False, compile=False, graphs=True):
     """Block decoding of a batch of prompts (lists of token ids) -> (list of generated id lists, stats).
     A row stops after its first stop token once nothing before it is masked (the stop is included),
@@ -376,10 +380,11 @@ def generate(model, prompts, *, max_new_tokens=256, threshold=0.85, bd_size=None
     compile=True (with static): that step is torch.compile'd first, so the graph replays fused
     kernels, not one or more per elementwise op (the first call compiles for a minute).
     graphs=False: static without CUDA graphs, the graphs' oracle at the same shapes. bd_size defaults
-    to the model's."""
+    to the model's; sub_block to Fast-dLLM v2's 8, or the largest divisor of a smaller or odd block."""
     t0 = time.time()
     dev = next(model.parameters()).device
     bd_size = bd_size or model.cfg.bd_size  # one name for the block size, everywhere
+    sub_block = sub_block or math.gcd(SUB_BLOCK, bd_size)
     # 1) argument checks, and the batch layout: rows left-padded so generation starts in block G
     check_generate_args(model, prompts, max_new_tokens, bd_size, sub_block)
     st, G = left_pad(prompts, max_new_tokens, bd_size, model.cfg.mask_id, pad_id, dev)
@@ -569,7 +574,8 @@ def get_args(argv=None):
     p.add_argument("--max-new-tokens", type=positive_int, default=256, help="tokens to generate at most")
     p.add_argument("--threshold", type=unit_float, default=0.85, help="reveal confidence threshold (strict)")
     p.add_argument("--bd-size", type=positive_int, help="diffusion block size (default: the checkpoint's bd_size)")
-    p.add_argument("--sub-block", type=positive_int, default=8, help="sub-block size: decoded strictly in order")
+    p.add_argument("--sub-block", type=positive_int, help="sub-block size: decoded strictly in order (default: 8, "
+                   "or the largest divisor of a smaller or odd block size)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole prefix every forward (oracle)")
     p.add_argument("--no-relay", action="store_true", help="do not carry the relay state")
     p.add_argument("--static", action="store_true", help="one-shape cache, CUDA graphs on CUDA (the same tokens)")
@@ -607,7 +613,7 @@ def get_args(argv=None):
         p.error(f"--bench-prompts {args.bench_prompts}: there are {len(BENCH_PROMPTS)} prompts")
     if (args.checkpoint is None) == (args.random_init is None):
         p.error("give exactly one of --checkpoint and --random-init")
-    if args.bd_size and args.bd_size % args.sub_block:
+    if args.bd_size and args.sub_block and args.bd_size % args.sub_block:
         p.error(f"--bd-size {args.bd_size} is not a multiple of --sub-block {args.sub_block}")
     llm_only = [f"--{k.replace('_', '-')}" for k in ("prompt", "prompt_file", "chat", "bench", "static", "compile", "save")
                 if getattr(args, k)]

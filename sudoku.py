@@ -93,11 +93,15 @@ PLAIN_VERSION = 1  # bump when the plain generator (tiers 0 and 1) changes what 
 
 
 def tier_counts(shares, n):
-    """Puzzles of each tier in a set of n: round(share * n) for tiers 0 and 1, the rest tier 2."""
-    n0, n1 = (round(f * n) for f in shares[:2])
-    if n0 + n1 > n or min(shares) < 0 or len(shares) != 3:
+    """Puzzles of each tier in a set of n: floor(share * n), and the few left over to the tiers with the
+    largest fractions (the easier tier on a tie). They add up to n, and a tier of share 0 gets none."""
+    if len(shares) != 3 or min(shares) < 0 or abs(sum(shares) - 1) > 1e-6:
         raise ValueError(f"tier shares must be three non-negative numbers summing to 1, got {shares}")
-    return n0, n1, n - n0 - n1
+    exact = [f * n for f in shares]
+    counts = [int(x) for x in exact]
+    for t in sorted(range(3), key=lambda t: counts[t] - exact[t])[:n - sum(counts)]:  # largest fraction first
+        counts[t] += 1
+    return tuple(counts)
 
 
 def tier_path(data_dir, tier, stream, n, family="train"):
@@ -242,7 +246,7 @@ def read_list(path):
 def read_csv(path, skip_invalid=False, limit=None):
     """Read and validate a Sudoku CSV (columns `question`, `answer`, optional `rating` and `tier`,
     which come back as arrays when present). Raises ValueError naming file, line and reason,
-    unless skip_invalid, which skips bad rows and prints how many."""
+    unless skip_invalid, which skips bad rows and prints how many. limit: the first `limit` valid rows."""
     qs, ans, extra, lines, bad = [], [], [], [], []
     with open(path, "rb") as f:
         reader = csv.reader(_text_lines(f, path))
@@ -264,7 +268,7 @@ def read_csv(path, skip_invalid=False, limit=None):
             ans.append(row[cols["answer"]].strip().encode().translate(_CELLS))
             extra.append([int(row[cols[k]]) for k in ("rating", "tier") if k in cols])
             lines.append(line)
-            if limit and len(qs) >= limit:
+            if limit and len(qs) >= limit and not skip_invalid:  # skipping: the board check below may drop some
                 break
     if not qs:
         raise ValueError(f"{path}: no valid puzzles")
@@ -279,10 +283,10 @@ def read_csv(path, skip_invalid=False, limit=None):
         bad += [lines[j] for j in np.flatnonzero(~keep)]
     if bad:
         print(f"{path}: skipped {len(bad)} invalid rows (first at line {min(bad)})")
-    out = {"question": q[keep].copy(), "answer": a[keep].copy()}
+    out = {"question": q[keep][:limit].copy(), "answer": a[keep][:limit].copy()}
     names = [k for k in ("rating", "tier") if k in cols]
     for j, (name, dtype) in enumerate((k, np.int32 if k == "rating" else np.int8) for k in names):
-        out[name] = np.array([e[j] for e in extra], dtype)[keep]
+        out[name] = np.array([e[j] for e in extra], dtype)[keep][:limit]
     return out
 
 
@@ -303,9 +307,11 @@ def summary(d):
     lines = []
     for t in np.unique(d["tier"]):
         m = d["tier"] == t
-        r = d["rating"][m]
-        lines.append(f"tier {t}: {m.sum()} puzzles, clues {np.mean((d['question'][m] > 0).sum(1)):.1f}, rating "
-                     f"median {np.median(r):.0f} mean {r.mean():.1f} p90 {np.percentile(r, 90):.0f}")
+        line = f"tier {t}: {m.sum()} puzzles, clues {np.mean((d['question'][m] > 0).sum(1)):.1f}"
+        if "rating" in d:  # a CSV may give tiers without ratings
+            r = d["rating"][m]
+            line += f", rating median {np.median(r):.0f} mean {r.mean():.1f} p90 {np.percentile(r, 90):.0f}"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -319,7 +325,8 @@ if __name__ == "__main__":
     p.add_argument("--hard", action="store_true", help="the hardest tier, same as --tier 2")
     p.add_argument("--family", choices=tuple(HARD_SEEDS), default="train",
                    help="hard tier: the seed puzzles its search starts next to (the default sets' own split)")
-    p.add_argument("--workers", type=positive_int, default=None, help="processes (default: all cores)")
+    p.add_argument("--workers", type=positive_int, default=None,
+                   help="processes (default: all cores, up to 8 for tiers 0 and 1; the hard tier runs at most one per seed)")
     p.add_argument("--out", default="", help="write the generated puzzles to this CSV")
     p.add_argument("--check", default="", help="validate this CSV and print a summary")
     args = p.parse_args()

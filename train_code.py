@@ -55,7 +55,7 @@ from code_data import (Rows, held_out_signatures, load_stdlib, read_chat_jsonl, 
 from model import QWEN2, SHAPES, ModelConfig, Transformer, pick_device, shape_problem
 from relay import RolloutBuffer, add_relay, reveal_threshold_blocks, rollout_loss, sft_loss
 from runs import claim_out_dir, nonneg_float, nonneg_int, positive_float, positive_int, unit_float
-from eval_code import evaluate, load_problems
+from eval_code import evaluate, with_check
 from sandbox import run_sandboxed
 from sampler import generate
 from tokenizer import byte_tokenizer, load_tokenizer, save_tokenizer
@@ -337,6 +337,9 @@ def save(args, d, path, step, raw, opt, streams, gens, bufs):
         dist.barrier()
 
 
+DATA_FLAGS = ("batch_size", "micro_batch", "seq_len", "seed", "data", "train_problems", "val_every_n", "bpe_merges")
+
+
 def resume(args, d, path, raw, opt, streams, gens, bufs):
     """Restore save()'s state into the live objects (FSDP: scattered into the shards); returns the step."""
     if not os.path.exists(path):
@@ -344,10 +347,18 @@ def resume(args, d, path, raw, opt, streams, gens, bufs):
     ck = load_checkpoint(path, kind="code")
     diff = config_diff(raw, ck)
     buffers = ck["args"].get("buffers", "chunk")
-    if diff or ck["world"] != d.world or ck["args"]["objective"] != args.objective or buffers != args.buffers:
-        raise ValueError(f"{path} was trained with another setup: config {diff} (ours, theirs), world "
-                         f"{ck['world']} vs {d.world}, objective {ck['args']['objective']} vs {args.objective}, "
+    # the flags that deal the rows and draw the noise: another value would not continue this run's data
+    data = {k: (getattr(args, k), ck["args"][k]) for k in DATA_FLAGS
+            if ck["args"].get(k, getattr(args, k)) != getattr(args, k)}  # older checkpoints lack some
+    if diff or data or ck["world"] != d.world or ck["args"]["objective"] != args.objective or buffers != args.buffers:
+        raise ValueError(f"{path} was trained with another setup: config {diff}, data flags {data} (ours, theirs), "
+                         f"world {ck['world']} vs {d.world}, objective {ck['args']['objective']} vs {args.objective}, "
                          f"--buffers {buffers} vs {args.buffers}")
+    theirs = ck["args"].get("sft_steps", args.sft_steps)
+    if ck["step"] >= theirs != args.sft_steps:  # a warm start that has ended stays ended
+        d.log(f"sft warm start: ended at step {theirs} of this run, which stays (--max-steps {args.max_steps} x "
+              f"--sft-frac {args.sft_frac:g} would move it to {args.sft_steps})")
+        args.sft_steps = theirs
     if args.fsdp:
         opts = StateDictOptions(full_state_dict=True)
         set_model_state_dict(raw, ck["model"], options=opts)
@@ -483,7 +494,7 @@ def solve_held_out(args, model, tok, ctx, device):
     """pass@1 of the trained model on --eval-problems held-out synthetic problems (eval_code.py's
     sandbox, the --base layout it trained on); prints the result and --samples examples."""
     model = model.to(device).eval()
-    problems = load_problems("synthetic")[:args.eval_problems]
+    problems = [with_check(r) for r in synthetic_problems("test", args.eval_problems)]  # the val rows' problems
     with ctx:
         res, rows = evaluate(model, tok, problems, threshold=args.threshold, base=True, batch=32,
                              max_new_tokens=192, allow_unisolated=args.unsafe_no_isolation)

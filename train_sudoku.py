@@ -259,6 +259,10 @@ def resume(ck, path, args, model, ema, opt, buf, stream, gen):
              if tuple(np.atleast_1d(theirs(k))) != tuple(np.atleast_1d(getattr(args, k)))}
     if diff:
         raise ValueError(f"{path} was trained with another configuration: {diff} (ours, theirs)")
+    if ck["step"] >= theirs("mlm_steps") != args.mlm_steps:  # a warm start that has ended stays ended
+        print(f"MLM warm start: ended at step {theirs('mlm_steps')} of this run, which stays (--max-steps "
+              f"{args.max_steps} x --mlm-frac {args.mlm_frac:g} would move it to {args.mlm_steps})")
+        args.mlm_steps = theirs("mlm_steps")
     load_state(model, ck["model"], path)
     if ema is not None:
         load_state(ema, ck["ema"], path + " (ema)")
@@ -519,12 +523,13 @@ def main(argv=None):
     model.train()
     bar = tqdm(total=args.max_steps, initial=step, desc=args.objective, dynamic_ncols=True)
     t0, step0, losses, pending, monitor, seen, t_eval = time.time(), step, [], [], [], 0, 0.0
+    watch = monitor_set(test)
     warm = None  # (time, step, eval seconds) at the first read: the speed after it leaves out compilation
     while step < args.max_steps:
         # a budget of this invocation ends the loop with a checkpoint, so --resume continues exactly
-        if (args.time_limit and time.time() - t0 > 60 * args.time_limit) or \
-                (args.stop_after and step - step0 >= args.stop_after):
-            tqdm.write(f"stopping at step {step}: " + ("--time-limit" if args.time_limit else "--stop-after"))
+        out_of_time = args.time_limit and time.time() - t0 > 60 * args.time_limit
+        if out_of_time or (args.stop_after and step - step0 >= args.stop_after):
+            tqdm.write(f"stopping at step {step}: " + ("--time-limit" if out_of_time else "--stop-after"))
             save()
             break
         loss, new_rows = train_step(args, step, train_model, model, ema, opt, buf, stream, gen, ctx)
@@ -539,11 +544,10 @@ def main(argv=None):
             bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr_at(args, step - 1):.1e}")
             pending = []
             warm = warm or (time.time(), step, t_eval)
-        # a) monitor: the EMA weights solve the first 128 test puzzles (nothing is selected on it)
+        # a) monitor: the EMA weights solve 128 test puzzles of every tier (nothing is selected on it)
         if monitor_now:
             t1 = time.time()
-            r = evaluate(ema or model, {k: v[:128] for k, v in test.items()}, args.tau, args.eval_batch, ctx,
-                         desc="monitor")
+            r = evaluate(ema or model, watch, args.tau, args.eval_batch, ctx, desc="monitor")
             model.train()
             t_eval += time.time() - t1
             monitor.append({"step": step, "exact_match": r["exact_match"], "token_acc": r["token_acc"],
@@ -562,6 +566,13 @@ def main(argv=None):
     if warm and step > warm[1]:
         steady = args.batch_size * (step - warm[1]) / (time.time() - warm[0] - (t_eval - warm[2]))
     return finish(args, ema or model, test, ctx, step, t_start, time.time() - t0 - t_eval, losses, monitor, steady)
+
+
+def monitor_set(test, n=128):
+    """The monitor's puzzles: n spread evenly over the test set, so that every tier of a tiered set
+    (stored tier after tier) is in it."""
+    m = len(test["question"])
+    return {k: v[np.linspace(0, m - 1, min(m, n)).astype(int)] for k, v in test.items()}
 
 
 def train_step(args, step, train_model, model, ema, opt, buf, stream, gen, ctx):

@@ -34,7 +34,7 @@ p.add_argument("--threads", type=nonneg_int, default=0, help="torch threads (0 =
 args, passthrough = p.parse_known_args()
 if train_sudoku.get_args(passthrough).max_steps < 1:  # read as train_sudoku reads it (abbreviations too)
     p.error("--max-steps: a row of the table needs at least one training step")
-if not any(f.startswith("--mlm-frac") for f in passthrough):
+if not any("--mlm-frac".startswith(f.split("=")[0]) and len(f.split("=")[0]) > 3 for f in passthrough):  # or --mlm
     passthrough += ["--mlm-frac", "0"]  # Table 1's rows are pure objectives (no MLM warm start)
 if args.threads:
     torch.set_num_threads(args.threads)

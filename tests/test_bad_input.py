@@ -66,7 +66,7 @@ SAMPLER_BAD = [
     (["--bd-size", "0"], "argument --bd-size"), (["--sub-block", "0"], "argument --sub-block"),
     (["--seed", "-1"], "argument --seed"), (["--bench-lengths", "64", "0"], "argument --bench-lengths"),
     (["--n", "0"], "argument --n"), (["--max-steps", "-1"], "argument --max-steps"),
-    (["--bd-size", "12"], "--bd-size 12 is not a multiple of --sub-block 8"),
+    (["--bd-size", "12", "--sub-block", "8"], "--bd-size 12 is not a multiple of --sub-block 8"),
     (["--bench", "--bench-prompts", "9"], "--bench-prompts 9: there are 3 prompts"),
     (["--compile"], "--compile compiles the static cache's block forward: give --static"),
     (["--bench", "--bench-modes", "static"], "--bench-modes: uncached is the oracle"),
@@ -86,7 +86,7 @@ EVAL_BAD = [
     (["--limit", "-162"], "argument --limit"), (["--threshold", "2"], "argument --threshold"),
     (["--max-new-tokens", "0"], "argument --max-new-tokens"), (["--bd-size", "0"], "argument --bd-size"),
     (["--sub-block", "0"], "argument --sub-block"), (["--workers", "0"], "argument --workers"),
-    (["--bd-size", "12"], "--bd-size 12 is not a multiple of --sub-block 8"),
+    (["--bd-size", "12", "--sub-block", "8"], "--bd-size 12 is not a multiple of --sub-block 8"),
     (["--compile"], "--compile compiles the static cache's block forward: give --static"),
 ]
 
@@ -139,6 +139,7 @@ def test_a_bad_flag_stops_train_code_before_any_work(capsys, tmp_path):
     ("bench/sudoku_public.py", ["none.txt", "--near", "82"], "argument --near: a puzzle has 81 cells"),
     ("bench/sudoku_public.py", ["none.txt", "--seed", "-1"], "argument --seed"),
     ("sudoku.py", ["--seed", "-1"], "argument --seed"),
+    ("code_tasks.py", ["--n", "-5", "--out", "neg.jsonl"], "argument --n: need an integer >= 1"),
 ])
 def test_script_flags(tmp_path, script, argv, msg):
     r = subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], cwd=tmp_path, capture_output=True, text=True)
@@ -364,6 +365,20 @@ def test_utf8_bom_is_valid_and_bad_utf8_names_the_line(tmp_path):
     p = chat_file(tmp_path, raw=good + b"\n" + good[:-3] + b"\xff\xfe" + good[-3:] + b"\n")
     with pytest.raises(ValueError, match=f"{p}:2: not UTF-8"):
         code_data.read_chat_jsonl(str(p), byte_tokenizer(), 256, 16)
+
+
+def test_a_crlf_row_of_the_size_limit_keeps_the_line_numbers(tmp_path, monkeypatch):
+    """A row of exactly MAX_ROW_BYTES ends in \\r\\n: both belong to it, so the next row is still line 2."""
+    row = json.dumps({"messages": []})
+    monkeypatch.setattr(code_data, "MAX_ROW_BYTES", len(row) + 4)
+    p = chat_file(tmp_path, raw=(row + "    \r\n{bad json\r\n").encode())
+    assert [n for n, _ in code_data.jsonl_lines(str(p))] == [1, 2]
+
+
+def test_a_problem_file_without_problems_is_refused(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    with pytest.raises(ValueError, match="empty.jsonl: no problems"):
+        eval_code.load_problems(str(tmp_path / "empty.jsonl"))
 
 
 # ---------------------------------------------------------------------------------------------

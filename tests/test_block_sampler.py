@@ -144,6 +144,14 @@ def test_bad_arguments(llm):
         generate(llm, [[1] * 8], **KW)
 
 
+def test_the_default_sub_block_divides_any_block_size(llm):
+    """Fast-dLLM v2's sub-block is 8; a block of 4 or 12 (a model trained so) decodes in sub-blocks of 4."""
+    kw = {k: v for k, v in KW.items() if k != "sub_block"}
+    for bd in (4, 12):
+        assert generate(llm, PROMPTS, bd_size=bd, **kw)[0] == generate(llm, PROMPTS, bd_size=bd, sub_block=4, **kw)[0]
+    assert generate(llm, PROMPTS, bd_size=16, **kw)[0] == generate(llm, PROMPTS, bd_size=16, sub_block=8, **kw)[0]
+
+
 def test_reference_nfe_stops_at_the_denoising_step_that_reveals_a_stop(llm):
     """nfe_ref (the paper's count) = denoising forwards up to the one whose reveal put a stop token on the
     canvas, counted here from the recorded forwards; nfe (ours) goes on until nothing before the stop is

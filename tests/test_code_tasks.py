@@ -1,6 +1,7 @@
 """code_tasks.py: deterministic prefixes, disjoint splits, canonical solutions pass their tests, trivial programs
 do not, and eval_code.load_problems reads the JSONL."""
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -157,3 +158,19 @@ def test_synthetic_rows_supervise_the_body_and_its_padding():
         assert pad >= 1 and tok.decode(ids[sup].tolist()) == p["canonical_solution"] + "<|endoftext|>" * pad
     with pytest.raises(ValueError, match="synthetic/train/0: .* do not fit --seq-len 64"):
         synthetic_rows(probs, tok, 64, 32)
+
+
+def test_a_caesar_shift_after_uppercasing_keeps_the_uppercase_letters():
+    """The instruction shifts lowercase letters only; the reference must do what it says on every input
+    a composition can hand it (upper_first_k makes uppercase ones)."""
+    probs = [p for p in ct.make_problems("test", 3000) if p["family"] == "upper_first_k+caesar_k"]
+    assert probs
+    for p in probs:
+        k = int(re.search(r"uppercase, then shift every lowercase letter of s forward by (\d+)", p["prompt"]).group(1))
+        n = int(re.search(r"first (\d+) characters", p["prompt"]).group(1))
+        ns = {}
+        exec(p["prompt"] + p["canonical_solution"], ns)
+        f = ns[p["entry_point"]]
+        for s in ("abcxyz", "hello world", "", "zz"):
+            u = s[:n].upper() + s[n:]
+            assert f(s) == "".join(chr((ord(c) - 97 + k) % 26 + 97) if c.islower() else c for c in u)

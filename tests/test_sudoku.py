@@ -417,6 +417,29 @@ def test_rating_and_tier_columns_round_trip(tmp_path):
         sudoku.read_csv(write(tmp_path, [f"x,{q},{a},hard"]))
 
 
+def test_a_csv_with_tiers_and_no_ratings_is_summarised(tmp_path):
+    rows = [",".join(good_row(i)) + f",{i % 3}" for i in range(6)]
+    d = sudoku.add_tiers(sudoku.read_csv(write(tmp_path, rows, header="question,answer,tier")))
+    assert d["tier"].tolist() == [0, 1, 2, 0, 1, 2] and "rating" not in d
+    assert sudoku.summary(d).splitlines()[2].startswith("tier 2: 2 puzzles, clues ")
+
+
+def test_a_limit_counts_valid_rows_when_invalid_ones_are_skipped(tmp_path, capsys):
+    rows = [good_row(i) for i in range(6)]
+    rows[1] = (change_first_clue(rows[1][0]), rows[1][1])  # a board that contradicts its answer: the board check
+    d = sudoku.read_csv(write(tmp_path, [f"x,{q},{a},0" for q, a in rows]), skip_invalid=True, limit=4)
+    assert [sudoku.puzzle_text(q) for q in d["question"]] == [q for q, _ in rows[:1] + rows[2:5]]
+    assert "skipped 1 invalid rows (first at line 3)" in capsys.readouterr().out
+
+
+def test_tier_counts_add_up_and_a_zero_share_gets_none():
+    for shares in ((0.5, 0.5, 0.0), (0.25, 0.25, 0.5), (0.0, 0.0, 1.0), (0.1, 0.3, 0.6)):
+        for n in range(1, 300):
+            c = sudoku.tier_counts(shares, n)
+            assert sum(c) == n and all(abs(k - f * n) < 1 for k, f in zip(c, shares)), (shares, n, c)
+            assert all(k == 0 for k, f in zip(c, shares) if f == 0), (shares, n, c)
+
+
 def test_add_tiers_rates_a_csv_without_ratings(tmp_path):
     rows = [",".join(good_row(i)) for i in range(6)]
     got = sudoku.add_tiers(sudoku.read_csv(write(tmp_path, rows, header="question,answer")))

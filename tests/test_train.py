@@ -50,6 +50,23 @@ def test_resume_keeps_the_training_set_when_max_steps_grows(tmp_path, data_dir):
     assert resumed["losses"] == full["losses"][2:5]
 
 
+def test_a_longer_resumed_run_does_not_go_back_to_mlm(tmp_path, data_dir, capsys):
+    """--max-steps x --mlm-frac places the switch; raising --max-steps on a resume past it keeps it where it was."""
+    common = ["--objective", "relay", "--mlm-frac", "0.5"]
+    run(tmp_path, data_dir, *common, "--max-steps", "4", "--stop-after", "3")  # mlm for steps 0-1, relay at step 2
+    r = run(tmp_path, data_dir, *common, "--max-steps", "8", "--resume")  # 0.5 x 8 would put the switch at 4
+    assert r["mlm_steps"] == 2 and r["steps"] == 8
+    assert "MLM warm start: ended at step 2 of this run, which stays" in capsys.readouterr().out
+
+
+def test_the_monitor_sees_every_tier():
+    test = {"question": np.zeros((1000, 81), np.uint8), "tier": np.repeat(np.arange(3, dtype=np.int8), [250, 250, 500])}
+    w = train_sudoku.monitor_set(test)
+    assert np.bincount(w["tier"]).tolist() == [32, 32, 64]  # as the set: a quarter, a quarter, a half
+    small = train_sudoku.monitor_set({k: v[:100] for k, v in test.items()})
+    assert (small["tier"] == test["tier"][:100]).all()
+
+
 def test_resume_with_another_config_names_the_mismatch(tmp_path, data_dir):
     run(tmp_path, data_dir, "--max-steps", "1")
     with pytest.raises(ValueError, match="n_embd"):

@@ -1,5 +1,6 @@
 """train_code.py: the SFT masks and loss, the relay gradient through h, resume, chat JSONL
 validation, and 2-process gloo DDP against 1 process with the same global batch."""
+import contextlib
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import code_data
+import eval_code
 import relay
 import train_code
 from model import block_mask, shift_right
@@ -87,6 +89,18 @@ def test_resume_reproduces_the_next_losses(tmp_path, objective, warm):
     with pytest.raises(ValueError, match="another setup"):
         run_main(common[:1] + ["sft" if objective == "relay" else "relay"] + common[2:] +
                  ["--out-dir", str(tmp_path / "b"), "--resume"])
+    # another split of the batch deals other rows and noise: not a continuation of this run
+    with pytest.raises(ValueError, match=r"data flags \{'micro_batch': \(4, 2\)\}"):
+        run_main(common + ["--out-dir", str(tmp_path / "b"), "--resume", "--max-steps", "6", "--micro-batch", "4"])
+
+
+def test_a_longer_resumed_run_does_not_go_back_to_its_warm_start(tmp_path):
+    """--max-steps x --sft-frac places the switch; raising --max-steps on a resume past it keeps it where it was."""
+    common = ["--objective", "relay", "--sft-frac", "0.5", "--data-dir", str(tmp_path / "data"),
+              "--out-dir", str(tmp_path / "r")]
+    run_main(common + ["--max-steps", "4", "--stop-after", "3"])  # sft for steps 0-1, relay at step 2
+    r = run_main(common + ["--max-steps", "8", "--resume"])  # 0.5 x 8 would put the switch at 4
+    assert r["sft_steps"] == 2 and r["steps"] == 8
 
 
 def test_rows_come_in_epochs_dealt_to_the_chunks():
@@ -221,6 +235,17 @@ def test_synthetic_run_ends_with_pass_at_1_and_samples(tmp_path, capsys):
     out = capsys.readouterr().out
     assert r["pass@1"] * 4 in (0, 1, 2, 3, 4) and r["nfe"] >= 1 and r["tokens_per_s"] > 0  # a share of 4 problems
     assert out.count("--- synthetic/test/") == 2 and "held-out problems: pass@1" in out
+
+
+def test_every_asked_held_out_problem_is_solved(monkeypatch, capsys):
+    """--eval-problems past eval_code's 200: as many problems as asked, the first 200 being those."""
+    got = []
+    monkeypatch.setattr(train_code, "evaluate", lambda model, tok, problems, **kw: got.append(problems) or (
+        {"pass@1": 0.0, "n": len(problems), "nfe": 1.0, "tokens_per_s": 1.0}, [{}] * len(problems)))
+    args = train_code.get_args(["--eval-problems", "250", "--samples", "0"])
+    train_code.solve_held_out(args, torch.nn.Linear(1, 1), None, contextlib.nullcontext(), "cpu")
+    assert len(got[0]) == 250 and got[0][:200] == eval_code.load_problems("synthetic")
+    assert "pass@1 0.0% of 250" in capsys.readouterr().out
 
 
 def test_stdlib_corpus_stays_a_flag(tmp_path):
