@@ -6,8 +6,10 @@ the isolation holds (the hostile probes of `self_check`). Used by eval_code.py a
 
 Each program runs in its own network, IPC, UTS, mount and PID namespaces, chrooted (pivot_root) into
 a private root: a 64 MiB tmpfs holding /tmp, /var/tmp and /dev/shm, with /usr, /etc and the
-interpreter bind-mounted read-only and a fresh /proc; as its own uid with CPU-time, address-space,
-file-size and process-count limits; killed with everything it started at the wall-clock timeout. It
+interpreter bind-mounted read-only (every mount below them too) and a fresh /proc; as its own uid with
+CPU-time, address-space, file-size, process-count and open-file limits, under a seccomp filter that
+refuses new namespaces, mounts, keyrings and memfd; killed with everything it started at the wall-clock
+timeout. It
 passes only if it ran to its end (a per-run marker). Needs Linux and root (CAP_SYS_ADMIN), as CI
 has: otherwise it refuses to run, unless the caller allows running without isolation.
 """
@@ -64,6 +66,44 @@ def mount(src, dst, fstype=None, flags=0, data=None):
     b = lambda s: None if s is None else s.encode()
     return libc.mount(b(src), b(dst), b(fstype), flags, b(data)) == 0
 
+def mounts_under(top):
+    # a remount changes one mount: the recursive bind's submounts (a container's /etc/hosts) each need their own
+    with open("/proc/self/mountinfo", "rb") as f:
+        points = [line.split()[4].decode("unicode_escape") for line in f]  # octal escapes: \040 is a space
+    return [m for m in points if m == top or m.startswith(top + "/")]
+
+# seccomp(): per machine, the audit arch, clone, clone3 and the syscalls refused with EPERM, in this order:
+# unshare setns mount umount2 pivot_root chroot add_key request_key keyctl memfd_create memfd_secret bpf
+# perf_event_open userfaultfd io_uring_setup open_tree move_mount fsopen fsconfig fsmount fspick mount_setattr
+SYSCALLS = {"x86_64": (0xC000003E, 56, 435, (272, 308, 165, 166, 155, 161, 248, 249, 250, 319, 447, 321, 298, 323,
+                                             425, 428, 429, 430, 431, 432, 433, 442)),
+            "aarch64": (0xC00000B7, 220, 435, (97, 268, 40, 39, 41, 51, 217, 218, 219, 279, 447, 280, 241, 282,
+                                               425, 428, 429, 430, 431, 432, 433, 442))}
+
+def seccomp():
+    # Syscalls the program has no use for and that would undo the isolation: new namespaces (a user namespace
+    # makes it root there, able to mount a tmpfs past the size bound), mounts, keyrings (they outlive the run
+    # and other uids can read them), memfd (memory outside the address-space limit), bpf, perf, io_uring.
+    # They fail with EPERM; clone3 with ENOSYS, so that the C library falls back to clone, whose flags are checked.
+    arch, clone, clone3, deny = SYSCALLS.get(os.uname().machine, (None,) * 4)
+    if arch is None:
+        return False
+    LD, JEQ, JGE, JSET, RET = 0x20, 0x15, 0x35, 0x45, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ/JGE/JSET|K, BPF_RET|K
+    ALLOW, KILL, EPERM, ENOSYS = 0x7FFF0000, 0x80000000, 0x50000 | 1, 0x50000 | 38
+    NEW_NS = 0x02000000 | 0x04000000 | 0x08000000 | 0x10000000 | 0x20000000 | 0x40000000 | 0x00020000 | 0x00000080
+    n = len(deny)
+    prog = [(LD, 0, 0, 4), (JEQ, 1, 0, arch), (RET, 0, 0, KILL),  # seccomp_data.arch: another ABI is killed
+            (LD, 0, 0, 0), (JGE, 0, 1, 0x40000000), (RET, 0, 0, KILL)]  # .nr; x32 syscalls (x86_64) killed
+    prog += [(JEQ, n - i + 4, 0, k) for i, k in enumerate(deny)]  # to the EPERM: jumps are relative, forward
+    prog += [(JEQ, 0, 1, clone3), (RET, 0, 0, ENOSYS), (JEQ, 0, 3, clone),
+             (LD, 0, 0, 16), (JSET, 0, 1, NEW_NS), (RET, 0, 0, EPERM), (RET, 0, 0, ALLOW)]  # 16: args[0], flags
+    class Filter(ctypes.Structure):
+        _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint)]
+    class Prog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(Filter))]
+    f = (Filter * len(prog))(*[Filter(*x) for x in prog])
+    return libc.prctl(22, 2, ctypes.byref(Prog(len(prog), f)), 0, 0) == 0  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
+
 def make_root(new):
     # A tmpfs over the run's host directory becomes "/": the host's /tmp, /run, /home, /root, sockets and the
     # repository are not in it; /tmp, /var/tmp and /dev/shm are directories in it, so they are private, vanish
@@ -80,8 +120,9 @@ def make_root(new):
             os.symlink(os.readlink(p), new + p)
         elif os.path.isdir(p):
             os.makedirs(new + p, exist_ok=True)
-            if not need(mount(p, new + p, flags=MS_BIND | MS_REC) and mount(
-                    None, new + p, flags=MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV), f"read-only {p}"):
+            if not need(mount(p, new + p, flags=MS_BIND | MS_REC) and all(
+                    mount(None, m, flags=MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+                    for m in mounts_under(new + p)), f"read-only {p}"):
                 return False
     for d in ("null", "zero", "full", "random", "urandom"):
         open(f"{new}/dev/{d}", "w").close()
@@ -126,18 +167,19 @@ if root and not isolated:
 child = os.fork()
 if child == 0:  # the program
     for lim, v in ((resource.RLIMIT_AS, mem_mb << 20), (resource.RLIMIT_FSIZE, 16 << 20), (resource.RLIMIT_CORE, 0),
-                   (resource.RLIMIT_NPROC, 64)):  # NPROC counts this run's uid only
+                   (resource.RLIMIT_NPROC, 64), (resource.RLIMIT_NOFILE, 256)):  # NPROC: this run's uid only
         resource.setrlimit(lim, (v, v))
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
     if root:
         os.chown(prog, uid, uid)
         os.setgroups([]); os.setgid(uid); os.setuid(uid)
     need(libc.prctl(38, 1, 0, 0, 0) == 0, "no_new_privs")  # PR_SET_NO_NEW_PRIVS: setuid binaries grant nothing
+    need(seccomp(), "seccomp filter", None if os.uname().machine in SYSCALLS else f"no table for {os.uname().machine}")
     os.chdir(os.path.dirname(prog))
     os.environ.update(HOME=os.path.dirname(prog), TMPDIR=os.path.dirname(prog))
     os.write(setup_fd, (f"ok without: {'; '.join(missing)}" if missing else "ok").encode() + b"\n")
     os.close(setup_fd)  # from here on, untrusted code
-    del ctypes, libc, resource, need, mount, make_root, src
+    del ctypes, libc, resource, need, mount, make_root, mounts_under, seccomp, SYSCALLS, src
     sys.argv = [prog]
     with open(prog, encoding="utf-8") as f:
         code = compile(f.read(), prog, "exec")
@@ -253,6 +295,12 @@ DAEMON = ("import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork(
 KILLER = ("import os, time\nend = time.time() + 1.5\nwhile time.time() < end:\n    for pid in [-1] + [int(p) for p in "
           "os.listdir('/proc') if p.isdigit()]:\n        try:\n            os.kill(pid, 9)\n        except OSError:\n"
           "            pass\n")  # SIGKILL to every process it can find
+KERNEL = {  # kernel features the seccomp filter denies, each as a libc call that returns -1 when refused
+    "a user namespace (root in it, past the tmpfs bound)": "libc.unshare(0x10000000)",
+    "a key in the kernel keyring (outlives the run)": "libc.syscall({'aarch64': 217}.get(os.uname().machine, 248), "
+                                                      "b'user', b'relay', b'x', 1, -4)",  # add_key
+    "memfd (memory past the address-space limit)": "libc.memfd_create(b'x', 0)",
+    "mount a tmpfs": "libc.mount(b'none', b'/tmp', b'tmpfs', 0, None)"}
 # python -c NO_SYS_ADMIN.format(code): runs code in a python without CAP_SYS_ADMIN (PR_CAPBSET_DROP, then exec)
 NO_SYS_ADMIN = ("import ctypes, os, sys\nctypes.CDLL(None).prctl(24, 21, 0, 0, 0)\n"
                 "os.execv(sys.executable, [sys.executable, '-c', '''import sandbox\n{}'''])\n")
@@ -286,12 +334,16 @@ def hostile_probes(run, d):
         ex.submit(run, KILLER, 5).result()
         r = victim.result()
     yield "kill everything from a parallel sandbox", f"other run {r['status']}", r["status"] == "passed"
-    r = subprocess.run([sys.executable, "-c", NO_SYS_ADMIN.format("eval_code.run_sandboxed('x = 1')")],
+    r = subprocess.run([sys.executable, "-c", NO_SYS_ADMIN.format("sandbox.run_sandboxed('x = 1')")],
                        cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True, timeout=120)
     refused = r.returncode != 0 and "refused" in r.stderr and "network namespace" in r.stderr
     yield "no CAP_SYS_ADMIN: no namespaces", "refused (network namespace)" if refused else r.stderr[-40:], refused
     r = run("x = bytearray(64 * 2**30)\n", 5)
     yield "64 GiB allocation", r["status"], r["status"] == "failed" and "MemoryError" in r["stderr"]
+    for name, call in KERNEL.items():
+        r = run(f"import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\nif {call} == -1:\n"
+                "    raise OSError(ctypes.get_errno(), 'refused')\n", 3)
+        yield name, r["status"], r["status"] == "failed" and "[Errno 1]" in r["stderr"]  # EPERM: the seccomp filter
     tag, victim = secrets.token_hex(4), os.path.join(d, "repository_file.txt")
     with open(victim, "w") as f:
         f.write("keep me")

@@ -353,7 +353,7 @@ def solve_many(boards, max_branches=2000):
     of a board with one solution, else 0). Boards past max_branches go to solve() itself."""
     boards = np.asarray(boards)
     tree = search_trees(cands_many(boards), 2, max_branches)
-    nsol, answer = tree["nsol"].copy(), np.zeros(boards.shape, np.uint8)
+    nsol, answer = np.minimum(tree["nsol"], 2), np.zeros(boards.shape, np.uint8)  # the last level may hold more
     one = (nsol == 1) & ~tree["aborted"]
     owner, digits = tree["solutions"]
     answer[owner[one[owner]]] = digits[one[owner]]

@@ -67,6 +67,8 @@ def near_test(q, test, near, chunk=20000):
 
 
 def stats(q, rating):
+    if not len(q):
+        return {"n": 0}
     return {"n": len(q), "clues": round(float((q > 0).sum(1).mean()), 1), "rating_median": float(np.median(rating)),
             "rating_mean": round(float(rating.mean()), 1), "rated_40": round(float((rating >= 40).mean()), 3)}
 
@@ -131,7 +133,7 @@ if __name__ == "__main__":
     result = {"read": len(keys), "distinct": int(len(first)),
               "no_unique_solution": int(len(bad)), "near_copies_dropped": int(near.sum()),
               "train": stats(stored[train], rating[train]), "test": stats(stored[test], rating[test]),
-              "per_list": {os.path.basename(x): stats(stored[src == k], rating[src == k]) for k, x in enumerate(args.lists)},
+              "per_list": {x: stats(stored[src == k], rating[src == k]) for k, x in enumerate(args.lists)},  # distinct
               "out": paths, "seconds": round(time.time() - t0, 1)}
     for name in ("train", "test"):
         print(f"{name}: {json.dumps(result[name])}")

@@ -64,14 +64,20 @@ def assign_sides(kept, fixed):
     """kept: [(emitted, puzzle)], best first; fixed: {puzzle: side} of an earlier seed file. A family (seeds
     sharing >= 14 clue cells) takes the side of its fixed members; of the other families, every
     --test-every-th goes to test. -> (number of families, {puzzle: side})."""
-    families = []  # [(clue cells of its first seed, [puzzles])]
+    families = []  # [([clue cells of each member], [puzzles])], in order of their first seed
     for _, s in kept:
         cells = {i for i, ch in enumerate(s) if ch != "."}
-        f = next((f for f in families if len(cells & f[0]) >= 14), None)
-        if f is None:
-            families.append((cells, [s]))
-        else:
-            f[1].append(s)
+        near = [k for k, f in enumerate(families) if any(len(cells & c) >= 14 for c in f[0])]
+        if not near:
+            families.append(([cells], [s]))
+            continue
+        first = families[near[0]]
+        first[0].append(cells)
+        first[1].append(s)
+        for k in reversed(near[1:]):  # s joins families that were apart: one family now (transitive)
+            first[0].extend(families[k][0])
+            first[1].extend(families[k][1])
+            del families[k]
     side, new = {}, 0
     for _, members in families:
         old = {fixed[s] for s in members if s in fixed}
@@ -117,6 +123,9 @@ if __name__ == "__main__":
                          f"puzzles or settings?) and would be lost: pass --force to write only this run's "
                          f"{len(kept)}, or --out another file")
     families, side = assign_sides(kept, fixed)
+    if set(side.values()) != {"train", "test"}:  # sudoku_hard.read_seeds refuses such a file, and sudoku imports it
+        raise SystemExit(f"{len(kept)} seeds in {families} families, all {set(side.values()) or 'none'}: a seed file "
+                         f"needs train and test seeds (lower --test-every, or screen more candidates)")
     with open(args.out, "w") as f:
         f.write(f"# Seeds of the hard tier (sudoku_hard.hard_island): written by `python bench/sudoku_seeds.py "
                 f"{os.path.basename(args.puzzles)} --min-median {args.min_median:g} --max-candidates "

@@ -31,7 +31,8 @@ from relay import OBJECTIVES  # noqa: E402
 from runs import cpu_name, kernel_ms, nonneg_int, positive_int  # noqa: E402
 from sampler import sample_mdm  # noqa: E402
 
-p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                            allow_abbrev=False)  # else train_sudoku's --warmup would be read as --warmup-steps
 p.add_argument("--steps", type=positive_int, default=20, help="timed optimizer steps per objective")
 p.add_argument("--warmup-steps", type=nonneg_int, default=3, help="untimed steps first")
 p.add_argument("--checkpoint", default="", help="trained checkpoint for the sampler timing")

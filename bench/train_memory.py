@@ -68,7 +68,7 @@ def one(args):
         if i >= 2:
             times.append(time.time() - t)
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else \
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** (30 if sys.platform == "darwin" else 20)  # B / KiB
     print(json.dumps({"objective": args.only, "peak_gib": peak, "step_s": sum(times) / len(times),
                       "params_m": model.num_params() / 1e6, "device": torch.cuda.get_device_name() if cuda else "cpu"}))
 

@@ -118,3 +118,34 @@ def test_9_host_processes_are_invisible():
         r = sandbox.run_sandboxed(prog, 3)
         host.kill()
     assert r["status"] == "failed" and "AssertionError: ['1', '2']" in r["stderr"]  # init and the program only
+
+
+def test_10_the_kernel_features_that_would_undo_the_isolation_are_refused():
+    """A user namespace (root inside it could mount a tmpfs past the size bound), keyrings (they outlive the run
+    and another uid can read them), memfd (memory outside the address-space limit), mounts: EPERM from the
+    seccomp filter. Threads, fork and subprocess (clone without namespace flags) still work: test 2."""
+    for name, call in sandbox.KERNEL.items():
+        r = sandbox.run_sandboxed(f"import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+                                  f"assert {call} == -1 and ctypes.get_errno() == 1, ctypes.get_errno()\n", 3)
+        assert r["status"] == "passed", (name, r["stderr"])
+
+
+def test_11_mounts_below_a_read_only_mount_are_read_only():
+    """A remount changes one mount: a writable mount below /usr (here a tmpfs, in a mount namespace of this test's
+    own) must be read-only in the sandbox too."""
+    code = ("import ctypes, sandbox\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+            "assert libc.unshare(0x00020000) == 0 and libc.mount(None, b'/', None, (1 << 14) | (1 << 18), None) == 0\n"
+            "assert libc.mount(b'tmpfs', b'/usr/local', b'tmpfs', 0, b'mode=1777') == 0\n"
+            "print(sandbox.run_sandboxed(\"open('/usr/local/x', 'w').write('x')\\n\", 3))\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                       capture_output=True, text=True, timeout=60)
+    assert "'status': 'failed'" in r.stdout and "Read-only file system" in r.stdout, r.stdout + r.stderr
+
+
+def test_12_the_self_check_holds_on_this_machine():
+    """eval_code.py --self-check: every hostile probe contained, canonical solutions pass, wrong ones fail (on two
+    problems; the probes are the whole list)."""
+    import eval_code
+    res = sandbox.self_check(eval_code.load_problems()[:2], timeout=10, workers=2)
+    assert res["ok"], {k: v for k, v in res["probes"].items() if not v[1]}
+    assert len(res["probes"]) >= 25 and res["canonical_passed"] == res["canonical_total"] == 2

@@ -1,3 +1,4 @@
+import json
 import os
 import pickle
 import subprocess
@@ -478,6 +479,9 @@ def test_solve_many_equals_solve(hard):
         else:
             assert not answer[i].any() and rating[i] == 0
     assert set(nsol.tolist()) == {0, 1, 2} and rating.max() >= 10
+    q = sudoku.make_puzzle(21, 0)[0].copy()
+    q[np.flatnonzero(q)[:4]] = 0  # five solutions on the search's last level: still "2 for two or more"
+    assert sudoku_solver.solve_many(q[None])[1].tolist() == [2]
 
 
 def test_public_split_keeps_near_copies_of_test_puzzles_out_of_training(tmp_path):
@@ -515,3 +519,26 @@ def test_public_split_keeps_near_copies_of_test_puzzles_out_of_training(tmp_path
     r = run("--force")
     assert r.returncode != 0 and "B:22: several solutions" in r.stderr
     assert run("--force", "--skip-invalid").returncode == 0
+    # the same list under two paths: per-list statistics for each path, the second one's empty (all copies)
+    (tmp_path / "C").mkdir()
+    (tmp_path / "C" / "A").write_text((tmp_path / "A").read_text())
+    r = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "..", "bench", "sudoku_public.py"), "A",
+                        "B", "C/A", "--n-test", "6", "--test-from", "A", "--workers", "1", "--out-dir", "out", "--force",
+                        "--skip-invalid"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    per = json.loads(r.stdout.splitlines()[-1], parse_constant=lambda c: pytest.fail(f"{c} in the JSON line"))["per_list"]
+    assert r.returncode == 0 and [v["n"] for v in per.values()] == [20, 20, 0], per
+
+
+def test_seed_families_are_transitive(monkeypatch):
+    """bench/sudoku_seeds.py: seeds sharing >= 14 clue cells are one family, and so are their chains (A~B, B~C:
+    one family even if A and C share fewer), so no two such seeds land on opposite sides."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("seeds", os.path.join(os.path.dirname(__file__), "..", "bench",
+                                                                       "sudoku_seeds.py"))
+    seeds = importlib.util.module_from_spec(spec)
+    monkeypatch.setattr(sys, "argv", ["sudoku_seeds.py", "list.txt", "--test-every", "2"])  # it reads its flags
+    spec.loader.exec_module(seeds)
+    puzzle = lambda cells: "".join("1" if i in cells else "." for i in range(81))
+    a, b, c, d = puzzle(range(0, 17)), puzzle(range(3, 20)), puzzle(range(6, 23)), puzzle(range(40, 57))
+    n, side = seeds.assign_sides([(9, a), (8, d), (7, c), (6, b)], {})  # b, seen last, joins a's and c's families
+    assert n == 2 and side[a] == side[b] == side[c] != side[d]
