@@ -216,8 +216,8 @@ def main(argv=None):
     p.add_argument("--batch", type=positive_int, default=1, help="problems decoded together (same tokens as alone; "
                    "latency_s is then the batch's)")
     p.add_argument("--bd-size", type=positive_int, help="diffusion block size (default: the checkpoint's)")
-    p.add_argument("--sub-block", type=positive_int, help="sub-block size: decoded strictly in order (default: 8, "
-                   "or the largest divisor of a smaller or odd block size)")
+    p.add_argument("--sub-block", type=positive_int, help="sub-block size: decoded strictly in order (default: "
+                   "gcd(8, block size): Fast-dLLM v2's 8 when it divides the block)")
     p.add_argument("--no-relay", action="store_true", help="do not carry the relay state")
     p.add_argument("--static", action="store_true",
                    help="one-shape KV cache, each block forward a CUDA graph on CUDA (the same tokens; faster)")

@@ -380,7 +380,7 @@ def generate(model, prompts, *, max_new_tokens=256, threshold=0.85, bd_size=None
     compile=True (with static): that step is torch.compile'd first, so the graph replays fused
     kernels, not one or more per elementwise op (the first call compiles for a minute).
     graphs=False: static without CUDA graphs, the graphs' oracle at the same shapes. bd_size defaults
-    to the model's; sub_block to Fast-dLLM v2's 8, or the largest divisor of a smaller or odd block."""
+    to the model's; sub_block to gcd(8, bd_size): Fast-dLLM v2's 8 when 8 divides the block."""
     t0 = time.time()
     dev = next(model.parameters()).device
     bd_size = bd_size or model.cfg.bd_size  # one name for the block size, everywhere
@@ -574,8 +574,8 @@ def get_args(argv=None):
     p.add_argument("--max-new-tokens", type=positive_int, default=256, help="tokens to generate at most")
     p.add_argument("--threshold", type=unit_float, default=0.85, help="reveal confidence threshold (strict)")
     p.add_argument("--bd-size", type=positive_int, help="diffusion block size (default: the checkpoint's bd_size)")
-    p.add_argument("--sub-block", type=positive_int, help="sub-block size: decoded strictly in order (default: 8, "
-                   "or the largest divisor of a smaller or odd block size)")
+    p.add_argument("--sub-block", type=positive_int, help="sub-block size: decoded strictly in order (default: "
+                   "gcd(8, block size): Fast-dLLM v2's 8 when it divides the block)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole prefix every forward (oracle)")
     p.add_argument("--no-relay", action="store_true", help="do not carry the relay state")
     p.add_argument("--static", action="store_true", help="one-shape cache, CUDA graphs on CUDA (the same tokens)")

@@ -46,7 +46,7 @@ SANDBOX_UID0 = 1 << 30  # each run has its own uid: SANDBOX_UID0 + the pid of it
 # the process with the check, as it could also return an object whose __eq__ is always True): the marker
 # guards against programs that stop early, not against an adversary that knows this file.
 BOOT = r"""
-import ctypes, os, resource, select, signal, sys
+import ctypes, os, re, resource, select, signal, sys
 path, secret_fd, setup_fd, done_fd, cpu, mem_mb, tmp_mb, uid0 = sys.argv[1], *map(int, sys.argv[2:9])
 allow = sys.argv[9] == "1"
 libc = ctypes.CDLL(None, use_errno=True)
@@ -67,9 +67,11 @@ def mount(src, dst, fstype=None, flags=0, data=None):
     return libc.mount(b(src), b(dst), b(fstype), flags, b(data)) == 0
 
 def mounts_under(top):
-    # a remount changes one mount: the recursive bind's submounts (a container's /etc/hosts) each need their own
+    # a remount changes one mount: the recursive bind's submounts (a container's /etc/hosts) each need their own.
+    # mountinfo has resolved paths, with octal escapes (\040 is a space) in bytes of any encoding
+    top = os.path.realpath(top)
     with open("/proc/self/mountinfo", "rb") as f:
-        points = [line.split()[4].decode("unicode_escape") for line in f]  # octal escapes: \040 is a space
+        points = [os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), line.split()[4])) for line in f]
     return [m for m in points if m == top or m.startswith(top + "/")]
 
 # seccomp(): per machine, the audit arch, clone, clone3 and the syscalls refused with EPERM, in this order:
@@ -120,9 +122,9 @@ def make_root(new):
             os.symlink(os.readlink(p), new + p)
         elif os.path.isdir(p):
             os.makedirs(new + p, exist_ok=True)
-            if not need(mount(p, new + p, flags=MS_BIND | MS_REC) and all(
+            if not need(mount(p, new + p, flags=MS_BIND | MS_REC) and (under := mounts_under(new + p)) and all(
                     mount(None, m, flags=MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
-                    for m in mounts_under(new + p)), f"read-only {p}"):
+                    for m in under), f"read-only {p}"):
                 return False
     for d in ("null", "zero", "full", "random", "urandom"):
         open(f"{new}/dev/{d}", "w").close()
@@ -300,7 +302,8 @@ KERNEL = {  # kernel features the seccomp filter denies, each as a libc call tha
     "a key in the kernel keyring (outlives the run)": "libc.syscall({'aarch64': 217}.get(os.uname().machine, 248), "
                                                       "b'user', b'relay', b'x', 1, -4)",  # add_key
     "memfd (memory past the address-space limit)": "libc.memfd_create(b'x', 0)",
-    "mount a tmpfs": "libc.mount(b'none', b'/tmp', b'tmpfs', 0, None)"}
+    "clone into a new user namespace": "libc.syscall({'aarch64': 220}.get(os.uname().machine, 56), "
+                                       "0x10000000 | 17, 0, 0, 0, 0)"}  # CLONE_NEWUSER | SIGCHLD
 # python -c NO_SYS_ADMIN.format(code): runs code in a python without CAP_SYS_ADMIN (PR_CAPBSET_DROP, then exec)
 NO_SYS_ADMIN = ("import ctypes, os, sys\nctypes.CDLL(None).prctl(24, 21, 0, 0, 0)\n"
                 "os.execv(sys.executable, [sys.executable, '-c', '''import sandbox\n{}'''])\n")

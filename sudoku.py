@@ -97,7 +97,7 @@ def tier_counts(shares, n):
     largest fractions (the easier tier on a tie). They add up to n, and a tier of share 0 gets none."""
     if len(shares) != 3 or min(shares) < 0 or abs(sum(shares) - 1) > 1e-6:
         raise ValueError(f"tier shares must be three non-negative numbers summing to 1, got {shares}")
-    exact = [f * n for f in shares]
+    exact = [f * n / sum(shares) for f in shares]  # the flag allows a sum 1e-6 off 1
     counts = [int(x) for x in exact]
     for t in sorted(range(3), key=lambda t: counts[t] - exact[t])[:n - sum(counts)]:  # largest fraction first
         counts[t] += 1
@@ -248,6 +248,8 @@ def read_csv(path, skip_invalid=False, limit=None):
     which come back as arrays when present). Raises ValueError naming file, line and reason,
     unless skip_invalid, which skips bad rows and prints how many. limit: the first `limit` valid rows."""
     qs, ans, extra, lines, bad = [], [], [], [], []
+    boards = lambda xs, i=0: np.frombuffer(b"".join(xs[i:]), np.uint8).reshape(-1, 81)
+    checked, valid = 0, 0  # with a limit: rows board-checked while reading, and how many of them passed
     with open(path, "rb") as f:
         reader = csv.reader(_text_lines(f, path))
         header = next(reader, None)
@@ -268,12 +270,16 @@ def read_csv(path, skip_invalid=False, limit=None):
             ans.append(row[cols["answer"]].strip().encode().translate(_CELLS))
             extra.append([int(row[cols[k]]) for k in ("rating", "tier") if k in cols])
             lines.append(line)
-            if limit and len(qs) >= limit and not skip_invalid:  # skipping: the board check below may drop some
-                break
+            if limit and len(qs) - checked >= limit - valid:  # enough, if the rows not checked yet pass: check them
+                if not skip_invalid:
+                    break
+                valid += int((board_errors(boards(qs, checked), boards(ans, checked)) == "").sum())
+                checked = len(qs)
+                if valid >= limit:
+                    break
     if not qs:
         raise ValueError(f"{path}: no valid puzzles")
-    q = np.frombuffer(b"".join(qs), np.uint8).reshape(-1, 81)
-    a = np.frombuffer(b"".join(ans), np.uint8).reshape(-1, 81)
+    q, a = boards(qs), boards(ans)
     reasons = board_errors(q, a)
     keep = reasons == ""
     if not keep.all():
@@ -283,10 +289,10 @@ def read_csv(path, skip_invalid=False, limit=None):
         bad += [lines[j] for j in np.flatnonzero(~keep)]
     if bad:
         print(f"{path}: skipped {len(bad)} invalid rows (first at line {min(bad)})")
-    out = {"question": q[keep][:limit].copy(), "answer": a[keep][:limit].copy()}
+    out = {"question": q[keep].copy(), "answer": a[keep].copy()}
     names = [k for k in ("rating", "tier") if k in cols]
     for j, (name, dtype) in enumerate((k, np.int32 if k == "rating" else np.int8) for k in names):
-        out[name] = np.array([e[j] for e in extra], dtype)[keep][:limit]
+        out[name] = np.array([e[j] for e in extra], dtype)[keep]
     return out
 
 
@@ -325,8 +331,8 @@ if __name__ == "__main__":
     p.add_argument("--hard", action="store_true", help="the hardest tier, same as --tier 2")
     p.add_argument("--family", choices=tuple(HARD_SEEDS), default="train",
                    help="hard tier: the seed puzzles its search starts next to (the default sets' own split)")
-    p.add_argument("--workers", type=positive_int, default=None,
-                   help="processes (default: all cores, up to 8 for tiers 0 and 1; the hard tier runs at most one per seed)")
+    p.add_argument("--workers", type=positive_int, default=None, help="processes (default: all cores, up to 8 for "
+                   "tiers 0 and 1; the hard tier runs at most one per seed)")
     p.add_argument("--out", default="", help="write the generated puzzles to this CSV")
     p.add_argument("--check", default="", help="validate this CSV and print a summary")
     args = p.parse_args()

@@ -130,9 +130,18 @@ def test_10_the_kernel_features_that_would_undo_the_isolation_are_refused():
         assert r["status"] == "passed", (name, r["stderr"])
 
 
-def test_11_mounts_below_a_read_only_mount_are_read_only():
+def test_11_mounts_below_a_read_only_mount_are_read_only(tmp_path):
     """A remount changes one mount: a writable mount below /usr (here a tmpfs, in a mount namespace of this test's
-    own) must be read-only in the sandbox too."""
+    own) must be read-only in the sandbox too; and so must /usr itself when TMPDIR is a symlink (mountinfo holds
+    resolved paths)."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    ro = ("import os, sys\nw = [p for p in ('/usr', '/etc', sys.prefix) if not os.statvfs(p).f_flag & os.ST_RDONLY]\n"
+          "assert not w, w\n")
+    r = subprocess.run([sys.executable, "-c", f"import sandbox\nprint(sandbox.run_sandboxed({ro!r}, 5))"],
+                       env={**os.environ, "TMPDIR": str(tmp_path / "link")}, capture_output=True, text=True, timeout=60,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert "'status': 'passed'" in r.stdout, r.stdout + r.stderr
     code = ("import ctypes, sandbox\nlibc = ctypes.CDLL(None, use_errno=True)\n"
             "assert libc.unshare(0x00020000) == 0 and libc.mount(None, b'/', None, (1 << 14) | (1 << 18), None) == 0\n"
             "assert libc.mount(b'tmpfs', b'/usr/local', b'tmpfs', 0, b'mode=1777') == 0\n"

@@ -431,6 +431,9 @@ def test_a_limit_counts_valid_rows_when_invalid_ones_are_skipped(tmp_path, capsy
     d = sudoku.read_csv(write(tmp_path, [f"x,{q},{a},0" for q, a in rows]), skip_invalid=True, limit=4)
     assert [sudoku.puzzle_text(q) for q in d["question"]] == [q for q, _ in rows[:1] + rows[2:5]]
     assert "skipped 1 invalid rows (first at line 3)" in capsys.readouterr().out
+    rows[1], rows[5] = rows[5], rows[1]  # now the bad row comes after the first four valid ones: it is not read
+    d = sudoku.read_csv(write(tmp_path, [f"x,{q},{a},0" for q, a in rows]), skip_invalid=True, limit=4)
+    assert len(d["question"]) == 4 and "skipped" not in capsys.readouterr().out
 
 
 def test_tier_counts_add_up_and_a_zero_share_gets_none():
