@@ -4,7 +4,7 @@ decoding of Fast-dLLM v2 (arXiv 2509.26328), both carrying the relay state betwe
 forwards (arXiv 2605.22967; NOTES.md §1, §4, §6).
 
     python sampler.py --checkpoint out/sudoku/ckpt.pt --n 64 --tau 0.15   # solve generated puzzles
-    python sampler.py --random-init tiny --bench                          # static/cached/uncached tok/s
+    python sampler.py --random-init tiny --bench --bench-lengths 64 256   # tok/s per mode (~30 s on 2 cores)
     python sampler.py --checkpoint DIR --chat --prompt "Write a function that reverses a list."
 
 - sample_mdm: a fixed-length canvas (Sudoku). Greedy argmax, the confidence-mass reveal rule, at most

@@ -19,6 +19,10 @@ COMP_S=${COMP_S:-240}; MEM_S=${MEM_S:-200}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=20
 log() { tee -a "$OUT/log.txt"; }
+if ! python -c "import sys, torch; sys.exit(not torch.cuda.is_available())" && [ "$SHAPE" != tiny ]; then
+    echo "no CUDA GPU: a $SHAPE model would take hours here; SHAPE=tiny tries the script on a CPU" | log
+    exit 1
+fi
 { date -u; git rev-parse --short HEAD; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
   python -c "import torch; print('torch', torch.__version__)"; } 2>&1 | log
 

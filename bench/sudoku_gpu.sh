@@ -10,7 +10,7 @@
 #   3. the relay run's EMA weights in fp16 (replace checkpoints/sudoku_relay_hard.pt only if they beat it on
 #      checkpoints/sudoku_test_public.csv: the shipped file is fine-tuned on public hard puzzles, RESULTS.md).
 # Env: STEPS (5000), BUDGET (seconds for step 2, 450), N_TRAIN (12000), N_TEST (2000),
-#      EXTRA (flags for every run, e.g. a tiny model to try this on a CPU), SPEED (1; 0 skips step 1 and
+#      EXTRA (flags for every run; a tiny model and --device cpu try this on a CPU), SPEED (1; 0 skips step 1 and
 #      gives its minute to step 2, whose runs report their own steady rows/s: SPEED=0 BUDGET=530 lets all
 #      four objectives finish in one 10-minute device call at about 22,000 rows/s).
 # Public hard puzzles instead of generated ones (RESULTS.md, "Public hard puzzles"): make data/public with
@@ -27,6 +27,10 @@ log() { tee -a "$OUT/log.txt"; }
 for f in $(echo "$EXTRA" | grep -oE -- '--(test-)?data [^ ]+' | cut -d' ' -f2); do  # before a minute of GPU time
     [ -f "$f" ] || { echo "no $f (named in EXTRA): make it on a CPU and carry it along" | log; exit 1; }
 done
+if ! python -c "import sys, torch; sys.exit(not torch.cuda.is_available())" && ! [[ "$EXTRA" =~ --device[=\ ]cpu ]]; then
+    echo "no CUDA GPU: this is the GPU session's script (hours on a CPU); EXTRA=\"--device cpu ...\" tries it on one" | log
+    exit 1
+fi
 { date -u; git rev-parse --short HEAD; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
   python -c "import torch; print('torch', torch.__version__)"; } 2>&1 | log
 

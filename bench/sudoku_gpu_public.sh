@@ -22,6 +22,10 @@ export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=20
 log() { tee -a "$OUT/log.txt"; }
 { date -u; git rev-parse --short HEAD; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
   python -c "import torch; print('torch', torch.__version__)"; } 2>&1 | log
+if ! python -c "import sys, torch; sys.exit(not torch.cuda.is_available())" && ! [[ "$EXTRA" =~ --device[=\ ]cpu ]]; then
+    echo "no CUDA GPU: this is the GPU session's script (hours on a CPU); EXTRA=\"--device cpu ...\" tries it on one" | log
+    exit 1
+fi
 [ -f "$TRAIN" ] || { echo "no $TRAIN: make data/public with bench/sudoku_public.py and carry data/" | log; exit 1; }
 [ -e "$RUN/ckpt.pt" ] && { echo "$RUN holds a run: pick another OUT, or continue it with train_sudoku.py --resume" | log; exit 1; }
 EVAL="--eval-only --test-data $TEST --eval-size 1000 --eval-batch 500 --no-sweep $EXTRA"
