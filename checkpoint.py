@@ -336,6 +336,8 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path", help="a training checkpoint (.pt) or a Fast-dLLM v2 / Qwen2 directory to load and describe")
     args = p.parse_args()
+    if not os.path.exists(args.path):
+        p.error(f"{args.path}: no such checkpoint file or directory")
     if os.path.isdir(args.path):
         m = from_pretrained(args.path, dtype=torch.float32)
         print(json.dumps(asdict(m.cfg), indent=1))

@@ -24,7 +24,7 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass
 
-from runs import positive_int
+from runs import positive_int, run_cli
 
 # ---------------------------------------------------------------------------------------------------------
 # Parameter sets: (train values, test values), disjoint so the test split only sees unseen values. Many values
@@ -301,4 +301,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from checkpoint import from_pretrained
 from code_tasks import TEST_ONLY, make_problems
 from model import SHAPES, pick_device, random_model
-from runs import nonneg_int, positive_float, positive_int, unit_float, unit_floats
+from runs import nonneg_int, positive_float, positive_int, run_cli, unit_float, unit_floats
 from sampler import generate
 from sandbox import run_sandboxed, self_check
 from tokenizer import load_tokenizer
@@ -308,4 +308,4 @@ def print_self_check(res):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

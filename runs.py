@@ -1,8 +1,9 @@
 """
 runs.py — what every script checks before it starts work: numeric flags in range (argparse `type=`
-functions, so a bad value is a usage error naming its flag) and an output directory that belongs to
-this run alone (a lock, and no new run over an earlier run's checkpoint); and the CPU's name and
-the GPU's busy time that benchmarks print beside their figures. No command of its own.
+functions, so a bad value is a usage error naming its flag), an output directory that belongs to
+this run alone (a lock, and no new run over an earlier run's checkpoint), and a missing or existing
+file ending a run with one line (run_cli); the CPU's name and the GPU's busy time that benchmarks
+print beside their figures. No command of its own.
 """
 import argparse
 import atexit
@@ -10,10 +11,23 @@ import contextlib
 import math
 import os
 import socket
+import sys
 
 
 # ---------------------------------------------------------------------------------------------
 # command-line value checks
+
+ENVIRONMENT_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+def run_cli(main):
+    """A script's entry point: a file that is missing, in the way or not readable ends the run with its
+    message and exit status 1, no traceback; any other error keeps its traceback (it may be a bug)."""
+    try:
+        main()
+    except ENVIRONMENT_ERRORS as e:
+        sys.exit(f"error: {e}")
+
 
 def _number(s, parse, ok, need):
     """parse(s) if it parses and ok(value), else a usage error saying what was needed."""

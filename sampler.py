@@ -38,7 +38,7 @@ import sudoku
 from checkpoint import from_pretrained, load_model, save_pretrained
 from model import SHAPES, KVCache, StaticKVCache, block_mask, pick_device, random_model, shift_right
 from relay import predict, reveal_confidence_mass
-from runs import kernel_ms, nonneg_int, positive_int, unit_float
+from runs import kernel_ms, nonneg_int, positive_int, run_cli, unit_float
 from tokenizer import load_tokenizer, save_byte_tokenizer
 
 
@@ -662,4 +662,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

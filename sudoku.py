@@ -336,6 +336,8 @@ if __name__ == "__main__":
     p.add_argument("--out", default="", help="write the generated puzzles to this CSV")
     p.add_argument("--check", default="", help="validate this CSV and print a summary")
     args = p.parse_args()
+    if args.check and not os.path.isfile(args.check):
+        p.error(f"--check {args.check}: no such file")
     if args.check:
         print(f"{args.check}:\n{summary(add_tiers(read_csv(args.check)))}")
     else:

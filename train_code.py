@@ -54,7 +54,7 @@ from code_data import (Rows, held_out_signatures, load_stdlib, read_chat_jsonl, 
                        synthetic_tokenizer)
 from model import QWEN2, SHAPES, ModelConfig, Transformer, pick_device, shape_problem
 from relay import RolloutBuffer, add_relay, reveal_threshold_blocks, rollout_loss, sft_loss
-from runs import claim_out_dir, nonneg_float, nonneg_int, positive_float, positive_int, unit_float
+from runs import claim_out_dir, nonneg_float, nonneg_int, positive_float, positive_int, run_cli, unit_float
 from eval_code import evaluate, with_check
 from sandbox import run_sandboxed
 from sampler import generate
@@ -609,4 +609,4 @@ def train(args, d):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

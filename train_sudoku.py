@@ -35,7 +35,7 @@ import sudoku_solver
 from checkpoint import config_diff, export_weights, load_checkpoint, load_model, load_state, save_checkpoint
 from model import ModelConfig, Transformer, pick_device, shape_problem
 from relay import OBJECTIVES, RolloutBuffer, mlm_loss, reveal_jittered_mass, rollout_loss
-from runs import claim_out_dir, nonneg_float, nonneg_int, positive_float, positive_int, unit_float
+from runs import claim_out_dir, nonneg_float, nonneg_int, positive_float, positive_int, run_cli, unit_float
 from sampler import sample_mdm
 
 PRESETS = {  # flag defaults per preset; "cpu" is what the add_argument defaults below already say
@@ -611,4 +611,4 @@ def lr_at(args, step):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

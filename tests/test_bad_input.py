@@ -140,10 +140,20 @@ def test_a_bad_flag_stops_train_code_before_any_work(capsys, tmp_path):
     ("bench/sudoku_public.py", ["none.txt", "--seed", "-1"], "argument --seed"),
     ("sudoku.py", ["--seed", "-1"], "argument --seed"),
     ("code_tasks.py", ["--n", "-5", "--out", "neg.jsonl"], "argument --n: need an integer >= 1"),
+    ("checkpoint.py", ["none.pt"], "none.pt: no such checkpoint file or directory"),
+    ("sudoku.py", ["--check", "none.csv"], "--check none.csv: no such file"),
 ])
 def test_script_flags(tmp_path, script, argv, msg):
     r = subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 2 and msg in r.stderr and not os.listdir(tmp_path), r.stderr
+
+
+def test_a_missing_file_ends_the_run_in_one_line(tmp_path):
+    """Our refusals and the library's file errors end a run with `error: <message>`, exit 1, no traceback."""
+    for argv in (["train_sudoku.py", "--eval-only", "--checkpoint", "none.pt"], ["eval_code.py", "--checkpoint", "nodir"]):
+        r = subprocess.run([sys.executable, os.path.join(ROOT, argv[0]), *argv[1:]], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 1 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr, r.stderr
 
 
 def test_the_value_checks_accept_their_range():
