@@ -59,8 +59,9 @@ class ModelConfig:
         sizes = {k: getattr(self, k) for k in ("vocab_size", "n_head", "n_kv_head", "n_embd", "n_ffn")}
         if bad := {k: v for k, v in sizes.items() if not (isinstance(v, int) and v >= 1)}:
             raise ValueError(f"ModelConfig: {bad} must be integers >= 1")
-        if not (isinstance(self.n_layer, int) and self.n_layer >= 0):  # 0: embeddings + head only (a test)
-            raise ValueError(f"ModelConfig: n_layer {self.n_layer!r} must be an integer >= 0")
+        for k in ("n_layer", "bd_size"):  # n_layer 0: embeddings + head only (a test); bd_size 0: no blocks
+            if not (isinstance(getattr(self, k), int) and getattr(self, k) >= 0):
+                raise ValueError(f"ModelConfig: {k} {getattr(self, k)!r} must be an integer >= 0")
         if problem := shape_problem(self.n_embd, self.n_head, self.n_kv_head):
             raise ValueError(f"ModelConfig: {problem}")
         if not -1 <= self.mask_id < self.vocab_size:  # -1: not known yet (from_pretrained reads the tokenizer)
@@ -340,7 +341,8 @@ class Attention(nn.Module):
             # heads of each K/V head become its query rows, (B, Hkv, g * T, hd); only the mask is copied
             m = attn_mask.repeat(*(1,) * (attn_mask.dim() - 2), g, 1)  # row j * T + t = row t
             y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv_head, g * T, self.hd), k, v, attn_mask=m,
-                                               dropout_p=dropout_p).view(B, self.n_head, T, self.hd)
+                                               dropout_p=dropout_p).reshape(B, self.n_head, T, self.hd)  # NOTE:
+            # reshape, not view: CUDA's fused kernels return a transposed (B, g * T, Hkv, hd) buffer
         else:  # a long input (training, prefill): K/V copied to every head; expand + flatten, no host sync
             k, v = (t[:, :, None].expand(-1, -1, g, -1, -1).flatten(1, 2) for t in (k, v))  # (B, H, S, hd)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)

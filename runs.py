@@ -7,7 +7,6 @@ print beside their figures. No command of its own.
 """
 import argparse
 import atexit
-import contextlib
 import math
 import os
 import socket
@@ -102,29 +101,47 @@ def lock_text():
 def take_lock(lock):
     """Create `lock` holding our pid and host, or raise naming the live process that holds it. A lock
     of a dead pid on this host is stale and taken over; one from another host (a shared filesystem)
-    cannot be checked, so it counts as live."""
-    while True:
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
+    cannot be checked, so it counts as live. The lock appears with its text in it (written aside, then
+    linked into place), so a crash never leaves an empty one."""
+    tmp = f"{lock}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(lock_text() + "\n")
+    try:
+        while True:
             try:
-                with open(lock) as f:
-                    text = f.read().strip()
-            except FileNotFoundError:  # its owner just released it
+                os.link(tmp, lock)  # fails if it exists: one run wins
+                return
+            except FileExistsError:
+                text = read_lock(lock)
+            if text is None:  # its owner just released it
                 continue
             if text == lock_text():
                 return
-            pid, _, host = text.partition(" ")
-            if text and host in ("", socket.gethostname()) and not (pid.isdigit() and pid_alive(int(pid))):
-                with contextlib.suppress(FileNotFoundError):  # stale: its run died without cleaning up
+            if not stale(text):
+                raise RuntimeError(f"{os.path.dirname(lock) or '.'} is in use by another run (pid {text}, lock "
+                                   f"file {lock}): wait for it or choose another --out-dir; delete {lock} only if "
+                                   f"no run uses it") from None
+            import fcntl  # NOTE: POSIX; only here, where a dead run's lock is taken over
+            with open(f"{lock}.takeover", "a") as guard:  # one taker at a time: none removes a lock just taken
+                fcntl.flock(guard, fcntl.LOCK_EX)
+                if read_lock(lock) == text:
                     os.remove(lock)
-                continue
-            raise RuntimeError(f"{os.path.dirname(lock) or '.'} is in use by another run (pid {text or '?'}, "
-                               f"lock file {lock}): wait for it or choose another --out-dir; delete {lock} "
-                               f"only if no run uses it") from None
-        with os.fdopen(fd, "w") as f:
-            f.write(lock_text() + "\n")
-        return
+    finally:
+        os.remove(tmp)
+
+
+def read_lock(lock):
+    try:
+        with open(lock) as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        return None
+
+
+def stale(text):
+    """A lock of this host whose process is dead (or an empty one, which older code could leave)."""
+    pid, _, host = text.partition(" ")
+    return host in ("", socket.gethostname()) and not (pid.isdigit() and pid_alive(int(pid)))
 
 
 def pid_alive(pid):

@@ -156,6 +156,13 @@ def test_a_missing_file_ends_the_run_in_one_line(tmp_path):
         assert r.returncode == 1 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr, r.stderr
 
 
+def test_a_negative_block_size_is_refused():
+    """bd_size < 0 would turn block_mask anti-causal (a later position hidden from an earlier one: reversed)."""
+    with pytest.raises(ValueError, match="bd_size -8 must be an integer >= 0"):
+        ModelConfig(**{**QWEN2, "vocab_size": 260, "n_layer": 1, "n_head": 4, "n_kv_head": 2, "n_embd": 32,
+                       "n_ffn": 64, "bd_size": -8})
+
+
 def test_the_value_checks_accept_their_range():
     assert R.positive_int("3") == 3 and R.nonneg_int("0") == 0 and R.positive_float("1e-3") == 1e-3
     assert R.nonneg_float("0") == 0.0 and R.unit_float("1") == 1.0 and R.finite_float("-2.5") == -2.5
@@ -218,6 +225,35 @@ def test_a_second_run_in_the_same_out_dir_refuses_and_a_stale_lock_is_taken_over
         f.write(f"{os.getpid()} {socket.gethostname()}\n")
     R.release_lock(lock)
     assert not os.path.exists(lock)
+    open(lock, "w").close()  # an empty lock (a crash between creating and writing it, in older code): stale
+    assert open(R.claim_out_dir(str(out), resume=False, overwrite=False)).read().split()[0] == str(os.getpid())
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
+
+def test_two_runs_taking_over_one_stale_lock_leave_one_owner(tmp_path, monkeypatch):
+    """Run B finds a stale lock; before B removes it, run A takes it over. B must then see A's live lock and
+    refuse, not remove it (both would run in one out-dir)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").write_text(f"999999999 {socket.gethostname()}\n")  # a dead pid
+    a = None
+
+    def a_takes_it_over_first(pid):
+        nonlocal a
+        if a is None:
+            a = subprocess.Popen([sys.executable, "-c", f"import runs, time\nruns.claim_out_dir({str(out)!r}, False, "
+                                  "False)\nprint('claimed', flush=True)\ntime.sleep(60)"], cwd=ROOT,
+                                 stdout=subprocess.PIPE, text=True)
+            assert a.stdout.readline() == "claimed\n"
+        return pid == a.pid
+    monkeypatch.setattr(R, "pid_alive", a_takes_it_over_first)
+    try:
+        with pytest.raises(RuntimeError, match="in use by another run"):
+            R.claim_out_dir(str(out), resume=False, overwrite=False)
+        assert open(out / ".lock").read().split()[0] == str(a.pid)
+    finally:
+        a.kill()
+        a.wait()
 
 
 def test_under_torchrun_every_rank_stops_on_a_claimed_out_dir(tmp_path):

@@ -297,3 +297,14 @@ def test_static_cache_under_autocast(llm):
         dyn, _ = generate(llm, PROMPTS, **KW)
         sta, _ = generate(llm, PROMPTS, static=True, **KW)
     assert sta == dyn
+
+
+def test_attention_takes_sdpa_output_in_a_fused_kernel_layout(llm, monkeypatch):
+    """CUDA's fused SDPA kernels return a transposed (B, T, H, hd) buffer, not a contiguous (B, H, T, hd) one; the
+    masked GQA paths of decoding (a short block against the cache) must take either. The same on the CPU here."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    fused_layout = lambda *a, **k: sdpa(*a, **k).transpose(1, 2).contiguous().transpose(1, 2)
+    want = generate(llm, PROMPTS, use_cache=False, **KW)[0]
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", fused_layout)
+    for kw in (dict(), dict(static=True)):
+        assert generate(llm, PROMPTS, **kw, **KW)[0] == want
