@@ -102,17 +102,15 @@ def take_lock(lock):
     """Create `lock` holding our pid and host, or raise naming the live process that holds it. A lock
     of a dead pid on this host is stale and taken over; one from another host (a shared filesystem)
     cannot be checked, so it counts as live. The lock appears with its text in it (written aside, then
-    linked into place), so a crash never leaves an empty one."""
+    linked into place), so a crash never leaves an empty one (an empty one counts as stale)."""
     tmp = f"{lock}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         f.write(lock_text() + "\n")
     try:
         while True:
-            try:
-                os.link(tmp, lock)  # fails if it exists: one run wins
+            if create_lock(lock, tmp):
                 return
-            except FileExistsError:
-                text = read_lock(lock)
+            text = read_lock(lock)
             if text is None:  # its owner just released it
                 continue
             if text == lock_text():
@@ -128,6 +126,23 @@ def take_lock(lock):
                     os.remove(lock)
     finally:
         os.remove(tmp)
+
+
+def create_lock(lock, tmp):
+    """Link `tmp` (our text) to `lock`: True if we made it, False if it exists (one run wins)."""
+    try:
+        os.link(tmp, lock)
+        return True
+    except FileExistsError:
+        return False
+    except OSError:  # no hard links on this filesystem (some FUSE and network ones): create, then write
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(lock_text() + "\n")
+        return True
 
 
 def read_lock(lock):

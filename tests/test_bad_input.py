@@ -228,6 +228,10 @@ def test_a_second_run_in_the_same_out_dir_refuses_and_a_stale_lock_is_taken_over
     open(lock, "w").close()  # an empty lock (a crash between creating and writing it, in older code): stale
     assert open(R.claim_out_dir(str(out), resume=False, overwrite=False)).read().split()[0] == str(os.getpid())
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+    R.release_lock(lock)
+    with pytest.MonkeyPatch.context() as mp:  # a filesystem without hard links: the lock is created, then written
+        mp.setattr(os, "link", lambda *a: (_ for _ in ()).throw(PermissionError(1, "Operation not permitted")))
+        assert open(R.claim_out_dir(str(out), resume=False, overwrite=False)).read().split()[0] == str(os.getpid())
 
 
 def test_two_runs_taking_over_one_stale_lock_leave_one_owner(tmp_path, monkeypatch):
