@@ -9,9 +9,8 @@ a private root: a 64 MiB tmpfs holding /tmp, /var/tmp and /dev/shm, with /usr, /
 interpreter bind-mounted read-only (every mount below them too) and a fresh /proc; as its own uid with
 CPU-time, address-space, file-size, process-count and open-file limits, under a seccomp filter that
 refuses new namespaces, mounts, keyrings and memfd; killed with everything it started at the wall-clock
-timeout. It
-passes only if it ran to its end (a per-run marker). Needs Linux and root (CAP_SYS_ADMIN), as CI
-has: otherwise it refuses to run, unless the caller allows running without isolation.
+timeout. It passes only if it ran to its end (a per-run marker). Needs Linux and root (CAP_SYS_ADMIN),
+as CI has: otherwise it refuses to run, unless the caller allows running without isolation.
 """
 import os
 import resource
@@ -70,8 +69,9 @@ def mounts_under(top):
     # a remount changes one mount: the recursive bind's submounts (a container's /etc/hosts) each need their own.
     # mountinfo has resolved paths, with octal escapes (\040 is a space) in bytes of any encoding
     top = os.path.realpath(top)
+    unescape = lambda b: os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), b))
     with open("/proc/self/mountinfo", "rb") as f:
-        points = [os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), line.split()[4])) for line in f]
+        points = [unescape(line.split()[4]) for line in f]
     return [m for m in points if m == top or m.startswith(top + "/")]
 
 # seccomp(): per machine, the audit arch, clone, clone3 and the syscalls refused with EPERM, in this order:

@@ -249,7 +249,7 @@ def read_csv(path, skip_invalid=False, limit=None):
     unless skip_invalid, which skips bad rows and prints how many. limit: the first `limit` valid rows."""
     qs, ans, extra, lines, bad = [], [], [], [], []
     boards = lambda xs, i=0: np.frombuffer(b"".join(xs[i:]), np.uint8).reshape(-1, 81)
-    checked, valid = 0, 0  # with a limit: rows board-checked while reading, and how many of them passed
+    checked, valid, parts = 0, 0, []  # with a limit: rows board-checked while reading, how many passed, reasons
     with open(path, "rb") as f:
         reader = csv.reader(_text_lines(f, path))
         header = next(reader, None)
@@ -273,14 +273,14 @@ def read_csv(path, skip_invalid=False, limit=None):
             if limit and len(qs) - checked >= limit - valid:  # enough, if the rows not checked yet pass: check them
                 if not skip_invalid:
                     break
-                valid += int((board_errors(boards(qs, checked), boards(ans, checked)) == "").sum())
-                checked = len(qs)
+                parts.append(board_errors(boards(qs, checked), boards(ans, checked)))
+                valid, checked = valid + int((parts[-1] == "").sum()), len(qs)
                 if valid >= limit:
                     break
     if not qs:
         raise ValueError(f"{path}: no valid puzzles")
     q, a = boards(qs), boards(ans)
-    reasons = board_errors(q, a)
+    reasons = np.concatenate([*parts, board_errors(q[checked:], a[checked:])])  # the rows not checked yet
     keep = reasons == ""
     if not keep.all():
         i = int(np.flatnonzero(~keep)[0])
