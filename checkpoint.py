@@ -278,6 +278,9 @@ def shard_plan(sizes, max_bytes):
 
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what a Fast-dLLM v2 / Qwen2 directory is written in
+# what an export keeps of the config it was loaded from rather than writing Qwen2's: the class and remote code
+# that load it (Fast-dLLM v2: Fast_dLLM_QwenForCausalLM, auto_map to its modeling.py), its length limit
+IDENTITY = ("architectures", "model_type", "auto_map", "max_position_embeddings")
 
 
 def save_pretrained(model, path, dtype=None, max_shard_bytes=5 * 10**9):
@@ -291,7 +294,8 @@ def save_pretrained(model, path, dtype=None, max_shard_bytes=5 * 10**9):
     place with config.json last, and the rest of the old layout is removed."""
     params = model.state_dict()
     hf = {k: hf_name(k) for k in params}  # a model with no Fast-dLLM v2 layout fails here, before any write
-    cfg = {**(getattr(model, "hf_config", None) or {}), **model.cfg.to_hf()}
+    loaded = getattr(model, "hf_config", None) or {}
+    cfg = {**loaded, **model.cfg.to_hf(), **{k: loaded[k] for k in IDENTITY if k in loaded}}
     if not cfg["use_relay"]:
         cfg.pop("use_relay")
     if dtype is None:

@@ -169,9 +169,10 @@ def synthetic_rows(problems, tok, seq_len, bd):
 class Rows:
     """Training rows for one chunk of the global batch. fetch(n) -> x0 (n, L) long, fixed (n, L) bool
     (True = context, never masked). Row lists come in epochs, as a distributed sampler deals them:
-    each epoch is one seeded permutation of all rows, the same for every chunk, cut into groups of
-    `group` rows (a micro-batch); chunk c of C takes every C-th group from c on, and a fetch goes on
-    where the last one stopped, so every row is drawn once an epoch. bucket=W: each window of W rows
+    each epoch is one seeded permutation of all rows, the same for every chunk, padded with its first
+    rows to whole groups of `group` rows (a micro-batch) per chunk; chunk c of C takes every C-th group
+    from c on, and a fetch goes on where the last one stopped, so every row is drawn once an epoch
+    (a padding row twice) and every chunk is in the same epoch. bucket=W: each window of W rows
     of the permutation is sorted by length before it is cut into groups, and the groups are shuffled,
     so a micro-batch's rows are about equally long (the losses cut the rest, relay.used_width; on
     code_tasks.py's problems W = a tenth of them) while consecutive micro-batches are not. A token
@@ -191,9 +192,14 @@ class Rows:
         self.epoch, self.pos, self.order = 0, 0, None
 
     def state(self):
-        return {"epoch": self.epoch, "pos": self.pos, "rng": self.rng.bit_generator.state}
+        return {"epoch": self.epoch, "pos": self.pos, "rng": self.rng.bit_generator.state, "n": len(self.data)}
 
     def load_state(self, s):
+        """Go on from state(); a position in data of another size (the file changed since) is refused."""
+        if s.get("n", len(self.data)) != len(self.data):  # ("n" is absent in older checkpoints)
+            raise ValueError(f"the checkpoint's data position is in {s['n']:,} "
+                             f"{'tokens' if isinstance(self.data, np.ndarray) else 'rows'}, the data now has "
+                             f"{len(self.data):,}: resume with the data it was trained on")
         self.epoch, self.pos, self.order = s["epoch"], s["pos"], None
         self.rng.bit_generator.state = s["rng"]
 
@@ -201,6 +207,9 @@ class Rows:
         """This chunk's rows of the current epoch, in the order they are drawn."""
         rng, g = np.random.default_rng([self.seed, self.epoch]), self.group
         perm = rng.permutation(len(self.data))
+        # as a distributed sampler pads: the first rows again, up to a whole number of groups per chunk,
+        # so that every chunk's share is as long and all chunks start each epoch at the same step
+        perm = np.resize(perm, -(-len(perm) // (g * self.chunks)) * g * self.chunks)
         if self.bucket:  # windows a whole number of groups long, each sorted by length
             lengths, w = np.array([len(ids) for ids, _ in self.data]), -(-self.bucket // g) * g
             windows = np.split(perm, range(w, len(perm), w))
@@ -219,7 +228,7 @@ class Rows:
             take = self.order[self.pos:self.pos + n - len(out)]
             out.extend(take.tolist())
             self.pos += len(take)
-            if self.pos == len(self.order):  # the epoch is over: the next one is another permutation
+            if self.pos >= len(self.order):  # the epoch is over: the next one is another permutation
                 self.epoch, self.pos, self.order = self.epoch + 1, 0, None
         return out
 

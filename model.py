@@ -95,6 +95,8 @@ class ModelConfig:
             hf_value(c, "rope_theta", float, where, 10000.0, minimum=0)
         eps = hf_value(c, "rms_norm_eps", float, where, 1e-6, minimum=0)
         hf_value(c, "max_position_embeddings", int, where, 0, minimum=1)  # the sampler's length limit
+        if (act := c.get("hidden_act", "silu")) != "silu":  # SwiGLU's gate: the only one the MLP has
+            raise ValueError(f"{where}: hidden_act {act!r} is not supported (silu)")
         if (mask := hf_value(c, "mask_token_id", int, where, -1, minimum=0)) >= size["vocab_size"]:
             raise ValueError(f"{where}: mask_token_id {mask} is outside the vocabulary "
                              f"(vocab_size {size['vocab_size']})")

@@ -9,7 +9,7 @@ tokenizer.py — text <-> token ids for the code model, with no network and no H
   raw text first, the rest is NFC-normalised, split by the pre-tokenizer regex and BPE-encoded.
 - byte_tokenizer(): 256 bytes + the ChatML and mask tokens, for models trained from scratch;
   save_byte_tokenizer(dir) writes it as a tokenizer.json so those models load like any checkpoint.
-- Tokenizer.chat(prompt): a ChatML user turn, as Qwen2.5 and Fast-dLLM v2 expect (NOTES.md §5).
+- Tokenizer.chat(prompt): a ChatML user turn as Qwen2.5's template renders it (NOTES.md §5).
 """
 import argparse
 import json
@@ -23,6 +23,7 @@ import tiktoken
 
 
 MASK_TOKEN = "|<MASK>|"
+QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."  # Qwen2.5's default
 # Qwen2's pre-tokenizer split (tokenizer.json pre_tokenizer.pretokenizers[0].pattern.Regex)
 QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -39,8 +40,9 @@ def byte_to_unicode():
 
 
 def read_added_tokens(path):
-    """content -> id of the added/special tokens in tokenizer.json and added_tokens.json."""
-    out = {}
+    """(content -> id, the ids marked special) of the added tokens in tokenizer.json and added_tokens.json.
+    Qwen2.5 adds a few that are not special (<tool_call>, ...): decode(skip_special=True) keeps those."""
+    out, special = {}, set()
     tj = os.path.join(path, "tokenizer.json")
     if os.path.isfile(tj):
         with open(tj, encoding="utf-8") as f:
@@ -49,15 +51,22 @@ def read_added_tokens(path):
                     raise ValueError(f"{tj}: added token {t['content']!r} uses lstrip/rstrip/single_word, "
                                      f"which this tokenizer does not implement")
                 out[t["content"]] = t["id"]
+                if t.get("special", True):
+                    special.add(t["id"])
     aj = os.path.join(path, "added_tokens.json")
     if os.path.isfile(aj):
         with open(aj, encoding="utf-8") as f:
-            out |= json.load(f)
-    return out
+            extra = json.load(f)
+        if clash := [s for s, i in extra.items() if out.get(s, i) != i]:
+            raise ValueError(f"{aj}: {clash[0]!r} has id {extra[clash[0]]} here and {out[clash[0]]} in tokenizer.json")
+        extra = {s: i for s, i in extra.items() if s not in out}
+        out |= extra
+        special |= set(extra.values())  # this file has no flag: special, as tokens were before the flag
+    return out, special
 
 
 def find_token(path, content):
-    ids = read_added_tokens(path)
+    ids, _ = read_added_tokens(path)
     if content not in ids:
         raise ValueError(f"{path}: token {content!r} is in neither config.json (mask_token_id) nor "
                          f"tokenizer.json/added_tokens.json")
@@ -69,9 +78,10 @@ class Tokenizer:
     added tokens are matched in the raw text first, the rest is NFC-normalised, split by the
     pre-tokenizer regex and BPE-encoded. `enc` is the tiktoken.Encoding."""
 
-    def __init__(self, enc, added, bpe_ids, nfc=True, merges=()):
+    def __init__(self, enc, added, bpe_ids, nfc=True, merges=(), special=None):
         self.enc, self.added, self.nfc, self.merges = enc, added, nfc, list(merges)  # merges: [(bytes, bytes)]
         self.bpe_ids = frozenset(bpe_ids)
+        self.special = frozenset(added.values() if special is None else special)  # what skip_special skips
         self.id_to_added = {i: s for s, i in added.items()}
         self.split = re.compile("(" + "|".join(re.escape(s) for s in sorted(added, key=len, reverse=True)) + ")") \
             if added else None
@@ -94,17 +104,34 @@ class Tokenizer:
             if i not in self.bpe_ids:
                 out.append(self.enc.decode(run))
                 run = []
-                if not skip_special:  # NOTE: ids beyond the vocabulary (random models) print as <|id:N|>
-                    out.append(self.id_to_added.get(i, f"<|id:{i}|>"))
+                if not skip_special or (i in self.id_to_added and i not in self.special):
+                    out.append(self.id_to_added.get(i, f"<|id:{i}|>"))  # NOTE: ids beyond the vocabulary
+                    # (random models) print as <|id:N|>
             else:
                 run.append(i)
         return "".join(out) + self.enc.decode(run)
 
     @staticmethod
-    def chat(prompt, system=None):
-        """ChatML, as Qwen2.5 and Fast-dLLM v2 format a single user turn."""
+    def chat(prompt, system=QWEN_SYSTEM):
+        """A single user turn in ChatML, as Qwen2.5's chat template renders it (Fast-dLLM v2 ships the same):
+        with no system message of its own the template adds QWEN_SYSTEM. system='' or None: no system turn."""
         sys_part = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
         return f"{sys_part}<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def split_pattern(pre, tj):
+    """The regex of Qwen2's pre-tokenizer, Sequence[Split(regex, Isolated), ByteLevel(no prefix space, no regex
+    of its own)]: the only one encode() reproduces, so any other (GPT-2's ByteLevel regex, an inverted split,
+    ...) raises rather than giving other ids than the tokenizers library."""
+    pts = pre.get("pretokenizers") if isinstance(pre, dict) and pre.get("type") == "Sequence" else None
+    split, bl = pts if isinstance(pts, list) and len(pts) == 2 else ({}, {})
+    pat = split.get("pattern") or {}
+    if not (split.get("type") == "Split" and split.get("behavior") == "Isolated" and not split.get("invert")
+            and ("Regex" in pat or "String" in pat) and bl.get("type") == "ByteLevel"
+            and not bl.get("add_prefix_space") and bl.get("use_regex") is False):
+        raise ValueError(f"{tj}: pre-tokenizer {json.dumps(pre)[:300]} is not Qwen2's (Sequence of Split(regex, "
+                         f"Isolated) and ByteLevel(add_prefix_space false, use_regex false)), the only one supported")
+    return pat["Regex"] if "Regex" in pat else re.escape(pat["String"])
 
 
 def load_tokenizer(path):
@@ -115,18 +142,14 @@ def load_tokenizer(path):
     with open(tj, encoding="utf-8") as f:
         spec = json.load(f)
     m = spec.get("model") or {}
-    if m.get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
+    if m.get("type") != "BPE":
         raise ValueError(f"{tj}: only byte-level BPE tokenizers are supported (model {m.get('type')})")
-    pattern = QWEN2_PATTERN
-    for pt in (spec["pre_tokenizer"].get("pretokenizers") or [spec["pre_tokenizer"]]):
-        if pt.get("type") == "Split":
-            pattern = pt["pattern"].get("Regex") or re.escape(pt["pattern"]["String"])
-    norm = json.dumps(spec.get("normalizer"))
-    if spec.get("normalizer") and "NFC" not in norm:
-        raise ValueError(f"{tj}: unsupported normalizer {norm} (NFC or none)")
+    pattern = split_pattern(spec.get("pre_tokenizer"), tj)
+    if spec.get("normalizer") not in (None, {"type": "NFC"}):
+        raise ValueError(f"{tj}: unsupported normalizer {json.dumps(spec['normalizer'])[:200]} (NFC or none)")
     u2b = {u: b for b, u in byte_to_unicode().items()}
     to_bytes = lambda tok: bytes(u2b[ch] for ch in tok)
-    added = read_added_tokens(path)
+    added, special = read_added_tokens(path)
     ranks = {}
     for tok, i in m["vocab"].items():
         if tok in added:
@@ -152,7 +175,8 @@ def load_tokenizer(path):
         merges.append((to_bytes(a), to_bytes(b)))
     enc = tiktoken.Encoding(name=os.path.basename(os.path.abspath(path)), pat_str=pattern,
                             mergeable_ranks=ranks, special_tokens=added)
-    return Tokenizer(enc, added, ranks.values(), nfc=spec.get("normalizer") is not None, merges=merges)
+    return Tokenizer(enc, added, ranks.values(), nfc=spec.get("normalizer") is not None, merges=merges,
+                     special=special)
 
 
 def save_tokenizer(tok, path):

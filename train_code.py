@@ -31,6 +31,7 @@ The last stdout line is one JSON object (objective, steps, train/val loss, token
 """
 import argparse
 import gc
+import glob
 import json
 import math
 import os
@@ -398,9 +399,11 @@ def export(args, d, raw, tok):
     save_pretrained(model, hf_dir)
     if not args.init_from:
         save_tokenizer(tok, hf_dir)
-    for f in TOKENIZER_FILES:
-        if args.init_from and os.path.exists(os.path.join(args.init_from, f)):
-            shutil.copy(os.path.join(args.init_from, f), os.path.join(hf_dir, f))
+    else:  # its tokenizer, and the remote code its config's auto_map names (modeling.py, ...:
+        # what transformers' trust_remote_code loads), next to the weights
+        for f in TOKENIZER_FILES + tuple(sorted(glob.glob("*.py", root_dir=args.init_from))):
+            if os.path.isfile(os.path.join(args.init_from, f)):
+                shutil.copy(os.path.join(args.init_from, f), os.path.join(hf_dir, f))
     return hf_dir, model
 
 

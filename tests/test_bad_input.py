@@ -503,6 +503,24 @@ def test_a_vocabulary_missing_a_byte_fails_at_load(tmp_path):
         load_tokenizer(str(tmp_path))
 
 
+def test_another_activation_is_refused(hf_dir):
+    edit_config(hf_dir, hidden_act="gelu")  # the MLP's gate is SiLU: a GELU model would load and be wrong
+    with pytest.raises(ValueError, match="config.json: hidden_act 'gelu' is not supported"):
+        from_pretrained(str(hf_dir), dtype=torch.float32)
+
+
+def test_an_export_keeps_the_class_and_length_of_the_config_it_was_loaded_from(hf_dir, tmp_path):
+    """Fast-dLLM v2 names its own classes and remote code (auto_map): an export after fine-tuning
+    keeps them, and the loaded length limit, rather than turning into a plain Qwen2 of 32k tokens."""
+    ident = {"architectures": ["Fast_dLLM_QwenForCausalLM"], "model_type": "Fast_dLLM_Qwen",
+             "auto_map": {"AutoModelForCausalLM": "modeling.Fast_dLLM_QwenForCausalLM"},
+             "max_position_embeddings": 4096}
+    edit_config(hf_dir, **ident)
+    checkpoint.save_pretrained(from_pretrained(str(hf_dir), dtype=torch.float32), str(tmp_path / "out"))
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert {k: cfg[k] for k in ident} == ident and cfg["use_relay"] is True
+
+
 def test_a_mask_token_id_past_the_vocabulary_fails_at_load(hf_dir):
     edit_config(hf_dir, mask_token_id=64)  # vocab_size 64
     with pytest.raises(ValueError, match="config.json: mask_token_id 64 is outside the vocabulary"):

@@ -1,6 +1,8 @@
 """eval_code.py: the sandbox contains what --self-check promises; problem loading; the harness end to end."""
 import json
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -70,6 +72,43 @@ def test_problem_files_and_errors(tmp_path):
     with pytest.raises(ValueError, match=r"bad.jsonl:1: neither HumanEval"):
         ev.load_problems(str(bad))
     assert ev.extract_code("def f():\n    return 1\n```\nSome prose") == "def f():\n    return 1\n"
+
+
+def test_a_chat_answer_that_restates_only_the_entry_point_can_pass(tmp_path):
+    """HumanEval/38's shape: the tests call a helper that only the prompt defines. An answer that restates
+    only the asked function passes; no answer (the prompt's stub) fails."""
+    row = {"task_id": "h/38", "entry_point": "decode",
+           "prompt": "def encode(s):\n    return s[::-1]\n\n\ndef decode(s):\n    \"\"\"Undo encode.\"\"\"\n",
+           "test": "def check(candidate):\n    assert candidate(encode('abc')) == 'abc'\n"}
+    f = tmp_path / "he.jsonl"
+    f.write_text(json.dumps(row) + "\n")
+    (p,) = ev.load_problems(str(f))
+    run = lambda program: subprocess.run([sys.executable, "-c", program], capture_output=True).returncode
+    assert run(ev.check_program(p, "def decode(s):\n    return s[::-1]\n", base=False)) == 0
+    assert run(ev.check_program(p, "", base=False)) != 0
+    assert run(ev.check_program(p, "    return s[::-1]\n", base=True)) == 0  # base: the body after the prompt
+
+
+@pytest.mark.parametrize("row, msg", [
+    (5, "expected a JSON object, got int"),
+    ({"text": "t", "test_list": []}, "non-empty list of strings"),
+    ({"text": "t", "test_list": "assert f(1) == 1"}, "non-empty list of strings"),
+    ({"prompt": "def f():\n", "entry_point": None, "test": "x"}, "entry_point \\(a name\\)"),
+    ({"task_id": [1], "prompt": "def f():\n", "entry_point": "f", "test": "x"}, "task_id must be"),
+])
+def test_a_malformed_problem_row_names_its_line(tmp_path, row, msg):
+    f = tmp_path / "p.jsonl"
+    f.write_text("\n" + json.dumps(row) + "\n")
+    with pytest.raises(ValueError, match=r"p.jsonl:2: .*" + msg):
+        ev.load_problems(str(f))
+
+
+def test_a_repeated_task_id_is_refused(tmp_path):
+    row = {"task_id": "a", "prompt": "def f():\n", "entry_point": "f", "test": "x"}
+    f = tmp_path / "p.jsonl"
+    f.write_text(json.dumps(row) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(ValueError, match=r"p.jsonl:2: task_id 'a' again \(first on line 1\)"):
+        ev.load_problems(str(f))
 
 
 @needs_root

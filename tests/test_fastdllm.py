@@ -173,6 +173,46 @@ def test_tokenizer_matches_hf_tokenizers(tmp_path):
         assert ours.decode(want) == hf.decode(want, skip_special_tokens=False)
 
 
+def test_skipping_special_tokens_keeps_the_added_ones_that_are_not(tmp_path):
+    """Qwen2.5 adds <tool_call> and others with "special": false: skip_special drops only the special ones."""
+    hf, d = build_hf_tokenizer(tmp_path)
+    tk = pytest.importorskip("tokenizers")
+    hf.add_tokens([tk.AddedToken("<tool_call>", special=False, normalized=False)])
+    hf.save(os.path.join(d, "tokenizer.json"))
+    ours = load_tokenizer(d)
+    ids = hf.encode("x<tool_call>y<|im_end|>").ids
+    assert ours.encode("x<tool_call>y<|im_end|>") == ids
+    for skip in (False, True):
+        assert ours.decode(ids, skip_special=skip) == hf.decode(ids, skip_special_tokens=skip)
+    assert ours.decode(ids, skip_special=True) == "x<tool_call>y"
+
+
+@pytest.mark.parametrize("part, value", [
+    ("pre_tokenizer", {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}),
+    ("pre_tokenizer", {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": "\\s+"}, "behavior": "Removed", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]}),
+    ("normalizer", {"type": "Sequence", "normalizers": [{"type": "NFC"}, {"type": "Lowercase"}]}),
+])
+def test_a_tokenizer_this_code_cannot_reproduce_is_refused(tmp_path, part, value):
+    """Other ids than the tokenizers library's would go unnoticed: other pre-tokenizers and normalizers raise."""
+    _, d = build_hf_tokenizer(tmp_path)
+    path = os.path.join(d, "tokenizer.json")
+    spec = json.load(open(path, encoding="utf-8"))
+    spec[part] = value
+    json.dump(spec, open(path, "w", encoding="utf-8"))
+    with pytest.raises(ValueError, match=f"tokenizer.json: .*{part.replace('_', '-')}"):
+        load_tokenizer(d)
+
+
+def test_a_chat_turn_renders_as_qwen_template_does():
+    """Qwen2.5's template (Fast-dLLM v2's too) adds its default system message to a lone user turn."""
+    from tokenizer import QWEN_SYSTEM, Tokenizer
+    assert Tokenizer.chat("hi") == f"<|im_start|>system\n{QWEN_SYSTEM}<|im_end|>\n" \
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert Tokenizer.chat("hi", system="") == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
 def test_byte_tokenizer_round_trip():
     tok = byte_tokenizer()
     text = tok.chat("héllo 🙂")

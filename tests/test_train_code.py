@@ -139,6 +139,22 @@ def test_rows_come_in_epochs_dealt_to_the_chunks():
         code_data.Rows(data[:7], 16, 0, 0, 0, "cpu", chunks=2, group=4)
 
 
+def test_chunks_stay_in_one_epoch_when_the_rows_do_not_divide_evenly():
+    """10 rows, 4 chunks of groups of 2: padded to 16 (the first 6 rows again), every chunk's share is 4
+    rows, so after 2 fetches of 2 every chunk is in epoch 1 and each row was drawn once or twice; a data
+    position saved on other data (a file that changed size) is refused rather than read past the end."""
+    import numpy as np
+    data = [(np.array([i + 1], dtype=np.int32), np.ones(1, dtype=bool)) for i in range(10)]
+    streams = [code_data.Rows(data, 4, 0, c, 0, "cpu", chunks=4, group=2) for c in range(4)]
+    for rnd in range(3):
+        seen = [v for s in streams for _ in range(2) for v in s(2)[0][:, 0].tolist()]
+        assert sorted(set(seen)) == list(range(1, 11)) and len(seen) == 16  # every row, 6 of them twice
+        assert [s.epoch for s in streams] == [rnd + 1] * 4
+    smaller = code_data.Rows(data[:8], 4, 0, 0, 0, "cpu", chunks=4, group=2)
+    with pytest.raises(ValueError, match="data position is in 10 rows, the data now has 8"):
+        smaller.load_state(streams[0].state())
+
+
 def test_chat_jsonl_validation(tmp_path, capsys):
     tok = byte_tokenizer()
     good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
@@ -302,6 +318,7 @@ def test_synthetic_task_fine_tunes_a_qwen_checkpoint(tmp_path, capsys, monkeypat
     json.dump(cfg | {"bd_size": 8, "mask_token_id": tok.get_vocab_size() - 1}, open(d / "config.json", "w"))
     for f in ("tokenizer.json", "added_tokens.json"):
         shutil.copy(os.path.join(tok_dir, f), d / f)
+    (d / "modeling.py").write_text("# the checkpoint's remote code\n")
     r = train_code.main(["--preset", "tiny", "--init-from", str(d), "--max-steps", "2", "--train-problems", "40",
                          "--eval-problems", "2", "--samples", "1",
                          "--out-dir", str(tmp_path / "o")])
@@ -310,6 +327,7 @@ def test_synthetic_task_fine_tunes_a_qwen_checkpoint(tmp_path, capsys, monkeypat
     assert blocks == [8, 8]  # training and held-out rows
     m = from_pretrained(str(tmp_path / "o" / "hf"))
     assert m.cfg.vocab_size == c.vocab_size and m.relay is not None
+    assert (tmp_path / "o" / "hf" / "modeling.py").read_text() == "# the checkpoint's remote code\n"  # with the export
 
 
 def test_one_rollout_buffer_per_process_is_advanced_at_every_micro_step(tmp_path):
