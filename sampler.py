@@ -570,7 +570,8 @@ def get_args(argv=None):
     p.add_argument("--random-init", choices=list(SHAPES), help="random weights of this shape, byte tokenizer")
     p.add_argument("--prompt", help="text to continue (see --chat)")
     p.add_argument("--prompt-file", help="read the prompt from this file")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt as a ChatML user turn")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a ChatML user turn, after Qwen2.5's "
+                   "default system turn (as its chat template does)")
     p.add_argument("--max-new-tokens", type=positive_int, default=256, help="tokens to generate at most")
     p.add_argument("--threshold", type=unit_float, default=0.85, help="reveal confidence threshold (strict)")
     p.add_argument("--bd-size", type=positive_int, help="diffusion block size (default: the checkpoint's bd_size)")
