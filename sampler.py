@@ -631,6 +631,8 @@ def main(argv=None):
     if args.random_init:
         model, tok = random_model(args.random_init, args.device, dtype, args.seed)
         if args.save:
+            if os.path.isdir(args.save) and os.listdir(args.save):  # never over a trained checkpoint
+                raise FileExistsError(f"{args.save} exists and is not empty: --save writes a new directory")
             save_pretrained(model, args.save)
             save_byte_tokenizer(args.save)
             print(f"saved a random {args.random_init} checkpoint to {args.save}")

@@ -13,7 +13,8 @@ Objectives (relay.py):
   sft       Fast-dLLM v2's SFT: the doubled sequence [x_t ‖ x_0], per-block noise on supervised tokens
             plus the complementary copy, CE with the token shift.
   rollout / relay_sg / relay
-            the K-step rollout on a per-process rollout buffer, in the same doubled layout with x_t =
+            the K-step rollout on a rollout buffer per accumulation chunk (--buffers process: one per
+            process, the authors' way), in the same doubled layout with x_t =
             the buffer's canvas, the block reveal rule (> --threshold plus the argmax of every block),
             relay at MASK positions only, zero-initialised relay norm. The first --sft-frac of the
             steps are SFT (a warm start), so an sft and a relay run take the same number of steps.
@@ -27,7 +28,8 @@ cut into world x accumulation chunks; chunk c = micro * world + rank always gets
 noise, so 1 process with accumulation equals N processes without.
 
 Presets set the flags' defaults before parsing (`--help` shows them): cpu (default), paper, tiny (tests).
-The last stdout line is one JSON object (objective, steps, train/val loss, tokens/s, pass@1, NFE, seconds).
+The last stdout line is one JSON object (objective, steps, train/val loss, training tokens/s, pass@1, NFE,
+generated tokens/s, seconds).
 """
 import argparse
 import gc
@@ -62,7 +64,7 @@ from sampler import generate
 from tokenizer import byte_tokenizer, load_tokenizer, save_tokenizer
 
 OBJECTIVES = ("sft", "rollout", "relay_sg", "relay")
-TINY = SHAPES["tiny"]  # the cpu preset's model: a 0.8M Qwen2.5-shaped model
+TINY = SHAPES["tiny"]  # the cpu preset's model: Qwen2.5-shaped, 0.88M parameters with its BPE
 PRESETS = {  # flag defaults per preset; "cpu" is what the add_argument defaults below already say
     "cpu": {},
     "paper": dict(sft_frac=0.0, lr=5e-6, batch_size=64, micro_batch=2, max_steps=200, seq_len=2048,
@@ -124,9 +126,9 @@ def get_args(argv=None):
     # data, systems, files
     p.add_argument("--data", default="synthetic", help="synthetic (code_tasks.py's generated problems), stdlib "
                    "(the Python standard library's source) or a chat JSONL file")
-    p.add_argument("--bpe-merges", type=nonneg_int, default=None, help="from scratch on synthetic data: learn this "
-                   "many byte-level BPE merges from the training problems (0 = the byte tokenizer); default 512 there, "
-                   "bytes for stdlib and JSONL")
+    p.add_argument("--bpe-merges", type=nonneg_int, default=None, help="from scratch on synthetic data: learn up "
+                   "to this many byte-level BPE merges from the training problems (fewer once no pair occurs twice: 463 "
+                   "of 512 on the default problems; 0 = the byte tokenizer); default 512 there, bytes for stdlib and JSONL")
     p.add_argument("--train-problems", type=positive_int, default=20000, help="synthetic: training problems")
     p.add_argument("--eval-problems", type=nonneg_int, default=200, help="synthetic: held-out problems solved "
                    "through the sandbox at the end (pass@1); 0 = none")
@@ -607,7 +609,8 @@ def train(args, d):
               "val_curve": vals, "tokens_per_s": (step - step0) * args.batch_size * args.seq_len / max(train_seconds, 1e-9),
               "train_seconds": train_seconds, "seconds": time.time() - t_start, "world": d.world,
               "samples": [{k: s[k] for k in ("nfe", "new_tokens")} for s in samples], "hf_dir": hf_dir,
-              **({k: solved[k] for k in ("pass@1", "nfe", "tokens_per_s")} if solved else {})}
+              **({"pass@1": solved["pass@1"], "nfe": solved["nfe"], "gen_tokens_per_s": solved["tokens_per_s"]}
+                 if solved else {})}
     return {**result, "losses": losses}
 
 

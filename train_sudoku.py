@@ -131,7 +131,7 @@ def get_args(argv=None):
     p.add_argument("--init-from", default="", help="fine-tune: start from this checkpoint's evaluated weights "
                    "(fresh optimizer, rollout buffer and step count; the model flags must match it)")
     p.add_argument("--overwrite", action="store_true", help="start afresh even if OUT_DIR holds a checkpoint "
-                   "(without it, or --resume, a run refuses to replace one)")
+                   "(without it, or --resume, a run refuses to replace one); --export: replace an existing file")
     p.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint, no training")
     p.add_argument("--checkpoint", default="", help="checkpoint for --eval-only and --solve")
     p.add_argument("--export", default="", help="with --checkpoint: write its evaluated weights in fp16 to this "
@@ -479,6 +479,8 @@ def main(argv=None):
     os.makedirs(args.out_dir, exist_ok=True)
     t_start = time.time()
     if args.export:
+        if os.path.exists(args.export) and not args.overwrite:  # it may be a training checkpoint, or a shipped one
+            raise FileExistsError(f"{args.export} exists: pass --overwrite to replace it")
         save_checkpoint(export_weights(args.checkpoint), args.export)
         return print(f"wrote {args.export} ({os.path.getsize(args.export) / 2 ** 20:.1f} MiB, fp16 weights)")
     if args.solve:

@@ -56,7 +56,7 @@ cp out/compare/curves.png "$OUT/" 2>/dev/null
 
 # 3) the relay run's EMA weights (fp16), finished or not: a finished one with these flags, or one this run wrote
 if grep -q '"relay"' "$OUT/compare.json" || [ out/compare/relay/ckpt.pt -nt "$STAMP" ]; then
-    python train_sudoku.py --export "$OUT/sudoku_relay_hard.pt" --checkpoint out/compare/relay/ckpt.pt 2>&1 | log
+    python train_sudoku.py --export "$OUT/sudoku_relay_hard.pt" --overwrite --checkpoint out/compare/relay/ckpt.pt 2>&1 | log
 else
     echo "no relay checkpoint from this run or with these flags: nothing exported" | log
 fi

@@ -42,7 +42,7 @@ python train_sudoku.py --preset paper --init-from checkpoints/sudoku_relay_hard.
 [ -f "$RUN/ckpt.pt" ] || { echo "step 2 wrote no $RUN/ckpt.pt (see above): stopping" | log; exit 1; }
 
 # 3) its EMA weights (fp16), evaluated as the shipped file was
-python train_sudoku.py --checkpoint "$RUN/ckpt.pt" --export "$OUT/sudoku_relay_hard.pt" 2>&1 | log
+python train_sudoku.py --checkpoint "$RUN/ckpt.pt" --export "$OUT/sudoku_relay_hard.pt" --overwrite 2>&1 | log
 for tau in 0.15 0.01; do
     python train_sudoku.py --checkpoint "$OUT/sudoku_relay_hard.pt" $EVAL --tau $tau 2>&1 | grep -v "it/s\]" | log \
         | grep '^{' | tail -n 1 > "$OUT/finetuned_tau$tau.json"

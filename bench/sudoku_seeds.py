@@ -29,15 +29,15 @@ import numpy as np  # noqa: E402
 import sudoku  # noqa: E402
 import sudoku_hard  # noqa: E402
 import sudoku_solver  # noqa: E402
-from runs import positive_int  # noqa: E402
+from runs import nonneg_float, nonneg_int, positive_int  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("puzzles", help="text file, one 81-character puzzle per line")
 p.add_argument("--out", default="sudoku_seeds.txt", help="the seed file to write")
-p.add_argument("--min-median", type=float, default=35, help="keep puzzles rating at least this (median of 32 draws)")
+p.add_argument("--min-median", type=nonneg_float, default=35, help="keep puzzles rating at least this (median of 32 draws)")
 p.add_argument("--max-candidates", type=positive_int, default=160, help="screen only this many, the highest-rated first")
 p.add_argument("--rounds", type=positive_int, default=12, help="rounds of the screening search")
-p.add_argument("--min-emitted", type=int, default=80, help="keep seeds whose screen emitted at least this many")
+p.add_argument("--min-emitted", type=nonneg_int, default=80, help="keep seeds whose screen emitted at least this many")
 p.add_argument("--test-every", type=positive_int, default=4, help="every n-th family (by emitted count) seeds the test streams")
 p.add_argument("--workers", type=positive_int, default=None, help="processes (default: all cores)")
 p.add_argument("--force", action="store_true", help="write --out even if seeds already in it are not kept again")

@@ -120,6 +120,15 @@ def test_sampler_refuses_llm_flags_with_a_sudoku_checkpoint(capsys, tmp_path):
     assert "--prompt --static: for an LLM" in err
 
 
+def test_a_random_checkpoint_is_never_saved_over_another(tmp_path):
+    sampler.main(["--random-init", "tiny", "--save", str(tmp_path / "r")])
+    before = (tmp_path / "r" / "model.safetensors").read_bytes()
+    with pytest.raises(FileExistsError, match="r exists and is not empty"):
+        sampler.main(["--random-init", "tiny", "--seed", "1", "--save", str(tmp_path / "r")])
+    assert (tmp_path / "r" / "model.safetensors").read_bytes() == before
+    assert from_pretrained(str(tmp_path / "r")).cfg.n_layer >= 1
+
+
 @pytest.mark.parametrize("argv,msg", EVAL_BAD)
 def test_eval_code_flags(capsys, tmp_path, argv, msg):
     out = tmp_path / "eval" / "samples.jsonl"
@@ -142,6 +151,8 @@ def test_a_bad_flag_stops_train_code_before_any_work(capsys, tmp_path):
     ("code_tasks.py", ["--n", "-5", "--out", "neg.jsonl"], "argument --n: need an integer >= 1"),
     ("checkpoint.py", ["none.pt"], "none.pt: no such checkpoint file or directory"),
     ("sudoku.py", ["--check", "none.csv"], "--check none.csv: no such file"),
+    ("code_data.py", ["--check", "none.jsonl", "--seq-len", "-5"], "argument --seq-len: need an integer >= 1"),
+    ("bench/sudoku_seeds.py", ["none.txt", "--min-median", "nan"], "argument --min-median: need a number >= 0"),
 ])
 def test_script_flags(tmp_path, script, argv, msg):
     r = subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], cwd=tmp_path, capture_output=True, text=True)

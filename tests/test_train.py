@@ -221,6 +221,12 @@ def test_export_writes_small_fp16_weights_that_evaluate_alike(tmp_path, data_dir
     e = train_sudoku.main(["--eval-only", "--checkpoint", str(out), "--eval-size", "4", "--no-sweep",
                            "--data-dir", data_dir, "--out-dir", str(tmp_path)])
     assert e["steps"] == r["steps"] and abs(e["token_acc"] - r["token_acc"]) < 0.1
+    # an existing file, the training checkpoint itself above all, is replaced only with --overwrite
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    with pytest.raises(FileExistsError, match="ckpt.pt exists: pass --overwrite"):
+        train_sudoku.main(["--checkpoint", str(tmp_path / "ckpt.pt"), "--export", str(tmp_path / "ckpt.pt")])
+    assert (tmp_path / "ckpt.pt").read_bytes() == before
+    train_sudoku.main(["--checkpoint", str(tmp_path / "ckpt.pt"), "--export", str(out), "--overwrite"])
 
 
 def test_init_fine_tunes_from_another_runs_weights(tmp_path, data_dir):

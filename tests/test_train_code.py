@@ -249,7 +249,8 @@ def test_synthetic_run_ends_with_pass_at_1_and_samples(tmp_path, capsys):
     r = train_code.main(["--preset", "tiny", "--max-steps", "2", "--eval-problems", "4", "--samples", "2",
                          "--out-dir", str(tmp_path / "o")])
     out = capsys.readouterr().out
-    assert r["pass@1"] * 4 in (0, 1, 2, 3, 4) and r["nfe"] >= 1 and r["tokens_per_s"] > 0  # a share of 4 problems
+    assert r["pass@1"] * 4 in (0, 1, 2, 3, 4) and r["nfe"] >= 1  # a share of 4 problems
+    assert r["gen_tokens_per_s"] > 0 and r["tokens_per_s"] == pytest.approx(2 * 4 * 384 / r["train_seconds"])  # training
     assert out.count("--- synthetic/test/") == 2 and "held-out problems: pass@1" in out
 
 
