@@ -24,7 +24,7 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass
 
-from runs import positive_int, run_cli
+from runs import positive_int, run_cli, seed_int
 
 # ---------------------------------------------------------------------------------------------------------
 # Parameter sets: (train values, test values), disjoint so the test split only sees unseen values. Many values
@@ -290,7 +290,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--split", default="test", choices=SPLITS, help="which parameter values and pairs to draw")
     ap.add_argument("--n", type=positive_int, default=200, help="number of problems")
-    ap.add_argument("--seed", type=int, default=0, help="seed: (split, n, seed) fixes the output")
+    ap.add_argument("--seed", type=seed_int, default=0, help="seed: (split, n, seed) fixes the output")
     ap.add_argument("--out", default=None, help="JSONL to write (HumanEval format); none: summary only")
     args = ap.parse_args(argv)
     problems = make_problems(args.split, args.n, args.seed)

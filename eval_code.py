@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from checkpoint import from_pretrained
 from code_tasks import TEST_ONLY, make_problems
-from model import SHAPES, pick_device, random_model
+from model import SHAPES, device_flag, pick_device, random_model
 from runs import nonneg_int, positive_float, positive_int, run_cli, unit_float, unit_floats
 from sampler import generate
 from sandbox import run_sandboxed, self_check
@@ -251,7 +251,7 @@ def main(argv=None):
     p.add_argument("--workers", type=positive_int, default=2, help="sandboxes run in parallel")
     p.add_argument("--unsafe-no-isolation", action="store_true",
                    help="run model code even where the sandbox's namespaces cannot be set up (not root, no Linux)")
-    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
+    p.add_argument("--device", type=device_flag, default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="weights dtype; auto = bfloat16 on CUDA, float32 elsewhere")
     p.add_argument("--out", default="out/eval/samples.jsonl", help="one JSON row per problem (and threshold)")

@@ -574,6 +574,21 @@ def forward_doubled(model, xt, x0, masked, relay=None, targets=None):
 # ---------------------------------------------------------------------------------------------
 # devices, and a random LLM for speed and memory checks
 
+def device_flag(name):
+    """The type of every --device flag: auto, or a device this machine has (cpu, cuda, cuda:N, mps)."""
+    if name == "auto":
+        return name
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device {name!r} (auto, cpu, cuda, cuda:N, mps)") from None
+    have = {"cpu": True, "mps": torch.backends.mps.is_available(),
+            "cuda": torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()}
+    if not have.get(dev.type):
+        raise argparse.ArgumentTypeError(f"{name}: this machine has no such device")
+    return name
+
+
 def pick_device(name="auto"):
     """auto -> cuda, then mps, then cpu; anything else as given."""
     if name != "auto":

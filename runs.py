@@ -1,16 +1,19 @@
 """
 runs.py — what every script checks before it starts work: numeric flags in range (argparse `type=`
 functions, so a bad value is a usage error naming its flag), an output directory that belongs to
-this run alone (a lock, and no new run over an earlier run's checkpoint), and a missing or existing
-file ending a run with one line (run_cli); the CPU's name and the GPU's busy time that benchmarks
-print beside their figures. No command of its own.
+this run alone (a lock, and no new run over an earlier run's checkpoint), Ctrl-C ending a training
+loop at a step (StopOnInterrupt), and a missing or existing file ending a run with one line
+(run_cli); the CPU's name and the GPU's busy time that benchmarks print beside their figures. No
+command of its own.
 """
 import argparse
 import atexit
 import math
 import os
+import signal
 import socket
 import sys
+import threading
 
 
 # ---------------------------------------------------------------------------------------------
@@ -63,6 +66,10 @@ def unit_floats(s):
 
 def nonneg_int(s):
     return _number(s, int, lambda v: v >= 0, "an integer >= 0")
+
+
+def seed_int(s):  # what every generator here takes (torch's stops at 2^64; a script may derive seeds from it)
+    return _number(s, int, lambda v: 0 <= v < 2 ** 32, "an integer in [0, 2^32)")
 
 
 def positive_int(s):
@@ -178,6 +185,30 @@ def release_lock(lock):
                 os.remove(lock)
     except FileNotFoundError:
         pass
+
+
+class StopOnInterrupt:
+    """`with StopOnInterrupt() as stop:` a training loop that checks `if stop:` at each step: Ctrl-C
+    (SIGINT) asks it to stop there, with a checkpoint, instead of losing the steps since the last one; a
+    second Ctrl-C interrupts at once, as usual. Outside the main thread (no signals there) it never stops."""
+
+    def __enter__(self):
+        self.asked, self.previous = False, None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self.ask)
+        return self
+
+    def ask(self, signum, frame):
+        if self.asked:
+            raise KeyboardInterrupt
+        self.asked = True
+
+    def __bool__(self):
+        return self.asked
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,9 +36,9 @@ import torch
 
 import sudoku
 from checkpoint import from_pretrained, load_model, save_pretrained
-from model import SHAPES, KVCache, StaticKVCache, block_mask, pick_device, random_model, shift_right
+from model import SHAPES, KVCache, StaticKVCache, block_mask, device_flag, pick_device, random_model, shift_right
 from relay import predict, reveal_confidence_mass
-from runs import kernel_ms, nonneg_int, positive_int, run_cli, unit_float
+from runs import kernel_ms, nonneg_int, positive_int, run_cli, seed_int, unit_float
 from tokenizer import load_tokenizer, save_byte_tokenizer
 
 
@@ -582,10 +582,10 @@ def get_args(argv=None):
     p.add_argument("--static", action="store_true", help="one-shape cache, CUDA graphs on CUDA (the same tokens)")
     p.add_argument("--compile", action="store_true",
                    help="with --static: torch.compile the block step first (fused kernels; compiles for a minute)")
-    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
+    p.add_argument("--device", type=device_flag, default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="weights dtype; auto = bfloat16 on CUDA, float32 elsewhere")
-    p.add_argument("--seed", type=nonneg_int, default=0,
+    p.add_argument("--seed", type=seed_int, default=0,
                    help="random-init weights; Sudoku puzzles (decoding is greedy)")
     p.add_argument("--bench", action="store_true", help="static / cached / uncached decoding speed, JSON line last")
     p.add_argument("--bench-lengths", type=positive_int, nargs="+", default=[64, 256, 1024], help="--bench: new tokens")

@@ -24,6 +24,7 @@ import itertools
 import multiprocessing as mp
 import os
 import time
+import zipfile
 
 import numpy as np
 from tqdm import tqdm
@@ -136,8 +137,12 @@ def load_tiered(kind, n, seed=0, data_dir="data", workers=None, shares=None):
 def cached(path, make):
     """Load the npz at `path`, or build it with make() and save it atomically."""
     if os.path.exists(path):
-        with np.load(path) as f:
-            return {k: f[k] for k in f.files}
+        try:
+            with np.load(path) as f:
+                return {k: f[k] for k in f.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+            raise ValueError(f"{path}: damaged cache file ({type(e).__name__}: {e}); delete it and it is made "
+                             f"again") from None
     data = make()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp.npz"  # unique: two runs may build the same set at once
@@ -184,7 +189,7 @@ def board_errors(q, a):
 
 def _row_reason(row, cols, width):
     """Why a CSV row is invalid ('' if it is fine); cols maps column name -> index."""
-    if len(row) <= max(cols.values()):
+    if len(row) != width:
         return f"expected {width} columns, got {len(row)}"
     q, a = row[cols["question"]].strip(), row[cols["answer"]].strip()
     if len(q) != 81 or len(a) != 81:
@@ -255,6 +260,8 @@ def read_csv(path, skip_invalid=False, limit=None):
         header = next(reader, None)
         if header is None or "question" not in header or "answer" not in header:
             raise ValueError(f"{path}:1: header must name 'question' and 'answer' columns, got {header}")
+        if twice := sorted({h for h in header if header.count(h) > 1}):
+            raise ValueError(f"{path}:1: column {twice[0]!r} is named twice in the header")
         cols = {name: header.index(name) for name in ("question", "answer", "rating", "tier") if name in header}
         for row in reader:
             line = reader.line_num
@@ -308,6 +315,22 @@ def write_csv(path, data):
             w.writerow([puzzle_text(q), "".join(map(str, a)), int(rating[i])]
                        + ([int(tier[i])] if tier is not None else []))
 
+
+def row_keys(q):
+    """(N,) uint64, one hash per board: equal boards have equal keys, and two of 10^7 different ones
+    share a key with probability ~3e-6 (a fixed random linear hash mod 2^64)."""
+    w = np.random.default_rng(0).integers(1, 2 ** 63, 81, dtype=np.uint64)
+    return np.concatenate([np.zeros(0, np.uint64)] + [(q[i:i + 65536].astype(np.uint64) * w).sum(1, dtype=np.uint64)
+                                                      for i in range(0, len(q), 65536)])
+
+
+def repeats(train_q, test_q=()):
+    """(training questions that repeat an earlier one, test questions that are training questions too),
+    exact copies only (the symmetry group makes more: bench/sudoku_public.py keeps those apart)."""
+    train = row_keys(train_q)
+    return len(train) - len(np.unique(train)), int(np.isin(row_keys(np.asarray(test_q).reshape(-1, 81)), train).sum())
+
+
 def summary(d):
     """One line per tier: count, clues and rating (median / mean / p90)."""
     lines = []
@@ -322,10 +345,10 @@ def summary(d):
 
 
 if __name__ == "__main__":
-    from runs import nonneg_int, positive_int
+    from runs import positive_int, seed_int
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=positive_int, default=200, help="puzzles to generate")
-    p.add_argument("--seed", type=nonneg_int, default=0, help="puzzle stream: puzzle i depends only on (seed, i)")
+    p.add_argument("--seed", type=seed_int, default=0, help="puzzle stream: puzzle i depends only on (seed, i)")
     p.add_argument("--tier", type=int, choices=(0, 1, 2), default=None,
                    help="only this tier: 0 singles, 1 needs search, 2 hard (default: tiers 0 and 1 as they come)")
     p.add_argument("--hard", action="store_true", help="the hardest tier, same as --tier 2")
@@ -339,7 +362,9 @@ if __name__ == "__main__":
     if args.check and not os.path.isfile(args.check):
         p.error(f"--check {args.check}: no such file")
     if args.check:
-        print(f"{args.check}:\n{summary(add_tiers(read_csv(args.check)))}")
+        d = read_csv(args.check)
+        print(f"{args.check}: {len(d['question'])} puzzles, {repeats(d['question'])[0]} repeating an earlier "
+              f"question\n{summary(add_tiers(d))}")
     else:
         t0 = time.time()
         tier = 2 if args.hard else args.tier

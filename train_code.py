@@ -55,9 +55,10 @@ from tqdm import tqdm
 from checkpoint import config_diff, from_pretrained, load_checkpoint, load_state, save_checkpoint, save_pretrained
 from code_data import (Rows, held_out_signatures, load_stdlib, read_chat_jsonl, synthetic_problems, synthetic_rows,
                        synthetic_tokenizer)
-from model import QWEN2, SHAPES, ModelConfig, Transformer, pick_device, shape_problem
+from model import QWEN2, SHAPES, ModelConfig, Transformer, device_flag, pick_device, shape_problem
 from relay import RolloutBuffer, add_relay, reveal_threshold_blocks, rollout_loss, sft_loss
-from runs import claim_out_dir, nonneg_float, nonneg_int, positive_float, positive_int, run_cli, unit_float
+from runs import (claim_out_dir, nonneg_float, nonneg_int, positive_float, positive_int, run_cli, seed_int,
+                  unit_float)
 from eval_code import evaluate, with_check
 from sandbox import run_sandboxed
 from sampler import generate
@@ -133,7 +134,7 @@ def get_args(argv=None):
     p.add_argument("--eval-problems", type=nonneg_int, default=200, help="synthetic: held-out problems solved "
                    "through the sandbox at the end (pass@1); 0 = none")
     p.add_argument("--val-every-n", type=positive_int, default=50, help="JSONL: every n-th row is held out")
-    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
+    p.add_argument("--device", type=device_flag, default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="autocast dtype (weights stay fp32)")
     p.add_argument("--fsdp", action="store_true", help="shard parameters, grads and optimizer (fully_shard)")
@@ -151,7 +152,7 @@ def get_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt.pt")
     p.add_argument("--overwrite", action="store_true", help="start a new run even though OUT_DIR/ckpt.pt exists "
                    "(it is replaced at the first checkpoint)")
-    p.add_argument("--seed", type=nonneg_int, default=1337, help="model init, data order, noise")
+    p.add_argument("--seed", type=seed_int, default=1337, help="model init, data order, noise")
     p.set_defaults(**PRESETS[preset])
     args = p.parse_args(argv)
     check_args(p, args)

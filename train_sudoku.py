@@ -21,7 +21,9 @@ stdout line.
 """
 import argparse
 import json
+import math
 import os
+import sys
 import time
 from contextlib import nullcontext
 from functools import partial
@@ -33,9 +35,10 @@ from tqdm import tqdm
 import sudoku
 import sudoku_solver
 from checkpoint import config_diff, export_weights, load_checkpoint, load_model, load_state, save_checkpoint
-from model import ModelConfig, Transformer, pick_device, shape_problem
+from model import ModelConfig, Transformer, device_flag, pick_device, shape_problem
 from relay import OBJECTIVES, RolloutBuffer, mlm_loss, reveal_jittered_mass, rollout_loss
-from runs import claim_out_dir, nonneg_float, nonneg_int, positive_float, positive_int, run_cli, unit_float
+from runs import (StopOnInterrupt, claim_out_dir, nonneg_float, nonneg_int, positive_float, positive_int, run_cli,
+                  seed_int, unit_float)
 from sampler import sample_mdm
 
 PRESETS = {  # flag defaults per preset; "cpu" is what the add_argument defaults below already say
@@ -59,7 +62,7 @@ def shares(text):
         v = tuple(float(x) for x in text.split(","))
     except ValueError:
         v = ()
-    if len(v) != 3 or min(v) < 0 or abs(sum(v) - 1) > 1e-6:
+    if len(v) != 3 or not all(math.isfinite(x) and x >= 0 for x in v) or abs(sum(v) - 1) > 1e-6:
         raise argparse.ArgumentTypeError(f"expected three non-negative shares summing to 1, like 0.25,0.25,0.5; "
                                          f"got {text!r}")
     return v
@@ -103,7 +106,7 @@ def get_args(argv=None):
     p.add_argument("--tie-embeddings", action="store_true", help="share the token embedding with the head")
     p.add_argument("--pos-emb", choices=["none", "sudoku"], default="sudoku", help="learned position table: "
                    "none (RoPE only, the paper's) or sudoku (initialised as row + column + box embeddings)")
-    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
+    p.add_argument("--device", type=device_flag, default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="autocast dtype")
     p.add_argument("--compile", nargs="?", const="default", default="", metavar="MODE",
                    choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
@@ -132,31 +135,57 @@ def get_args(argv=None):
                    "(fresh optimizer, rollout buffer and step count; the model flags must match it)")
     p.add_argument("--overwrite", action="store_true", help="start afresh even if OUT_DIR holds a checkpoint "
                    "(without it, or --resume, a run refuses to replace one); --export: replace an existing file")
-    p.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint, no training")
-    p.add_argument("--checkpoint", default="", help="checkpoint for --eval-only and --solve")
-    p.add_argument("--export", default="", help="with --checkpoint: write its evaluated weights in fp16 to this "
+    p.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint, no training (its curve: "
+                   "OUT_DIR/eval_<checkpoint name>.png)")
+    p.add_argument("--checkpoint", default="", help="checkpoint for --eval-only, --solve and --export")
+    p.add_argument("--export", default=None, help="with --checkpoint: write its evaluated weights in fp16 to this "
                    "file (a small checkpoint for sharing) and exit")
-    p.add_argument("--solve", default="", help="solve one puzzle (81 characters, '.' or '0' for blanks) with "
+    p.add_argument("--solve", default=None, help="solve one puzzle (81 characters, '.' or '0' for blanks) with "
                    "--checkpoint: print the grid, NFE and legality, draw OUT_DIR/solve.png")
-    p.add_argument("--seed", type=nonneg_int, default=1337, help="model init, data order, noise")
+    p.add_argument("--seed", type=seed_int, default=1337, help="model init, data order, noise")
     p.set_defaults(**PRESETS[preset])
     args = p.parse_args(argv)
     args.device = pick_device(args.device)
+    check_args(p, args, given_flags(p, argv, vars(args)))
+    args.mlm_steps = 0 if args.objective == "mlm" else round(args.mlm_frac * args.max_steps)  # derived
+    return args
+
+
+MODEL_FLAGS = ("objective", "n_layer", "n_embd", "n_head", "n_ffn", "dropout", "tie_embeddings", "pos_emb")
+
+
+def given_flags(p, argv, dests):
+    """The flags the command line sets itself: argparse fills in a default (or a preset's) only where
+    the namespace it parses into lacks the attribute, so every one starts as a marker."""
+    unset = object()
+    ns = p.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(dests, unset)))
+    return {k for k, v in vars(ns).items() if v is not unset}
+
+
+def check_args(p, args, given):
+    """Usage errors that need more than one flag (given: what the command line set)."""
+    modes = [f"--{m.replace('_', '-')}" for m in ("eval_only", "solve", "export") if getattr(args, m) not in (False, None)]
+    if len(modes) > 1:
+        p.error(f"{' and '.join(modes)}: one at a time")
+    if modes and not args.checkpoint:
+        p.error(f"{modes[0]} needs --checkpoint PATH")
+    if args.checkpoint and not modes:
+        p.error("--checkpoint is read by --eval-only, --solve and --export (to train from its weights: --init-from)")
+    if "" in (args.solve, args.export):
+        p.error(f"{'--solve' if args.solve == '' else '--export'}: empty")
+    if modes and (mine := [f"--{f.replace('_', '-')}" for f in MODEL_FLAGS if f in given]):
+        p.error(f"{' '.join(mine)}: {modes[0]} takes the model from --checkpoint")
     if args.eval_size < 2:
         p.error(f"--eval-size: need at least 2 test puzzles, got {args.eval_size}")
-    if (args.eval_only or args.solve or args.export) and not args.checkpoint:
-        p.error("--eval-only, --solve and --export need --checkpoint PATH")
     if problem := shape_problem(args.n_embd, args.n_head, args.n_head):
         p.error(f"--n-embd/--n-head: {problem}")
     if args.min_rating and not args.data:
         p.error("--min-rating filters a training CSV's rating column: it needs --data FILE.csv")
     if args.resume and args.overwrite:
         p.error("--resume continues the checkpoint in --out-dir, --overwrite replaces it: pick one")
-    if args.init_from and (args.resume or args.eval_only or args.solve or args.export):
+    if args.init_from and (args.resume or modes):
         p.error("--init-from starts a new training run: it goes with neither --resume (the run's own checkpoint "
                 "already holds the weights) nor --eval-only, --solve or --export")
-    args.mlm_steps = 0 if args.objective == "mlm" else round(args.mlm_frac * args.max_steps)  # derived
-    return args
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,8 +217,29 @@ def load_test(args):
     column, or rated here), or generated with the tiers mixed by --test-mix, from streams the
     training set never sees."""
     if args.test_data:
-        return sudoku.add_tiers(sudoku.read_csv(args.test_data, args.skip_invalid, limit=args.eval_size))
+        test = sudoku.add_tiers(sudoku.read_csv(args.test_data, args.skip_invalid, limit=args.eval_size))
+        if len(test["question"]) < args.eval_size:
+            print(f"{args.test_data}: {len(test['question'])} test puzzles, fewer than --eval-size {args.eval_size}")
+        return test
     return sudoku.load_tiered("test", args.eval_size, 0, args.data_dir, shares=args.test_mix)
+
+
+def training_data(args, ck, ckpt_path):
+    """The training and test sets of a run (ck: the checkpoint it resumes, or None), with what a user
+    should know about them printed: sizes, tiers, repeated puzzles, test puzzles seen in training."""
+    t0 = time.time()
+    train, test = load_train(args, ck and ck.get("train_size")), load_test(args)
+    if ck and ck.get("train_size", len(train["question"])) != len(train["question"]):  # a CSV that changed since
+        raise ValueError(f"{args.data}: {len(train['question'])} training puzzles now, {ck['train_size']} when "
+                         f"{ckpt_path} was trained: resume with the data it was trained on")
+    print(f"data: {len(train['question'])} training puzzles, {len(test['question'])} test puzzles, {time.time() - t0:.1f}s")
+    dup, leak = sudoku.repeats(train["question"], test["question"])
+    if dup or leak:  # kept (a user may mean it), but never unnoticed
+        print(f"NOTE: {dup} training puzzles repeat an earlier one; {leak} test puzzles are training puzzles too")
+    for name, d in (("train", train), ("test", test)):
+        if "tier" in d:
+            print(f"{name}:\n{sudoku.summary(d)}")
+    return train, test
 
 
 class Stream:
@@ -251,14 +301,28 @@ def training_state(args, step, model, ema, opt, buf, stream, gen):
             "cuda_rng": torch.cuda.get_rng_state(args.device) if args.device.startswith("cuda") else None}
 
 
+RUN_FLAGS = {"resume", "overwrite", "max_steps", "stop_after", "time_limit", "eval_every", "ckpt_every", "device",
+             "compile", "no_sweep", "eval_batch", "eval_size", "mlm_steps", "data_dir", "out_dir", "test_data",
+             "test_mix", "skip_invalid"}  # what a resumed run may change without a note
+
+
 def resume(ck, path, args, model, ema, opt, buf, stream, gen):
     """Restore training_state() `ck` (loaded from `path`) into the live objects; returns the step."""
+    if "optimizer" not in ck:
+        raise ValueError(f"{path} holds weights only (an --export), not a training run: --resume needs the run's "
+                         f"ckpt.pt; to train from these weights, --init-from {path}")
     diff = config_diff(model, ck)
     theirs = lambda k: ck["args"].get(k, getattr(args, k))  # older checkpoints lack some flags
-    diff |= {k: (getattr(args, k), theirs(k)) for k in ("objective", "data", "min_rating", "mix", "seed")
-             if tuple(np.atleast_1d(theirs(k))) != tuple(np.atleast_1d(getattr(args, k)))}
+    same = lambda a, b: tuple(np.atleast_1d(a)) == tuple(np.atleast_1d(b))
+    diff |= {k: (getattr(args, k), theirs(k)) for k in ("objective", "data", "min_rating", "mix", "seed", "batch_size")
+             if not same(theirs(k), getattr(args, k))}
+    if (ema is None) != (ck["ema"] is None):  # an EMA cannot start late, nor be dropped without losing it
+        diff["ema"] = (args.ema, theirs("ema"))
     if diff:
         raise ValueError(f"{path} was trained with another configuration: {diff} (ours, theirs)")
+    if changed := {k: (v, ck["args"][k]) for k, v in vars(args).items() if k not in RUN_FLAGS and k in ck["args"]
+                   and not same(v, ck["args"][k])}:  # allowed, but the log says so (the checkpoint keeps ours)
+        print(f"resuming with other flags than the run so far: {changed} (ours, theirs)")
     if ck["step"] >= theirs("mlm_steps") != args.mlm_steps:  # a warm start that has ended stays ended
         print(f"MLM warm start: ended at step {theirs('mlm_steps')} of this run, which stays (--max-steps "
               f"{args.max_steps} x --mlm-frac {args.mlm_frac:g} would move it to {args.mlm_steps})")
@@ -378,13 +442,15 @@ def finish(args, model, test, ctx, step, t_start, train_seconds=0.0, losses=(), 
     curve = [evaluate(model, test, t, args.eval_batch, ctx, desc=f"eval tau={t}") for t in taus]
     main_r = next(r for r in curve if r["tau"] == args.tau)
     print_table(curve)
-    png = os.path.join(args.out_dir, f"curve_{args.objective}.png")
+    name = f"eval_{os.path.splitext(os.path.basename(args.checkpoint))[0]}" if args.eval_only else f"curve_{args.objective}"
+    png = os.path.join(args.out_dir, f"{name}.png")  # --eval-only never replaces a training run's curve
     if len(curve) > 1:
         plot_curves({args.objective: curve}, png, f"Sudoku, {len(test['question'])} test puzzles, step {step}")
         print(f"curve: {png}")
     result = {"objective": args.objective, "mlm_steps": min(args.mlm_steps, step), **{k: main_r[k] for k in (
         "tau", "exact_match", "token_acc", "nfe", "nfe_batch", "legal_rate", "puzzles_per_s")},
         **{g: main_r.get(g) for g in ("singles", "search", "hard", "rating40")}, "steps": step,
+        "n_test": len(test["question"]), "test_data": args.test_data or "generated",
         "train_loss": float(np.mean(losses[-50:])) if len(losses) else None,
         "train_rows_per_s": args.batch_size * len(losses) / max(train_seconds, 1e-9), "train_seconds": train_seconds,
         "train_rows_per_s_steady": steady,
@@ -411,6 +477,9 @@ def solve_one(args, q, ctx):
         out, st = sample_mdm(model, x, tau=args.tau)
     board, when = out[0].cpu().numpy(), st["revealed_at"][0].cpu().numpy()
     legal = bool(sudoku_solver.is_legal(board[None])[0])
+    sols, _ = sudoku_solver.solve(q, limit=2)  # whether a wrong grid is the model's fault or the puzzle's
+    if len(sols) != 1:
+        print(f"NOTE: this puzzle has {'no solution' if not sols else 'more than one solution'}")
     for r in range(9):
         print(" ".join("".join(str(v) for v in board[r * 9 + c:r * 9 + c + 3]) for c in (0, 3, 6)))
         if r in (2, 5):
@@ -418,7 +487,8 @@ def solve_one(args, q, ctx):
     png = os.path.join(args.out_dir, "solve.png")
     os.makedirs(args.out_dir, exist_ok=True)
     plot_solve(q, board, when, png, f"NFE {int(st['nfe'][0])}, tau {args.tau}, {'legal' if legal else 'NOT legal'}")
-    result = {"solution": "".join(map(str, board)), "nfe": int(st["nfe"][0]), "legal": legal, "picture": png,
+    result = {"solution": "".join(map(str, board)), "nfe": int(st["nfe"][0]), "legal": legal,
+              "puzzle_solutions": len(sols), "correct": len(sols) == 1 and bool((sols[0] == board).all()), "picture": png,
               "checkpoint": args.checkpoint, "step": ck["step"]}
     print(json.dumps(result))
     return result
@@ -435,7 +505,8 @@ def plot_solve(q, board, when, path, title):
         d = board[unit]
         clash[unit] |= (d[:, None] == d[None, :]).sum(1) > 1
     fig, ax = plt.subplots(figsize=(5.2, 4.6))
-    im = ax.imshow(steps, cmap="viridis", vmin=1, vmax=max(2, np.nanmax(steps)))
+    top = np.nanmax(steps) if (q == 0).any() else 1  # a grid given complete reveals nothing
+    im = ax.imshow(steps, cmap="viridis", vmin=1, vmax=max(2, top))
     for i in range(81):
         r, c = divmod(i, 9)
         ax.text(c, r, str(board[i]) if board[i] else "", ha="center", va="center", fontsize=13,
@@ -478,21 +549,8 @@ def main(argv=None):
     ctx = torch.autocast(args.device.split(":")[0], dtype=dtype) if dtype != torch.float32 else nullcontext()
     os.makedirs(args.out_dir, exist_ok=True)
     t_start = time.time()
-    if args.export:
-        if os.path.exists(args.export) and not args.overwrite:  # it may be a training checkpoint, or a shipped one
-            raise FileExistsError(f"{args.export} exists: pass --overwrite to replace it")
-        save_checkpoint(export_weights(args.checkpoint), args.export)
-        return print(f"wrote {args.export} ({os.path.getsize(args.export) / 2 ** 20:.1f} MiB, fp16 weights)")
-    if args.solve:
-        return solve_one(args, parse_puzzle(args.solve), ctx)
-    if args.eval_only:
-        model, ck = load_model(args.checkpoint, args.device, kind="sudoku")
-        # results are labelled with the checkpoint's objective and warm start, not this command's flags
-        args.objective = ck.get("objective") or ck.get("args", {}).get("objective", args.objective)
-        args.mlm_steps = ck.get("args", {}).get("mlm_steps", 0)
-        print(f"model: {args.checkpoint}, {model.num_params() / 1e6:.2f}M parameters, objective {args.objective}, "
-              f"step {ck['step']}")
-        return finish(args, model, load_test(args), ctx, ck["step"], t_start)
+    if args.checkpoint:  # --export, --solve or --eval-only (get_args: one of them)
+        return checkpoint_mode(args, ctx, t_start)
     print(json.dumps({"args": vars(args)}))  # a training run's flags (the modes above take the checkpoint's)
     if args.device.startswith("cuda") and args.preset == "cpu":
         print(f"CUDA found, running the cpu preset. The paper's recipe is `python train_sudoku.py --preset paper --compile`: "
@@ -500,15 +558,10 @@ def main(argv=None):
 
     # 2) data: training puzzles (augmented on the fly) and the tiered test set; a resumed run keeps
     #    its checkpoint's training set (its size follows --max-steps, which a resume may raise)
-    t0 = time.time()
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     claim_out_dir(args.out_dir, args.resume, args.overwrite)  # never replace a checkpoint; one run per dir
     ck = load_checkpoint(ckpt_path, args.device, kind="sudoku") if args.resume else None
-    train, test = load_train(args, ck and ck.get("train_size")), load_test(args)
-    print(f"data: {len(train['question'])} training puzzles, {len(test['question'])} test puzzles, {time.time() - t0:.1f}s")
-    for name, d in (("train", train), ("test", test)):
-        if "tier" in d:
-            print(f"{name}:\n{sudoku.summary(d)}")
+    train, test = training_data(args, ck, ckpt_path)
     # 3) model, its EMA copy (the evaluated weights), optimizer, data stream, noise, rollout buffer
     model, ema, opt, stream, gen, buf = training_objects(args, train)
     print(f"model: {model.num_params() / 1e6:.2f}M parameters, objective {args.objective}, K={args.K}, "
@@ -527,47 +580,71 @@ def main(argv=None):
     t0, step0, losses, pending, monitor, seen, t_eval = time.time(), step, [], [], [], 0, 0.0
     watch = monitor_set(test)
     warm = None  # (time, step, eval seconds) at the first read: the speed after it leaves out compilation
-    while step < args.max_steps:
-        # a budget of this invocation ends the loop with a checkpoint, so --resume continues exactly
-        out_of_time = args.time_limit and time.time() - t0 > 60 * args.time_limit
-        if out_of_time or (args.stop_after and step - step0 >= args.stop_after):
-            tqdm.write(f"stopping at step {step}: " + ("--time-limit" if out_of_time else "--stop-after"))
-            save()
-            break
-        loss, new_rows = train_step(args, step, train_model, model, ema, opt, buf, stream, gen, ctx)
-        step += 1
-        pending.append(torch.stack([loss.float(), new_rows.float()]))
-        monitor_now = step % args.eval_every == 0 or step == args.max_steps
-        if len(pending) == LOG_EVERY or monitor_now or step % args.ckpt_every == 0:
-            read = torch.stack(pending).tolist()  # the one sync
-            losses += [x[0] for x in read]
-            seen += sum(x[1] for x in read)  # fresh puzzles: with a cold rollout buffer few slots finish per step
-            bar.update(len(pending))
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr_at(args, step - 1):.1e}")
-            pending = []
-            warm = warm or (time.time(), step, t_eval)
-        # a) monitor: the EMA weights solve 128 test puzzles of every tier (nothing is selected on it)
-        if monitor_now:
-            t1 = time.time()
-            r = evaluate(ema or model, watch, args.tau, args.eval_batch, ctx, desc="monitor")
-            model.train()
-            t_eval += time.time() - t1
-            monitor.append({"step": step, "exact_match": r["exact_match"], "token_acc": r["token_acc"],
-                            "nfe": r["nfe"], "seconds": time.time() - t0})
-            tqdm.write(f"step {step}: loss {np.mean(losses[-50:]):.4f}, monitor exact {r['exact_match']:.1%} "
-                       f"token {r['token_acc']:.1%} NFE {r['nfe']:.1f}, "
-                       f"{seen / (time.time() - t0 - t_eval):.0f} new puzzles/s")
-        # b) checkpoint (atomic)
-        if step % args.ckpt_every == 0 or step == args.max_steps:
-            save()
+    with StopOnInterrupt() as interrupted:  # Ctrl-C: stop at the next step, with a checkpoint
+        while step < args.max_steps:
+            # a budget of this invocation ends the loop with a checkpoint, so --resume continues exactly
+            out_of_time = args.time_limit and time.time() - t0 > 60 * args.time_limit
+            if interrupted or out_of_time or (args.stop_after and step - step0 >= args.stop_after):
+                tqdm.write(f"stopping at step {step}: " + ("Ctrl-C" if interrupted else "--time-limit" if out_of_time
+                                                           else "--stop-after"))
+                save()
+                break
+            loss, new_rows = train_step(args, step, train_model, model, ema, opt, buf, stream, gen, ctx)
+            step += 1
+            pending.append(torch.stack([loss.float(), new_rows.float()]))
+            monitor_now = step % args.eval_every == 0 or step == args.max_steps
+            if len(pending) == LOG_EVERY or monitor_now or step % args.ckpt_every == 0:
+                read = torch.stack(pending).tolist()  # the one sync
+                losses += [x[0] for x in read]
+                seen += sum(x[1] for x in read)  # fresh puzzles: with a cold rollout buffer few slots finish per step
+                bar.update(len(pending))
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr_at(args, step - 1):.1e}")
+                pending = []
+                warm = warm or (time.time(), step, t_eval)
+            # a) monitor: the EMA weights solve 128 test puzzles of every tier (nothing is selected on it)
+            if monitor_now:
+                t1 = time.time()
+                r = evaluate(ema or model, watch, args.tau, args.eval_batch, ctx, desc="monitor")
+                model.train()
+                t_eval += time.time() - t1
+                monitor.append({"step": step, "exact_match": r["exact_match"], "token_acc": r["token_acc"],
+                                "nfe": r["nfe"], "seconds": time.time() - t0})
+                tqdm.write(f"step {step}: loss {np.mean(losses[-50:]):.4f}, monitor exact {r['exact_match']:.1%} "
+                           f"token {r['token_acc']:.1%} NFE {r['nfe']:.1f}, "
+                           f"{seen / (time.time() - t0 - t_eval):.0f} new puzzles/s")
+            # b) checkpoint (atomic)
+            if step % args.ckpt_every == 0 or step == args.max_steps:
+                save()
     losses += [x[0] for x in torch.stack(pending).tolist()] if pending else []  # a stop in mid-interval
     bar.close()
+    if interrupted:
+        sys.exit(f"interrupted at step {step}: {ckpt_path} saved; the same command with --resume continues")
     # 6) finish: evaluate at tau, sweep tau, curve, table, JSON line
     # train_seconds leave out the monitor's evaluations (rows/s is the training speed)
     steady = None
     if warm and step > warm[1]:
         steady = args.batch_size * (step - warm[1]) / (time.time() - warm[0] - (t_eval - warm[2]))
     return finish(args, ema or model, test, ctx, step, t_start, time.time() - t0 - t_eval, losses, monitor, steady)
+
+
+def checkpoint_mode(args, ctx, t_start):
+    """--export, --solve or --eval-only: one checkpoint, no training."""
+    if args.export:
+        if os.path.exists(args.export) and os.path.samefile(args.export, args.checkpoint):
+            raise FileExistsError(f"--export {args.export} is the checkpoint it reads: write the export elsewhere")
+        if os.path.exists(args.export) and not args.overwrite:  # it may be a training checkpoint, or a shipped one
+            raise FileExistsError(f"{args.export} exists: pass --overwrite to replace it")
+        save_checkpoint(export_weights(args.checkpoint), args.export)
+        return print(f"wrote {args.export} ({os.path.getsize(args.export) / 2 ** 20:.1f} MiB, fp16 weights)")
+    if args.solve is not None:
+        return solve_one(args, parse_puzzle(args.solve), ctx)
+    model, ck = load_model(args.checkpoint, args.device, kind="sudoku")
+    # results are labelled with the checkpoint's objective and warm start, not this command's flags
+    args.objective = ck.get("objective") or ck.get("args", {}).get("objective", args.objective)
+    args.mlm_steps = ck.get("args", {}).get("mlm_steps", 0)
+    print(f"model: {args.checkpoint}, {model.num_params() / 1e6:.2f}M parameters, objective {args.objective}, "
+          f"step {ck['step']}")
+    return finish(args, model, load_test(args), ctx, ck["step"], t_start)
 
 
 def monitor_set(test, n=128):

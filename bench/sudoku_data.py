@@ -27,14 +27,14 @@ import numpy as np  # noqa: E402
 import sudoku  # noqa: E402
 import sudoku_hard  # noqa: E402
 import sudoku_solver  # noqa: E402
-from runs import cpu_name, nonneg_int, positive_int  # noqa: E402
+from runs import cpu_name, nonneg_int, positive_int, seed_int  # noqa: E402
 
 NAMES = ("singles", "search", "hard")
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--n-train", type=positive_int, default=1000, help="puzzles in the training set")
 p.add_argument("--n-test", type=positive_int, default=500, help="puzzles in the test set")
-p.add_argument("--seed", type=nonneg_int, default=0, help="set seed (the test set uses other streams)")
+p.add_argument("--seed", type=seed_int, default=0, help="set seed (the test set uses other streams)")
 p.add_argument("--data-dir", default="data", help="cache of generated sets")
 p.add_argument("--workers", type=positive_int, default=None, help="generator processes (default: all cores)")
 p.add_argument("--speed", type=nonneg_int, default=400, help="tier 0 and 1 puzzles to time (0: skip)")

@@ -37,7 +37,7 @@ from tqdm import tqdm  # noqa: E402
 
 import sudoku  # noqa: E402
 import sudoku_solver  # noqa: E402
-from runs import nonneg_int, positive_int  # noqa: E402
+from runs import positive_int, seed_int  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("lists", nargs="+", help="puzzle lists, one 81-character puzzle per line")
@@ -46,7 +46,7 @@ p.add_argument("--n-test", type=positive_int, default=1000, help="test puzzles")
 p.add_argument("--test-from", nargs="*", default=None, help="draw the test set from these lists only (default: all)")
 p.add_argument("--near", type=positive_int, default=16, help="drop a training puzzle sharing this many clues with a "
                "test puzzle (81: only the test puzzles themselves, up to symmetry)")
-p.add_argument("--seed", type=nonneg_int, default=0, help="symmetries and the split")
+p.add_argument("--seed", type=seed_int, default=0, help="symmetries and the split")
 p.add_argument("--skip-invalid", action="store_true", help="drop puzzles without exactly one solution")
 p.add_argument("--workers", type=positive_int, default=None, help="solver processes (default: all cores)")
 p.add_argument("--force", action="store_true", help="overwrite train.csv and test.csv in --out-dir")

@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from functools import partial  # noqa: E402
 
-from model import SHAPES, pick_device, random_model  # noqa: E402
+from model import SHAPES, device_flag, pick_device, random_model  # noqa: E402
 from runs import positive_int  # noqa: E402
 from relay import RolloutBuffer, reveal_threshold_blocks, rollout_loss, sft_loss  # noqa: E402
 
@@ -82,7 +82,7 @@ def main():
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing of every block")
     p.add_argument("--layers", type=positive_int, default=None, help="only this many blocks of the shape (a CPU estimate of a "
                    "large shape: memory at two depths gives the per-block and the fixed part)")
-    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda")
+    p.add_argument("--device", type=device_flag, default="auto", help="auto (cuda > mps > cpu), cpu, cuda")
     p.add_argument("--only", choices=["sft", "relay"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.seq_len <= 64:

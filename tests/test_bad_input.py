@@ -80,6 +80,15 @@ SUDOKU_BAD = [
     (["--dropout", "-0.1"], "argument --dropout"), (["--lr", "0"], "argument --lr"),
     (["--eval-size", "1"], "--eval-size"), (["--mix", "0.5,0.6,0"], "argument --mix"),
     (["--resume", "--overwrite"], "pick one"),
+    (["--mix", "nan,0,1"], "argument --mix"), (["--seed", str(2 ** 64)], "argument --seed: need an integer in"),
+    (["--device", "foo"], "argument --device: unknown device 'foo'"),
+    (["--device", "cuda:99"], "argument --device: cuda:99: this machine has no such device"),
+    # the modes that read a checkpoint: one at a time, with a checkpoint, taking the model from it
+    (["--checkpoint", "c.pt", "--eval-only", "--solve", "x"], "--eval-only and --solve: one at a time"),
+    (["--solve", "x"], "--solve needs --checkpoint PATH"), (["--checkpoint", "c.pt", "--solve="], "--solve: empty"),
+    (["--checkpoint", "c.pt"], "--checkpoint is read by --eval-only, --solve and --export"),
+    (["--checkpoint", "c.pt", "--eval-only", "--n-layer", "2", "--pos-emb", "none"],
+     "--n-layer --pos-emb: --eval-only takes the model from --checkpoint"),
 ]
 EVAL_BAD = [
     (["--timeout", "0"], "argument --timeout"), (["--timeout", "inf"], "argument --timeout"),
@@ -180,6 +189,11 @@ def test_the_value_checks_accept_their_range():
     for fn, s in [(R.unit_float, "-0.0001"), (R.positive_int, "1.0"), (R.finite_float, "-inf"), (R.nonneg_int, "x")]:
         with pytest.raises(Exception, match="need"):
             fn(s)
+    assert R.seed_int(str(2 ** 32 - 1)) == 2 ** 32 - 1
+    # a checkpoint mode takes run flags (a preset's evaluation size and batch) but not model flags
+    a = train_sudoku.get_args(["--checkpoint", "c.pt", "--eval-only", "--preset", "paper", "--eval-size", "8",
+                               "--device", "cpu"])
+    assert (a.eval_size, a.eval_batch, a.n_layer, a.device) == (8, 512, 4, "cpu")
 
 
 # ---------------------------------------------------------------------------------------------

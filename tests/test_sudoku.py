@@ -125,6 +125,28 @@ def test_csv_header_and_columns(tmp_path):
         sudoku.read_csv(write(tmp_path, [f"{q},{a}"], header="puzzle,solution"))
     with pytest.raises(ValueError, match=":2: expected 4 columns"):
         sudoku.read_csv(write(tmp_path, ["x,y"]))
+    with pytest.raises(ValueError, match=":3: expected 4 columns, got 5"):  # a field too many: misaligned, not dropped
+        sudoku.read_csv(write(tmp_path, [f"x,{q},{a},1", f"x,{q},{a},1,7"]))
+    with pytest.raises(ValueError, match=":1: column 'question' is named twice"):
+        sudoku.read_csv(write(tmp_path, [f"{q},{a},{q}"], header="question,answer,question"))
+
+
+def test_repeated_puzzles_and_test_puzzles_in_training_are_counted(tmp_path):
+    d = sudoku.generate(21, 6, workers=1)
+    train = np.concatenate([d["question"], d["question"][:2]])
+    assert sudoku.repeats(train, d["question"][4:]) == (2, 2)
+    assert sudoku.repeats(d["question"][:3], d["question"][3:]) == (0, 0)
+    sudoku.write_csv(str(tmp_path / "t.csv"), {k: np.concatenate([v, v[:1]]) for k, v in d.items()})
+    script = os.path.join(os.path.dirname(__file__), "..", "sudoku.py")
+    r = subprocess.run([sys.executable, script, "--check", str(tmp_path / "t.csv")], capture_output=True, text=True)
+    assert "t.csv: 7 puzzles, 1 repeating an earlier question" in r.stdout, r.stderr
+
+
+def test_a_damaged_cache_file_names_itself(tmp_path):
+    path = tmp_path / "set.npz"
+    path.write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(ValueError, match="set.npz: damaged cache file .* delete it"):
+        sudoku.cached(str(path), lambda: {})
 
 
 # ----------------------------------------------------------------------------------------------

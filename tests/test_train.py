@@ -1,6 +1,7 @@
 import dataclasses
 import json
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -74,6 +75,42 @@ def test_resume_with_another_config_names_the_mismatch(tmp_path, data_dir):
                            "--data-dir", data_dir, "--max-steps", "2", "--resume"])
     with pytest.raises(ValueError, match="mix"):
         run(tmp_path, data_dir, "--max-steps", "2", "--resume", "--mix", "1,0,0")
+    for flags, name in ((["--ema", "0"], "ema"), (["--batch-size", "4"], "batch_size")):  # not a crash, not lost EMA
+        with pytest.raises(ValueError, match=f"another configuration: .*'{name}'"):
+            run(tmp_path, data_dir, "--max-steps", "2", "--resume", *flags)
+
+
+def test_a_resume_with_other_hyperparameters_says_so(tmp_path, data_dir, capsys):
+    run(tmp_path, data_dir, "--max-steps", "1")
+    run(tmp_path, data_dir, "--max-steps", "2", "--resume", "--lr", "0.01", "--eval-size", "6")
+    out = capsys.readouterr().out
+    assert "resuming with other flags than the run so far: {'lr': (0.01, 0.002)} (ours, theirs)" in out
+
+
+def test_a_resume_on_a_training_csv_that_changed_is_refused(tmp_path, data_dir):
+    d = sudoku.generate(21, 8, workers=1)
+    sudoku.write_csv(str(tmp_path / "train.csv"), {k: v[:6] for k, v in d.items()})
+    run(tmp_path, data_dir, "--max-steps", "1", "--data", str(tmp_path / "train.csv"))
+    sudoku.write_csv(str(tmp_path / "train.csv"), d)
+    with pytest.raises(ValueError, match="train.csv: 8 training puzzles now, 6 when .* was trained"):
+        run(tmp_path, data_dir, "--max-steps", "2", "--resume", "--data", str(tmp_path / "train.csv"))
+
+
+def test_ctrl_c_stops_at_a_step_with_a_checkpoint_that_resumes_exactly(tmp_path, data_dir, monkeypatch):
+    full = run(tmp_path / "a", data_dir, "--max-steps", "5")
+    step = train_sudoku.train_step
+
+    def interrupted_at_step_2(args, i, *rest):
+        if i == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # as a Ctrl-C during step 2: it finishes, then the run stops
+        return step(args, i, *rest)
+    monkeypatch.setattr(train_sudoku, "train_step", interrupted_at_step_2)
+    with pytest.raises(SystemExit, match="interrupted at step 3: .*ckpt.pt saved; the same command with --resume"):
+        run(tmp_path / "b", data_dir, "--max-steps", "5")
+    monkeypatch.setattr(train_sudoku, "train_step", step)
+    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["step"] == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+    assert run(tmp_path / "b", data_dir, "--max-steps", "5", "--resume")["losses"] == full["losses"][3:]
 
 
 def test_main_prints_json_last_and_eval_only(tmp_path, data_dir, capsys):
@@ -88,14 +125,23 @@ def test_main_prints_json_last_and_eval_only(tmp_path, data_dir, capsys):
     assert e["objective"] == "relay_sg"  # labelled from the checkpoint, not the default --objective
 
 
-def test_trains_from_csv_files(tmp_path, data_dir):
+def test_trains_from_csv_files(tmp_path, data_dir, capsys):
     d = sudoku.generate(21, 6, workers=1)
     sudoku.write_csv(str(tmp_path / "train.csv"), d)
     sudoku.write_csv(str(tmp_path / "test.csv"), {k: v[:4] for k, v in d.items()})
     r = run(tmp_path, data_dir, "--max-steps", "2", "--data", str(tmp_path / "train.csv"),
             "--test-data", str(tmp_path / "test.csv"))
-    assert r["steps"] == 2
+    assert r["steps"] == 2 and r["n_test"] == 4 and r["test_data"] == str(tmp_path / "test.csv")
     assert sum(r[t]["n"] for t in ("singles", "search") if r.get(t)) == 4  # evaluated on the CSV's 4 puzzles
+    assert "NOTE: 0 training puzzles repeat an earlier one; 4 test puzzles are training puzzles too" in \
+        capsys.readouterr().out  # here on purpose, but a user hears of it
+    # evaluating: a test file shorter than --eval-size says so; the curve is named after the checkpoint, so the
+    # training run's own curve stays
+    (tmp_path / "curve_relay.png").write_bytes(b"the run's curve")
+    e = train_sudoku.main(["--eval-only", "--checkpoint", str(tmp_path / "ckpt.pt"), "--test-data",
+                           str(tmp_path / "test.csv"), "--eval-size", "10", "--out-dir", str(tmp_path)])
+    assert e["n_test"] == 4 and "test.csv: 4 test puzzles, fewer than --eval-size 10" in capsys.readouterr().out
+    assert (tmp_path / "curve_relay.png").read_bytes() == b"the run's curve" and (tmp_path / "eval_ckpt.png").exists()
 
 
 def test_min_rating_keeps_only_the_hard_rows_of_a_training_csv(tmp_path, capsys):
@@ -207,6 +253,11 @@ def test_solve_prints_the_grid_and_draws_the_steps(tmp_path, data_dir, capsys):
     assert r["legal"] == bool(sudoku_solver.is_legal(board[None])[0]) and r["nfe"] >= 1
     assert os.path.getsize(r["picture"]) > 10_000
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["solution"] == r["solution"]
+    assert r["puzzle_solutions"] == 1 and r["correct"] == (board == d["answer"][0]).all()
+    r = train_sudoku.main(["--checkpoint", str(tmp_path / "ckpt.pt"), "--solve", "12345678" + "." * 9 + "9" + "." * 63,
+                           "--out-dir", str(tmp_path)])  # no digit fits the ninth cell
+    assert r["puzzle_solutions"] == 0 and not r["correct"] and "NOTE: this puzzle has no solution" in \
+        capsys.readouterr().out
     for bad, msg in [(puzzle[:80], "81 characters"), ("x" + puzzle[1:], "81 characters"),
                      ("11" + "." * 79, "repeat a digit")]:
         with pytest.raises(ValueError, match=msg):
@@ -221,12 +272,20 @@ def test_export_writes_small_fp16_weights_that_evaluate_alike(tmp_path, data_dir
     e = train_sudoku.main(["--eval-only", "--checkpoint", str(out), "--eval-size", "4", "--no-sweep",
                            "--data-dir", data_dir, "--out-dir", str(tmp_path)])
     assert e["steps"] == r["steps"] and abs(e["token_acc"] - r["token_acc"]) < 0.1
-    # an existing file, the training checkpoint itself above all, is replaced only with --overwrite
+    # an existing file is replaced only with --overwrite, and the checkpoint read never
     before = (tmp_path / "ckpt.pt").read_bytes()
-    with pytest.raises(FileExistsError, match="ckpt.pt exists: pass --overwrite"):
-        train_sudoku.main(["--checkpoint", str(tmp_path / "ckpt.pt"), "--export", str(tmp_path / "ckpt.pt")])
+    with pytest.raises(FileExistsError, match="small.pt exists: pass --overwrite"):
+        train_sudoku.main(["--checkpoint", str(tmp_path / "ckpt.pt"), "--export", str(out)])
+    for extra in ([], ["--overwrite"]):
+        with pytest.raises(FileExistsError, match="ckpt.pt is the checkpoint it reads"):
+            train_sudoku.main(["--checkpoint", str(tmp_path / "ckpt.pt"), "--export", str(tmp_path / "ckpt.pt"), *extra])
     assert (tmp_path / "ckpt.pt").read_bytes() == before
     train_sudoku.main(["--checkpoint", str(tmp_path / "ckpt.pt"), "--export", str(out), "--overwrite"])
+    # an export where a run's checkpoint belongs: --resume names what it is and what to do instead
+    os.makedirs(tmp_path / "x")
+    os.replace(out, tmp_path / "x" / "ckpt.pt")
+    with pytest.raises(ValueError, match="holds weights only .* --init-from"):
+        run(tmp_path / "x", data_dir, "--max-steps", "3", "--resume")
 
 
 def test_init_fine_tunes_from_another_runs_weights(tmp_path, data_dir):
