@@ -9,8 +9,10 @@ relay) trained under one budget and seed, their accuracy-NFE curves in one figur
 
 Any flag it does not know goes to train_sudoku.py unchanged; --mlm-frac defaults to 0 here, so every
 row is its pure objective. Each objective's result is saved to
-OUT_DIR/OBJECTIVE/result.json and reused when the same flags run again, so an interrupted
-comparison resumes where it stopped. Prints a markdown table and one JSON line last.
+OUT_DIR/OBJECTIVE/result.json and reused when the same flags run again; an objective stopped before
+its result resumes from its checkpoint (same flags), so an interrupted comparison goes on where it
+stopped. A result or checkpoint of other flags is replaced only with --replace. Prints a markdown
+table and one JSON line last.
 """
 import argparse
 import json
@@ -31,7 +33,11 @@ p.add_argument("--objectives", nargs="*", choices=OBJECTIVES, default=list(OBJEC
                     "report what is saved)")
 p.add_argument("--out-dir", default="out/compare", help="one folder per objective, the figure")
 p.add_argument("--threads", type=nonneg_int, default=0, help="torch threads (0 = torch's default)")
+p.add_argument("--replace", action="store_true", help="train an objective again whose saved result or checkpoint "
+               "was made with other flags (without it, the run stops rather than replace them)")
 args, passthrough = p.parse_known_args()
+if clash := [f for f in passthrough if f.split("=")[0] in ("--resume", "--overwrite")]:
+    p.error(f"{clash[0]}: this script resumes an unfinished objective itself, and --replace trains one again")
 if train_sudoku.get_args(passthrough).max_steps < 1:  # read as train_sudoku reads it (abbreviations too)
     p.error("--max-steps: a row of the table needs at least one training step")
 if not any("--mlm-frac".startswith(f.split("=")[0]) and len(f.split("=")[0]) > 3 for f in passthrough):  # or --mlm
@@ -41,37 +47,62 @@ if args.threads:
 
 PAPER_TABLE1 = {"mlm": 20.3, "rollout": 38.7, "relay_sg": 58.4, "relay": 62.7}  # exact %, Sudoku-Extreme
 
+
+
+def read_flags(path, what):
+    """The "flags" list in a JSON file this script wrote (None if there is no file)."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)["flags"]
+    except (ValueError, KeyError, TypeError) as e:
+        sys.exit(f"{path}: not {what} of this script ({e!r}); move it away to train again")
+
+
+def flag_diff(old, new):
+    """What differs between two flag lists, as {flag: (then, now)}."""
+    as_dict = lambda fl: {f: (fl[i + 1] if i + 1 < len(fl) and not fl[i + 1].startswith("--") else True)
+                          for i, f in enumerate(fl) if f.startswith("--")}
+    a, b = as_dict(old), as_dict(new)
+    return {f: (a.get(f, "-"), b.get(f, "-")) for f in sorted(a.keys() | b.keys()) if a.get(f) != b.get(f)}
+
+
+def write_json(path, obj):
+    with open(path + ".tmp", "w") as f:  # whole or not at all
+        json.dump(obj, f)
+    os.replace(path + ".tmp", path)
+
+
 results = {}
 for obj in [*args.objectives, *(o for o in OBJECTIVES if o not in args.objectives)]:  # --objectives' order first
     out = os.path.join(args.out_dir, obj)
-    path = os.path.join(out, "result.json")
+    path, started = os.path.join(out, "result.json"), os.path.join(out, "started.json")
     flags = [*passthrough, "--objective", obj, "--out-dir", out]
-    saved = None
-    if os.path.exists(path):
-        try:
-            with open(path) as f:
-                saved = json.load(f)
-            old = saved["flags"]
-        except (ValueError, KeyError, TypeError) as e:
-            sys.exit(f"{path}: not a saved result of this script ({e!r}); move it away to train {obj} again")
-        if old == flags:
-            results[obj] = saved
-            continue
+    old = read_flags(path, "a saved result")
+    if old == flags:
+        with open(path) as f:
+            results[obj] = json.load(f)
+        continue
     if obj not in args.objectives:
-        if saved:
+        if old:
             print(f"{obj}: the result saved in {path} is for other flags, left out")
         continue
-    if saved:
-        only = lambda a, b: " ".join(f for f in a if f not in b) or "-"
-        print(f"{obj}: replacing the result saved in {path}, made with other flags (only there: "
-              f"{only(old, flags)}; only now: {only(flags, old)})")
-    r = train_sudoku.main([*flags, "--overwrite"])  # an objective without a saved result starts afresh
+    ckpt = os.path.join(out, "ckpt.pt")
+    begun = read_flags(started, "a run record") if os.path.exists(ckpt) else None
+    if (old or os.path.exists(ckpt)) and begun != flags and not args.replace:  # never lose a result or a run
+        then = old or begun
+        what = f"other flags ({flag_diff(then, flags)}, as {{flag: (then, now)}})" if then else "unrecorded flags"
+        sys.exit(f"{obj}: {path if old else ckpt} holds a run of {what}: pass --replace to train {obj} again, or "
+                 f"choose another --out-dir")
+    mode = "--resume" if begun == flags else "--overwrite"  # an unfinished run of these flags goes on
+    os.makedirs(out, exist_ok=True)
+    write_json(started, {"flags": flags})
+    r = train_sudoku.main([*flags, mode])
     r.pop("losses")
     results[obj] = {**r, "flags": flags, "torch": torch.__version__, "threads": torch.get_num_threads(),
                     "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
-    with open(path + ".tmp", "w") as f:  # whole or not at all: a run stopped by a time budget resumes from it
-        json.dump(results[obj], f)
-    os.replace(path + ".tmp", path)
+    write_json(path, results[obj])
 
 results = {k: results[k] for k in OBJECTIVES if k in results}  # Table 1's order
 if results:

@@ -2,6 +2,8 @@ import dataclasses
 import json
 import os
 import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from checkpoint import load_model
 from model import Transformer
 from relay import RolloutBuffer, rollout_loss
 from relay import reveal_confidence_mass
+from runs import release_lock
 from sampler import sample_mdm
 
 TINY = ["--n-layer", "2", "--n-embd", "32", "--n-head", "2", "--n-ffn", "64", "--batch-size", "8",
@@ -304,3 +307,31 @@ def test_init_fine_tunes_from_another_runs_weights(tmp_path, data_dir):
                            "--data-dir", data_dir, "--max-steps", "1", "--init-from", str(tmp_path / "a" / "ckpt.pt")])
     with pytest.raises(SystemExit):
         run(tmp_path / "b", data_dir, "--max-steps", "2", "--resume", "--init-from", str(tmp_path / "a" / "ckpt.pt"))
+
+
+def test_compare_objectives_reuses_resumes_and_never_replaces_unasked(tmp_path, data_dir):
+    """A saved result of the same flags is reused; one of other flags stops the script unless --replace;
+    an objective stopped before its result resumes from its checkpoint."""
+    script = os.path.join(os.path.dirname(__file__), "..", "bench", "compare_objectives.py")
+    out = str(tmp_path / "cmp")
+    base = [*TINY, "--data-dir", data_dir, "--max-steps", "2"]
+    compare = lambda *extra: subprocess.run([sys.executable, script, "--objectives", "mlm", "--out-dir", out, *base,
+                                             *extra], capture_output=True, text=True)
+    result = lambda: json.load(open(os.path.join(out, "mlm", "result.json")))
+    assert compare().returncode == 0 and result()["steps"] == 2
+    r = compare()
+    assert r.returncode == 0 and "resumed" not in r.stdout and "| mlm |" in r.stdout  # reused, not trained
+    r = compare("--max-steps", "3")
+    assert r.returncode == 1 and "holds a run of other flags ({'--max-steps': ('2', '3')}" in r.stderr
+    assert result()["steps"] == 2  # untouched
+    assert compare("--max-steps", "3", "--replace").returncode == 0 and result()["steps"] == 3
+    # stopped after step 1 of 4 (as a time budget stops it), then the same command again: it resumes
+    flags = [*base, "--max-steps", "4", "--objective", "relay", "--out-dir", os.path.join(out, "relay")]  # as it runs
+    os.makedirs(os.path.join(out, "relay"))
+    json.dump({"flags": flags}, open(os.path.join(out, "relay", "started.json"), "w"))
+    train_sudoku.main([*flags, "--stop-after", "1"])
+    release_lock(os.path.join(out, "relay", ".lock"))  # this process's run is over (its lock goes at exit)
+    r = subprocess.run([sys.executable, script, "--objectives", "relay", "--out-dir", out, *base, "--max-steps", "4"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "at step 1" in r.stdout, r.stderr
+    assert json.load(open(os.path.join(out, "relay", "result.json")))["steps"] == 4
