@@ -25,6 +25,7 @@ import multiprocessing as mp
 import os
 import time
 import zipfile
+import zlib
 
 import numpy as np
 from tqdm import tqdm
@@ -140,7 +141,7 @@ def cached(path, make):
         try:
             with np.load(path) as f:
                 return {k: f[k] for k in f.files}
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
             raise ValueError(f"{path}: damaged cache file ({type(e).__name__}: {e}); delete it and it is made "
                              f"again") from None
     data = make()

@@ -183,9 +183,8 @@ def check_args(p, args, given):
         p.error("--min-rating filters a training CSV's rating column: it needs --data FILE.csv")
     if args.resume and args.overwrite:
         p.error("--resume continues the checkpoint in --out-dir, --overwrite replaces it: pick one")
-    if args.init_from and (args.resume or modes):
-        p.error("--init-from starts a new training run: it goes with neither --resume (the run's own checkpoint "
-                "already holds the weights) nor --eval-only, --solve or --export")
+    if args.init_from and modes:
+        p.error("--init-from starts a training run: it goes with neither --eval-only, --solve nor --export")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,26 +302,34 @@ def training_state(args, step, model, ema, opt, buf, stream, gen):
 
 RUN_FLAGS = {"resume", "overwrite", "max_steps", "stop_after", "time_limit", "eval_every", "ckpt_every", "device",
              "compile", "no_sweep", "eval_batch", "eval_size", "mlm_steps", "data_dir", "out_dir", "test_data",
-             "test_mix", "skip_invalid"}  # what a resumed run may change without a note
+             "test_mix", "export", "solve", "checkpoint", "eval_only", "init_from", "tau"}  # a resume may change
+# these without a note (tau: the evaluation's; --init-from: the checkpoint has the weights now)
 
 
-def resume(ck, path, args, model, ema, opt, buf, stream, gen):
-    """Restore training_state() `ck` (loaded from `path`) into the live objects; returns the step."""
+def check_resume(ck, path, args):
+    """Before any data is read: refuse to resume `ck` (from `path`) with flags that change the training
+    set, the objective or the rollout buffer, and say which other flags differ from its run's."""
     if "optimizer" not in ck:
         raise ValueError(f"{path} holds weights only (an --export), not a training run: --resume needs the run's "
                          f"ckpt.pt; to train from these weights, --init-from {path}")
-    diff = config_diff(model, ck)
     theirs = lambda k: ck["args"].get(k, getattr(args, k))  # older checkpoints lack some flags
-    same = lambda a, b: tuple(np.atleast_1d(a)) == tuple(np.atleast_1d(b))
-    diff |= {k: (getattr(args, k), theirs(k)) for k in ("objective", "data", "min_rating", "mix", "seed", "batch_size")
-             if not same(theirs(k), getattr(args, k))}
-    if (ema is None) != (ck["ema"] is None):  # an EMA cannot start late, nor be dropped without losing it
+    same = lambda a, b: tuple(np.atleast_1d(a or "")) == tuple(np.atleast_1d(b or ""))  # None and "" alike
+    diff = {k: (getattr(args, k), theirs(k)) for k in ("objective", "data", "min_rating", "skip_invalid", "mix", "seed",
+                                                      "batch_size") if not same(theirs(k), getattr(args, k))}
+    if (args.ema > 0) != (ck["ema"] is not None):  # an EMA cannot start late, nor be dropped without losing it
         diff["ema"] = (args.ema, theirs("ema"))
     if diff:
         raise ValueError(f"{path} was trained with another configuration: {diff} (ours, theirs)")
     if changed := {k: (v, ck["args"][k]) for k, v in vars(args).items() if k not in RUN_FLAGS and k in ck["args"]
                    and not same(v, ck["args"][k])}:  # allowed, but the log says so (the checkpoint keeps ours)
         print(f"resuming with other flags than the run so far: {changed} (ours, theirs)")
+
+
+def resume(ck, path, args, model, ema, opt, buf, stream, gen):
+    """Restore training_state() `ck` (loaded from `path`, check_resume'd) into the live objects; returns the step."""
+    if diff := config_diff(model, ck):
+        raise ValueError(f"{path} was trained with another configuration: {diff} (ours, theirs)")
+    theirs = lambda k: ck["args"].get(k, getattr(args, k))
     if ck["step"] >= theirs("mlm_steps") != args.mlm_steps:  # a warm start that has ended stays ended
         print(f"MLM warm start: ended at step {theirs('mlm_steps')} of this run, which stays (--max-steps "
               f"{args.max_steps} x --mlm-frac {args.mlm_frac:g} would move it to {args.mlm_steps})")
@@ -561,6 +568,8 @@ def main(argv=None):
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     claim_out_dir(args.out_dir, args.resume, args.overwrite)  # never replace a checkpoint; one run per dir
     ck = load_checkpoint(ckpt_path, args.device, kind="sudoku") if args.resume else None
+    if ck:
+        check_resume(ck, ckpt_path, args)
     train, test = training_data(args, ck, ckpt_path)
     # 3) model, its EMA copy (the evaluated weights), optimizer, data stream, noise, rollout buffer
     model, ema, opt, stream, gen, buf = training_objects(args, train)
@@ -568,7 +577,7 @@ def main(argv=None):
           f"device {args.device}, {args.dtype}")
     # 4) resume: model, EMA, optimizer, buffer, data position and every RNG; or fine-tune from --init-from
     step = resume(ck, ckpt_path, args, model, ema, opt, buf, stream, gen) if ck else 0
-    if args.init_from:
+    if args.init_from and not ck:  # resumed: the run's checkpoint holds the fine-tuned weights
         init_from(args.init_from, model, ema)
     train_model = torch.compile(model, mode=args.compile) if args.compile else model  # what the losses call
     save = lambda: save_checkpoint(training_state(args, step, model, ema, opt, buf, stream, gen), ckpt_path)
@@ -618,7 +627,8 @@ def main(argv=None):
     losses += [x[0] for x in torch.stack(pending).tolist()] if pending else []  # a stop in mid-interval
     bar.close()
     if interrupted:
-        sys.exit(f"interrupted at step {step}: {ckpt_path} saved; the same command with --resume continues")
+        sys.exit(f"interrupted at step {step}: {ckpt_path} saved; the same command with --resume "
+                 f"{'in place of --overwrite ' if args.overwrite else ''}continues")
     # 6) finish: evaluate at tau, sweep tau, curve, table, JSON line
     # train_seconds leave out the monitor's evaluations (rows/s is the training speed)
     steady = None

@@ -36,7 +36,8 @@ p.add_argument("--threads", type=nonneg_int, default=0, help="torch threads (0 =
 p.add_argument("--replace", action="store_true", help="train an objective again whose saved result or checkpoint "
                "was made with other flags (without it, the run stops rather than replace them)")
 args, passthrough = p.parse_known_args()
-if clash := [f for f in passthrough if f.split("=")[0] in ("--resume", "--overwrite")]:
+own = lambda f: len(f.split("=")[0]) > 3 and any(o.startswith(f.split("=")[0]) for o in ("--resume", "--overwrite"))
+if clash := [f for f in passthrough if own(f)]:  # (abbreviations too, as train_sudoku would read them)
     p.error(f"{clash[0]}: this script resumes an unfinished objective itself, and --replace trains one again")
 if train_sudoku.get_args(passthrough).max_steps < 1:  # read as train_sudoku reads it (abbreviations too)
     p.error("--max-steps: a row of the table needs at least one training step")
@@ -60,11 +61,20 @@ def read_flags(path, what):
         sys.exit(f"{path}: not {what} of this script ({e!r}); move it away to train again")
 
 
+def settings(flags):
+    """A flag list as {flag: value}: `--f=v` and `--f v` alike, the last of a repeated flag (as argparse)."""
+    out = {}
+    for i, f in enumerate(flags):
+        if f.startswith("--"):
+            name, eq, value = f.partition("=")
+            out[name] = value if eq else flags[i + 1] if i + 1 < len(flags) and not flags[i + 1].startswith("--") \
+                else True
+    return out
+
+
 def flag_diff(old, new):
-    """What differs between two flag lists, as {flag: (then, now)}."""
-    as_dict = lambda fl: {f: (fl[i + 1] if i + 1 < len(fl) and not fl[i + 1].startswith("--") else True)
-                          for i, f in enumerate(fl) if f.startswith("--")}
-    a, b = as_dict(old), as_dict(new)
+    """What differs between two flag lists, as {flag: (then, now)} (empty: the same settings)."""
+    a, b = settings(old or []), settings(new)
     return {f: (a.get(f, "-"), b.get(f, "-")) for f in sorted(a.keys() | b.keys()) if a.get(f) != b.get(f)}
 
 
@@ -80,7 +90,7 @@ for obj in [*args.objectives, *(o for o in OBJECTIVES if o not in args.objective
     path, started = os.path.join(out, "result.json"), os.path.join(out, "started.json")
     flags = [*passthrough, "--objective", obj, "--out-dir", out]
     old = read_flags(path, "a saved result")
-    if old == flags:
+    if old and not flag_diff(old, flags):
         with open(path) as f:
             results[obj] = json.load(f)
         continue
@@ -90,12 +100,13 @@ for obj in [*args.objectives, *(o for o in OBJECTIVES if o not in args.objective
         continue
     ckpt = os.path.join(out, "ckpt.pt")
     begun = read_flags(started, "a run record") if os.path.exists(ckpt) else None
-    if (old or os.path.exists(ckpt)) and begun != flags and not args.replace:  # never lose a result or a run
+    same_run = begun is not None and not flag_diff(begun, flags)
+    if (old or os.path.exists(ckpt)) and not same_run and not args.replace:  # never lose a result or a run
         then = old or begun
         what = f"other flags ({flag_diff(then, flags)}, as {{flag: (then, now)}})" if then else "unrecorded flags"
         sys.exit(f"{obj}: {path if old else ckpt} holds a run of {what}: pass --replace to train {obj} again, or "
                  f"choose another --out-dir")
-    mode = "--resume" if begun == flags else "--overwrite"  # an unfinished run of these flags goes on
+    mode = "--resume" if same_run else "--overwrite"  # an unfinished run of these flags goes on
     os.makedirs(out, exist_ok=True)
     write_json(started, {"flags": flags})
     r = train_sudoku.main([*flags, mode])

@@ -155,6 +155,7 @@ def test_a_bad_flag_stops_train_code_before_any_work(capsys, tmp_path):
     ("bench/compare_objectives.py", ["--max-step", "0"], "--max-steps: a row of the table needs at least one"),
     ("bench/compare_objectives.py", ["--max-steps", "-1"], "argument --max-steps: need an integer >= 0"),
     ("bench/compare_objectives.py", ["--resume"], "--resume: this script resumes an unfinished objective itself"),
+    ("bench/compare_objectives.py", ["--overw"], "--overw: this script resumes an unfinished objective itself"),
     ("bench/sudoku_public.py", ["none.txt", "--near", "82"], "argument --near: a puzzle has 81 cells"),
     ("bench/sudoku_public.py", ["none.txt", "--seed", "-1"], "argument --seed"),
     ("sudoku.py", ["--seed", "-1"], "argument --seed"),

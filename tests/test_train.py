@@ -94,6 +94,8 @@ def test_a_resume_on_a_training_csv_that_changed_is_refused(tmp_path, data_dir):
     d = sudoku.generate(21, 8, workers=1)
     sudoku.write_csv(str(tmp_path / "train.csv"), {k: v[:6] for k, v in d.items()})
     run(tmp_path, data_dir, "--max-steps", "1", "--data", str(tmp_path / "train.csv"))
+    with pytest.raises(ValueError, match="another configuration: {'min_rating': \\(1, 0\\)}"):  # named, before the data
+        run(tmp_path, data_dir, "--max-steps", "2", "--resume", "--data", str(tmp_path / "train.csv"), "--min-rating", "1")
     sudoku.write_csv(str(tmp_path / "train.csv"), d)
     with pytest.raises(ValueError, match="train.csv: 8 training puzzles now, 6 when .* was trained"):
         run(tmp_path, data_dir, "--max-steps", "2", "--resume", "--data", str(tmp_path / "train.csv"))
@@ -305,8 +307,10 @@ def test_init_fine_tunes_from_another_runs_weights(tmp_path, data_dir):
     with pytest.raises(ValueError, match="n_embd"):
         train_sudoku.main([*TINY[:4], "--n-embd", "48", *TINY[6:], "--out-dir", str(tmp_path / "c"),
                            "--data-dir", data_dir, "--max-steps", "1", "--init-from", str(tmp_path / "a" / "ckpt.pt")])
-    with pytest.raises(SystemExit):
-        run(tmp_path / "b", data_dir, "--max-steps", "2", "--resume", "--init-from", str(tmp_path / "a" / "ckpt.pt"))
+    # a fine-tune that stopped resumes from its own checkpoint (the same command with --resume), not from A again
+    full = run(tmp_path / "d", data_dir, "--max-steps", "2", "--init-from", str(tmp_path / "a" / "ckpt.pt"))
+    r = run(tmp_path / "b", data_dir, "--max-steps", "2", "--resume", "--init-from", str(tmp_path / "a" / "ckpt.pt"))
+    assert r["steps"] == 2 and r["losses"] == full["losses"][1:]
 
 
 def test_compare_objectives_reuses_resumes_and_never_replaces_unasked(tmp_path, data_dir):
@@ -321,6 +325,8 @@ def test_compare_objectives_reuses_resumes_and_never_replaces_unasked(tmp_path, 
     assert compare().returncode == 0 and result()["steps"] == 2
     r = compare()
     assert r.returncode == 0 and "resumed" not in r.stdout and "| mlm |" in r.stdout  # reused, not trained
+    r = compare("--max-steps=2", "--eval-size", "4")  # the same settings written otherwise: reused too
+    assert r.returncode == 0 and "| mlm |" in r.stdout and "model:" not in r.stdout, r.stderr
     r = compare("--max-steps", "3")
     assert r.returncode == 1 and "holds a run of other flags ({'--max-steps': ('2', '3')}" in r.stderr
     assert result()["steps"] == 2  # untouched
