@@ -314,8 +314,8 @@ def check_resume(ck, path, args):
                          f"ckpt.pt; to train from these weights, --init-from {path}")
     theirs = lambda k: ck["args"].get(k, getattr(args, k))  # older checkpoints lack some flags
     same = lambda a, b: tuple(np.atleast_1d(a or "")) == tuple(np.atleast_1d(b or ""))  # None and "" alike
-    diff = {k: (getattr(args, k), theirs(k)) for k in ("objective", "data", "min_rating", "skip_invalid", "mix", "seed",
-                                                      "batch_size") if not same(theirs(k), getattr(args, k))}
+    diff = {k: (getattr(args, k), theirs(k)) for k in ("objective", "data", "min_rating", "mix", "seed", "batch_size")
+            if not same(theirs(k), getattr(args, k))}  # (--skip-invalid cannot change the set: a bad row stops a run)
     if (args.ema > 0) != (ck["ema"] is not None):  # an EMA cannot start late, nor be dropped without losing it
         diff["ema"] = (args.ema, theirs("ema"))
     if diff:
