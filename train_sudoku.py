@@ -300,10 +300,10 @@ def training_state(args, step, model, ema, opt, buf, stream, gen):
             "cuda_rng": torch.cuda.get_rng_state(args.device) if args.device.startswith("cuda") else None}
 
 
+# what a resume may change without a note (tau: the evaluation's; --init-from: the checkpoint has the weights now)
 RUN_FLAGS = {"resume", "overwrite", "max_steps", "stop_after", "time_limit", "eval_every", "ckpt_every", "device",
              "compile", "no_sweep", "eval_batch", "eval_size", "mlm_steps", "data_dir", "out_dir", "test_data",
-             "test_mix", "skip_invalid", "export", "solve", "checkpoint", "eval_only", "init_from", "tau"}  # a resume may change
-# these without a note (tau: the evaluation's; --init-from: the checkpoint has the weights now)
+             "test_mix", "skip_invalid", "export", "solve", "checkpoint", "eval_only", "init_from", "tau"}
 
 
 def check_resume(ck, path, args):
