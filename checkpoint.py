@@ -24,7 +24,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from model import ModelConfig, Transformer
-from tokenizer import MASK_TOKEN, find_token
+from runs import run_cli
+from tokenizer import MASK_TOKEN, find_token, load_tokenizer
 
 # ---------------------------------------------------------------------------------------------
 # training checkpoints
@@ -201,6 +202,24 @@ def shard_names(path):
     return sorted(set(wm.values()))
 
 
+def check_tokenizer(model, tok, path):
+    """A checkpoint's tokenizer must fit its model: an id past the vocabulary would fail in the embedding,
+    and another mask id would decode with a real token as the mask. Raises naming both files' values."""
+    if tok.n_vocab > model.cfg.vocab_size:
+        raise ValueError(f"{path}: tokenizer.json's ids go up to {tok.n_vocab - 1}, past the model's vocabulary "
+                         f"(config.json vocab_size {model.cfg.vocab_size})")
+    if tok.mask_id is not None and tok.mask_id != model.cfg.mask_id:
+        raise ValueError(f"{path}: the tokenizer's {MASK_TOKEN} is id {tok.mask_id}, config.json's mask_token_id "
+                         f"{model.cfg.mask_id}")
+
+
+def load_pretrained(path, *, device="cpu", dtype=torch.bfloat16):
+    """from_pretrained and the directory's tokenizer, checked against each other -> (model, tokenizer)."""
+    model, tok = from_pretrained(path, device=device, dtype=dtype), load_tokenizer(path)
+    check_tokenizer(model, tok, path)
+    return model, tok
+
+
 def from_pretrained(path, *, device="cpu", dtype=torch.bfloat16):
     """A Fast-dLLM v2 (or Qwen2) directory -> Transformer in eval mode. Reads config.json and
     model.safetensors or model.safetensors.index.json + shards; strict: missing, unexpected,
@@ -336,7 +355,7 @@ def save_pretrained(model, path, dtype=None, max_shard_bytes=5 * 10**9):
         os.remove(os.path.join(path, f))
 
 
-if __name__ == "__main__":
+def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path", help="a training checkpoint (.pt) or a Fast-dLLM v2 / Qwen2 directory to load and describe")
     args = p.parse_args()
@@ -354,3 +373,7 @@ if __name__ == "__main__":
               f"{', with optimizer state' if 'optimizer' in ck else ''}, "
               f"{'digests verified' if 'sha256' in ck else 'no digests (older file)'}")
     print(f"{m.num_params() / 1e6:.2f}M parameters, relay {m.relay is not None}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

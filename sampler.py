@@ -35,11 +35,11 @@ from dataclasses import dataclass
 import torch
 
 import sudoku
-from checkpoint import from_pretrained, load_model, save_pretrained
+from checkpoint import load_model, load_pretrained, save_pretrained
 from model import SHAPES, KVCache, StaticKVCache, block_mask, device_flag, pick_device, random_model, shift_right
 from relay import predict, reveal_confidence_mass
 from runs import kernel_ms, nonneg_int, positive_int, run_cli, seed_int, unit_float
-from tokenizer import load_tokenizer, save_byte_tokenizer
+from tokenizer import save_byte_tokenizer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,11 +135,17 @@ def check_generate_args(model, prompts, max_new_tokens, bd_size, sub_block):
     mask_id = model.cfg.mask_id
     if bd_size <= 0 or sub_block <= 0 or bd_size % sub_block:
         raise ValueError(f"block size {bd_size} must be a positive multiple of the sub-block size {sub_block}")
-    if mask_id < 0 or max_new_tokens < 1 or not prompts or min(map(len, prompts)) == 0:
-        raise ValueError("need a model with a mask token, max_new_tokens >= 1 and non-empty prompts")
+    if mask_id < 0:
+        raise ValueError("the model has no mask token (config.json mask_token_id, or |<MASK>| in its tokenizer)")
+    if max_new_tokens < 1 or not prompts or min(map(len, prompts)) == 0:
+        raise ValueError(f"need prompts of at least one token and max_new_tokens >= 1, got "
+                         f"{'no prompts' if not prompts else f'prompts of {min(map(len, prompts))}+ tokens'} and "
+                         f"{max_new_tokens}")
     if any(mask_id in p for p in prompts):
         raise ValueError(f"a prompt contains the mask token id {mask_id}")
     limit = (getattr(model, "hf_config", None) or {}).get("max_position_embeddings")
+    if limit and bd_size > limit:
+        raise ValueError(f"block size {bd_size} is past the checkpoint's max_position_embeddings ({limit})")
     if limit and max(map(len, prompts)) + max_new_tokens > limit:
         raise ValueError(f"prompt ({max(map(len, prompts))} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
                          f"checkpoint's max_position_embeddings ({limit})")
@@ -616,10 +622,24 @@ def get_args(argv=None):
         p.error("give exactly one of --checkpoint and --random-init")
     if args.bd_size and args.sub_block and args.bd_size % args.sub_block:
         p.error(f"--bd-size {args.bd_size} is not a multiple of --sub-block {args.sub_block}")
-    llm_only = [f"--{k.replace('_', '-')}" for k in ("prompt", "prompt_file", "chat", "bench", "static", "compile", "save")
-                if getattr(args, k)]
+    given = lambda *keys: [f"--{k.replace('_', '-')}" for k in keys if getattr(args, k) not in (None, False)]
+    llm_only = given("prompt", "prompt_file", "chat", "bench", "static", "compile", "save", "bd_size", "sub_block",
+                     "no_cache", "no_relay")
     if args.checkpoint and os.path.isfile(args.checkpoint) and llm_only:  # a Sudoku .pt: solve_sudoku reads none
         p.error(f"{' '.join(llm_only)}: for an LLM; {args.checkpoint} is a Sudoku checkpoint (--n, --tau, --max-steps)")
+    if len(given("prompt", "prompt_file")) == 2:
+        p.error("--prompt and --prompt-file: give one")
+    if args.static and args.no_cache:
+        p.error("--static is a kind of cache: it goes with no --no-cache")
+    if args.bench and (clash := given("prompt", "prompt_file", "chat", "static", "no_cache", "save")):
+        p.error(f"{' '.join(clash)}: --bench decodes its own prompts in the modes of --bench-modes")
+    if args.save and (args.checkpoint or given("prompt", "prompt_file")):
+        p.error("--save writes a --random-init model and stops: it goes with neither --checkpoint nor a prompt")
+    if args.prompt is not None:
+        try:
+            args.prompt.encode("utf-8")
+        except UnicodeEncodeError as e:  # bytes that are not UTF-8 reach argv as surrogates
+            p.error(f"--prompt: not UTF-8 text (character {e.start})")
     return args, p
 
 
@@ -638,8 +658,9 @@ def main(argv=None):
             print(f"saved a random {args.random_init} checkpoint to {args.save}")
             return
     else:
-        model = from_pretrained(args.checkpoint, device=args.device, dtype=dtype)
-        tok = load_tokenizer(args.checkpoint)
+        model, tok = load_pretrained(args.checkpoint, device=args.device, dtype=dtype)
+    if args.sub_block and (args.bd_size or model.cfg.bd_size) % args.sub_block:
+        p.error(f"--sub-block {args.sub_block} does not divide the block size {args.bd_size or model.cfg.bd_size}")
     gen_kw = dict(threshold=args.threshold, bd_size=args.bd_size, sub_block=args.sub_block, stop_ids=tok.stop_ids,
                   use_relay=not args.no_relay, pad_id=tok.stop_ids[-1] if tok.stop_ids else 0)
     print(f"model: {model.num_params() / 1e6:.1f}M parameters, bd_size {model.cfg.bd_size}, relay "
@@ -650,7 +671,7 @@ def main(argv=None):
                           "model": args.random_init or args.checkpoint}))
         return
     if args.prompt_file:
-        with open(args.prompt_file, encoding="utf-8") as f:
+        with open(args.prompt_file, encoding="utf-8", newline="") as f:  # "\r\n" stays two tokens' worth
             try:
                 args.prompt = f.read()
             except UnicodeDecodeError as e:

@@ -21,6 +21,8 @@ from collections import Counter
 import regex  # tiktoken's own dependency: the \p{L} classes of the pre-tokenizer patterns
 import tiktoken
 
+from runs import run_cli
+
 
 MASK_TOKEN = "|<MASK>|"
 QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."  # Qwen2.5's default
@@ -104,9 +106,8 @@ class Tokenizer:
             if i not in self.bpe_ids:
                 out.append(self.enc.decode(run))
                 run = []
-                if not skip_special or (i in self.id_to_added and i not in self.special):
-                    out.append(self.id_to_added.get(i, f"<|id:{i}|>"))  # NOTE: ids beyond the vocabulary
-                    # (random models) print as <|id:N|>
+                if not skip_special or i not in self.special:  # NOTE: an id the tokenizer does not know (a random
+                    out.append(self.id_to_added.get(i, f"<|id:{i}|>"))  # model's, past it) always shows as <|id:N|>
             else:
                 run.append(i)
         return "".join(out) + self.enc.decode(run)
@@ -250,15 +251,19 @@ def train_bpe(texts, n_merges, pattern=TASK_PATTERN):
     return bpe_tokenizer(merges, pattern)
 
 
-if __name__ == "__main__":
+def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dir", nargs="?", help="a checkpoint directory with tokenizer.json")
     p.add_argument("text", help="text to encode")
     p.add_argument("--bytes", action="store_true", help="use the byte tokenizer instead of DIR")
     args = p.parse_args()
     if args.bytes == (args.dir is not None):
-        p.error("give either DIR or --bytes")
+        p.error("give DIR TEXT, or --bytes TEXT")
     tok = byte_tokenizer() if args.bytes else load_tokenizer(args.dir)
     ids = tok.encode(args.text)
     print(json.dumps({"ids": ids, "n": len(ids), "decoded": tok.decode(ids), "mask_id": tok.mask_id,
                       "stop_ids": tok.stop_ids, "n_vocab": tok.n_vocab}))
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -52,7 +52,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import fully_shard
 from tqdm import tqdm
 
-from checkpoint import config_diff, from_pretrained, load_checkpoint, load_state, save_checkpoint, save_pretrained
+from checkpoint import (check_tokenizer, config_diff, from_pretrained, load_checkpoint, load_state, save_checkpoint,
+                        save_pretrained)
 from code_data import (Rows, held_out_signatures, load_stdlib, read_chat_jsonl, synthetic_problems, synthetic_rows,
                        synthetic_tokenizer)
 from model import QWEN2, SHAPES, ModelConfig, Transformer, device_flag, pick_device, shape_problem
@@ -283,6 +284,7 @@ def build_model(args, tok):
     relay = args.objective in ("relay_sg", "relay")
     if args.init_from:
         model = from_pretrained(args.init_from, device="cpu", dtype=torch.float32)
+        check_tokenizer(model, tok, args.init_from)
         args.bd_size = model.cfg.bd_size
         if relay:
             add_relay(model)

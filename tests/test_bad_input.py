@@ -70,6 +70,12 @@ SAMPLER_BAD = [
     (["--bench", "--bench-prompts", "9"], "--bench-prompts 9: there are 3 prompts"),
     (["--compile"], "--compile compiles the static cache's block forward: give --static"),
     (["--bench", "--bench-modes", "static"], "--bench-modes: uncached is the oracle"),
+    # flags that would be ignored
+    (["--prompt", "a", "--prompt-file", "f"], "--prompt and --prompt-file: give one"),
+    (["--static", "--no-cache"], "--static is a kind of cache"),
+    (["--bench", "--prompt", "a"], "--prompt: --bench decodes its own prompts"),
+    (["--save", "d", "--prompt", "a"], "--save writes a --random-init model and stops"),
+    (["--prompt", "def f():\udcff"], "--prompt: not UTF-8 text"),  # how argv carries a byte that is not UTF-8
 ]
 SUDOKU_BAD = [
     (["--clip", "-0.5"], "argument --clip"), (["--tau", "nan"], "argument --tau"),
@@ -97,6 +103,10 @@ EVAL_BAD = [
     (["--sub-block", "0"], "argument --sub-block"), (["--workers", "0"], "argument --workers"),
     (["--bd-size", "12", "--sub-block", "8"], "--bd-size 12 is not a multiple of --sub-block 8"),
     (["--compile"], "--compile compiles the static cache's block forward: give --static"),
+    (["--sweep", "0.9,0.5", "--threshold", "0.1"], "--sweep gives the thresholds: drop --threshold"),
+    (["--sweep", "0.9,0.5,0.9"], "--sweep: [0.9, 0.5, 0.9] repeats a threshold"),
+    (["--plot", "f.png"], "--plot draws a --sweep: give one"),
+    (["--sweep", "0.9", "--plot", "f.xyz"], "--plot f.xyz: a .png, .pdf or .svg file"),
 ]
 
 
@@ -127,6 +137,55 @@ def test_sampler_refuses_llm_flags_with_a_sudoku_checkpoint(capsys, tmp_path):
     ck.write_bytes(b"x")  # only its being a file counts here
     err = usage_error(capsys, sampler.get_args, ["--checkpoint", str(ck), "--prompt", "hi", "--static"])
     assert "--prompt --static: for an LLM" in err
+    assert "--bd-size: for an LLM" in usage_error(capsys, sampler.get_args, ["--checkpoint", str(ck), "--bd-size", "4"])
+
+
+def test_a_prompt_file_is_read_as_written(capsys, tmp_path):
+    """Windows line ends stay: a file holds what --prompt would (text mode would turn "\r\n" into "\n")."""
+    (tmp_path / "p.txt").write_bytes(b"def f():\r\n    return 1\r\n")
+    counts = []
+    for src in (["--prompt-file", str(tmp_path / "p.txt")], ["--prompt", "def f():\r\n    return 1\r\n"]):
+        sampler.main(["--random-init", "tiny", "--max-new-tokens", "1", *src])
+        counts.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["prompt_tokens"])
+    assert counts[0] == counts[1] == len(b"def f():\r\n    return 1\r\n")  # byte tokenizer: one token a byte
+
+
+def test_eval_code_never_writes_over_its_input_nor_loses_an_earlier_output(capsys, tmp_path):
+    (tmp_path / "p.jsonl").write_text(json.dumps({"task_id": 1, "prompt": "def f():\n", "entry_point": "f",
+                                                  "test": "x"}) + "\n")
+    err = usage_error(capsys, eval_code.main, ["--random-init", "tiny", "--problems", str(tmp_path / "p.jsonl"),
+                                               "--out", str(tmp_path / "p.jsonl")])
+    assert "--out" in err and "is also --problems" in err
+    keep = tmp_path / "samples.jsonl"
+    keep.write_text("an earlier run's rows\n")
+    sampler.main(["--random-init", "tiny", "--save", str(tmp_path / "m")])
+    w = tmp_path / "m" / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:1000])  # a truncated download: the run fails after it started
+    with pytest.raises(ValueError, match="model.safetensors"):
+        eval_code.main(["--checkpoint", str(tmp_path / "m"), "--problems", str(tmp_path / "p.jsonl"), "--out", str(keep)])
+    assert keep.read_text() == "an earlier run's rows\n"
+
+
+def test_a_prompt_past_the_length_limit_is_named_before_any_decoding(tmp_path, monkeypatch):
+    rows = [{"task_id": "ok", "prompt": "def f():\n", "entry_point": "f", "test": "x"},
+            {"task_id": "long", "prompt": "x = 1\n" * 40000, "entry_point": "f", "test": "x"}]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setattr(eval_code, "generate", lambda *a, **k: pytest.fail("decoded before checking every prompt"))
+    with pytest.raises(ValueError, match="tiny, problem long: prompt .* exceeds the checkpoint's max_position"):
+        eval_code.main(["--random-init", "tiny", "--problems", str(tmp_path / "p.jsonl"), "--base",
+                        "--out", str(tmp_path / "o.jsonl")])
+
+
+def test_a_tokenizer_that_does_not_fit_its_model_is_refused(tmp_path):
+    sampler.main(["--random-init", "tiny", "--save", str(tmp_path / "m")])
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, "mask_token_id": cfg["mask_token_id"] - 1}))
+    with pytest.raises(ValueError, match="tokenizer's \\|<MASK>\\| is id 259, config.json's mask_token_id 258"):
+        checkpoint.load_pretrained(str(tmp_path / "m"))
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "m" / "added_tokens.json").write_text(json.dumps({"<|extra|>": 300}))  # a larger model's tokenizer
+    with pytest.raises(ValueError, match="tokenizer.json's ids go up to 300, past the model's vocabulary"):
+        checkpoint.load_pretrained(str(tmp_path / "m"))
 
 
 def test_a_random_checkpoint_is_never_saved_over_another(tmp_path):
@@ -172,7 +231,9 @@ def test_script_flags(tmp_path, script, argv, msg):
 
 def test_a_missing_file_ends_the_run_in_one_line(tmp_path):
     """Our refusals and the library's file errors end a run with `error: <message>`, exit 1, no traceback."""
-    for argv in (["train_sudoku.py", "--eval-only", "--checkpoint", "none.pt"], ["eval_code.py", "--checkpoint", "nodir"]):
+    os.makedirs(tmp_path / "empty")
+    for argv in (["train_sudoku.py", "--eval-only", "--checkpoint", "none.pt"], ["eval_code.py", "--checkpoint", "nodir"],
+                 ["checkpoint.py", "empty"], ["tokenizer.py", "nodir", "some text"]):
         r = subprocess.run([sys.executable, os.path.join(ROOT, argv[0]), *argv[1:]], cwd=tmp_path, capture_output=True,
                            text=True, timeout=120)
         assert r.returncode == 1 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr, r.stderr

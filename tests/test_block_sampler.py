@@ -3,6 +3,7 @@ accounting, no MASK left, and the per-block relay reset."""
 import pytest
 import torch
 
+from model import random_model
 from sampler import generate
 
 PROMPTS = [[1, 2, 3], list(range(1, 17)), list(range(5, 30)), list(range(10, 18)) * 3, [7] * 8]
@@ -137,11 +138,14 @@ def test_bad_arguments(llm):
         generate(llm, [[1, 63, 2]], **KW)
     with pytest.raises(ValueError, match="multiple"):
         generate(llm, [[1]], **{**KW, "sub_block": 3})
-    with pytest.raises(ValueError, match="non-empty"):
+    with pytest.raises(ValueError, match="prompts of at least one token"):
         generate(llm, [[]], **KW)
     llm.hf_config = {"max_position_embeddings": 40}
     with pytest.raises(ValueError, match=r"prompt \(8 tokens\) \+ max_new_tokens \(37\) exceeds"):
         generate(llm, [[1] * 8], **KW)
+    with pytest.raises(ValueError, match="block size 64 is past the checkpoint's max_position_embeddings"):
+        generate(llm, [[1]], **{**KW, "max_new_tokens": 4, "bd_size": 64})  # its one block would be 64 long
+    assert random_model("tiny")[0].hf_config["max_position_embeddings"] == 32768  # as a saved one says
 
 
 def test_the_default_sub_block_divides_any_block_size(llm):

@@ -95,12 +95,24 @@ def test_a_chat_answer_that_restates_only_the_entry_point_can_pass(tmp_path):
     ({"text": "t", "test_list": "assert f(1) == 1"}, "non-empty list of strings"),
     ({"prompt": "def f():\n", "entry_point": None, "test": "x"}, "entry_point \\(a name\\)"),
     ({"task_id": [1], "prompt": "def f():\n", "entry_point": "f", "test": "x"}, "task_id must be"),
+    ({"task_id": True, "prompt": "def f():\n", "entry_point": "f", "test": "x"}, "task_id must be a string or an int"),
 ])
 def test_a_malformed_problem_row_names_its_line(tmp_path, row, msg):
     f = tmp_path / "p.jsonl"
     f.write_text("\n" + json.dumps(row) + "\n")
     with pytest.raises(ValueError, match=r"p.jsonl:2: .*" + msg):
         ev.load_problems(str(f))
+
+
+def test_bytes_that_are_not_utf8_and_a_damaged_gzip_name_their_file(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_bytes(b'{"task_id": 1, "prompt": "x", "entry_point": "f", "test": "x"}\n{"task_id": "\xff"}\n')
+    with pytest.raises(ValueError, match=r"p.jsonl:2: not UTF-8"):
+        ev.load_problems(str(f))
+    g = tmp_path / "p.jsonl.gz"
+    g.write_bytes(b'{"task_id": 1}\n')  # named .gz, not gzip
+    with pytest.raises(ValueError, match=r"p.jsonl.gz: not a readable gzip file"):
+        ev.load_problems(str(g))
 
 
 def test_a_repeated_task_id_is_refused(tmp_path):

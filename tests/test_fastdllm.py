@@ -219,6 +219,7 @@ def test_byte_tokenizer_round_trip():
     ids = tok.encode(text)
     assert ids[0] == tok.added["<|im_start|>"] and tok.decode(ids) == text
     assert tok.decode([5000]) == "<|id:5000|>"  # out-of-vocabulary ids from a random model stay visible
+    assert tok.decode([65, 5000, tok.stop_ids[0]], skip_special=True) == "A<|id:5000|>"  # even when skipping specials
 
 
 def test_saved_byte_tokenizer_loads_and_matches_hf(tmp_path):
