@@ -38,6 +38,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -58,8 +59,8 @@ from code_data import (Rows, held_out_signatures, load_stdlib, read_chat_jsonl, 
                        synthetic_tokenizer)
 from model import QWEN2, SHAPES, ModelConfig, Transformer, device_flag, pick_device, shape_problem
 from relay import RolloutBuffer, add_relay, reveal_threshold_blocks, rollout_loss, sft_loss
-from runs import (claim_out_dir, nonneg_float, nonneg_int, positive_float, positive_int, run_cli, seed_int,
-                  unit_float)
+from runs import (StopOnInterrupt, claim_out_dir, nonneg_float, nonneg_int, positive_float, positive_int, run_cli,
+                  seed_int, unit_float)
 from eval_code import evaluate, with_check
 from sandbox import run_sandboxed
 from sampler import generate
@@ -578,29 +579,35 @@ def train(args, d):
     # 4) the training loop
     bar = tqdm(total=args.max_steps, initial=step, desc=args.objective, disable=not d.master, dynamic_ncols=True)
     t0, step0, losses, vals = time.time(), step, [], []
-    while step < args.max_steps:
-        # a) a budget of this invocation ends the loop; the checkpoint after it makes --resume exact
-        if (args.stop_after and step - step0 >= args.stop_after) or \
-                (args.time_limit and time.time() - t0 > 60 * args.time_limit):
-            d.log(f"stopping at step {step}: " + ("--stop-after" if args.stop_after else "--time-limit"))
-            break
-        # b) one optimizer step over all of this process's chunks
-        loss, lr, gnorm = train_step(args, d, step, model, fwd_model, opt, streams, gens, bufs, ctx)
-        step += 1
-        losses.append(loss)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.1e}", gnorm=f"{gnorm:.2f}")
-        if step % args.eval_every == 0 or step == args.max_steps:  # c) held-out SFT loss
-            vals.append({"step": step, "val_loss": validate(raw, val_rows, args, ctx)})
-            d.log(f"step {step}: train loss {np.mean(losses[-20:]):.4f}, val loss {vals[-1]['val_loss']:.4f}, "
-                  f"{(step - step0) * args.batch_size * args.seq_len / (time.time() - t0):.0f} tokens/s")
-        if step % args.ckpt_every == 0 or step == args.max_steps:  # d) checkpoint (atomic)
-            checkpoint()
+    # Ctrl-C stops at a step with a checkpoint in one process (ranks would have to agree on the step: a sync)
+    with StopOnInterrupt() if d.world == 1 else nullcontext(False) as interrupted:
+        while step < args.max_steps:
+            # a) a budget of this invocation ends the loop; the checkpoint after it makes --resume exact
+            if interrupted or (args.stop_after and step - step0 >= args.stop_after) or \
+                    (args.time_limit and time.time() - t0 > 60 * args.time_limit):
+                d.log(f"stopping at step {step}: " + ("Ctrl-C" if interrupted else "--stop-after" if args.stop_after
+                                                      else "--time-limit"))
+                break
+            # b) one optimizer step over all of this process's chunks
+            loss, lr, gnorm = train_step(args, d, step, model, fwd_model, opt, streams, gens, bufs, ctx)
+            step += 1
+            losses.append(loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.1e}", gnorm=f"{gnorm:.2f}")
+            if step % args.eval_every == 0 or step == args.max_steps:  # c) held-out SFT loss
+                vals.append({"step": step, "val_loss": validate(raw, val_rows, args, ctx)})
+                d.log(f"step {step}: train loss {np.mean(losses[-20:]):.4f}, val loss {vals[-1]['val_loss']:.4f}, "
+                      f"{(step - step0) * args.batch_size * args.seq_len / (time.time() - t0):.0f} tokens/s")
+            if step % args.ckpt_every == 0 or step == args.max_steps:  # d) checkpoint (atomic)
+                checkpoint()
     bar.close()
     train_seconds = time.time() - t0
     if not vals or vals[-1]["step"] != step:  # stopped early: validate and save where we are
         vals.append({"step": step, "val_loss": validate(raw, val_rows, args, ctx)})
         checkpoint()
+    if interrupted:
+        sys.exit(f"interrupted at step {step}: {ckpt_path} saved; the same command with --resume "
+                 f"{'in place of --overwrite ' if args.overwrite else ''}continues")
     # 5) finish: export in the Fast-dLLM v2 layout, complete held-out signatures, JSON line
     hf_dir, exported = export(args, d, raw, tok)
     samples = complete_signatures(args, exported, tok, val_text, ctx, d.device) \

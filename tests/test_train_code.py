@@ -74,6 +74,23 @@ def run_main(argv):
     return train_code.main(["--preset", "tiny", "--samples", "0", *argv])
 
 
+def test_ctrl_c_stops_at_a_step_with_a_checkpoint_that_resumes_exactly(tmp_path, monkeypatch):
+    common = ["--objective", "relay", "--max-steps", "4", "--data-dir", str(tmp_path / "data")]
+    straight = run_main(common + ["--out-dir", str(tmp_path / "a")])
+    step = train_code.train_step
+
+    def interrupted_at_step_1(args, d, i, *rest):
+        if i == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # as a Ctrl-C during step 1: it finishes, then the run stops
+        return step(args, d, i, *rest)
+    monkeypatch.setattr(train_code, "train_step", interrupted_at_step_1)
+    with pytest.raises(SystemExit, match="interrupted at step 2: .*ckpt.pt saved; the same command with --resume"):
+        run_main(common + ["--out-dir", str(tmp_path / "b")])
+    monkeypatch.setattr(train_code, "train_step", step)
+    assert not (tmp_path / "b" / "hf").exists()  # stopped: no export of a half-trained model
+    assert run_main(common + ["--out-dir", str(tmp_path / "b"), "--resume"])["losses"] == straight["losses"][2:]
+
+
 @pytest.mark.parametrize("objective,warm", [("sft", 0), ("relay", 0), ("relay", 0.5)])
 def test_resume_reproduces_the_next_losses(tmp_path, objective, warm):
     """warm=0.5: two sft warm-up steps, then relay; the switch happens right at the resume."""
