@@ -213,6 +213,17 @@ def check_tokenizer(model, tok, path):
                          f"{model.cfg.mask_id}")
 
 
+def meta_pretrained(path):
+    """A checkpoint directory's model on the meta device (no weight read, no memory) and its tokenizer, checked
+    against each other: what a run checks of several checkpoints before it loads and runs the first."""
+    cfg, hf_cfg = read_config(path)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.hf_config, tok = hf_cfg, load_tokenizer(path)
+    check_tokenizer(model, tok, path)
+    return model, tok
+
+
 def load_pretrained(path, *, device="cpu", dtype=torch.bfloat16):
     """from_pretrained and the directory's tokenizer, checked against each other -> (model, tokenizer)."""
     model, tok = from_pretrained(path, device=device, dtype=dtype), load_tokenizer(path)
@@ -220,11 +231,9 @@ def load_pretrained(path, *, device="cpu", dtype=torch.bfloat16):
     return model, tok
 
 
-def from_pretrained(path, *, device="cpu", dtype=torch.bfloat16):
-    """A Fast-dLLM v2 (or Qwen2) directory -> Transformer in eval mode. Reads config.json and
-    model.safetensors or model.safetensors.index.json + shards; strict: missing, unexpected,
-    mis-shaped or duplicated (in two shards) tensors raise one error naming them. Relay checkpoints:
-    use_relay + relay_layer_norm."""
+def read_config(path):
+    """A checkpoint directory's config.json -> (ModelConfig, the dict as read); the mask id comes from the
+    tokenizer where config.json has none. No weight is read: a checkpoint can be checked before it is loaded."""
     if os.path.isfile(path):
         raise ValueError(f"{path} is a file; expected a Fast-dLLM v2 / Qwen2 checkpoint directory (train_code.py "
                          f"exports one as OUT_DIR/hf)")
@@ -244,6 +253,15 @@ def from_pretrained(path, *, device="cpu", dtype=torch.bfloat16):
     if not 0 <= cfg.mask_id < cfg.vocab_size:  # an embedding lookup would fail only at decoding time
         raise ValueError(f"{path}: mask token id {cfg.mask_id} (config.json mask_token_id or the tokenizer's "
                          f"{MASK_TOKEN}) is outside the vocabulary (vocab_size {cfg.vocab_size})")
+    return cfg, hf_cfg
+
+
+def from_pretrained(path, *, device="cpu", dtype=torch.bfloat16):
+    """A Fast-dLLM v2 (or Qwen2) directory -> Transformer in eval mode. Reads config.json and
+    model.safetensors or model.safetensors.index.json + shards; strict: missing, unexpected,
+    mis-shaped or duplicated (in two shards) tensors raise one error naming them. Relay checkpoints:
+    use_relay + relay_layer_norm."""
+    cfg, hf_cfg = read_config(path)
     shards = shard_names(path)
     with torch.device("meta"):
         model = Transformer(cfg)

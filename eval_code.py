@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from tqdm import tqdm
 
-from checkpoint import load_pretrained
+from checkpoint import load_pretrained, meta_pretrained
 from code_tasks import TEST_ONLY, make_problems
 from model import SHAPES, device_flag, pick_device, random_model
 from runs import nonneg_int, positive_float, positive_int, run_cli, unit_float, unit_floats
@@ -232,9 +232,11 @@ def plot_sweep(runs, path):
 
 # ---------------------------------------------------------------------------------------------
 
-def check_prompts(model, tok, problems, args, name):
-    """Every prompt through generate()'s checks (length limit, mask token) before any decoding, so a bad
-    problem is named before an hour of work rather than in a traceback after it."""
+def check_model(model, tok, problems, args, name, p):
+    """Every prompt through generate()'s checks (length limit, mask token), and the sub-block against the
+    model's block, before any decoding: a bad problem or flag is named before an hour of work, not after it."""
+    if args.sub_block and (args.bd_size or model.cfg.bd_size) % args.sub_block:
+        p.error(f"--sub-block {args.sub_block} does not divide {name}'s block size {model.cfg.bd_size}")
     if not tok.stop_ids:
         raise ValueError(f"{name}: the tokenizer has neither <|im_end|> nor <|endoftext|>: no completion would end")
     bd = args.bd_size or model.cfg.bd_size
@@ -318,27 +320,7 @@ def main(argv=None):
         p.error("give exactly one of --checkpoint, --random-init (or --self-check)")
     device = pick_device(args.device)
     dtype = getattr(torch, args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32"))
-    gen_kw = dict(max_new_tokens=args.max_new_tokens, bd_size=args.bd_size, sub_block=args.sub_block,
-                  use_relay=not args.no_relay, static=args.static, compile=args.compile)
-    runs, seen = [], {}
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out + ".tmp", "w", encoding="utf-8") as f:  # moved over --out when the run is complete
-        for name in args.checkpoint or [args.random_init]:
-            if args.random_init:
-                model, tok = random_model(args.random_init, device, dtype, 0)
-            else:
-                model, tok = load_pretrained(name, device=device, dtype=dtype)
-            if args.sub_block and (args.bd_size or model.cfg.bd_size) % args.sub_block:
-                p.error(f"--sub-block {args.sub_block} does not divide {name}'s block size {model.cfg.bd_size}")
-            check_prompts(model, tok, problems, args, name)
-            for threshold in args.sweep or [args.threshold]:
-                res, rows = evaluate(model, tok, problems, threshold=threshold, base=args.base,
-                                     system=args.system or None, batch=args.batch, timeout=args.timeout,
-                                     workers=args.workers, allow_unisolated=args.unsafe_no_isolation, seen=seen,
-                                     **gen_kw)
-                runs.append({**res, "model": name, "families": by_family(rows)})
-                f.writelines(json.dumps({**r, "model": name, "threshold": threshold}) + "\n" for r in rows)
-    os.replace(args.out + ".tmp", args.out)  # a failed run leaves an earlier --out as it was
+    runs = run_all(args, problems, device, dtype, p)
     print_runs(runs)
     if args.sweep:
         plot_sweep(runs, args.plot)
@@ -349,6 +331,38 @@ def main(argv=None):
                "samples": args.out, "runs": [{k: v for k, v in r.items() if k != "families"} for r in runs]}
     print(json.dumps(summary))
     return summary
+
+
+def run_all(args, problems, device, dtype, p):
+    """Every (checkpoint, threshold) over the problems -> one result per run; the rows go to --out, which is
+    replaced only when every run is done (a failed run leaves an earlier --out as it was)."""
+    gen_kw = dict(max_new_tokens=args.max_new_tokens, bd_size=args.bd_size, sub_block=args.sub_block,
+                  use_relay=not args.no_relay, static=args.static, compile=args.compile)
+    for name in args.checkpoint or []:  # all of them, before the first is loaded
+        check_model(*meta_pretrained(name), problems, args, name, p)
+    runs, seen = [], {}
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    tmp = args.out + ".tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for name in args.checkpoint or [args.random_init]:
+                if args.random_init:
+                    model, tok = random_model(args.random_init, device, dtype, 0)
+                    check_model(model, tok, problems, args, name, p)
+                else:
+                    model, tok = load_pretrained(name, device=device, dtype=dtype)
+                for threshold in args.sweep or [args.threshold]:
+                    res, rows = evaluate(model, tok, problems, threshold=threshold, base=args.base,
+                                         system=args.system or None, batch=args.batch, timeout=args.timeout,
+                                         workers=args.workers, allow_unisolated=args.unsafe_no_isolation, seen=seen,
+                                         **gen_kw)
+                    runs.append({**res, "model": name, "families": by_family(rows)})
+                    f.writelines(json.dumps({**r, "model": name, "threshold": threshold}) + "\n" for r in rows)
+    except BaseException:
+        os.remove(tmp)
+        raise
+    os.replace(tmp, args.out)
+    return runs
 
 
 def print_runs(runs):

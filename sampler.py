@@ -624,9 +624,10 @@ def get_args(argv=None):
         p.error(f"--bd-size {args.bd_size} is not a multiple of --sub-block {args.sub_block}")
     given = lambda *keys: [f"--{k.replace('_', '-')}" for k in keys if getattr(args, k) not in (None, False)]
     llm_only = given("prompt", "prompt_file", "chat", "bench", "static", "compile", "save", "bd_size", "sub_block",
-                     "no_cache", "no_relay")
+                     "no_cache")
     if args.checkpoint and os.path.isfile(args.checkpoint) and llm_only:  # a Sudoku .pt: solve_sudoku reads none
-        p.error(f"{' '.join(llm_only)}: for an LLM; {args.checkpoint} is a Sudoku checkpoint (--n, --tau, --max-steps)")
+        p.error(f"{' '.join(llm_only)}: for an LLM; {args.checkpoint} is a Sudoku checkpoint (--n, --tau, --max-steps, "
+                f"--no-relay)")
     if len(given("prompt", "prompt_file")) == 2:
         p.error("--prompt and --prompt-file: give one")
     if args.static and args.no_cache:

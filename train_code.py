@@ -579,6 +579,7 @@ def train(args, d):
     # 4) the training loop
     bar = tqdm(total=args.max_steps, initial=step, desc=args.objective, disable=not d.master, dynamic_ncols=True)
     t0, step0, losses, vals = time.time(), step, [], []
+    saved = step if args.resume else None  # the step of the last checkpoint
     # Ctrl-C stops at a step with a checkpoint in one process (ranks would have to agree on the step: a sync)
     with StopOnInterrupt() if d.world == 1 else nullcontext(False) as interrupted:
         while step < args.max_steps:
@@ -600,10 +601,12 @@ def train(args, d):
                       f"{(step - step0) * args.batch_size * args.seq_len / (time.time() - t0):.0f} tokens/s")
             if step % args.ckpt_every == 0 or step == args.max_steps:  # d) checkpoint (atomic)
                 checkpoint()
+                saved = step
     bar.close()
     train_seconds = time.time() - t0
     if not vals or vals[-1]["step"] != step:  # stopped early: validate and save where we are
         vals.append({"step": step, "val_loss": validate(raw, val_rows, args, ctx)})
+    if saved != step:
         checkpoint()
     if interrupted:
         sys.exit(f"interrupted at step {step}: {ckpt_path} saved; the same command with --resume "

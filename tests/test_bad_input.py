@@ -138,6 +138,7 @@ def test_sampler_refuses_llm_flags_with_a_sudoku_checkpoint(capsys, tmp_path):
     err = usage_error(capsys, sampler.get_args, ["--checkpoint", str(ck), "--prompt", "hi", "--static"])
     assert "--prompt --static: for an LLM" in err
     assert "--bd-size: for an LLM" in usage_error(capsys, sampler.get_args, ["--checkpoint", str(ck), "--bd-size", "4"])
+    assert sampler.get_args(["--checkpoint", str(ck), "--no-relay"])[0].no_relay  # the Sudoku relay ablation
 
 
 def test_a_prompt_file_is_read_as_written(capsys, tmp_path):
@@ -164,6 +165,7 @@ def test_eval_code_never_writes_over_its_input_nor_loses_an_earlier_output(capsy
     with pytest.raises(ValueError, match="model.safetensors"):
         eval_code.main(["--checkpoint", str(tmp_path / "m"), "--problems", str(tmp_path / "p.jsonl"), "--out", str(keep)])
     assert keep.read_text() == "an earlier run's rows\n"
+    assert sorted(os.listdir(tmp_path)) == ["m", "p.jsonl", "samples.jsonl"]  # and no samples.jsonl.tmp left
 
 
 def test_a_prompt_past_the_length_limit_is_named_before_any_decoding(tmp_path, monkeypatch):
@@ -173,6 +175,17 @@ def test_a_prompt_past_the_length_limit_is_named_before_any_decoding(tmp_path, m
     monkeypatch.setattr(eval_code, "generate", lambda *a, **k: pytest.fail("decoded before checking every prompt"))
     with pytest.raises(ValueError, match="tiny, problem long: prompt .* exceeds the checkpoint's max_position"):
         eval_code.main(["--random-init", "tiny", "--problems", str(tmp_path / "p.jsonl"), "--base",
+                        "--out", str(tmp_path / "o.jsonl")])
+
+
+def test_every_checkpoint_is_checked_before_the_first_decodes(tmp_path, monkeypatch):
+    for name, limit in (("a", 32768), ("b", 64)):  # b's length limit is too short for the problems
+        sampler.main(["--random-init", "tiny", "--save", str(tmp_path / name)])
+        cfg = json.loads((tmp_path / name / "config.json").read_text())
+        (tmp_path / name / "config.json").write_text(json.dumps({**cfg, "max_position_embeddings": limit}))
+    monkeypatch.setattr(eval_code, "generate", lambda *a, **k: pytest.fail("decoded before checking every checkpoint"))
+    with pytest.raises(ValueError, match="b, problem synthetic/test/0: prompt .* exceeds"):
+        eval_code.main(["--checkpoint", str(tmp_path / "a"), str(tmp_path / "b"), "--problems", "synthetic",
                         "--out", str(tmp_path / "o.jsonl")])
 
 

@@ -75,7 +75,9 @@ def run_main(argv):
 
 
 def test_ctrl_c_stops_at_a_step_with_a_checkpoint_that_resumes_exactly(tmp_path, monkeypatch):
-    common = ["--objective", "relay", "--max-steps", "4", "--data-dir", str(tmp_path / "data")]
+    """Stopped at step 2, where the run validates but would not checkpoint (every 4): it checkpoints there."""
+    common = ["--objective", "relay", "--max-steps", "4", "--data-dir", str(tmp_path / "data"), "--eval-every", "1",
+              "--ckpt-every", "4"]
     straight = run_main(common + ["--out-dir", str(tmp_path / "a")])
     step = train_code.train_step
 
@@ -87,6 +89,7 @@ def test_ctrl_c_stops_at_a_step_with_a_checkpoint_that_resumes_exactly(tmp_path,
     with pytest.raises(SystemExit, match="interrupted at step 2: .*ckpt.pt saved; the same command with --resume"):
         run_main(common + ["--out-dir", str(tmp_path / "b")])
     monkeypatch.setattr(train_code, "train_step", step)
+    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["step"] == 2
     assert not (tmp_path / "b" / "hf").exists()  # stopped: no export of a half-trained model
     assert run_main(common + ["--out-dir", str(tmp_path / "b"), "--resume"])["losses"] == straight["losses"][2:]
 
