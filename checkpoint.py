@@ -352,9 +352,12 @@ def save_pretrained(model, path, dtype=None, max_shard_bytes=5 * 10**9):
         hf[k]: name for name, keys in shards.items() for k in keys}}}
     jsons["config.json"] = cfg  # last: the loader's first read, written after the weights it describes
     os.makedirs(path, exist_ok=True)
+    umask = os.umask(0)
+    os.umask(umask)
     for name, keys in shards.items():
         save_file({hf[k]: params[k].detach().to("cpu", dtype).contiguous() for k in keys},
                   os.path.join(path, name + ".tmp"), metadata={"format": "pt"})
+        os.chmod(os.path.join(path, name + ".tmp"), 0o666 & ~umask)  # safetensors writes 0600: readable as config.json
     for name, obj in jsons.items():
         with open(os.path.join(path, name + ".tmp"), "w") as f:
             json.dump(obj, f, indent=2)

@@ -13,11 +13,13 @@ chat JSONL for fine-tuning, code_tasks.py's generated problems, and the row stre
 - Rows: random training rows as (x0, fixed) tensors; its numpy state is the data position.
 """
 import argparse
+import hashlib
 import json
 import os
 import re
 import sys
 import sysconfig
+import zipfile
 import zlib
 from functools import lru_cache
 
@@ -46,10 +48,15 @@ def load_stdlib(tok, cache_dir):
     """Token streams of the standard library, split by file (crc32(path) % 50 == 0 is held out);
     files joined by <|endoftext|>. Cached per Python version."""
     root, files = stdlib_files()
-    path = os.path.join(cache_dir, f"stdlib_py{sys.version_info[0]}{sys.version_info[1]}_{tok.enc.name}_{tok.n_vocab}.npz")
+    # keyed by the tokenizer's digest: two tokenizers of one size (two exports named hf) tokenize differently
+    path = os.path.join(cache_dir, f"stdlib_py{sys.version_info[0]}{sys.version_info[1]}_{tok.digest()[:16]}.npz")
     if os.path.exists(path):
-        with np.load(path) as z:
-            return {k: z[k] for k in z.files}
+        try:
+            with np.load(path) as z:
+                return {k: z[k] for k in z.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+            raise ValueError(f"{path}: damaged cache file ({type(e).__name__}: {e}); delete it and it is made "
+                             f"again") from None
     eot = tok.added["<|endoftext|>"]
     parts = {"train": [], "val": [], "val_files": []}
     for f in tqdm(files, desc="tokenizing the standard library", leave=False):
@@ -111,6 +118,11 @@ def read_chat_jsonl(path, tok, seq_len, bd):
             if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
                     or not isinstance(m.get("content"), str):
                 raise ValueError(f"{where}: message {i} needs a role (system/user/assistant) and string content")
+            try:
+                m["content"].encode("utf-8")
+            except UnicodeEncodeError as e:  # JSON's "\ud800" escapes: no UTF-8 text (it would turn into U+FFFD)
+                raise ValueError(f"{where}: message {i} ({m['role']}) holds a lone surrogate at character {e.start}") \
+                    from None
             if MASK_TOKEN in m["content"]:  # it would tokenize to the mask id: a "position to fill" in x0
                 raise ValueError(f"{where}: message {i} ({m['role']}) contains the mask token {MASK_TOKEN}")
             marker = next((s for s in CHATML if s in m["content"]), None)  # it would end or open a turn
@@ -246,6 +258,15 @@ class Rows:
                 ids, sup = self.data[j]
                 x0[r, :len(ids)], fixed[r, :len(ids)] = ids, ~sup
         return (torch.from_numpy(x0).long().to(self.device), torch.from_numpy(fixed).to(self.device))
+
+
+def data_digest(data):
+    """sha256 of training data as it is fed (rows of ids and supervision, or a token stream): a resumed run
+    refuses data that changed since, even at the same size."""
+    h = hashlib.sha256()
+    for ids, sup in ([(data, np.zeros(0, bool))] if isinstance(data, np.ndarray) else data):
+        h.update(len(ids).to_bytes(8, "little") + np.ascontiguousarray(ids).tobytes() + sup.tobytes())
+    return h.hexdigest()
 
 
 def held_out_signatures(val_text, n):

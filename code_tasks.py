@@ -19,6 +19,7 @@ before HumanEval means anything).
 """
 import argparse
 import json
+import os
 import random
 import zlib
 from collections import Counter
@@ -292,7 +293,12 @@ def main(argv=None):
     ap.add_argument("--n", type=positive_int, default=200, help="number of problems")
     ap.add_argument("--seed", type=seed_int, default=0, help="seed: (split, n, seed) fixes the output")
     ap.add_argument("--out", default=None, help="JSONL to write (HumanEval format); none: summary only")
+    ap.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = ap.parse_args(argv)
+    if args.out == "":
+        ap.error("--out: empty")
+    if args.out and os.path.exists(args.out) and not args.overwrite:
+        ap.error(f"--out {args.out} exists: pass --overwrite to replace it")
     problems = make_problems(args.split, args.n, args.seed)
     print(summary(problems))
     if args.out:

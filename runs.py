@@ -68,6 +68,14 @@ def nonneg_int(s):
     return _number(s, int, lambda v: v >= 0, "an integer >= 0")
 
 
+def given_flags(p, argv, dests):
+    """The flags (dests) the command line sets itself, not a default or a preset: argparse fills in a default
+    only where the namespace it parses into lacks the attribute, so every one starts as a marker."""
+    unset = object()
+    ns = p.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(dests, unset)))
+    return {k for k, v in vars(ns).items() if v is not unset}
+
+
 def seed_int(s):  # what every generator here takes (torch's stops at 2^64; a script may derive seeds from it)
     return _number(s, int, lambda v: 0 <= v < 2 ** 32, "an integer in [0, 2^32)")
 

@@ -12,6 +12,7 @@ tokenizer.py — text <-> token ids for the code model, with no network and no H
 - Tokenizer.chat(prompt): a ChatML user turn as Qwen2.5's template renders it (NOTES.md §5).
 """
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -111,6 +112,14 @@ class Tokenizer:
             else:
                 run.append(i)
         return "".join(out) + self.enc.decode(run)
+
+    def digest(self):
+        """sha256 of what decides the ids (pieces' ranks, added tokens, split pattern, NFC): equal digests,
+        equal tokenization. A cache of tokenized data and a resumed run are keyed by it."""
+        h = hashlib.sha256(repr((self.enc._pat_str, self.nfc, sorted(self.added.items()))).encode())
+        for piece, rank in sorted(self.enc._mergeable_ranks.items(), key=lambda kv: kv[1]):
+            h.update(rank.to_bytes(4, "little") + piece)
+        return h.hexdigest()
 
     @staticmethod
     def chat(prompt, system=QWEN_SYSTEM):

@@ -53,14 +53,14 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import fully_shard
 from tqdm import tqdm
 
-from checkpoint import (check_tokenizer, config_diff, from_pretrained, load_checkpoint, load_state, save_checkpoint,
-                        save_pretrained)
-from code_data import (Rows, held_out_signatures, load_stdlib, read_chat_jsonl, synthetic_problems, synthetic_rows,
-                       synthetic_tokenizer)
+from checkpoint import (check_tokenizer, config_diff, from_pretrained, load_checkpoint, load_state, read_config,
+                        save_checkpoint, save_pretrained)
+from code_data import (Rows, data_digest, held_out_signatures, load_stdlib, read_chat_jsonl, synthetic_problems,
+                       synthetic_rows, synthetic_tokenizer)
 from model import QWEN2, SHAPES, ModelConfig, Transformer, device_flag, pick_device, shape_problem
 from relay import RolloutBuffer, add_relay, reveal_threshold_blocks, rollout_loss, sft_loss
-from runs import (StopOnInterrupt, claim_out_dir, nonneg_float, nonneg_int, positive_float, positive_int, run_cli,
-                  seed_int, unit_float)
+from runs import (StopOnInterrupt, claim_out_dir, given_flags, nonneg_float, nonneg_int, positive_float, positive_int,
+                  run_cli, seed_int, unit_float)
 from eval_code import evaluate, with_check
 from sandbox import run_sandboxed
 from sampler import generate
@@ -130,8 +130,9 @@ def get_args(argv=None):
     p.add_argument("--data", default="synthetic", help="synthetic (code_tasks.py's generated problems), stdlib "
                    "(the Python standard library's source) or a chat JSONL file")
     p.add_argument("--bpe-merges", type=nonneg_int, default=None, help="from scratch on synthetic data: learn up "
-                   "to this many byte-level BPE merges from the training problems (fewer once no pair occurs twice: 463 "
-                   "of 512 on the default problems; 0 = the byte tokenizer); default 512 there, bytes for stdlib and JSONL")
+                   "to this many byte-level BPE merges from the training problems (fewer once no pair occurs twice: "
+                   "463 of 512 on the default problems; 0 = the byte tokenizer); default 512 there, bytes for stdlib "
+                   "and JSONL")
     p.add_argument("--train-problems", type=positive_int, default=20000, help="synthetic: training problems")
     p.add_argument("--eval-problems", type=nonneg_int, default=200, help="synthetic: held-out problems solved "
                    "through the sandbox at the end (pass@1); 0 = none")
@@ -157,15 +158,22 @@ def get_args(argv=None):
     p.add_argument("--seed", type=seed_int, default=1337, help="model init, data order, noise")
     p.set_defaults(**PRESETS[preset])
     args = p.parse_args(argv)
-    check_args(p, args)
+    check_args(p, args, given_flags(p, argv, vars(args)))
     args.sft_steps = 0 if args.objective == "sft" else round(args.sft_frac * args.max_steps)  # derived
+    if args.objective != "sft" and args.sft_steps >= args.max_steps:
+        p.error(f"--sft-frac {args.sft_frac:g} of --max-steps {args.max_steps} is every step: a {args.objective} run "
+                f"would train no {args.objective} step")
     if args.bpe_merges is None:  # derived: a learned vocabulary only from scratch on generated problems
         args.bpe_merges = 512 if args.data == "synthetic" and not args.init_from else 0
     return args
 
 
-def check_args(p, args):
-    """What the types of single flags cannot see: flags that must agree. A usage error before any work."""
+SHAPE_FLAGS = ("n_layer", "n_embd", "n_head", "n_kv_head", "n_ffn", "bd_size")  # a model from scratch
+
+
+def check_args(p, args, given):
+    """What the types of single flags cannot see: flags that must agree. A usage error before any work.
+    given: the flags the command line set (not defaults or a preset's)."""
     if args.preset == "paper" and not args.init_from:
         p.error("--preset paper fine-tunes pretrained weights: give --init-from DIR")
     if args.resume and args.overwrite:
@@ -177,6 +185,12 @@ def check_args(p, args):
     if args.bpe_merges and (args.init_from or args.data != "synthetic"):
         p.error(f"--bpe-merges {args.bpe_merges}: a vocabulary is learned only from scratch on --data synthetic "
                 f"(a checkpoint brings its own tokenizer; stdlib and JSONL use bytes)")
+    own = os.path.realpath(os.path.join(args.out_dir, "hf"))
+    if args.init_from and os.path.commonpath([os.path.realpath(args.init_from), own]) == own:
+        p.error(f"--init-from {args.init_from} is this run's own export (--out-dir {args.out_dir}): it would be "
+                f"written over while it is read; give another --out-dir")
+    if args.init_from and (shape := [f"--{k.replace('_', '-')}" for k in SHAPE_FLAGS if k in given]):
+        p.error(f"{' '.join(shape)}: the model comes from --init-from {args.init_from} (its config.json)")
     if args.init_from:  # the shape and the block size come from the checkpoint's config.json
         return
     if problem := shape_problem(args.n_embd, args.n_head, args.n_kv_head):
@@ -248,6 +262,7 @@ def my_chunks(args, d):
 def get_tokenizer(args):
     """The checkpoint's tokenizer; from scratch, bytes or (synthetic data) BPE learned from the problems."""
     if args.init_from:
+        read_config(args.init_from)  # a missing or wrong directory is named as such, before its tokenizer is asked for
         tok = load_tokenizer(args.init_from)
         if tok.mask_id is None:
             raise ValueError(f"{args.init_from}: the tokenizer has no mask token |<MASK>|")
@@ -344,7 +359,9 @@ def save(args, d, path, step, raw, opt, streams, gens, bufs):
         dist.barrier()
 
 
-DATA_FLAGS = ("batch_size", "micro_batch", "seq_len", "seed", "data", "train_problems", "val_every_n", "bpe_merges")
+DATA_FLAGS = ("batch_size", "micro_batch", "seq_len", "seed", "data", "train_problems", "val_every_n", "bpe_merges",
+              "data_digest", "tokenizer_digest",  # the rows themselves and their tokenizer: a file may change
+              "beta2", "weight_decay")  # (the optimizer's state brings its own: another value would be ignored)
 
 
 def resume(args, d, path, raw, opt, streams, gens, bufs):
@@ -361,6 +378,8 @@ def resume(args, d, path, raw, opt, streams, gens, bufs):
         raise ValueError(f"{path} was trained with another setup: config {diff}, data flags {data} (ours, theirs), "
                          f"world {ck['world']} vs {d.world}, objective {ck['args']['objective']} vs {args.objective}, "
                          f"--buffers {buffers} vs {args.buffers}")
+    if args.max_steps < ck["step"]:
+        raise ValueError(f"--max-steps {args.max_steps}: {path} is at step {ck['step']} already")
     theirs = ck["args"].get("sft_steps", args.sft_steps)
     if ck["step"] >= theirs != args.sft_steps:  # a warm start that has ended stays ended
         d.log(f"sft warm start: ended at step {theirs} of this run, which stays (--max-steps {args.max_steps} x "
@@ -542,6 +561,7 @@ def train(args, d):
     tok = get_tokenizer(args)
     raw = build_model(args, tok)  # before the data: --init-from sets the block size the rows are padded to
     train_data, val_data, val_text = load_data(args, tok, d)
+    args.data_digest, args.tokenizer_digest = data_digest(train_data), tok.digest()  # a resume must see the same
     args.schedule = schedule_steps(args, train_data)
     if args.schedule != args.max_steps:
         d.log(f"lr schedule: {args.schedule} steps ({args.lr_epochs:g} epochs), training stops at {args.max_steps}")

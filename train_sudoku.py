@@ -37,8 +37,8 @@ import sudoku_solver
 from checkpoint import config_diff, export_weights, load_checkpoint, load_model, load_state, save_checkpoint
 from model import ModelConfig, Transformer, device_flag, pick_device, shape_problem
 from relay import OBJECTIVES, RolloutBuffer, mlm_loss, reveal_jittered_mass, rollout_loss
-from runs import (StopOnInterrupt, claim_out_dir, nonneg_float, nonneg_int, positive_float, positive_int, run_cli,
-                  seed_int, unit_float)
+from runs import (StopOnInterrupt, claim_out_dir, given_flags, nonneg_float, nonneg_int, positive_float, positive_int,
+                  run_cli, seed_int, unit_float)
 from sampler import sample_mdm
 
 PRESETS = {  # flag defaults per preset; "cpu" is what the add_argument defaults below already say
@@ -152,14 +152,6 @@ def get_args(argv=None):
 
 
 MODEL_FLAGS = ("objective", "n_layer", "n_embd", "n_head", "n_ffn", "dropout", "tie_embeddings", "pos_emb")
-
-
-def given_flags(p, argv, dests):
-    """The flags the command line sets itself: argparse fills in a default (or a preset's) only where
-    the namespace it parses into lacks the attribute, so every one starts as a marker."""
-    unset = object()
-    ns = p.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(dests, unset)))
-    return {k for k, v in vars(ns).items() if v is not unset}
 
 
 def check_args(p, args, given):

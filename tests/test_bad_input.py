@@ -203,6 +203,8 @@ def test_a_tokenizer_that_does_not_fit_its_model_is_refused(tmp_path):
 
 def test_a_random_checkpoint_is_never_saved_over_another(tmp_path):
     sampler.main(["--random-init", "tiny", "--save", str(tmp_path / "r")])
+    mode = lambda f: os.stat(tmp_path / "r" / f).st_mode & 0o777
+    assert mode("model.safetensors") == mode("config.json")  # the library writes 0600; others could not read it
     before = (tmp_path / "r" / "model.safetensors").read_bytes()
     with pytest.raises(FileExistsError, match="r exists and is not empty"):
         sampler.main(["--random-init", "tiny", "--seed", "1", "--save", str(tmp_path / "r")])
@@ -240,6 +242,13 @@ def test_a_bad_flag_stops_train_code_before_any_work(capsys, tmp_path):
 def test_script_flags(tmp_path, script, argv, msg):
     r = subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 2 and msg in r.stderr and not os.listdir(tmp_path), r.stderr
+
+
+def test_code_tasks_does_not_write_over_a_file(tmp_path):
+    (tmp_path / "keep.jsonl").write_text("precious")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "code_tasks.py"), "--n", "2", "--out", "keep.jsonl"],
+                       cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 2 and "--out keep.jsonl exists" in r.stderr and (tmp_path / "keep.jsonl").read_text() == "precious"
 
 
 def test_a_missing_file_ends_the_run_in_one_line(tmp_path):

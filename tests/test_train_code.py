@@ -181,7 +181,9 @@ def test_chat_jsonl_validation(tmp_path, capsys):
     cases = [("{not json", "2: not valid JSON"),
              (json.dumps({"messages": []}), "2: expected an object"),
              (json.dumps({"messages": [{"role": "bot", "content": "x"}]}), "2: message 0 needs a role"),
-             (json.dumps({"messages": [{"role": "user", "content": "only a question"}]}), "2: no assistant")]
+             (json.dumps({"messages": [{"role": "user", "content": "only a question"}]}), "2: no assistant"),
+             ('{"messages": [{"role": "user", "content": "hi \\ud800"}, {"role": "assistant", "content": "x"}]}',
+              "2: message 0 \\(user\\) holds a lone surrogate")]
     for bad, msg in cases:
         p = tmp_path / "bad.jsonl"
         p.write_text(json.dumps(good) + "\n" + bad + "\n")
@@ -194,6 +196,53 @@ def test_chat_jsonl_validation(tmp_path, capsys):
     assert len(rows) == 2 and "dropped 1 rows longer than --seq-len 512 tokens (lines [2])" in capsys.readouterr().out
     ids, sup = rows[0]
     assert len(ids) % 16 == 0 and tok.decode(ids[sup].tolist()) == "hello<|im_end|>"
+
+
+def test_a_resume_refuses_other_rows_of_the_same_count_and_other_optimizer_flags(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+            for i in range(12)]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = ["--data", str(data), "--val-every-n", "4", "--max-steps", "3", "--out-dir", str(tmp_path / "o")]
+    run_main(common + ["--stop-after", "2"])
+    for extra, name in ((["--beta2", "0.5"], "beta2"), (["--weight-decay", "0.2"], "weight_decay")):
+        with pytest.raises(ValueError, match=f"another setup: .*'{name}'"):  # the optimizer's state would win
+            run_main(common + ["--resume", *extra])
+    with pytest.raises(ValueError, match="--max-steps 1: .* is at step 2 already"):
+        run_main(common + ["--resume", "--max-steps", "1"])
+    rows[0]["messages"][1]["content"] = "another answer"  # same file, same count: another training row
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match="another setup: .*'data_digest'"):
+        run_main(common + ["--resume"])
+
+
+def test_init_from_refusals(tmp_path, capsys):
+    """--init-from: its own export as the source, model flags it brings itself, a path that is no checkpoint."""
+    err = lambda argv: (pytest.raises(SystemExit, train_code.get_args, argv), capsys.readouterr().err)[1]
+    assert "is this run's own export" in err(["--init-from", str(tmp_path / "o" / "hf"), "--out-dir", str(tmp_path / "o")])
+    assert "--n-layer --bd-size: the model comes from --init-from" in err(["--init-from", "D", "--n-layer", "2",
+                                                                          "--bd-size", "8"])
+    assert "would train no relay step" in err(["--max-steps", "3", "--sft-frac", "0.9"])
+    with pytest.raises(FileNotFoundError, match="nodir: no such file or directory"):
+        run_main(["--init-from", str(tmp_path / "nodir"), "--out-dir", str(tmp_path / "o2")])
+
+
+def test_the_stdlib_cache_is_keyed_by_the_tokenizer(tmp_path, monkeypatch):
+    """Two tokenizers of one size (exports are all named hf) must not share tokenized data."""
+    from tokenizer import bpe_tokenizer
+    src = tmp_path / "lib"
+    src.mkdir()
+    for name in ("a.py", "m5.py"):  # m5.py: held out (crc32 % 50 == 0)
+        (src / name).write_text(f"def {name[0]}(a, b):\n    return a + b\n" * 20)
+    monkeypatch.setattr(code_data, "stdlib_files", lambda: (str(src), [str(src / "a.py"), str(src / "m5.py")]))
+    toks = [bpe_tokenizer([(b"a", b"d")]), bpe_tokenizer([(b"r", b"e")])]
+    assert toks[0].n_vocab == toks[1].n_vocab
+    for tok in toks:
+        got = code_data.load_stdlib(tok, str(tmp_path / "cache"))
+        eot = [tok.added["<|endoftext|>"]]
+        assert got["train"].tolist() + got["val"].tolist() == sum((tok.encode((src / n).read_text()) + eot
+                                                                   for n in ("a.py", "m5.py")), [])
+    assert len(os.listdir(tmp_path / "cache")) == 2
 
 
 def process_tree(pid):
