@@ -100,11 +100,13 @@ def jsonl_lines(path):
 
 
 def read_chat_jsonl(path, tok, seq_len, bd):
-    """Chat rows -> list of (ids, supervised) int32/bool arrays padded to a block multiple. Bad rows
-    raise `file:line: reason`; rows longer than seq_len are dropped and reported (count, lines)."""
-    rows, too_long = [], []
+    """Chat rows -> (list of (ids, supervised) int32/bool arrays padded to a block multiple, each row's
+    number in the file: 1 for its first row, counted before any is dropped, so a held-out choice by
+    it does not move with --seq-len). Bad rows raise `file:line: reason`; rows longer than seq_len are
+    dropped and reported (count, lines)."""
+    rows, numbers, too_long = [], [], []
     pad = tok.added["<|endoftext|>"]
-    for n, line in jsonl_lines(path):
+    for k, (n, line) in enumerate(jsonl_lines(path), 1):
         where = f"{path}:{n}"
         try:
             obj = json.loads(line)
@@ -141,12 +143,13 @@ def read_chat_jsonl(path, tok, seq_len, bd):
         L = -(-len(ids) // bd) * bd
         rows.append((np.array(ids + [pad] * (L - len(ids)), dtype=np.int32),
                      np.array(sup + [False] * (L - len(ids)), dtype=bool)))
+        numbers.append(k)
     if too_long:
         print(f"{path}: dropped {len(too_long)} rows longer than --seq-len {seq_len} tokens "
               f"(lines {too_long[:10]}{' ...' if len(too_long) > 10 else ''})")
     if not rows:
         raise ValueError(f"{path}: no usable rows")
-    return rows
+    return rows, numbers
 
 
 @lru_cache(maxsize=2)
@@ -287,7 +290,7 @@ if __name__ == "__main__":
     args = p.parse_args()
     tok = byte_tokenizer()
     if args.check:
-        rows = read_chat_jsonl(args.check, tok, args.seq_len, 32)
+        rows, _ = read_chat_jsonl(args.check, tok, args.seq_len, 32)
         print(f"{args.check}: {len(rows)} usable rows, {sum(int(s.sum()) for _, s in rows)} supervised tokens")
     else:
         d = load_stdlib(tok, args.data_dir)

@@ -279,8 +279,8 @@ def load_data(args, tok, d):
               f"{tok.n_vocab} token ids ({len(tok.merges)} BPE merges)")
         return train, val, ""
     if args.data != "stdlib":
-        rows = read_chat_jsonl(args.data, tok, args.seq_len, args.bd_size)
-        held = [i % args.val_every_n == args.val_every_n - 1 for i in range(len(rows))]
+        rows, numbers = read_chat_jsonl(args.data, tok, args.seq_len, args.bd_size)
+        held = [k % args.val_every_n == 0 for k in numbers]  # by the row's place in the file, whatever is dropped
         train = [r for r, h in zip(rows, held) if not h]
         val = [r for r, h in zip(rows, held) if h]
         if not val:  # NOTE: a training row as the held-out set would report a memorised loss as val loss

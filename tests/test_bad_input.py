@@ -499,6 +499,14 @@ def test_the_held_out_rows_never_train(tmp_path):
     train, val, _ = train_code.load_data(args, tok, d)
     assert len(train) == 2 and len(val) == 1
     assert not {v[0].tobytes() for v in val} & {t[0].tobytes() for t in train}
+    # a longer row that one --seq-len drops and another keeps does not move the held-out rows
+    rows.insert(0, {"messages": [{"role": "user", "content": "q" * 300}, {"role": "assistant", "content": "long"}]})
+    p = chat_file(tmp_path, *map(json.dumps, rows))
+    held = {}
+    for seq in ("256", "512"):
+        args = train_code.get_args(["--preset", "tiny", "--data", str(p), "--val-every-n", "2", "--seq-len", seq])
+        held[seq] = {tok.decode(v[0].tolist()) for v in train_code.load_data(args, tok, d)[1]}
+    assert held["256"] == held["512"] and len(held["512"]) == 2  # rows 2 and 4 of the file, both times
 
 
 def test_a_huge_row_is_refused_by_size_before_tokenizing(tmp_path):
@@ -521,7 +529,7 @@ def test_a_huge_row_is_refused_by_size_before_tokenizing(tmp_path):
 def test_utf8_bom_is_valid_and_bad_utf8_names_the_line(tmp_path):
     good = json.dumps(GOOD_ROW, ensure_ascii=False).encode()
     p = chat_file(tmp_path, raw=b"\xef\xbb\xbf" + good + b"\n" + good + b"\n")
-    assert len(code_data.read_chat_jsonl(str(p), byte_tokenizer(), 256, 16)) == 2
+    assert len(code_data.read_chat_jsonl(str(p), byte_tokenizer(), 256, 16)[0]) == 2
     p = chat_file(tmp_path, raw=good + b"\n" + good[:-3] + b"\xff\xfe" + good[-3:] + b"\n")
     with pytest.raises(ValueError, match=f"{p}:2: not UTF-8"):
         code_data.read_chat_jsonl(str(p), byte_tokenizer(), 256, 16)

@@ -192,8 +192,9 @@ def test_chat_jsonl_validation(tmp_path, capsys):
     long = {"messages": [{"role": "user", "content": "x" * 600}, {"role": "assistant", "content": "y"}]}
     p = tmp_path / "ok.jsonl"
     p.write_text("\n".join(json.dumps(r) for r in [good, long, good]) + "\n")
-    rows = code_data.read_chat_jsonl(str(p), tok, 512, 16)
+    rows, numbers = code_data.read_chat_jsonl(str(p), tok, 512, 16)
     assert len(rows) == 2 and "dropped 1 rows longer than --seq-len 512 tokens (lines [2])" in capsys.readouterr().out
+    assert numbers == [1, 3]  # their places in the file: a held-out choice by them ignores what was dropped
     ids, sup = rows[0]
     assert len(ids) % 16 == 0 and tok.decode(ids[sup].tolist()) == "hello<|im_end|>"
 
