@@ -189,7 +189,9 @@ def evaluate(model, tok, problems, *, threshold, base, system="", batch=1, timeo
     check_all(problems, rows, base=base, timeout=timeout, workers=workers, allow_unisolated=allow_unisolated,
               seen=seen)
     n = len(rows)
-    return {"pass@1": sum(r["passed"] for r in rows) / n, "n": n, "nfe": sum(r["nfe"] for r in rows) / n,
+    return {"pass@1": sum(r["passed"] for r in rows) / n, "n": n,
+            "distinct": len({p["prompt"] for p in problems}),  # NOTE: code_tasks' held-out draws repeat some
+            "nfe": sum(r["nfe"] for r in rows) / n,
             "nfe_ref": sum(r["nfe_ref"] for r in rows) / n,
             "new_tokens": sum(r["new_tokens"] for r in rows) / n, "tokens_per_s": sum(r["new_tokens"] for r in rows)
             / max(secs, 1e-9), "latency_s": sum(r["latency_s"] for r in rows) / n, "threshold": threshold}, rows

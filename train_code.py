@@ -529,7 +529,8 @@ def solve_held_out(args, model, tok, ctx, device):
     for p, r in list(zip(problems, rows))[:args.samples]:
         print(f"--- {p['task_id']} ({p['family']}): {'passed' if r['passed'] else r['status']}, NFE {r['nfe']} "
               f"for {r['new_tokens']} tokens\n{p['prompt']}{r['code']}")
-    print(f"held-out problems: pass@1 {100 * res['pass@1']:.1f}% of {res['n']}, NFE {res['nfe']:.1f} per problem, "
+    print(f"held-out problems: pass@1 {100 * res['pass@1']:.1f}% of {res['n']} ({res['distinct']} distinct), "
+          f"NFE {res['nfe']:.1f} per problem, "
           f"{res['tokens_per_s']:.0f} generated tokens/s (threshold {args.threshold})")
     return res
 

@@ -328,7 +328,8 @@ def test_every_asked_held_out_problem_is_solved(monkeypatch, capsys):
     """--eval-problems past eval_code's 200: as many problems as asked, the first 200 being those."""
     got = []
     monkeypatch.setattr(train_code, "evaluate", lambda model, tok, problems, **kw: got.append(problems) or (
-        {"pass@1": 0.0, "n": len(problems), "nfe": 1.0, "tokens_per_s": 1.0}, [{}] * len(problems)))
+        {"pass@1": 0.0, "n": len(problems), "distinct": len(problems), "nfe": 1.0, "tokens_per_s": 1.0},
+        [{}] * len(problems)))
     args = train_code.get_args(["--eval-problems", "250", "--samples", "0"])
     train_code.solve_held_out(args, torch.nn.Linear(1, 1), None, contextlib.nullcontext(), "cpu")
     assert len(got[0]) == 250 and got[0][:200] == eval_code.load_problems("synthetic")
