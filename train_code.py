@@ -284,8 +284,10 @@ def load_data(args, tok, d):
         train = [r for r, h in zip(rows, held) if not h]
         val = [r for r, h in zip(rows, held) if h]
         if not val:  # NOTE: a training row as the held-out set would report a memorised loss as val loss
-            raise ValueError(f"{args.data}: {len(rows)} usable rows and --val-every-n {args.val_every_n} hold out "
-                             f"none: give --val-every-n <= {len(rows)} (held-out rows never train)")
+            fits = [n for n in range(2, max(numbers) + 1) if any(k % n == 0 for k in numbers)][:5]
+            raise ValueError(f"{args.data}: the {len(rows)} usable rows (rows {numbers[:10]} of the file) and "
+                             f"--val-every-n {args.val_every_n} hold out none (held-out rows never train): "
+                             + (f"give one that divides a row's place, e.g. {fits}" if fits else "too few rows"))
         d.log(f"data: {args.data}: {len(train)} training rows, {len(val)} held out")
         return train, val, ""
     corpus = load_stdlib(tok, args.data_dir)
@@ -378,6 +380,9 @@ def resume(args, d, path, raw, opt, streams, gens, bufs):
         raise ValueError(f"{path} was trained with another setup: config {diff}, data flags {data} (ours, theirs), "
                          f"world {ck['world']} vs {d.world}, objective {ck['args']['objective']} vs {args.objective}, "
                          f"--buffers {buffers} vs {args.buffers}")
+    if args.data not in ("synthetic", "stdlib") and "data_digest" not in ck["args"]:
+        raise ValueError(f"{path} was written before held-out chat rows were chosen by their place in the file: "
+                         f"this code may hold out other rows and train on its validation rows; start a new run")
     if args.max_steps < ck["step"]:
         raise ValueError(f"--max-steps {args.max_steps}: {path} is at step {ck['step']} already")
     theirs = ck["args"].get("sft_steps", args.sft_steps)

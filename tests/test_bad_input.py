@@ -493,7 +493,8 @@ def test_the_held_out_rows_never_train(tmp_path):
             for i in range(3)]
     p = chat_file(tmp_path, *map(json.dumps, rows))
     args = train_code.get_args(["--preset", "tiny", "--data", str(p), "--val-every-n", "50"])
-    with pytest.raises(ValueError, match="3 usable rows and --val-every-n 50 hold out none"):
+    with pytest.raises(ValueError, match=r"3 usable rows \(rows \[1, 2, 3\] of the file\) and --val-every-n 50 hold "
+                                         r"out none .* e.g. \[2, 3\]"):
         train_code.load_data(args, tok, d)
     args.val_every_n = 2
     train, val, _ = train_code.load_data(args, tok, d)

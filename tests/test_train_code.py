@@ -17,6 +17,7 @@ import code_data
 import eval_code
 import relay
 import train_code
+from checkpoint import save_checkpoint
 from model import block_mask, shift_right
 from relay import RolloutBuffer
 from tokenizer import byte_tokenizer, load_tokenizer
@@ -211,6 +212,13 @@ def test_a_resume_refuses_other_rows_of_the_same_count_and_other_optimizer_flags
             run_main(common + ["--resume", *extra])
     with pytest.raises(ValueError, match="--max-steps 1: .* is at step 2 already"):
         run_main(common + ["--resume", "--max-steps", "1"])
+    # a checkpoint from before held-out rows were chosen by their place in the file (no digest in its args)
+    ck = torch.load(tmp_path / "o" / "ckpt.pt", weights_only=False)
+    old = {**ck, "args": {k: v for k, v in ck["args"].items() if k != "data_digest"}}
+    save_checkpoint({k: v for k, v in old.items() if k != "sha256"}, str(tmp_path / "o" / "ckpt.pt"))
+    with pytest.raises(ValueError, match="written before held-out chat rows were chosen by their place"):
+        run_main(common + ["--resume"])
+    save_checkpoint({k: v for k, v in ck.items() if k != "sha256"}, str(tmp_path / "o" / "ckpt.pt"))
     rows[0]["messages"][1]["content"] = "another answer"  # same file, same count: another training row
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(ValueError, match="another setup: .*'data_digest'"):
