@@ -290,7 +290,10 @@ if __name__ == "__main__":
     args = p.parse_args()
     tok = byte_tokenizer()
     if args.check:
-        rows, _ = read_chat_jsonl(args.check, tok, args.seq_len, 32)
+        try:
+            rows, _ = read_chat_jsonl(args.check, tok, args.seq_len, 32)
+        except ValueError as e:  # the first bad row, as a check reports it: one line
+            sys.exit(f"error: {e}")
         print(f"{args.check}: {len(rows)} usable rows, {sum(int(s.sum()) for _, s in rows)} supervised tokens")
     else:
         d = load_stdlib(tok, args.data_dir)

@@ -7,7 +7,7 @@ sudoku_solver.py, the search for hard puzzles in sudoku_hard.py.
     python sudoku.py --n 200 --seed 0              # generate (tiers 0 and 1 as they come), rate, print speed
     python sudoku.py --n 100 --hard --out hard.csv # the hard tier (tier 2): ~5 puzzles/s per core
     python sudoku.py --n 100 --tier 1              # only puzzles that need search, from the plain generator
-    python sudoku.py --check data/test.csv         # validate a CSV file
+    python sudoku.py --check checkpoints/sudoku_test_public.csv   # validate a CSV file
 
 Boards are uint8 arrays of 81 cells, row-major; 0 is a blank, 1..9 are digits. The token id of a
 cell *is* its value, so MASK = 0 and a puzzle array is already the model's input canvas.
@@ -23,6 +23,7 @@ import glob
 import itertools
 import multiprocessing as mp
 import os
+import sys
 import time
 import zipfile
 import zlib
@@ -363,7 +364,10 @@ if __name__ == "__main__":
     if args.check and not os.path.isfile(args.check):
         p.error(f"--check {args.check}: no such file")
     if args.check:
-        d = read_csv(args.check)
+        try:
+            d = read_csv(args.check)
+        except ValueError as e:  # the first bad row, as a check reports it: one line
+            sys.exit(f"error: {e}")
         print(f"{args.check}: {len(d['question'])} puzzles, {repeats(d['question'])[0]} repeating an earlier "
               f"question\n{summary(add_tiers(d))}")
     else:

@@ -4,7 +4,7 @@ train_code.py — a block-diffusion code model: Fast-dLLM v2's SFT and Relay fin
 weights on GPUs.
 
     python train_code.py                                    # CPU: tiny model, generated problems, Relay
-    python train_code.py --objective sft                    # Fast-dLLM v2's block-diffusion SFT instead
+    python train_code.py --objective sft --out-dir out/sft  # Fast-dLLM v2's block-diffusion SFT instead
     torchrun --standalone --nproc_per_node=2 train_code.py  # the same with 2 processes (gloo on CPU)
     torchrun --standalone --nproc_per_node=8 train_code.py --preset paper \\
         --init-from Fast_dLLM_v2_1.5B --data chat.jsonl     # the paper's Relay fine-tuning

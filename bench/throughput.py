@@ -43,6 +43,7 @@ p.add_argument("--profile", action="store_true", help="print where 5 steps of re
 p.add_argument("--n-gen", type=positive_int, default=200, help="puzzles to generate for the generator timing "
                "(the training steps draw their rows from them)")
 args, rest = p.parse_known_args()
+ts.get_args([*rest, "--objective", args.objectives[0]])  # train_sudoku's flags: a bad one stops here, before any work
 trained = load_model(args.checkpoint, kind="sudoku")[0] if args.checkpoint else None  # before the training timings
 
 

@@ -230,6 +230,7 @@ def test_a_bad_flag_stops_train_code_before_any_work(capsys, tmp_path):
     ("bench/compare_objectives.py", ["--max-steps", "-1"], "argument --max-steps: need an integer >= 0"),
     ("bench/compare_objectives.py", ["--resume"], "--resume: this script resumes an unfinished objective itself"),
     ("bench/compare_objectives.py", ["--overw"], "--overw: this script resumes an unfinished objective itself"),
+    ("bench/throughput.py", ["--clip", "-1"], "argument --clip"),  # train_sudoku's flag, before the timings
     ("bench/sudoku_public.py", ["none.txt", "--near", "82"], "argument --near: a puzzle has 81 cells"),
     ("bench/sudoku_public.py", ["none.txt", "--seed", "-1"], "argument --seed"),
     ("sudoku.py", ["--seed", "-1"], "argument --seed"),
@@ -254,8 +255,11 @@ def test_code_tasks_does_not_write_over_a_file(tmp_path):
 def test_a_missing_file_ends_the_run_in_one_line(tmp_path):
     """Our refusals and the library's file errors end a run with `error: <message>`, exit 1, no traceback."""
     os.makedirs(tmp_path / "empty")
+    (tmp_path / "bad.csv").write_text("question,answer\n123,456\n")  # and a check's first bad row: one line too
+    (tmp_path / "bad.jsonl").write_text('{"messages": []}\n')
     for argv in (["train_sudoku.py", "--eval-only", "--checkpoint", "none.pt"], ["eval_code.py", "--checkpoint", "nodir"],
-                 ["checkpoint.py", "empty"], ["tokenizer.py", "nodir", "some text"]):
+                 ["checkpoint.py", "empty"], ["tokenizer.py", "nodir", "some text"], ["sudoku.py", "--check", "bad.csv"],
+                 ["code_data.py", "--check", "bad.jsonl"]):
         r = subprocess.run([sys.executable, os.path.join(ROOT, argv[0]), *argv[1:]], cwd=tmp_path, capture_output=True,
                            text=True, timeout=120)
         assert r.returncode == 1 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr, r.stderr
