@@ -19,7 +19,6 @@ import os
 import re
 import sys
 import sysconfig
-import zipfile
 import zlib
 from functools import lru_cache
 
@@ -28,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from code_tasks import make_problems
-from runs import positive_int
+from runs import cached, positive_int
 from tokenizer import MASK_TOKEN, byte_tokenizer, train_bpe
 
 CHATML = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")  # turn markers: never inside a message's text
@@ -50,30 +49,21 @@ def load_stdlib(tok, cache_dir):
     root, files = stdlib_files()
     # keyed by the tokenizer's digest: two tokenizers of one size (two exports named hf) tokenize differently
     path = os.path.join(cache_dir, f"stdlib_py{sys.version_info[0]}{sys.version_info[1]}_{tok.digest()[:16]}.npz")
-    if os.path.exists(path):
-        try:
-            with np.load(path) as z:
-                return {k: z[k] for k in z.files}
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-            raise ValueError(f"{path}: damaged cache file ({type(e).__name__}: {e}); delete it and it is made "
-                             f"again") from None
-    eot = tok.added["<|endoftext|>"]
-    parts = {"train": [], "val": [], "val_files": []}
-    for f in tqdm(files, desc="tokenizing the standard library", leave=False):
-        rel = os.path.relpath(f, root)
-        with open(f, encoding="utf-8", errors="replace") as fh:
-            ids = tok.encode(fh.read()) + [eot]
-        split = "val" if zlib.crc32(rel.encode()) % 50 == 0 else "train"
-        parts[split].append(np.array(ids, dtype=np.int32))
-        if split == "val":
-            parts["val_files"].append(rel)
-    data = {"train": np.concatenate(parts["train"]), "val": np.concatenate(parts["val"]),
-            "val_files": np.array(parts["val_files"])}
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp.npz"
-    np.savez(tmp, **data)
-    os.replace(tmp, path)
-    return data
+
+    def tokenize():
+        eot = tok.added["<|endoftext|>"]
+        parts = {"train": [], "val": [], "val_files": []}
+        for f in tqdm(files, desc="tokenizing the standard library", leave=False):
+            rel = os.path.relpath(f, root)
+            with open(f, encoding="utf-8", errors="replace") as fh:
+                ids = tok.encode(fh.read()) + [eot]
+            split = "val" if zlib.crc32(rel.encode()) % 50 == 0 else "train"
+            parts[split].append(np.array(ids, dtype=np.int32))
+            if split == "val":
+                parts["val_files"].append(rel)
+        return {"train": np.concatenate(parts["train"]), "val": np.concatenate(parts["val"]),
+                "val_files": np.array(parts["val_files"])}
+    return cached(path, tokenize, compress=False)
 
 
 MAX_ROW_BYTES = 1 << 20  # a chat row must fit --seq-len tokens; 1 MiB is far past that for any --seq-len here

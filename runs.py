@@ -2,8 +2,8 @@
 runs.py — what every script checks before it starts work: numeric flags in range (argparse `type=`
 functions, so a bad value is a usage error naming its flag), an output directory that belongs to
 this run alone (a lock, and no new run over an earlier run's checkpoint), Ctrl-C ending a training
-loop at a step (StopOnInterrupt), and a missing or existing file ending a run with one line
-(run_cli); the CPU's name and the GPU's busy time that benchmarks print beside their figures. No
+loop at a step (StopOnInterrupt), a missing or existing file ending a run with one line (run_cli),
+an npz cache of generated data (cached); the CPU's name and the GPU's busy time that benchmarks print beside their figures. No
 command of its own.
 """
 import argparse
@@ -14,6 +14,10 @@ import signal
 import socket
 import sys
 import threading
+import zipfile
+import zlib
+
+import numpy as np
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,6 +111,24 @@ def claim_out_dir(out_dir, resume, overwrite, ckpt="ckpt.pt", also=()):
                               f"a new run that replaces it (or choose another --out-dir)")
     atexit.register(release_lock, lock)
     return lock
+
+
+def cached(path, make, compress=True):
+    """The arrays of the npz at `path` (a damaged one names itself), or make()'s, saved atomically first (a unique
+    temporary name: two runs may build the same file at once)."""
+    if os.path.exists(path):
+        try:
+            with np.load(path) as f:
+                return {k: f[k] for k in f.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+            raise ValueError(f"{path}: damaged cache file ({type(e).__name__}: {e}); delete it and it is made "
+                             f"again") from None
+    data = make()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp.npz"
+    (np.savez_compressed if compress else np.savez)(tmp, **data)
+    os.replace(tmp, path)
+    return data
 
 
 def lock_text():
@@ -217,6 +239,12 @@ class StopOnInterrupt:
     def __exit__(self, *exc):
         if self.previous is not None:
             signal.signal(signal.SIGINT, self.previous)
+
+    @staticmethod
+    def exit(step, ckpt_path, overwrite):
+        """End the run after the loop stopped on Ctrl-C and saved, saying how to go on."""
+        sys.exit(f"interrupted at step {step}: {ckpt_path} saved; the same command with --resume "
+                 f"{'in place of --overwrite ' if overwrite else ''}continues")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,12 +25,11 @@ import multiprocessing as mp
 import os
 import sys
 import time
-import zipfile
-import zlib
 
 import numpy as np
 from tqdm import tqdm
 
+from runs import cached, positive_int, seed_int
 from sudoku_hard import HARD_SEEDS, HARD_VERSION, generate_hard
 from sudoku_solver import UNITS_NP, minimal_puzzle, puzzle_text, rate, rate_many
 
@@ -134,23 +133,6 @@ def load_tiered(kind, n, seed=0, data_dir="data", workers=None, shares=None):
     parts = [load_tier(t, 100 * seed + STREAMS[kind][t], c, data_dir, workers, kind)
              for t, c in enumerate(tier_counts(shares, n)) if c]
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-
-def cached(path, make):
-    """Load the npz at `path`, or build it with make() and save it atomically."""
-    if os.path.exists(path):
-        try:
-            with np.load(path) as f:
-                return {k: f[k] for k in f.files}
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
-            raise ValueError(f"{path}: damaged cache file ({type(e).__name__}: {e}); delete it and it is made "
-                             f"again") from None
-    data = make()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp.npz"  # unique: two runs may build the same set at once
-    np.savez_compressed(tmp, **data)
-    os.replace(tmp, path)
-    return data
 
 
 HARD_RATING = 20  # a rating at least this makes a CSV puzzle tier 2: < 1 in 1000 random minimal puzzles
@@ -347,7 +329,6 @@ def summary(d):
 
 
 if __name__ == "__main__":
-    from runs import positive_int, seed_int
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=positive_int, default=200, help="puzzles to generate")
     p.add_argument("--seed", type=seed_int, default=0, help="puzzle stream: puzzle i depends only on (seed, i)")

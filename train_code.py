@@ -38,7 +38,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -635,8 +634,7 @@ def train(args, d):
     if saved != step:
         checkpoint()
     if interrupted:
-        sys.exit(f"interrupted at step {step}: {ckpt_path} saved; the same command with --resume "
-                 f"{'in place of --overwrite ' if args.overwrite else ''}continues")
+        StopOnInterrupt.exit(step, ckpt_path, args.overwrite)
     # 5) finish: export in the Fast-dLLM v2 layout, complete held-out signatures, JSON line
     hf_dir, exported = export(args, d, raw, tok)
     samples = complete_signatures(args, exported, tok, val_text, ctx, d.device) \

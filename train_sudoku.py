@@ -23,7 +23,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 from contextlib import nullcontext
 from functools import partial
@@ -619,8 +618,7 @@ def main(argv=None):
     losses += [x[0] for x in torch.stack(pending).tolist()] if pending else []  # a stop in mid-interval
     bar.close()
     if interrupted:
-        sys.exit(f"interrupted at step {step}: {ckpt_path} saved; the same command with --resume "
-                 f"{'in place of --overwrite ' if args.overwrite else ''}continues")
+        StopOnInterrupt.exit(step, ckpt_path, args.overwrite)
     # 6) finish: evaluate at tau, sweep tau, curve, table, JSON line
     # train_seconds leave out the monitor's evaluations (rows/s is the training speed)
     steady = None
