@@ -15,7 +15,7 @@ before HumanEval means anything).
   is shared and test parameter values are never seen in training.
 - Tests: the reference body is run on random inputs; draws where returning the argument unchanged would
   pass, or where every expected output is the same, are redrawn, so trivial programs score ~0.
-- make_problems(split, n, seed): problem i depends only on (split, seed, i): a set of n is a prefix of m > n.
+- make_problems(split, n, seed): a set of n is a prefix of m > n; held-out prompts are distinct.
 """
 import argparse
 import json
@@ -232,10 +232,10 @@ def build(task_id, family, params, instr, arg, ret, body, rng):
             "canonical_solution": solution, "test": f"def check(candidate):\n{asserts}", "instruction": instr}
 
 
-def make_problem(split, seed, i):
+def make_problem(split, seed, i, redraw=0):
     # NOTE: a string seed is hashed with sha512 by random.Random, so it is stable across processes and
-    # PYTHONHASHSEED; problem i depends on nothing else, which gives the prefix property.
-    rng = random.Random(f"code_tasks:{split}:{seed}:{i}")
+    # PYTHONHASHSEED; draw i depends on nothing else (make_problems' redraws add their number to the seed).
+    rng = random.Random(f"code_tasks:{split}:{seed}:{i}" + (f":{redraw}" if redraw else ""))
     task_id = f"synthetic/{split}/{i}"
     for _ in range(100):  # redraw the family and params if no input set tells the answer from a trivial one
         prob = draw_problem(split, task_id, rng)
@@ -261,9 +261,22 @@ def draw_problem(split, task_id, rng, p_compose=0.4):
 
 
 def make_problems(split, n, seed=0):
+    """The first n problems of a split; a set of n is a prefix of m > n. Held-out prompts are all distinct (a
+    repeated one would count twice in pass@1): a test draw whose prompt came earlier is redrawn. Training
+    prompts may repeat (with other test inputs), as any sample of a small space does."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    return [make_problem(split, seed, i) for i in range(n)]
+    problems, seen = [], set()
+    for i in range(n):
+        for redraw in range(100):
+            p = make_problem(split, seed, i, redraw)
+            if split == "train" or p["prompt"] not in seen:
+                break
+        else:
+            raise RuntimeError(f"synthetic/{split}/{i}: 100 draws all repeat an earlier prompt: fewer problems")
+        seen.add(p["prompt"])
+        problems.append(p)
+    return problems
 
 
 def write_jsonl(path, problems):

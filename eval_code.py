@@ -190,7 +190,7 @@ def evaluate(model, tok, problems, *, threshold, base, system="", batch=1, timeo
               seen=seen)
     n = len(rows)
     return {"pass@1": sum(r["passed"] for r in rows) / n, "n": n,
-            "distinct": len({p["prompt"] for p in problems}),  # NOTE: code_tasks' held-out draws repeat some
+            "distinct": len({p["prompt"] for p in problems}),  # NOTE: a problem file may repeat a prompt
             "nfe": sum(r["nfe"] for r in rows) / n,
             "nfe_ref": sum(r["nfe_ref"] for r in rows) / n,
             "new_tokens": sum(r["new_tokens"] for r in rows) / n, "tokens_per_s": sum(r["new_tokens"] for r in rows)

@@ -26,6 +26,16 @@ def test_deterministic_and_prefix():
     assert all(p["task_id"] == f"synthetic/train/{i}" for i, p in enumerate(a))
 
 
+def test_held_out_prompts_are_distinct_and_still_a_prefix():
+    """A repeated held-out prompt would count twice in pass@1: test draws that repeat one are redrawn."""
+    test = ct.make_problems("test", 400, seed=0)
+    assert len({p["prompt"] for p in test}) == 400
+    assert ct.make_problems("test", 150, seed=0) == test[:150]
+    assert [p["task_id"] for p in test] == [f"synthetic/test/{i}" for i in range(400)]
+    first = [ct.make_problem("test", 0, i) for i in range(400)]  # the plain draws do repeat (so the test can fail)
+    assert len({p["prompt"] for p in first}) < 400
+
+
 def test_splits_disjoint_and_test_has_unseen_compositions():
     train, test = ct.make_problems("train", 2000, seed=0), ct.make_problems("test", 500, seed=0)
     assert not {key(p) for p in train} & {key(p) for p in test}
