@@ -89,11 +89,11 @@ def jsonl_lines(path):
                 yield n, text
 
 
-def read_chat_jsonl(path, tok, seq_len, bd):
+def read_chat_jsonl(path, tok, seq_len, bd, log=print):
     """Chat rows -> (list of (ids, supervised) int32/bool arrays padded to a block multiple, each row's
     number in the file: 1 for its first row, counted before any is dropped, so a held-out choice by
     it does not move with --seq-len). Bad rows raise `file:line: reason`; rows longer than seq_len are
-    dropped and reported (count, lines)."""
+    dropped and reported (count, lines) through log (train_code: rank 0's)."""
     rows, numbers, too_long = [], [], []
     pad = tok.added["<|endoftext|>"]
     for k, (n, line) in enumerate(jsonl_lines(path), 1):
@@ -110,6 +110,10 @@ def read_chat_jsonl(path, tok, seq_len, bd):
             if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
                     or not isinstance(m.get("content"), str):
                 raise ValueError(f"{where}: message {i} needs a role (system/user/assistant) and string content")
+            extra = sorted(set(m) - {"role", "content"})
+            if extra:  # e.g. tool_calls or name: ChatML here renders role and content only, the rest would be lost
+                raise ValueError(f"{where}: message {i} ({m['role']}) has key(s) {extra}: only role and content "
+                                 f"are rendered")
             try:
                 m["content"].encode("utf-8")
             except UnicodeEncodeError as e:  # JSON's "\ud800" escapes: no UTF-8 text (it would turn into U+FFFD)
@@ -135,7 +139,7 @@ def read_chat_jsonl(path, tok, seq_len, bd):
                      np.array(sup + [False] * (L - len(ids)), dtype=bool)))
         numbers.append(k)
     if too_long:
-        print(f"{path}: dropped {len(too_long)} rows longer than --seq-len {seq_len} tokens "
+        log(f"{path}: dropped {len(too_long)} rows longer than --seq-len {seq_len} tokens "
               f"(lines {too_long[:10]}{' ...' if len(too_long) > 10 else ''})")
     if not rows:
         raise ValueError(f"{path}: no usable rows")

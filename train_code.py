@@ -278,7 +278,7 @@ def load_data(args, tok, d):
               f"{tok.n_vocab} token ids ({len(tok.merges)} BPE merges)")
         return train, val, ""
     if args.data != "stdlib":
-        rows, numbers = read_chat_jsonl(args.data, tok, args.seq_len, args.bd_size)
+        rows, numbers = read_chat_jsonl(args.data, tok, args.seq_len, args.bd_size, log=d.log)
         held = [k % args.val_every_n == 0 for k in numbers]  # by the row's place in the file, whatever is dropped
         train = [r for r, h in zip(rows, held) if not h]
         val = [r for r, h in zip(rows, held) if h]

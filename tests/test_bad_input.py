@@ -490,6 +490,27 @@ def test_chat_rows_with_the_mask_token_are_refused(tmp_path):
         code_data.read_chat_jsonl(str(p), byte_tokenizer(), 256, 16)
 
 
+def test_chat_message_keys_that_would_be_lost_are_refused(tmp_path):
+    """ChatML here renders role and content: a tool call or a name would vanish from training silently."""
+    bad = {"messages": [{"role": "user", "content": "hi"},
+                        {"role": "assistant", "content": "", "tool_calls": [{"name": "f"}]}]}
+    p = chat_file(tmp_path, json.dumps(GOOD_ROW), json.dumps(bad))
+    with pytest.raises(ValueError, match=f"{p}:2: message 1 \\(assistant\\) has key\\(s\\) \\['tool_calls'\\]"):
+        code_data.read_chat_jsonl(str(p), byte_tokenizer(), 256, 16)
+
+
+def test_dropped_rows_are_reported_by_rank_0_only(tmp_path, capsys):
+    long = {"messages": [{"role": "user", "content": "q" * 300}, {"role": "assistant", "content": "long"}]}
+    p = chat_file(tmp_path, json.dumps(GOOD_ROW), json.dumps(long), json.dumps(GOOD_ROW))
+    args = train_code.get_args(["--preset", "tiny", "--data", str(p), "--val-every-n", "3", "--seq-len", "256"])
+    said = {}
+    for rank in (0, 1):
+        train_code.load_data(args, byte_tokenizer(), train_code.Dist(True, rank, 2, "cpu"))
+        said[rank] = capsys.readouterr().out
+    assert f"{p}: dropped 1 rows longer than --seq-len 256 tokens (lines [2])" in said[0]
+    assert said[1] == ""
+
+
 def test_the_held_out_rows_never_train(tmp_path):
     d = train_code.Dist(False, 0, 1, "cpu")
     tok = byte_tokenizer()
