@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from model import ModelConfig, Transformer
-from runs import run_cli
+from runs import InputError, run_cli
 from tokenizer import MASK_TOKEN, find_token, load_tokenizer
 
 # ---------------------------------------------------------------------------------------------
@@ -92,16 +92,16 @@ def load_checkpoint(path, device="cpu", kind=None):
     try:
         ck = torch.load(path, map_location=device, weights_only=False)
     except Exception as e:
-        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+        raise InputError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(ck, dict) or not {"model", "config", "step"} <= set(ck):
-        raise ValueError(f"{path}: not a training checkpoint of this repository (needs model, config, step)")
+        raise InputError(f"{path}: not a training checkpoint of this repository (needs model, config, step)")
     if "sha256" in ck:
         got = tensor_digests({k: v for k, v in ck.items() if k != "sha256"})
         if bad := sorted(k for k in set(got) | set(ck["sha256"]) if got.get(k) != ck["sha256"].get(k)):
-            raise ValueError(f"{path}: corrupt checkpoint: {len(bad)} tensor(s) do not match the sha256 "
+            raise InputError(f"{path}: corrupt checkpoint: {len(bad)} tensor(s) do not match the sha256 "
                              f"recorded when it was saved: {bad[:5]}{' ...' if len(bad) > 5 else ''}")
     if kind is not None and checkpoint_kind(ck) != kind:
-        raise ValueError(f"{path} holds a {checkpoint_kind(ck)} model (train_{checkpoint_kind(ck)}.py), "
+        raise InputError(f"{path} holds a {checkpoint_kind(ck)} model (train_{checkpoint_kind(ck)}.py), "
                          f"not a {kind} model")
     return ck
 
@@ -112,7 +112,7 @@ def load_model(path, device="cpu", kind=None):
     ck = load_checkpoint(path, device, kind)
     names = {f.name for f in fields(ModelConfig)}
     if unknown := sorted(set(ck["config"]) - names):
-        raise ValueError(f"{path}: config has fields this model.py does not know: {unknown}")
+        raise InputError(f"{path}: config has fields this model.py does not know: {unknown}")
     model = Transformer(ModelConfig(**ck["config"])).to(device)
     load_state(model, ck.get("ema") or ck["model"], path)
     return model.eval(), ck
@@ -142,7 +142,7 @@ def load_state(model, sd, where, assign=False):
     shapes = [f"{k}: {tuple(sd[k].shape)} in file vs {tuple(v.shape)} in model"
               for k, v in own.items() if k in sd and sd[k].shape != v.shape]
     if missing or unexpected or shapes:
-        raise ValueError(f"{where} does not match the model: missing {missing}, unexpected {unexpected}, "
+        raise InputError(f"{where} does not match the model: missing {missing}, unexpected {unexpected}, "
                          f"mis-shaped {shapes}")
     model.load_state_dict(sd, assign=assign)
 
@@ -178,7 +178,7 @@ SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"  # a directo
 def hf_name(name):
     key = re.sub(r"^layers\.\d+\.", "layers.{i}.", name)
     if key not in HF_NAMES:
-        raise ValueError(f"{name}: no Fast-dLLM v2 / Qwen2 name for this parameter (a Sudoku model has no "
+        raise InputError(f"{name}: no Fast-dLLM v2 / Qwen2 name for this parameter (a Sudoku model has no "
                          f"such layout)")
     return HF_NAMES[key].replace("{i}", name.split(".")[1]) if "{i}" in key else HF_NAMES[key]
 
@@ -195,10 +195,10 @@ def shard_names(path):
     with open(index, encoding="utf-8") as f:
         wm = json.load(f).get("weight_map")
     if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
-        raise ValueError(f"{index}: weight_map must be an object of tensor name -> shard file name")
+        raise InputError(f"{index}: weight_map must be an object of tensor name -> shard file name")
     outside = sorted({v for v in wm.values() if os.path.isabs(v) or os.path.normpath(v).split(os.sep)[0] == os.pardir})
     if outside:
-        raise ValueError(f"{index}: shard(s) {outside} are outside the checkpoint directory {path}")
+        raise InputError(f"{index}: shard(s) {outside} are outside the checkpoint directory {path}")
     return sorted(set(wm.values()))
 
 
@@ -206,10 +206,10 @@ def check_tokenizer(model, tok, path):
     """A checkpoint's tokenizer must fit its model: an id past the vocabulary would fail in the embedding,
     and another mask id would decode with a real token as the mask. Raises naming both files' values."""
     if tok.n_vocab > model.cfg.vocab_size:
-        raise ValueError(f"{path}: tokenizer.json's ids go up to {tok.n_vocab - 1}, past the model's vocabulary "
+        raise InputError(f"{path}: tokenizer.json's ids go up to {tok.n_vocab - 1}, past the model's vocabulary "
                          f"(config.json vocab_size {model.cfg.vocab_size})")
     if tok.mask_id is not None and tok.mask_id != model.cfg.mask_id:
-        raise ValueError(f"{path}: the tokenizer's {MASK_TOKEN} is id {tok.mask_id}, config.json's mask_token_id "
+        raise InputError(f"{path}: the tokenizer's {MASK_TOKEN} is id {tok.mask_id}, config.json's mask_token_id "
                          f"{model.cfg.mask_id}")
 
 
@@ -235,7 +235,7 @@ def read_config(path):
     """A checkpoint directory's config.json -> (ModelConfig, the dict as read); the mask id comes from the
     tokenizer where config.json has none. No weight is read: a checkpoint can be checked before it is loaded."""
     if os.path.isfile(path):
-        raise ValueError(f"{path} is a file; expected a Fast-dLLM v2 / Qwen2 checkpoint directory (train_code.py "
+        raise InputError(f"{path} is a file; expected a Fast-dLLM v2 / Qwen2 checkpoint directory (train_code.py "
                          f"exports one as OUT_DIR/hf)")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file or directory")
@@ -246,12 +246,12 @@ def read_config(path):
         try:
             hf_cfg = json.load(f)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{cfg_path}:{e.lineno}: not valid JSON ({e.msg})") from None
+            raise InputError(f"{cfg_path}:{e.lineno}: not valid JSON ({e.msg})") from None
     cfg = ModelConfig.from_hf(hf_cfg, cfg_path)
     if cfg.mask_id < 0:  # Fast-dLLM v2 keeps the mask token in the tokenizer, not in config.json
         cfg.mask_id = find_token(path, MASK_TOKEN)
     if not 0 <= cfg.mask_id < cfg.vocab_size:  # an embedding lookup would fail only at decoding time
-        raise ValueError(f"{path}: mask token id {cfg.mask_id} (config.json mask_token_id or the tokenizer's "
+        raise InputError(f"{path}: mask token id {cfg.mask_id} (config.json mask_token_id or the tokenizer's "
                          f"{MASK_TOKEN}) is outside the vocabulary (vocab_size {cfg.vocab_size})")
     return cfg, hf_cfg
 
@@ -271,7 +271,7 @@ def from_pretrained(path, *, device="cpu", dtype=torch.bfloat16):
         try:
             handle = safe_open(os.path.join(path, shard), framework="pt", device="cpu")
         except Exception as e:  # truncated or not safetensors at all: the library's message names no file
-            raise ValueError(f"{os.path.join(path, shard)}: not a readable safetensors file ({e})") from None
+            raise InputError(f"{os.path.join(path, shard)}: not a readable safetensors file ({e})") from None
         with handle as f:
             for name in f.keys():
                 if name in seen:  # which copy is right is unknowable: refuse rather than let the last win
@@ -293,7 +293,7 @@ def from_pretrained(path, *, device="cpu", dtype=torch.bfloat16):
             tied_head.to(device=device, dtype=dtype), sd["embed_tokens.weight"]):
         unexpected.append("lm_head.weight (differs from embed_tokens but tie_word_embeddings is true)")
     if missing or unexpected or shapes or twice:
-        raise ValueError(f"{path} does not match its config.json: missing {missing}, unexpected {unexpected}, "
+        raise InputError(f"{path} does not match its config.json: missing {missing}, unexpected {unexpected}, "
                          f"mis-shaped {shapes}" + (f", in two shards {twice}" if twice else ""))
     model.load_state_dict(sd, assign=True)
     model.hf_config = hf_cfg
@@ -339,10 +339,10 @@ def save_pretrained(model, path, dtype=None, max_shard_bytes=5 * 10**9):
         named = getattr(torch, str(cfg.get("torch_dtype", cfg.get("dtype"))), None)  # "auto", None: not a dtype
         dtype = named if named in DTYPES else next(iter(params.values())).dtype
     if dtype not in DTYPES:
-        raise ValueError(f"save_pretrained: weights are written in float32, bfloat16 or float16, not {dtype}")
+        raise InputError(f"save_pretrained: weights are written in float32, bfloat16 or float16, not {dtype}")
     big = [hf[k] for k, v in params.items() if dtype == torch.float16 and v.abs().max() > torch.finfo(dtype).max]
     if big:
-        raise ValueError(f"save_pretrained: {big[:3]} exceed float16's range: write bfloat16 or float32")
+        raise InputError(f"save_pretrained: {big[:3]} exceed float16's range: write bfloat16 or float32")
     for key in {"torch_dtype", "dtype"} & {"torch_dtype", *cfg}:  # newer transformers write "dtype"
         cfg[key] = str(dtype).removeprefix("torch.")
     sizes = {k: v.numel() * dtype.itemsize for k, v in params.items()}

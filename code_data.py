@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from code_tasks import make_problems
-from runs import cached, positive_int
+from runs import InputError, cached, positive_int
 from tokenizer import MASK_TOKEN, byte_tokenizer, train_bpe
 
 CHATML = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")  # turn markers: never inside a message's text
@@ -78,12 +78,12 @@ def jsonl_lines(path):
         for n, raw in enumerate(iter(lambda: f.readline(MAX_ROW_BYTES + 2), b""), 1):
             where = f"{path}:{n}"
             if len(raw.rstrip(b"\r\n")) > MAX_ROW_BYTES:
-                raise ValueError(f"{where}: row longer than {MAX_ROW_BYTES} bytes (a row must fit --seq-len "
+                raise InputError(f"{where}: row longer than {MAX_ROW_BYTES} bytes (a row must fit --seq-len "
                                  f"tokens): refused before tokenizing")
             try:
                 text = raw.decode("utf-8-sig" if n == 1 else "utf-8")
             except UnicodeDecodeError as e:
-                raise ValueError(f"{where}: not UTF-8 (byte {e.start} of the line is {raw[e.start:e.start + 1]!r})") \
+                raise InputError(f"{where}: not UTF-8 (byte {e.start} of the line is {raw[e.start:e.start + 1]!r})") \
                     from None
             if text.strip():
                 yield n, text
@@ -101,36 +101,36 @@ def read_chat_jsonl(path, tok, seq_len, bd, log=print):
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+            raise InputError(f"{where}: not valid JSON ({e.msg})") from None
         msgs = obj.get("messages") if isinstance(obj, dict) else None
         if not isinstance(msgs, list) or not msgs:
-            raise ValueError(f"{where}: expected an object with a non-empty \"messages\" list")
+            raise InputError(f"{where}: expected an object with a non-empty \"messages\" list")
         ids, sup = [], []
         for i, m in enumerate(msgs):
             if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
                     or not isinstance(m.get("content"), str):
-                raise ValueError(f"{where}: message {i} needs a role (system/user/assistant) and string content")
+                raise InputError(f"{where}: message {i} needs a role (system/user/assistant) and string content")
             extra = sorted(set(m) - {"role", "content"})
             if extra:  # e.g. tool_calls or name: ChatML here renders role and content only, the rest would be lost
-                raise ValueError(f"{where}: message {i} ({m['role']}) has key(s) {extra}: only role and content "
+                raise InputError(f"{where}: message {i} ({m['role']}) has key(s) {extra}: only role and content "
                                  f"are rendered")
             try:
                 m["content"].encode("utf-8")
             except UnicodeEncodeError as e:  # JSON's "\ud800" escapes: no UTF-8 text (it would turn into U+FFFD)
-                raise ValueError(f"{where}: message {i} ({m['role']}) holds a lone surrogate at character {e.start}") \
+                raise InputError(f"{where}: message {i} ({m['role']}) holds a lone surrogate at character {e.start}") \
                     from None
             if MASK_TOKEN in m["content"]:  # it would tokenize to the mask id: a "position to fill" in x0
-                raise ValueError(f"{where}: message {i} ({m['role']}) contains the mask token {MASK_TOKEN}")
+                raise InputError(f"{where}: message {i} ({m['role']}) contains the mask token {MASK_TOKEN}")
             marker = next((s for s in CHATML if s in m["content"]), None)  # it would end or open a turn
             if marker:
-                raise ValueError(f"{where}: message {i} ({m['role']}) contains the ChatML marker {marker}")
+                raise InputError(f"{where}: message {i} ({m['role']}) contains the ChatML marker {marker}")
             head = tok.encode(f"<|im_start|>{m['role']}\n")
             body = tok.encode(m["content"] + "<|im_end|>")
             tail = tok.encode("\n")
             ids += head + body + tail
             sup += [False] * len(head) + [m["role"] == "assistant"] * len(body) + [False] * len(tail)
         if not any(sup):
-            raise ValueError(f"{where}: no assistant message to learn from")
+            raise InputError(f"{where}: no assistant message to learn from")
         if len(ids) > seq_len:
             too_long.append(n)
             continue
@@ -142,7 +142,8 @@ def read_chat_jsonl(path, tok, seq_len, bd, log=print):
         log(f"{path}: dropped {len(too_long)} rows longer than --seq-len {seq_len} tokens "
               f"(lines {too_long[:10]}{' ...' if len(too_long) > 10 else ''})")
     if not rows:
-        raise ValueError(f"{path}: no usable rows")
+        raise InputError(f"{path}: no usable rows: " + (f"all {len(too_long)} are longer than --seq-len {seq_len} tokens"
+                                                        if too_long else "the file has no non-blank line"))
     return rows, numbers
 
 
@@ -168,7 +169,7 @@ def synthetic_rows(problems, tok, seq_len, bd):
     for p in problems:
         head, body = tok.encode(p["prompt"]), tok.encode(p["canonical_solution"]) + [eot]
         if len(head) + len(body) > seq_len:
-            raise ValueError(f"{p['task_id']}: {len(head) + len(body)} tokens do not fit --seq-len {seq_len}")
+            raise InputError(f"{p['task_id']}: {len(head) + len(body)} tokens do not fit --seq-len {seq_len}")
         L = -(-(len(head) + len(body)) // bd) * bd
         ids = head + body + [eot] * (L - len(head) - len(body))
         sup = [False] * len(head) + [True] * (L - len(head))
@@ -190,7 +191,7 @@ class Rows:
 
     def __init__(self, data, seq_len, seed, chunk, pad_id, device, bucket=0, chunks=1, group=1):
         if not isinstance(data, np.ndarray) and len(data) < chunks * group:
-            raise ValueError(f"{len(data)} rows cannot be dealt to {chunks} chunks of the batch in groups of {group}: "
+            raise InputError(f"{len(data)} rows cannot be dealt to {chunks} chunks of the batch in groups of {group}: "
                              f"give more rows or a smaller --batch-size")
         self.data, self.L, self.pad, self.device = data, seq_len, pad_id, device
         self.seed, self.chunk, self.chunks, self.bucket, self.group = seed, chunk, chunks, bucket, group
@@ -207,7 +208,7 @@ class Rows:
     def load_state(self, s):
         """Go on from state(); a position in data of another size (the file changed since) is refused."""
         if s.get("n", len(self.data)) != len(self.data):  # ("n" is absent in older checkpoints)
-            raise ValueError(f"the checkpoint's data position is in {s['n']:,} "
+            raise InputError(f"the checkpoint's data position is in {s['n']:,} "
                              f"{'tokens' if isinstance(self.data, np.ndarray) else 'rows'}, the data now has "
                              f"{len(self.data):,}: resume with the data it was trained on")
         self.epoch, self.pos, self.order = s["epoch"], s["pos"], None

@@ -19,13 +19,12 @@ before HumanEval means anything).
 """
 import argparse
 import json
-import os
 import random
 import zlib
 from collections import Counter
 from dataclasses import dataclass
 
-from runs import positive_int, run_cli, seed_int
+from runs import check_out_file, positive_int, run_cli, seed_int
 
 # ---------------------------------------------------------------------------------------------------------
 # Parameter sets: (train values, test values), disjoint so the test split only sees unseen values. Many values
@@ -308,10 +307,8 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="JSONL to write (HumanEval format); none: summary only")
     ap.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = ap.parse_args(argv)
-    if args.out == "":
-        ap.error("--out: empty")
-    if args.out and os.path.exists(args.out) and not args.overwrite:
-        ap.error(f"--out {args.out} exists: pass --overwrite to replace it")
+    if args.out is not None:
+        check_out_file("--out", args.out, args.overwrite)
     problems = make_problems(args.split, args.n, args.seed)
     print(summary(problems))
     if args.out:

@@ -33,7 +33,7 @@ from tqdm import tqdm
 from checkpoint import load_pretrained, meta_pretrained
 from code_tasks import TEST_ONLY, make_problems
 from model import SHAPES, device_flag, pick_device, random_model
-from runs import nonneg_int, positive_float, positive_int, run_cli, unit_float, unit_floats
+from runs import InputError, check_out_file, nonneg_int, positive_float, positive_int, run_cli, unit_float, unit_floats
 from sampler import SUB_BLOCK, check_generate_args, generate
 from sandbox import run_sandboxed, self_check
 from tokenizer import QWEN_SYSTEM
@@ -57,26 +57,26 @@ def problem_row(r, where, n):
     """One JSONL row -> a HumanEval-shaped dict with its check program; a malformed row raises `where: reason`."""
     strs = lambda *keys: all(isinstance(r.get(k), str) for k in keys)
     if not isinstance(r, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(r).__name__}")
+        raise InputError(f"{where}: expected a JSON object, got {type(r).__name__}")
     task_id = r.get("task_id", n)  # none given: the line number
     if isinstance(task_id, bool) or not isinstance(task_id, (str, int)):
-        raise ValueError(f"{where}: task_id must be a string or an integer, got {task_id!r}")
+        raise InputError(f"{where}: task_id must be a string or an integer, got {task_id!r}")
     if {"prompt", "entry_point", "test"} <= set(r):
         if not strs("prompt", "entry_point", "test") or not r["entry_point"].isidentifier():
-            raise ValueError(f"{where}: HumanEval fields prompt, test (strings) and entry_point (a name) expected")
+            raise InputError(f"{where}: HumanEval fields prompt, test (strings) and entry_point (a name) expected")
         return with_check({**r, "task_id": task_id})
     if {"text", "test_list"} <= set(r):
         tests = r["test_list"]
         if not strs("text") or not isinstance(tests, list) or not tests or not all(isinstance(t, str) for t in tests) \
                 or not isinstance(r.get("test_setup_code", ""), str):
-            raise ValueError(f"{where}: MBPP fields text (a string), test_list (a non-empty list of strings) "
+            raise InputError(f"{where}: MBPP fields text (a string), test_list (a non-empty list of strings) "
                              f"and test_setup_code (a string, if given) expected")
         name = re.search(r"assert\s+(\w+)\s*\(", tests[0])
         sig = f"\nYour code should pass these tests:\n{chr(10).join(tests)}\n"
         return {"task_id": task_id, "prompt": r["text"] + sig, "entry_point": name.group(1) if name else "",
                 "canonical_solution": r.get("code"), "mbpp": True,
                 "check": "\n" + r.get("test_setup_code", "") + "\n" + "\n".join(tests) + "\n"}
-    raise ValueError(f"{where}: neither HumanEval (prompt, entry_point, test) nor MBPP (text, test_list) fields; "
+    raise InputError(f"{where}: neither HumanEval (prompt, entry_point, test) nor MBPP (text, test_list) fields; "
                      f"has {sorted(r)}")
 
 
@@ -85,7 +85,7 @@ def read_lines(f, path):
     try:
         yield from f
     except (gzip.BadGzipFile, EOFError, zlib.error) as e:
-        raise ValueError(f"{path}: not a readable gzip file ({e})") from None
+        raise InputError(f"{path}: not a readable gzip file ({e})") from None
 
 
 def load_problems(path=None):
@@ -106,16 +106,16 @@ def load_problems(path=None):
             try:
                 r = json.loads(line.decode("utf-8-sig" if n == 1 else "utf-8"))
             except UnicodeDecodeError as e:
-                raise ValueError(f"{path}:{n}: not UTF-8 (byte {e.start} of the line)") from None
+                raise InputError(f"{path}:{n}: not UTF-8 (byte {e.start} of the line)") from None
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                raise InputError(f"{path}:{n}: not valid JSON ({e.msg})") from None
             out.append(problem_row(r, f"{path}:{n}", n))
             task_id = out[-1]["task_id"]
             if task_id in seen:  # results are keyed by it
-                raise ValueError(f"{path}:{n}: task_id {task_id!r} again (first on line {seen[task_id]})")
+                raise InputError(f"{path}:{n}: task_id {task_id!r} again (first on line {seen[task_id]})")
             seen[task_id] = n
     if not out:
-        raise ValueError(f"{path}: no problems (the file has no non-blank line)")
+        raise InputError(f"{path}: no problems (the file has no non-blank line)")
     return out
 
 
@@ -240,14 +240,14 @@ def check_model(model, tok, problems, args, name, p):
     if args.sub_block and (args.bd_size or model.cfg.bd_size) % args.sub_block:
         p.error(f"--sub-block {args.sub_block} does not divide {name}'s block size {model.cfg.bd_size}")
     if not tok.stop_ids:
-        raise ValueError(f"{name}: the tokenizer has neither <|im_end|> nor <|endoftext|>: no completion would end")
+        raise InputError(f"{name}: the tokenizer has neither <|im_end|> nor <|endoftext|>: no completion would end")
     bd = args.bd_size or model.cfg.bd_size
     for pr in problems:
         ids = tok.encode(pr["prompt"] if args.base else chat_prompt(tok, pr, args.system or None))
         try:
             check_generate_args(model, [ids], args.max_new_tokens, bd, args.sub_block or math.gcd(SUB_BLOCK, bd))
         except ValueError as e:
-            raise ValueError(f"{name}, problem {pr['task_id']}: {e}") from None
+            raise InputError(f"{name}, problem {pr['task_id']}: {e}") from None
 
 
 def check_args(p, args):
@@ -270,6 +270,9 @@ def check_args(p, args):
     if same(args.out, args.problems) or same(args.out, args.plot):
         p.error(f"--out {args.out} is also --{'problems' if same(args.out, args.problems) else 'plot'}: the run "
                 f"would write over it")
+    for flag, path in (("--out", args.out), ("--plot", args.plot)):  # both are replaced when the run ends
+        if path is not None:
+            check_out_file(flag, path, replace=True)
 
 
 def main(argv=None):

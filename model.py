@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from runs import InputError
 from tokenizer import byte_tokenizer
 
 
@@ -58,14 +59,14 @@ class ModelConfig:
         # a bad shape fails here, by name, instead of as a reshape error deep inside a forward
         sizes = {k: getattr(self, k) for k in ("vocab_size", "n_head", "n_kv_head", "n_embd", "n_ffn")}
         if bad := {k: v for k, v in sizes.items() if not (isinstance(v, int) and v >= 1)}:
-            raise ValueError(f"ModelConfig: {bad} must be integers >= 1")
+            raise InputError(f"ModelConfig: {bad} must be integers >= 1")
         for k in ("n_layer", "bd_size"):  # n_layer 0: embeddings + head only (a test); bd_size 0: no blocks
             if not (isinstance(getattr(self, k), int) and getattr(self, k) >= 0):
-                raise ValueError(f"ModelConfig: {k} {getattr(self, k)!r} must be an integer >= 0")
+                raise InputError(f"ModelConfig: {k} {getattr(self, k)!r} must be an integer >= 0")
         if problem := shape_problem(self.n_embd, self.n_head, self.n_kv_head):
-            raise ValueError(f"ModelConfig: {problem}")
+            raise InputError(f"ModelConfig: {problem}")
         if not -1 <= self.mask_id < self.vocab_size:  # -1: not known yet (from_pretrained reads the tokenizer)
-            raise ValueError(f"ModelConfig: mask_id {self.mask_id} is outside the vocabulary "
+            raise InputError(f"ModelConfig: mask_id {self.mask_id} is outside the vocabulary "
                              f"(vocab_size {self.vocab_size})")
 
     @property
@@ -77,28 +78,28 @@ class ModelConfig:
         """Our config from a Qwen2 / Fast-dLLM v2 config.json dict (NOTES.md §5). Every value read is
         type-checked (hf_value): "false" is not false, 4.0 is not 4, null is not a default."""
         if not isinstance(c, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {type(c).__name__}")
+            raise InputError(f"{where}: expected a JSON object, got {type(c).__name__}")
         need = ["vocab_size", "num_hidden_layers", "num_attention_heads", "hidden_size", "intermediate_size"]
         if missing := [k for k in need if k not in c]:
-            raise ValueError(f"{where} lacks {missing}")
+            raise InputError(f"{where} lacks {missing}")
         size = {k: hf_value(c, k, int, where, minimum=1) for k in need}
         n_head, n_embd = size["num_attention_heads"], size["hidden_size"]
         if hf_value(c, "head_dim", int, where, n_embd // n_head, minimum=1) * n_head != n_embd:
-            raise ValueError(f"{where}: head_dim * num_attention_heads != hidden_size is not supported")
+            raise InputError(f"{where}: head_dim * num_attention_heads != hidden_size is not supported")
         rp = c.get("rope_parameters") or c.get("rope_scaling") or {}  # transformers >= 5 nests rope_theta here
         if not isinstance(rp, dict):
-            raise ValueError(f"{where}: rope_parameters / rope_scaling must be an object, not {json.dumps(rp)}")
+            raise InputError(f"{where}: rope_parameters / rope_scaling must be an object, not {json.dumps(rp)}")
         if rp.get("rope_type", rp.get("type", "default")) != "default" or \
                 hf_value(c, "use_sliding_window", bool, where, False):
-            raise ValueError(f"{where}: rope scaling {rp} / sliding window are not supported")
+            raise InputError(f"{where}: rope scaling {rp} / sliding window are not supported")
         theta = hf_value(rp, "rope_theta", float, where, None, minimum=0) or \
             hf_value(c, "rope_theta", float, where, 10000.0, minimum=0)
         eps = hf_value(c, "rms_norm_eps", float, where, 1e-6, minimum=0)
         hf_value(c, "max_position_embeddings", int, where, 0, minimum=1)  # the sampler's length limit
         if (act := c.get("hidden_act", "silu")) != "silu":  # SwiGLU's gate: the only one the MLP has
-            raise ValueError(f"{where}: hidden_act {act!r} is not supported (silu)")
+            raise InputError(f"{where}: hidden_act {act!r} is not supported (silu)")
         if (mask := hf_value(c, "mask_token_id", int, where, -1, minimum=0)) >= size["vocab_size"]:
-            raise ValueError(f"{where}: mask_token_id {mask} is outside the vocabulary "
+            raise InputError(f"{where}: mask_token_id {mask} is outside the vocabulary "
                              f"(vocab_size {size['vocab_size']})")
         return cls(**{**QWEN2, "vocab_size": size["vocab_size"], "n_layer": size["num_hidden_layers"],
                       "n_head": n_head, "n_kv_head": hf_value(c, "num_key_value_heads", int, where, n_head, minimum=1),
@@ -154,7 +155,7 @@ def hf_value(c, key, typ, where, default=REQUIRED, minimum=None):
     truthy string and 4.0 as a float: both are errors here, named by field, never coerced."""
     if key not in c:
         if default is REQUIRED:
-            raise ValueError(f"{where} lacks {key}")
+            raise InputError(f"{where} lacks {key}")
         return default
     v = c[key]
     ok = isinstance(v, bool) if typ is bool else (
@@ -166,7 +167,7 @@ def hf_value(c, key, typ, where, default=REQUIRED, minimum=None):
     if not ok:
         want = {bool: "true or false", int: "an integer", float: "a number"}[typ]
         bound = "" if minimum is None else f" {'>' if typ is float else '>='} {minimum}"
-        raise ValueError(f"{where}: {key} must be {want}{bound}, not {json.dumps(v)}")
+        raise InputError(f"{where}: {key} must be {want}{bound}, not {json.dumps(v)}")
     return float(v) if typ is float else v
 
 

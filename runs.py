@@ -26,12 +26,19 @@ import numpy as np
 ENVIRONMENT_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 
+class InputError(ValueError):
+    """Bad input, with a message that names it and where it is (`file:line: reason`, a checkpoint's
+    mismatching fields, a prompt too long for the model). A ValueError, so callers of the library catch it
+    as one; scripts print it as one line (run_cli)."""
+
+
 def run_cli(main):
-    """A script's entry point: a file that is missing, in the way or not readable ends the run with its
-    message and exit status 1, no traceback; any other error keeps its traceback (it may be a bug)."""
+    """A script's entry point: an InputError, or a file that is missing, in the way or not readable, ends
+    the run with its message and exit status 1, no traceback; any other error keeps its traceback (it may
+    be a bug)."""
     try:
         main()
-    except ENVIRONMENT_ERRORS as e:
+    except ENVIRONMENT_ERRORS + (InputError,) as e:
         sys.exit(f"error: {e}")
 
 
@@ -113,6 +120,21 @@ def claim_out_dir(out_dir, resume, overwrite, ckpt="ckpt.pt", also=()):
     return lock
 
 
+def check_out_file(flag, path, overwrite=False, replace=False):
+    """A file the run will write, checked before any work: not a directory, its directory there, and not an
+    existing file unless overwrite (replace: the flag's own policy is to replace it). A run whose results
+    could not be written at its end would lose them."""
+    if not path:
+        raise InputError(f"{flag}: empty")
+    if os.path.isdir(path) or path.endswith(os.sep):
+        raise IsADirectoryError(f"{flag} {path} is a directory: give a file name")
+    parent = os.path.dirname(path)
+    if parent and os.path.exists(parent) and not os.path.isdir(parent):
+        raise NotADirectoryError(f"{flag} {path}: {parent} is not a directory")
+    if os.path.exists(path) and not (overwrite or replace):
+        raise FileExistsError(f"{flag} {path} exists: pass --overwrite to replace it")
+
+
 def cached(path, make, compress=True):
     """The arrays of the npz at `path` (a damaged one names itself), or make()'s, saved atomically first (a unique
     temporary name: two runs may build the same file at once)."""
@@ -121,7 +143,7 @@ def cached(path, make, compress=True):
             with np.load(path) as f:
                 return {k: f[k] for k in f.files}
         except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
-            raise ValueError(f"{path}: damaged cache file ({type(e).__name__}: {e}); delete it and it is made "
+            raise InputError(f"{path}: damaged cache file ({type(e).__name__}: {e}); delete it and it is made "
                              f"again") from None
     data = make()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

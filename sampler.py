@@ -38,7 +38,7 @@ import sudoku
 from checkpoint import load_model, load_pretrained, save_pretrained
 from model import SHAPES, KVCache, StaticKVCache, block_mask, device_flag, pick_device, random_model, shift_right
 from relay import predict, reveal_confidence_mass
-from runs import kernel_ms, nonneg_int, positive_int, run_cli, seed_int, unit_float
+from runs import InputError, kernel_ms, nonneg_int, positive_int, run_cli, seed_int, unit_float
 from tokenizer import save_byte_tokenizer
 
 
@@ -134,20 +134,20 @@ class Decode:
 def check_generate_args(model, prompts, max_new_tokens, bd_size, sub_block):
     mask_id = model.cfg.mask_id
     if bd_size <= 0 or sub_block <= 0 or bd_size % sub_block:
-        raise ValueError(f"block size {bd_size} must be a positive multiple of the sub-block size {sub_block}")
+        raise InputError(f"block size {bd_size} must be a positive multiple of the sub-block size {sub_block}")
     if mask_id < 0:
-        raise ValueError("the model has no mask token (config.json mask_token_id, or |<MASK>| in its tokenizer)")
+        raise InputError("the model has no mask token (config.json mask_token_id, or |<MASK>| in its tokenizer)")
     if max_new_tokens < 1 or not prompts or min(map(len, prompts)) == 0:
-        raise ValueError(f"need prompts of at least one token and max_new_tokens >= 1, got "
+        raise InputError(f"need prompts of at least one token and max_new_tokens >= 1, got "
                          f"{'no prompts' if not prompts else f'prompts of {min(map(len, prompts))}+ tokens'} and "
                          f"{max_new_tokens}")
     if any(mask_id in p for p in prompts):
-        raise ValueError(f"a prompt contains the mask token id {mask_id}")
+        raise InputError(f"a prompt contains the mask token id {mask_id}")
     limit = (getattr(model, "hf_config", None) or {}).get("max_position_embeddings")
     if limit and bd_size > limit:
-        raise ValueError(f"block size {bd_size} is past the checkpoint's max_position_embeddings ({limit})")
+        raise InputError(f"block size {bd_size} is past the checkpoint's max_position_embeddings ({limit})")
     if limit and max(map(len, prompts)) + max_new_tokens > limit:
-        raise ValueError(f"prompt ({max(map(len, prompts))} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+        raise InputError(f"prompt ({max(map(len, prompts))} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
                          f"checkpoint's max_position_embeddings ({limit})")
 
 
@@ -543,10 +543,6 @@ def bench(model, tok, args, gen_kw):
         same[n] = outs[0] == outs[1]
     rows.append({"short_prompts_same_tokens": same})
     print(f"prompts of {' and '.join(map(str, same))} tokens, {fast} = uncached: {list(same.values())}", flush=True)
-    if args.bench_profile:
-        rows.append({"profile": (pr := profile_decode(model, chats[0], gen_kw, cuda, fast))})
-        print(f"profile, {fast}, {pr['max_new_tokens']} new tokens: {pr['wall_ms_per_forward']:.2f} ms a forward, "
-              f"kernels {pr['kernel_ms_per_forward']} ms", flush=True)
     alone = [r[0][0] for r in res[fast]]  # the last length's batch-1 tokens of each prompt
     for B in args.bench_batch:
         prompts = [chats[i % len(chats)] for i in range(B)]
@@ -556,6 +552,10 @@ def bench(model, tok, args, gen_kw):
         print(f"{args.bench_lengths[-1]:>6} new tokens, batch {B} | {fast} {st['tokens_per_s']:8.1f} tok/s "
               f"{st['forwards_per_s']:7.1f} fwd/s {st['ms_per_forward']:6.2f} ms/fwd | tokens as alone: "
               f"{'yes' if diff is None else f'no, (row, token) {diff}'}", flush=True)
+    if args.bench_profile:  # last: the rows above are printed whatever the profiler does
+        rows.append({"profile": (pr := profile_decode(model, chats[0], gen_kw, cuda, fast))})
+        print(f"profile, {fast}, {pr['max_new_tokens']} new tokens: {pr['wall_ms_per_forward']:.2f} ms a forward, "
+              f"kernels {pr['kernel_ms_per_forward']} ms", flush=True)
     return rows
 
 

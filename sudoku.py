@@ -23,13 +23,12 @@ import glob
 import itertools
 import multiprocessing as mp
 import os
-import sys
 import time
 
 import numpy as np
 from tqdm import tqdm
 
-from runs import cached, positive_int, seed_int
+from runs import InputError, cached, check_out_file, positive_int, run_cli, seed_int
 from sudoku_hard import HARD_SEEDS, HARD_VERSION, generate_hard
 from sudoku_solver import UNITS_NP, minimal_puzzle, puzzle_text, rate, rate_many
 
@@ -202,11 +201,11 @@ def _text_lines(f, path):
         if not raw:
             return
         if len(raw) > MAX_LINE_BYTES:
-            raise ValueError(f"{path}:{n}: line longer than {MAX_LINE_BYTES} bytes: not a puzzle row")
+            raise InputError(f"{path}:{n}: line longer than {MAX_LINE_BYTES} bytes: not a puzzle row")
         try:
             yield raw.decode("utf-8-sig" if n == 1 else "utf-8")
         except UnicodeDecodeError as e:
-            raise ValueError(f"{path}:{n}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+            raise InputError(f"{path}:{n}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 _CELLS = bytes.maketrans(b".0123456789", bytes([0, *range(10)]))  # a cell's character -> its value
@@ -224,11 +223,11 @@ def read_list(path):
             if not word or word.startswith("#"):
                 continue
             if len(word) != 81 or not set(word) <= set(".0123456789"):
-                raise ValueError(f"{path}:{n}: a puzzle is 81 characters of 1-9 and '.' or '0', got {word[:90]!r}")
+                raise InputError(f"{path}:{n}: a puzzle is 81 characters of 1-9 and '.' or '0', got {word[:90]!r}")
             qs.append(word.encode().translate(_CELLS))
             lines.append(n)
     if not qs:
-        raise ValueError(f"{path}: no puzzles")
+        raise InputError(f"{path}: no puzzles")
     return np.frombuffer(b"".join(qs), np.uint8).reshape(-1, 81).copy(), np.array(lines)
 
 
@@ -243,9 +242,9 @@ def read_csv(path, skip_invalid=False, limit=None):
         reader = csv.reader(_text_lines(f, path))
         header = next(reader, None)
         if header is None or "question" not in header or "answer" not in header:
-            raise ValueError(f"{path}:1: header must name 'question' and 'answer' columns, got {header}")
+            raise InputError(f"{path}:1: header must name 'question' and 'answer' columns, got {header}")
         if twice := sorted({h for h in header if header.count(h) > 1}):
-            raise ValueError(f"{path}:1: column {twice[0]!r} is named twice in the header")
+            raise InputError(f"{path}:1: column {twice[0]!r} is named twice in the header")
         cols = {name: header.index(name) for name in ("question", "answer", "rating", "tier") if name in header}
         for row in reader:
             line = reader.line_num
@@ -254,7 +253,7 @@ def read_csv(path, skip_invalid=False, limit=None):
             reason = _row_reason(row, cols, len(header))
             if reason:
                 if not skip_invalid:
-                    raise ValueError(f"{path}:{line}: {reason}")
+                    raise InputError(f"{path}:{line}: {reason}")
                 bad.append(line)
                 continue
             qs.append(row[cols["question"]].strip().encode().translate(_CELLS))
@@ -269,14 +268,14 @@ def read_csv(path, skip_invalid=False, limit=None):
                 if valid >= limit:
                     break
     if not qs:
-        raise ValueError(f"{path}: no valid puzzles")
+        raise InputError(f"{path}: no valid puzzles")
     q, a = boards(qs), boards(ans)
     reasons = np.concatenate([*parts, board_errors(q[checked:], a[checked:])])  # the rows not checked yet
     keep = reasons == ""
     if not keep.all():
         i = int(np.flatnonzero(~keep)[0])
         if not skip_invalid:
-            raise ValueError(f"{path}:{lines[i]}: {reasons[i]}")
+            raise InputError(f"{path}:{lines[i]}: {reasons[i]}")
         bad += [lines[j] for j in np.flatnonzero(~keep)]
     if bad:
         print(f"{path}: skipped {len(bad)} invalid rows (first at line {min(bad)})")
@@ -328,7 +327,7 @@ def summary(d):
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
+def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=positive_int, default=200, help="puzzles to generate")
     p.add_argument("--seed", type=seed_int, default=0, help="puzzle stream: puzzle i depends only on (seed, i)")
@@ -339,16 +338,16 @@ if __name__ == "__main__":
                    help="hard tier: the seed puzzles its search starts next to (the default sets' own split)")
     p.add_argument("--workers", type=positive_int, default=None, help="processes (default: all cores, up to 8 for "
                    "tiers 0 and 1; the hard tier runs at most one per seed)")
-    p.add_argument("--out", default="", help="write the generated puzzles to this CSV")
+    p.add_argument("--out", default=None, help="write the generated puzzles to this CSV")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--check", default="", help="validate this CSV and print a summary")
     args = p.parse_args()
     if args.check and not os.path.isfile(args.check):
         p.error(f"--check {args.check}: no such file")
+    if args.out is not None:
+        check_out_file("--out", args.out, args.overwrite)  # before minutes of generating
     if args.check:
-        try:
-            d = read_csv(args.check)
-        except ValueError as e:  # the first bad row, as a check reports it: one line
-            sys.exit(f"error: {e}")
+        d = read_csv(args.check)  # the first bad row, as a check reports it: one line (run_cli)
         print(f"{args.check}: {len(d['question'])} puzzles, {repeats(d['question'])[0]} repeating an earlier "
               f"question\n{summary(add_tiers(d))}")
     else:
@@ -360,5 +359,11 @@ if __name__ == "__main__":
             d = generate_tier(tier, args.seed, args.n, args.workers, args.family)
         dt = time.time() - t0
         print(f"{args.n} puzzles in {dt:.1f}s = {args.n / dt:.2f} puzzles/s\n{summary(d)}")
-        if args.out:
-            write_csv(args.out, d)
+        if args.out is not None:
+            write_csv(args.out + ".tmp", d)
+            os.replace(args.out + ".tmp", args.out)
+            print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -15,6 +15,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
+from runs import InputError
 from sudoku_solver import (ALL, augment, branch_cell, cands_many, dfs_branches, parse_puzzle, propagate_many,
                            random_digit_orders, random_geometry, rate_many, search_trees, solve, symmetry_key, undecided)
 
@@ -79,14 +80,14 @@ def read_seeds(path=SEEDS_PATH):
             if not fields:
                 continue
             if len(fields) != 3 or fields[0] not in seeds:
-                raise ValueError(f"{path}:{n}: expected `train|test PUZZLE SOURCE`, got {line.strip()!r}")
+                raise InputError(f"{path}:{n}: expected `train|test PUZZLE SOURCE`, got {line.strip()!r}")
             try:
                 parse_puzzle(fields[1])
             except ValueError as e:
-                raise ValueError(f"{path}:{n}: {e}") from None
+                raise InputError(f"{path}:{n}: {e}") from None
             seeds[fields[0]].append(fields[1])
     if not all(seeds.values()):
-        raise ValueError(f"{path}: needs at least one train and one test seed")
+        raise InputError(f"{path}: needs at least one train and one test seed")
     return seeds
 
 

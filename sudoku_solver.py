@@ -19,6 +19,8 @@ import hashlib
 
 import numpy as np
 
+from runs import InputError
+
 # ----------------------------------------------------------------------------------------------
 # constraint geometry
 ROWS = [[r * 9 + c for c in range(9)] for r in range(9)]
@@ -151,12 +153,14 @@ def parse_puzzle(text):
     ValueError if it is not that, or if its clues already repeat a digit in a unit."""
     text = text.strip()
     if len(text) != 81 or any(ch not in ".0123456789" for ch in text):
-        raise ValueError(f"a puzzle is 81 characters of 1-9 and '.' or '0', got {len(text)} characters: {text!r}")
+        raise InputError(f"a puzzle is 81 characters of 1-9 and '.' or '0', got {len(text)} characters: {text!r}")
     q = np.array([0 if ch == "." else int(ch) for ch in text], np.uint8)
     for unit in UNITS:  # clues that already break a rule can have no solution
-        clues = q[unit][q[unit] > 0]
-        if len(clues) != len(set(clues.tolist())):
-            raise ValueError(f"the clues repeat a digit in a row, column or box (cells {unit})")
+        digits = q[unit].tolist()
+        twice = next((d for d in range(1, 10) if digits.count(d) > 1), None)
+        if twice:
+            cells = ", ".join(f"r{c // 9 + 1}c{c % 9 + 1}" for c in unit if q[c] == twice)
+            raise InputError(f"the clues repeat a {twice} in one row, column or box (cells {cells})")
     return q
 
 

@@ -22,7 +22,7 @@ from collections import Counter
 import regex  # tiktoken's own dependency: the \p{L} classes of the pre-tokenizer patterns
 import tiktoken
 
-from runs import run_cli
+from runs import InputError, run_cli
 
 
 MASK_TOKEN = "|<MASK>|"
@@ -51,7 +51,7 @@ def read_added_tokens(path):
         with open(tj, encoding="utf-8") as f:
             for t in json.load(f).get("added_tokens", []):
                 if t.get("lstrip") or t.get("rstrip") or t.get("single_word"):
-                    raise ValueError(f"{tj}: added token {t['content']!r} uses lstrip/rstrip/single_word, "
+                    raise InputError(f"{tj}: added token {t['content']!r} uses lstrip/rstrip/single_word, "
                                      f"which this tokenizer does not implement")
                 out[t["content"]] = t["id"]
                 if t.get("special", True):
@@ -61,7 +61,7 @@ def read_added_tokens(path):
         with open(aj, encoding="utf-8") as f:
             extra = json.load(f)
         if clash := [s for s, i in extra.items() if out.get(s, i) != i]:
-            raise ValueError(f"{aj}: {clash[0]!r} has id {extra[clash[0]]} here and {out[clash[0]]} in tokenizer.json")
+            raise InputError(f"{aj}: {clash[0]!r} has id {extra[clash[0]]} here and {out[clash[0]]} in tokenizer.json")
         extra = {s: i for s, i in extra.items() if s not in out}
         out |= extra
         special |= set(extra.values())  # this file has no flag: special, as tokens were before the flag
@@ -71,7 +71,7 @@ def read_added_tokens(path):
 def find_token(path, content):
     ids, _ = read_added_tokens(path)
     if content not in ids:
-        raise ValueError(f"{path}: token {content!r} is in neither config.json (mask_token_id) nor "
+        raise InputError(f"{path}: token {content!r} is in neither config.json (mask_token_id) nor "
                          f"tokenizer.json/added_tokens.json")
     return ids[content]
 
@@ -139,7 +139,7 @@ def split_pattern(pre, tj):
     if not (split.get("type") == "Split" and split.get("behavior") == "Isolated" and not split.get("invert")
             and ("Regex" in pat or "String" in pat) and bl.get("type") == "ByteLevel"
             and not bl.get("add_prefix_space") and bl.get("use_regex") is False):
-        raise ValueError(f"{tj}: pre-tokenizer {json.dumps(pre)[:300]} is not Qwen2's (Sequence of Split(regex, "
+        raise InputError(f"{tj}: pre-tokenizer {json.dumps(pre)[:300]} is not Qwen2's (Sequence of Split(regex, "
                          f"Isolated) and ByteLevel(add_prefix_space false, use_regex false)), the only one supported")
     return pat["Regex"] if "Regex" in pat else re.escape(pat["String"])
 
@@ -153,10 +153,10 @@ def load_tokenizer(path):
         spec = json.load(f)
     m = spec.get("model") or {}
     if m.get("type") != "BPE":
-        raise ValueError(f"{tj}: only byte-level BPE tokenizers are supported (model {m.get('type')})")
+        raise InputError(f"{tj}: only byte-level BPE tokenizers are supported (model {m.get('type')})")
     pattern = split_pattern(spec.get("pre_tokenizer"), tj)
     if spec.get("normalizer") not in (None, {"type": "NFC"}):
-        raise ValueError(f"{tj}: unsupported normalizer {json.dumps(spec['normalizer'])[:200]} (NFC or none)")
+        raise InputError(f"{tj}: unsupported normalizer {json.dumps(spec['normalizer'])[:200]} (NFC or none)")
     u2b = {u: b for b, u in byte_to_unicode().items()}
     to_bytes = lambda tok: bytes(u2b[ch] for ch in tok)
     added, special = read_added_tokens(path)
@@ -167,11 +167,11 @@ def load_tokenizer(path):
         try:
             ranks[to_bytes(tok)] = i
         except KeyError:
-            raise ValueError(f"{tj}: vocabulary entry {tok!r} (id {i}) is not in the byte-level alphabet") from None
+            raise InputError(f"{tj}: vocabulary entry {tok!r} (id {i}) is not in the byte-level alphabet") from None
     # byte-level BPE encodes any text only if every single byte has a token; without one, tiktoken
     # would fail on the first text containing that byte, long after loading
     if missing := [b for b in range(256) if bytes([b]) not in ranks]:
-        raise ValueError(f"{tj}: the vocabulary lacks {len(missing)} of the 256 single bytes (e.g. "
+        raise InputError(f"{tj}: the vocabulary lacks {len(missing)} of the 256 single bytes (e.g. "
                          f"{[bytes([b]) for b in missing[:5]]}); a byte-level BPE vocabulary needs them all")
     # tiktoken merges the pair whose result has the lowest rank, HF the earliest merge rule: the two
     # agree when ids grow with merge order, which byte-level BPE training guarantees. Check it.
@@ -180,7 +180,7 @@ def load_tokenizer(path):
         a, b = mg.split(" ", 1) if isinstance(mg, str) else mg
         i = m["vocab"].get(a + b)
         if i is None or i <= last:
-            raise ValueError(f"{tj}: merge {n} ({a!r} + {b!r}) is out of id order; tiktoken cannot reproduce it")
+            raise InputError(f"{tj}: merge {n} ({a!r} + {b!r}) is out of id order; tiktoken cannot reproduce it")
         last = i
         merges.append((to_bytes(a), to_bytes(b)))
     enc = tiktoken.Encoding(name=os.path.basename(os.path.abspath(path)), pat_str=pattern,

@@ -58,7 +58,7 @@ from code_data import (Rows, data_digest, held_out_signatures, load_stdlib, read
                        synthetic_rows, synthetic_tokenizer)
 from model import QWEN2, SHAPES, ModelConfig, Transformer, device_flag, pick_device, shape_problem
 from relay import RolloutBuffer, add_relay, reveal_threshold_blocks, rollout_loss, sft_loss
-from runs import (StopOnInterrupt, claim_out_dir, given_flags, nonneg_float, nonneg_int, positive_float, positive_int,
+from runs import (InputError, StopOnInterrupt, claim_out_dir, given_flags, nonneg_float, nonneg_int, positive_float, positive_int,
                   run_cli, seed_int, unit_float)
 from eval_code import evaluate, with_check
 from sandbox import run_sandboxed
@@ -253,7 +253,7 @@ def my_chunks(args, d):
     global batch over processes sees the same rows and noise."""
     args.micro_batch = args.micro_batch or args.batch_size // d.world  # 0 = no gradient accumulation
     if args.micro_batch < 1 or args.batch_size % (d.world * args.micro_batch):
-        raise ValueError(f"--batch-size {args.batch_size} is not a multiple of world size {d.world} x "
+        raise InputError(f"--batch-size {args.batch_size} is not a multiple of world size {d.world} x "
                          f"--micro-batch {args.micro_batch}")
     return [m * d.world + d.rank for m in range(args.batch_size // (d.world * args.micro_batch))]
 
@@ -264,7 +264,7 @@ def get_tokenizer(args):
         read_config(args.init_from)  # a missing or wrong directory is named as such, before its tokenizer is asked for
         tok = load_tokenizer(args.init_from)
         if tok.mask_id is None:
-            raise ValueError(f"{args.init_from}: the tokenizer has no mask token |<MASK>|")
+            raise InputError(f"{args.init_from}: the tokenizer has no mask token |<MASK>|")
         return tok
     return synthetic_tokenizer(args.train_problems, args.bpe_merges) if args.bpe_merges else byte_tokenizer()
 
@@ -284,7 +284,7 @@ def load_data(args, tok, d):
         val = [r for r, h in zip(rows, held) if h]
         if not val:  # NOTE: a training row as the held-out set would report a memorised loss as val loss
             fits = [n for n in range(2, max(numbers) + 1) if any(k % n == 0 for k in numbers)][:5]
-            raise ValueError(f"{args.data}: the {len(rows)} usable rows (rows {numbers[:10]} of the file) and "
+            raise InputError(f"{args.data}: the {len(rows)} usable rows (rows {numbers[:10]} of the file) and "
                              f"--val-every-n {args.val_every_n} hold out none (held-out rows never train): "
                              + (f"give one that divides a row's place, e.g. {fits}" if fits else "too few rows"))
         d.log(f"data: {args.data}: {len(train)} training rows, {len(val)} held out")
@@ -311,7 +311,7 @@ def build_model(args, tok):
             "n_kv_head": args.n_kv_head, "n_embd": args.n_embd, "n_ffn": args.n_ffn, "mask_id": tok.mask_id,
             "bd_size": args.bd_size, "relay": relay}))
     if args.seq_len % args.bd_size:
-        raise ValueError(f"--seq-len {args.seq_len} is not a multiple of the block size {args.bd_size}")
+        raise InputError(f"--seq-len {args.seq_len} is not a multiple of the block size {args.bd_size}")
     model.grad_ckpt = args.grad_ckpt
     return model
 
@@ -376,14 +376,14 @@ def resume(args, d, path, raw, opt, streams, gens, bufs):
     data = {k: (getattr(args, k), ck["args"][k]) for k in DATA_FLAGS
             if ck["args"].get(k, getattr(args, k)) != getattr(args, k)}  # older checkpoints lack some
     if diff or data or ck["world"] != d.world or ck["args"]["objective"] != args.objective or buffers != args.buffers:
-        raise ValueError(f"{path} was trained with another setup: config {diff}, data flags {data} (ours, theirs), "
+        raise InputError(f"{path} was trained with another setup: config {diff}, data flags {data} (ours, theirs), "
                          f"world {ck['world']} vs {d.world}, objective {ck['args']['objective']} vs {args.objective}, "
                          f"--buffers {buffers} vs {args.buffers}")
     if args.data not in ("synthetic", "stdlib") and "data_digest" not in ck["args"]:
-        raise ValueError(f"{path} was written before held-out chat rows were chosen by their place in the file: "
+        raise InputError(f"{path} was written before held-out chat rows were chosen by their place in the file: "
                          f"this code may hold out other rows and train on its validation rows; start a new run")
     if args.max_steps < ck["step"]:
-        raise ValueError(f"--max-steps {args.max_steps}: {path} is at step {ck['step']} already")
+        raise InputError(f"--max-steps {args.max_steps}: {path} is at step {ck['step']} already")
     theirs = ck["args"].get("sft_steps", args.sft_steps)
     if ck["step"] >= theirs != args.sft_steps:  # a warm start that has ended stays ended
         d.log(f"sft warm start: ended at step {theirs} of this run, which stays (--max-steps {args.max_steps} x "
@@ -398,7 +398,7 @@ def resume(args, d, path, raw, opt, streams, gens, bufs):
         opt.load_state_dict(ck["optimizer"])
     mine = ck["ranks"][d.rank]
     if any("epoch" not in v for v in mine["streams"]):
-        raise ValueError(f"{path} was written before rows were drawn in epochs: its data position cannot be restored")
+        raise InputError(f"{path} was written before rows were drawn in epochs: its data position cannot be restored")
     for s, v in zip(streams, mine["streams"]):
         s.load_state(v)
     for g, v in zip(gens, mine["gens"]):

@@ -36,7 +36,7 @@ import sudoku_solver
 from checkpoint import config_diff, export_weights, load_checkpoint, load_model, load_state, save_checkpoint
 from model import ModelConfig, Transformer, device_flag, pick_device, shape_problem
 from relay import OBJECTIVES, RolloutBuffer, mlm_loss, reveal_jittered_mass, rollout_loss
-from runs import (StopOnInterrupt, claim_out_dir, given_flags, nonneg_float, nonneg_int, positive_float, positive_int,
+from runs import (InputError, StopOnInterrupt, check_out_file, claim_out_dir, given_flags, nonneg_float, nonneg_int, positive_float, positive_int,
                   run_cli, seed_int, unit_float)
 from sampler import sample_mdm
 
@@ -192,10 +192,10 @@ def load_train(args, n=None):
         if not args.min_rating:
             return train
         if "rating" not in train:
-            raise ValueError(f"{args.data}: --min-rating needs a rating column")
+            raise InputError(f"{args.data}: --min-rating needs a rating column")
         keep = train["rating"] >= args.min_rating
         if not keep.any():
-            raise ValueError(f"{args.data}: no row is rated {args.min_rating} or more (--min-rating)")
+            raise InputError(f"{args.data}: no row is rated {args.min_rating} or more (--min-rating)")
         print(f"--min-rating {args.min_rating}: training on {keep.sum()} of {len(keep)} puzzles")
         return {k: v[keep] for k, v in train.items()}
     n = n or min(args.n_train, max(64, args.max_steps * args.batch_size // 8))
@@ -220,7 +220,7 @@ def training_data(args, ck, ckpt_path):
     t0 = time.time()
     train, test = load_train(args, ck and ck.get("train_size")), load_test(args)
     if ck and ck.get("train_size", len(train["question"])) != len(train["question"]):  # a CSV that changed since
-        raise ValueError(f"{args.data}: {len(train['question'])} training puzzles now, {ck['train_size']} when "
+        raise InputError(f"{args.data}: {len(train['question'])} training puzzles now, {ck['train_size']} when "
                          f"{ckpt_path} was trained: resume with the data it was trained on")
     print(f"data: {len(train['question'])} training puzzles, {len(test['question'])} test puzzles, {time.time() - t0:.1f}s")
     dup, leak = sudoku.repeats(train["question"], test["question"])
@@ -301,7 +301,7 @@ def check_resume(ck, path, args):
     """Before any data is read: refuse to resume `ck` (from `path`) with flags that change the training
     set, the objective or the rollout buffer, and say which other flags differ from its run's."""
     if "optimizer" not in ck:
-        raise ValueError(f"{path} holds weights only (an --export), not a training run: --resume needs the run's "
+        raise InputError(f"{path} holds weights only (an --export), not a training run: --resume needs the run's "
                          f"ckpt.pt; to train from these weights, --init-from {path}")
     theirs = lambda k: ck["args"].get(k, getattr(args, k))  # older checkpoints lack some flags
     same = lambda a, b: tuple(np.atleast_1d(a or "")) == tuple(np.atleast_1d(b or ""))  # None and "" alike
@@ -310,7 +310,10 @@ def check_resume(ck, path, args):
     if (args.ema > 0) != (ck["ema"] is not None):  # an EMA cannot start late, nor be dropped without losing it
         diff["ema"] = (args.ema, theirs("ema"))
     if diff:
-        raise ValueError(f"{path} was trained with another configuration: {diff} (ours, theirs)")
+        raise InputError(f"{path} was trained with another configuration: {diff} (ours, theirs)")
+    if args.max_steps < ck["step"]:  # it would train nothing and report the checkpoint as a run of max_steps
+        raise InputError(f"--max-steps {args.max_steps}: {path} is at step {ck['step']} already (its run's "
+                         f"--max-steps: {theirs('max_steps')})")
     if changed := {k: (v, ck["args"][k]) for k, v in vars(args).items() if k not in RUN_FLAGS and k in ck["args"]
                    and not same(v, ck["args"][k])}:  # allowed, but the log says so (the checkpoint keeps ours)
         print(f"resuming with other flags than the run so far: {changed} (ours, theirs)")
@@ -319,7 +322,7 @@ def check_resume(ck, path, args):
 def resume(ck, path, args, model, ema, opt, buf, stream, gen):
     """Restore training_state() `ck` (loaded from `path`, check_resume'd) into the live objects; returns the step."""
     if diff := config_diff(model, ck):
-        raise ValueError(f"{path} was trained with another configuration: {diff} (ours, theirs)")
+        raise InputError(f"{path} was trained with another configuration: {diff} (ours, theirs)")
     theirs = lambda k: ck["args"].get(k, getattr(args, k))
     if ck["step"] >= theirs("mlm_steps") != args.mlm_steps:  # a warm start that has ended stays ended
         print(f"MLM warm start: ended at step {theirs('mlm_steps')} of this run, which stays (--max-steps "
@@ -345,7 +348,7 @@ def init_from(path, model, ema):
     src, ck = load_model(path, kind="sudoku")  # fp32, whatever the file stores
     if diff := config_diff(model, ck):
         preset = (ck.get("args") or {}).get("preset", "?")
-        raise ValueError(f"--init-from {path}: its model differs from the one these flags build: {diff} (ours, "
+        raise InputError(f"--init-from {path}: its model differs from the one these flags build: {diff} (ours, "
                          f"theirs); give the model flags it was trained with (its run used --preset {preset})")
     for m in (model, ema):
         if m is not None:
@@ -463,7 +466,7 @@ def parse_puzzle(text):
     try:
         return sudoku_solver.parse_puzzle(text)
     except ValueError as e:
-        raise ValueError(f"--solve: {e}") from None
+        raise InputError(f"--solve: {e}") from None
 
 
 def solve_one(args, q, ctx):
@@ -577,9 +580,9 @@ def main(argv=None):
     #    read is a sync, and without one the host prepares the next step while the GPU runs this one.
     model.train()
     bar = tqdm(total=args.max_steps, initial=step, desc=args.objective, dynamic_ncols=True)
-    t0, step0, losses, pending, monitor, seen, t_eval = time.time(), step, [], [], [], 0, 0.0
+    t0, step0, losses, pending, monitor, seen, t_off = time.time(), step, [], [], [], 0, 0.0
     watch = monitor_set(test)
-    warm = None  # (time, step, eval seconds) at the first read: the speed after it leaves out compilation
+    warm = None  # (time, step, seconds off training) at the first read: the speed after it leaves out compilation
     with StopOnInterrupt() as interrupted:  # Ctrl-C: stop at the next step, with a checkpoint
         while step < args.max_steps:
             # a budget of this invocation ends the loop with a checkpoint, so --resume continues exactly
@@ -600,31 +603,33 @@ def main(argv=None):
                 bar.update(len(pending))
                 bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr_at(args, step - 1):.1e}")
                 pending = []
-                warm = warm or (time.time(), step, t_eval)
+                warm = warm or (time.time(), step, t_off)
             # a) monitor: the EMA weights solve 128 test puzzles of every tier (nothing is selected on it)
             if monitor_now:
                 t1 = time.time()
                 r = evaluate(ema or model, watch, args.tau, args.eval_batch, ctx, desc="monitor")
                 model.train()
-                t_eval += time.time() - t1
+                t_off += time.time() - t1
                 monitor.append({"step": step, "exact_match": r["exact_match"], "token_acc": r["token_acc"],
                                 "nfe": r["nfe"], "seconds": time.time() - t0})
                 tqdm.write(f"step {step}: loss {np.mean(losses[-50:]):.4f}, monitor exact {r['exact_match']:.1%} "
                            f"token {r['token_acc']:.1%} NFE {r['nfe']:.1f}, "
-                           f"{seen / (time.time() - t0 - t_eval):.0f} new puzzles/s")
-            # b) checkpoint (atomic)
+                           f"{seen / (time.time() - t0 - t_off):.0f} new puzzles/s")
+            # b) checkpoint (atomic); its seconds, like the monitor's, are not training time
             if step % args.ckpt_every == 0 or step == args.max_steps:
+                t1 = time.time()
                 save()
+                t_off += time.time() - t1
     losses += [x[0] for x in torch.stack(pending).tolist()] if pending else []  # a stop in mid-interval
     bar.close()
     if interrupted:
         StopOnInterrupt.exit(step, ckpt_path, args.overwrite)
     # 6) finish: evaluate at tau, sweep tau, curve, table, JSON line
-    # train_seconds leave out the monitor's evaluations (rows/s is the training speed)
+    # train_seconds leave out the monitor's evaluations and the saves (rows/s is the training speed)
     steady = None
     if warm and step > warm[1]:
-        steady = args.batch_size * (step - warm[1]) / (time.time() - warm[0] - (t_eval - warm[2]))
-    return finish(args, ema or model, test, ctx, step, t_start, time.time() - t0 - t_eval, losses, monitor, steady)
+        steady = args.batch_size * (step - warm[1]) / (time.time() - warm[0] - (t_off - warm[2]))
+    return finish(args, ema or model, test, ctx, step, t_start, time.time() - t0 - t_off, losses, monitor, steady)
 
 
 def checkpoint_mode(args, ctx, t_start):
@@ -632,8 +637,7 @@ def checkpoint_mode(args, ctx, t_start):
     if args.export:
         if os.path.exists(args.export) and os.path.samefile(args.export, args.checkpoint):
             raise FileExistsError(f"--export {args.export} is the checkpoint it reads: write the export elsewhere")
-        if os.path.exists(args.export) and not args.overwrite:  # it may be a training checkpoint, or a shipped one
-            raise FileExistsError(f"{args.export} exists: pass --overwrite to replace it")
+        check_out_file("--export", args.export, args.overwrite)  # it may be a training checkpoint, or a shipped one
         save_checkpoint(export_weights(args.checkpoint), args.export)
         return print(f"wrote {args.export} ({os.path.getsize(args.export) / 2 ** 20:.1f} MiB, fp16 weights)")
     if args.solve is not None:

@@ -11,13 +11,15 @@ Any flag it does not know goes to train_sudoku.py unchanged; --mlm-frac defaults
 row is its pure objective. Each objective's result is saved to
 OUT_DIR/OBJECTIVE/result.json and reused when the same flags run again; an objective stopped before
 its result resumes from its checkpoint (same flags), so an interrupted comparison goes on where it
-stopped. A result or checkpoint of other flags is replaced only with --replace. Prints a markdown
-table and one JSON line last.
+stopped. A result or checkpoint of other flags is replaced only with --replace. An objective that
+crashes prints its traceback and the next one runs; the exit status is then 1. Prints a markdown
+table and one JSON line (then the failed objectives, if any).
 """
 import argparse
 import json
 import os
 import sys
+import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
@@ -84,7 +86,7 @@ def write_json(path, obj):
     os.replace(path + ".tmp", path)
 
 
-results = {}
+results, failed = {}, []
 for obj in [*args.objectives, *(o for o in OBJECTIVES if o not in args.objectives)]:  # --objectives' order first
     out = os.path.join(args.out_dir, obj)
     path, started = os.path.join(out, "result.json"), os.path.join(out, "started.json")
@@ -109,7 +111,12 @@ for obj in [*args.objectives, *(o for o in OBJECTIVES if o not in args.objective
     mode = "--resume" if same_run else "--overwrite"  # an unfinished run of these flags goes on
     os.makedirs(out, exist_ok=True)
     write_json(started, {"flags": flags})
-    r = train_sudoku.main([*flags, mode])
+    try:
+        r = train_sudoku.main([*flags, mode])
+    except Exception:  # NOTE: one GPU call runs all four: a crash in one must not cost the others their turn
+        traceback.print_exc()
+        failed.append(obj)
+        continue
     r.pop("losses")
     results[obj] = {**r, "flags": flags, "torch": torch.__version__, "threads": torch.get_num_threads(),
                     "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
@@ -134,3 +141,5 @@ if results:
 print(json.dumps({k: {m: r.get(m) for m in ("exact_match", "token_acc", "nfe", "nfe_batch", "legal_rate", "hard",
                                             "rating40", "train_rows_per_s", "train_rows_per_s_steady", "steps")}
                   for k, r in results.items()}))
+if failed:  # after the table of those that finished; the tracebacks are above
+    sys.exit(f"failed: {failed} (tracebacks above); the others' results are saved")

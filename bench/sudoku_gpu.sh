@@ -42,12 +42,12 @@ fi
 
 # 2) the four objectives at equal steps, compiled, relay first; each saves its result as it ends
 FLAGS="--preset paper --compile --max-steps $STEPS --n-train $N_TRAIN --eval-size $N_TEST --eval-every $STEPS \
-       --ckpt-every 1000 $EXTRA"
+       --ckpt-every $STEPS $EXTRA"
 timeout "$BUDGET" python bench/compare_objectives.py --out-dir out/compare --objectives relay mlm relay_sg rollout \
     $FLAGS 2>&1 | grep -v "it/s\]" | log
 rc=${PIPESTATUS[0]}
 if [ "$rc" != 0 ] && [ "$rc" != 124 ]; then  # 124: the budget ran out, which is expected
-    echo "step 2 failed (exit $rc, see above): nothing exported" | log; exit 1
+    echo "step 2 failed (exit $rc, see above): reporting what finished" | log
 fi
 # report what finished with these flags (saved results of other flags are left out)
 python bench/compare_objectives.py --out-dir out/compare --objectives $FLAGS 2>&1 | log \

@@ -7,16 +7,17 @@
 #   2. paper preset, compiled, --init-from the shipped file, MINUTES of training, EMA 0.999 (the
 #      paper's 0.9999 would keep ~1/4 of the start after 15k steps);
 #   3. its EMA weights in fp16 to OUT/sudoku_relay_hard.pt, evaluated at τ 0.15 and 0.01.
-#   The run's full state stays in OUT_run (train_sudoku.py refuses to start over it: a new OUT, or --resume).
+#   The run's full state stays in RUN (out/gpu_public_run, outside OUT: a device call brings back only
+#   files <= 16 MiB; train_sudoku.py refuses to start over it: another RUN, or --resume).
 # Replace checkpoints/sudoku_relay_hard.pt only if step 3 beats step 1 at τ 0.15.
 # Env: MINUTES (6), TRAIN (data/public/train.csv), MIN_RATING (10: the hard part, as in the
 #      shipped file's last CPU stage; 0: all), EXTRA (flags for every training and evaluation
 #      run: `EXTRA="--device cpu --dtype float32" MINUTES=0.5 FLAGS=` tries this on a CPU),
-#      FLAGS (training flags, default "--compile").
+#      FLAGS (training flags, default "--compile"), RUN (out/gpu_public_run).
 set -uo pipefail
 OUT=${1:-out/gpu_public}
 MINUTES=${MINUTES:-6}; TRAIN=${TRAIN:-data/public/train.csv}; MIN_RATING=${MIN_RATING:-10}; EXTRA=${EXTRA:-}; FLAGS=${FLAGS---compile}
-TEST=checkpoints/sudoku_test_public.csv; RUN=${OUT}_run  # the training run (full state; --resume-able)
+TEST=checkpoints/sudoku_test_public.csv; RUN=${RUN:-out/gpu_public_run}  # the run (full state, 170 MB: not under OUT)
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=20
 log() { tee -a "$OUT/log.txt"; }
@@ -27,7 +28,7 @@ if ! python -c "import sys, torch; sys.exit(not torch.cuda.is_available())" && !
     exit 1
 fi
 [ -f "$TRAIN" ] || { echo "no $TRAIN: make data/public with bench/sudoku_public.py and carry data/" | log; exit 1; }
-[ -e "$RUN/ckpt.pt" ] && { echo "$RUN holds a run: pick another OUT, or continue it with train_sudoku.py --resume" | log; exit 1; }
+[ -e "$RUN/ckpt.pt" ] && { echo "$RUN holds a run: pick another RUN, or continue it with train_sudoku.py --resume" | log; exit 1; }
 EVAL="--eval-only --test-data $TEST --eval-size 1000 --eval-batch 500 --no-sweep $EXTRA"
 
 # 1) the baseline: the shipped file on this device

@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from functools import partial  # noqa: E402
 
 from model import SHAPES, device_flag, pick_device, random_model  # noqa: E402
-from runs import positive_int  # noqa: E402
+from runs import positive_int, run_cli  # noqa: E402
 from relay import RolloutBuffer, reveal_threshold_blocks, rollout_loss, sft_loss  # noqa: E402
 
 
@@ -107,4 +107,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

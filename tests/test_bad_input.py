@@ -245,21 +245,36 @@ def test_script_flags(tmp_path, script, argv, msg):
     assert r.returncode == 2 and msg in r.stderr and not os.listdir(tmp_path), r.stderr
 
 
-def test_code_tasks_does_not_write_over_a_file(tmp_path):
-    (tmp_path / "keep.jsonl").write_text("precious")
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "code_tasks.py"), "--n", "2", "--out", "keep.jsonl"],
-                       cwd=tmp_path, capture_output=True, text=True)
-    assert r.returncode == 2 and "--out keep.jsonl exists" in r.stderr and (tmp_path / "keep.jsonl").read_text() == "precious"
+@pytest.mark.parametrize("argv", [["code_tasks.py", "--n", "2"], ["sudoku.py", "--n", "2"]])
+def test_generators_do_not_write_over_a_file_or_into_a_directory(tmp_path, argv):
+    """Refused before generating (the hard tier takes minutes), in one line; --overwrite replaces a file."""
+    (tmp_path / "keep.csv").write_text("precious")
+    os.makedirs(tmp_path / "adir")
+    cmd = [sys.executable, os.path.join(ROOT, argv[0]), *argv[1:], "--out"]
+    for out, msg in (("keep.csv", "error: --out keep.csv exists: pass --overwrite"),
+                     ("adir", "error: --out adir is a directory"), ("adir/", "error: --out adir/ is a directory")):
+        r = subprocess.run([*cmd, out], cwd=tmp_path, capture_output=True, text=True)
+        assert r.returncode == 1 and r.stderr.startswith(msg) and "Traceback" not in r.stderr, r.stderr
+        assert "puzzles/s" not in r.stdout and "families" not in r.stdout  # nothing was generated
+    assert (tmp_path / "keep.csv").read_text() == "precious" and os.listdir(tmp_path / "adir") == []
+    r = subprocess.run([*cmd, "keep.csv", "--overwrite"], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0 and (tmp_path / "keep.csv").read_text() != "precious", r.stderr
+    assert sorted(os.listdir(tmp_path)) == ["adir", "keep.csv"]  # no temporary file left
 
 
-def test_a_missing_file_ends_the_run_in_one_line(tmp_path):
+def test_a_missing_file_or_bad_input_ends_the_run_in_one_line(tmp_path):
     """Our refusals and the library's file errors end a run with `error: <message>`, exit 1, no traceback."""
     os.makedirs(tmp_path / "empty")
     (tmp_path / "bad.csv").write_text("question,answer\n123,456\n")  # and a check's first bad row: one line too
     (tmp_path / "bad.jsonl").write_text('{"messages": []}\n')
+    (tmp_path / "garbage.pt").write_text("not a checkpoint")
     for argv in (["train_sudoku.py", "--eval-only", "--checkpoint", "none.pt"], ["eval_code.py", "--checkpoint", "nodir"],
                  ["checkpoint.py", "empty"], ["tokenizer.py", "nodir", "some text"], ["sudoku.py", "--check", "bad.csv"],
-                 ["code_data.py", "--check", "bad.jsonl"]):
+                 ["code_data.py", "--check", "bad.jsonl"],
+                 # input errors (runs.InputError) too: a damaged checkpoint, a bad puzzle, a bad problem file
+                 ["train_sudoku.py", "--eval-only", "--checkpoint", "garbage.pt"],
+                 ["train_sudoku.py", "--solve", "11" + "." * 79, "--checkpoint", "garbage.pt"],
+                 ["sampler.py", "--checkpoint", "garbage.pt"], ["eval_code.py", "--self-check", "--problems", "bad.jsonl"]):
         r = subprocess.run([sys.executable, os.path.join(ROOT, argv[0]), *argv[1:]], cwd=tmp_path, capture_output=True,
                            text=True, timeout=120)
         assert r.returncode == 1 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr, r.stderr
@@ -496,6 +511,16 @@ def test_chat_message_keys_that_would_be_lost_are_refused(tmp_path):
                         {"role": "assistant", "content": "", "tool_calls": [{"name": "f"}]}]}
     p = chat_file(tmp_path, json.dumps(GOOD_ROW), json.dumps(bad))
     with pytest.raises(ValueError, match=f"{p}:2: message 1 \\(assistant\\) has key\\(s\\) \\['tool_calls'\\]"):
+        code_data.read_chat_jsonl(str(p), byte_tokenizer(), 256, 16)
+
+
+def test_no_usable_rows_says_why(tmp_path):
+    long = {"messages": [{"role": "user", "content": "q" * 300}, {"role": "assistant", "content": "long"}]}
+    p = chat_file(tmp_path, json.dumps(long), json.dumps(long))
+    with pytest.raises(ValueError, match=f"{p}: no usable rows: all 2 are longer than --seq-len 256 tokens"):
+        code_data.read_chat_jsonl(str(p), byte_tokenizer(), 256, 16, log=lambda msg: None)
+    p = chat_file(tmp_path, "", "  ")
+    with pytest.raises(ValueError, match=f"{p}: no usable rows: the file has no non-blank line"):
         code_data.read_chat_jsonl(str(p), byte_tokenizer(), 256, 16)
 
 

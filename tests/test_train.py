@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import runpy
 import os
 import signal
 import subprocess
@@ -88,6 +89,8 @@ def test_a_resume_with_other_hyperparameters_says_so(tmp_path, data_dir, capsys)
     run(tmp_path, data_dir, "--max-steps", "2", "--resume", "--lr", "0.01", "--eval-size", "6")
     out = capsys.readouterr().out
     assert "resuming with other flags than the run so far: {'lr': (0.01, 0.002)} (ours, theirs)" in out
+    with pytest.raises(ValueError, match=r"--max-steps 1: .*ckpt.pt is at step 2 already \(its run's --max-steps: 2\)"):
+        run(tmp_path, data_dir, "--max-steps", "1", "--resume")  # it trained nothing and reported step 2 as done
 
 
 def test_a_resume_on_a_training_csv_that_changed_is_refused(tmp_path, data_dir):
@@ -264,7 +267,8 @@ def test_solve_prints_the_grid_and_draws_the_steps(tmp_path, data_dir, capsys):
     assert r["puzzle_solutions"] == 0 and not r["correct"] and "NOTE: this puzzle has no solution" in \
         capsys.readouterr().out
     for bad, msg in [(puzzle[:80], "81 characters"), ("x" + puzzle[1:], "81 characters"),
-                     ("11" + "." * 79, "repeat a digit")]:
+                     ("11" + "." * 79, r"repeat a 1 in one row, column or box \(cells r1c1, r1c2\)"),
+                     ("." * 9 + "5" + "." * 8 + "5" + "." * 62, r"repeat a 5 .* \(cells r2c1, r3c1\)")]:
         with pytest.raises(ValueError, match=msg):
             train_sudoku.main(["--checkpoint", str(tmp_path / "ckpt.pt"), "--solve", bad, "--out-dir", str(tmp_path)])
 
@@ -311,6 +315,28 @@ def test_init_fine_tunes_from_another_runs_weights(tmp_path, data_dir):
     full = run(tmp_path / "d", data_dir, "--max-steps", "2", "--init-from", str(tmp_path / "a" / "ckpt.pt"))
     r = run(tmp_path / "b", data_dir, "--max-steps", "2", "--resume", "--init-from", str(tmp_path / "a" / "ckpt.pt"))
     assert r["steps"] == 2 and r["losses"] == full["losses"][1:]
+
+
+def test_compare_objectives_goes_on_past_an_objective_that_crashes(tmp_path, data_dir, monkeypatch, capsys):
+    """One GPU call trains all four: a crash in one prints its traceback, the others still run and report,
+    and the exit status says which failed."""
+    real = train_sudoku.main
+
+    def main(argv):
+        if argv[argv.index("--objective") + 1] == "mlm":
+            raise RuntimeError("an objective's crash")
+        return real(argv)
+
+    monkeypatch.setattr(train_sudoku, "main", main)
+    out = tmp_path / "cmp"
+    monkeypatch.setattr(sys, "argv", ["compare_objectives.py", "--objectives", "mlm", "relay", "--out-dir", str(out),
+                                      *TINY, "--data-dir", data_dir, "--max-steps", "1"])
+    with pytest.raises(SystemExit, match=r"failed: \['mlm'\]"):
+        runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "bench", "compare_objectives.py"),
+                       run_name="__main__")
+    std = capsys.readouterr()
+    assert "RuntimeError: an objective's crash" in std.err and "| relay |" in std.out and "| mlm |" not in std.out
+    assert (out / "relay" / "result.json").exists() and not (out / "mlm" / "result.json").exists()
 
 
 def test_compare_objectives_reuses_resumes_and_never_replaces_unasked(tmp_path, data_dir):
