@@ -553,6 +553,32 @@ def main(argv=None):
     return result
 
 
+def check_sandbox(args):
+    """The held-out problems run model code in the sandbox at the end: a machine where it cannot run is named
+    before training, not after it."""
+    try:
+        run_sandboxed("pass\n", allow_unisolated=args.unsafe_no_isolation)
+    except RuntimeError as e:
+        raise RuntimeError(f"--eval-problems {args.eval_problems} runs model code in a sandbox: {e}. Or train "
+                           f"with --eval-problems 0 and score later: sudo python eval_code.py ...") from None
+
+
+def chunk_states(args, d, chunks, train_data, val_data, cfg, tok):
+    """This process's row streams and noise generators, one per chunk and seeded by the chunk's number (a chunk
+    draws the same rows and noise on any number of processes); the held-out rows; the rollout buffers: one per
+    chunk (--buffers chunk) or one for the process (the authors' way), none for SFT."""
+    pad_id = tok.added["<|endoftext|>"]
+    bucket = len(train_data) // 10 if args.data == "synthetic" else 0  # similar lengths in a batch (code_data.Rows)
+    n_chunks = args.batch_size // args.micro_batch  # all processes' chunks: each takes its share of every epoch
+    streams = [Rows(train_data, args.seq_len, args.seed, c, pad_id, d.device, bucket, n_chunks, args.micro_batch)
+               for c in chunks]
+    val_rows = Rows(val_data, args.seq_len, args.seed, 10 ** 6, pad_id, d.device)
+    gens = [torch.Generator(device=d.device).manual_seed(args.seed * 1000 + c) for c in chunks]
+    n_bufs = (len(chunks) if args.buffers == "chunk" else 1) if args.objective != "sft" else 0
+    bufs = [RolloutBuffer(args.micro_batch, args.seq_len, cfg.n_embd, cfg.mask_id, d.device) for _ in range(n_bufs)]
+    return streams, val_rows, gens, bufs
+
+
 def train(args, d):
     """The whole run on this process: its model, optimizer and data live and die in this call."""
     # 1) this process's chunks, tokenizer, data
@@ -571,11 +597,7 @@ def train(args, d):
     if args.schedule != args.max_steps:
         d.log(f"lr schedule: {args.schedule} steps ({args.lr_epochs:g} epochs), training stops at {args.max_steps}")
     if d.master and args.data == "synthetic" and args.eval_problems:  # fail now, not after training
-        try:
-            run_sandboxed("pass\n", allow_unisolated=args.unsafe_no_isolation)
-        except RuntimeError as e:
-            raise RuntimeError(f"--eval-problems {args.eval_problems} runs model code in a sandbox: {e}. Or train "
-                               f"with --eval-problems 0 and score later: sudo python eval_code.py ...") from None
+        check_sandbox(args)
     # 2) model, wrapper, optimizer; per chunk: a row stream, a noise generator, a rollout buffer
     raw = raw.to(d.device).train()
     d.log(f"model: {raw.num_params() / 1e6:.2f}M parameters, objective {args.objective}, bd_size {args.bd_size}, "
@@ -584,17 +606,7 @@ def train(args, d):
     fwd_model = torch.compile(model) if args.compile else model  # what the losses call
     opt = torch.optim.AdamW(raw.param_groups(args.weight_decay), lr=args.lr, betas=(0.9, args.beta2),
                             fused=d.device.startswith("cuda"))
-    pad_id = tok.added["<|endoftext|>"]
-    # each chunk draws its rows, noise and rollout trajectories from its own seeded state
-    bucket = len(train_data) // 10 if args.data == "synthetic" else 0  # similar lengths in a batch (code_data.Rows)
-    n_chunks = args.batch_size // args.micro_batch  # all processes' chunks: each takes its share of every epoch
-    streams = [Rows(train_data, args.seq_len, args.seed, c, pad_id, d.device, bucket, n_chunks, args.micro_batch)
-               for c in chunks]
-    val_rows = Rows(val_data, args.seq_len, args.seed, 10 ** 6, pad_id, d.device)
-    gens = [torch.Generator(device=d.device).manual_seed(args.seed * 1000 + c) for c in chunks]
-    n_bufs = (len(chunks) if args.buffers == "chunk" else 1) if args.objective != "sft" else 0
-    bufs = [RolloutBuffer(args.micro_batch, args.seq_len, raw.cfg.n_embd, raw.cfg.mask_id, d.device)
-            for _ in range(n_bufs)]
+    streams, val_rows, gens, bufs = chunk_states(args, d, chunks, train_data, val_data, raw.cfg, tok)
     # 3) resume
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     step = resume(args, d, ckpt_path, raw, opt, streams, gens, bufs) if args.resume else 0
