@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from code_tasks import make_problems
-from runs import InputError, cached, positive_int
+from runs import InputError, cached, positive_int, run_cli
 from tokenizer import MASK_TOKEN, byte_tokenizer, train_bpe
 
 CHATML = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")  # turn markers: never inside a message's text
@@ -110,7 +110,7 @@ def read_chat_jsonl(path, tok, seq_len, bd, log=print):
             if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
                     or not isinstance(m.get("content"), str):
                 raise InputError(f"{where}: message {i} needs a role (system/user/assistant) and string content")
-            extra = sorted(set(m) - {"role", "content"})
+            extra = sorted(k for k, v in m.items() if k not in ("role", "content") and v not in (None, "", [], {}))
             if extra:  # e.g. tool_calls or name: ChatML here renders role and content only, the rest would be lost
                 raise InputError(f"{where}: message {i} ({m['role']}) has key(s) {extra}: only role and content "
                                  f"are rendered")
@@ -277,7 +277,7 @@ def held_out_signatures(val_text, n):
     return out
 
 
-if __name__ == "__main__":
+def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--check", help="a chat JSONL file to validate")
     p.add_argument("--seq-len", type=positive_int, default=2048, help="--check: longest row kept, in tokens")
@@ -285,12 +285,13 @@ if __name__ == "__main__":
     args = p.parse_args()
     tok = byte_tokenizer()
     if args.check:
-        try:
-            rows, _ = read_chat_jsonl(args.check, tok, args.seq_len, 32)
-        except ValueError as e:  # the first bad row, as a check reports it: one line
-            sys.exit(f"error: {e}")
+        rows, _ = read_chat_jsonl(args.check, tok, args.seq_len, 32)  # the first bad row: one line (run_cli)
         print(f"{args.check}: {len(rows)} usable rows, {sum(int(s.sum()) for _, s in rows)} supervised tokens")
     else:
         d = load_stdlib(tok, args.data_dir)
         print(f"standard library: {len(d['train']):,} training tokens, {len(d['val']):,} held out "
               f"({len(d['val_files'])} files)")
+
+
+if __name__ == "__main__":
+    run_cli(main)

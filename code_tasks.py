@@ -24,7 +24,7 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass
 
-from runs import check_out_file, positive_int, run_cli, seed_int
+from runs import InputError, check_out_file, positive_int, run_cli, seed_int
 
 # ---------------------------------------------------------------------------------------------------------
 # Parameter sets: (train values, test values), disjoint so the test split only sees unseen values. Many values
@@ -272,7 +272,8 @@ def make_problems(split, n, seed=0):
             if split == "train" or p["prompt"] not in seen:
                 break
         else:
-            raise RuntimeError(f"synthetic/{split}/{i}: 100 draws all repeat an earlier prompt: fewer problems")
+            raise InputError(f"the {split} split has no more distinct prompts: {i} found, {n} asked for (the "
+                             f"default sets hold about 7,000)")
         seen.add(p["prompt"])
         problems.append(p)
     return problems

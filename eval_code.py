@@ -246,7 +246,7 @@ def check_model(model, tok, problems, args, name, p):
         ids = tok.encode(pr["prompt"] if args.base else chat_prompt(tok, pr, args.system or None))
         try:
             check_generate_args(model, [ids], args.max_new_tokens, bd, args.sub_block or math.gcd(SUB_BLOCK, bd))
-        except ValueError as e:
+        except InputError as e:
             raise InputError(f"{name}, problem {pr['task_id']}: {e}") from None
 
 
@@ -272,7 +272,7 @@ def check_args(p, args):
                 f"would write over it")
     for flag, path in (("--out", args.out), ("--plot", args.plot)):  # both are replaced when the run ends
         if path is not None:
-            check_out_file(flag, path, replace=True)
+            check_out_file(flag, path, replace=True, makes_dirs=True)
 
 
 def main(argv=None):

@@ -32,13 +32,18 @@ class InputError(ValueError):
     as one; scripts print it as one line (run_cli)."""
 
 
+class Refused(RuntimeError):
+    """A run that cannot go on here, and says what would let it: an out-dir a live run holds, a sandbox this
+    machine cannot build. Printed as one line by run_cli."""
+
+
 def run_cli(main):
-    """A script's entry point: an InputError, or a file that is missing, in the way or not readable, ends
-    the run with its message and exit status 1, no traceback; any other error keeps its traceback (it may
-    be a bug)."""
+    """A script's entry point: an InputError, a Refused, or a file that is missing, in the way or not
+    readable, ends the run with its message and exit status 1, no traceback; any other error keeps its
+    traceback (it may be a bug)."""
     try:
         main()
-    except ENVIRONMENT_ERRORS + (InputError,) as e:
+    except ENVIRONMENT_ERRORS + (InputError, Refused) as e:
         sys.exit(f"error: {e}")
 
 
@@ -120,10 +125,10 @@ def claim_out_dir(out_dir, resume, overwrite, ckpt="ckpt.pt", also=()):
     return lock
 
 
-def check_out_file(flag, path, overwrite=False, replace=False):
-    """A file the run will write, checked before any work: not a directory, its directory there, and not an
-    existing file unless overwrite (replace: the flag's own policy is to replace it). A run whose results
-    could not be written at its end would lose them."""
+def check_out_file(flag, path, overwrite=False, replace=False, makes_dirs=False):
+    """A file the run will write, checked before any work: not a directory, its directory there (unless the
+    run makes it: makes_dirs), and not an existing file unless overwrite (replace: the flag's own policy is to
+    replace it). A run whose results could not be written at its end would lose them."""
     if not path:
         raise InputError(f"{flag}: empty")
     if os.path.isdir(path) or path.endswith(os.sep):
@@ -131,6 +136,8 @@ def check_out_file(flag, path, overwrite=False, replace=False):
     parent = os.path.dirname(path)
     if parent and os.path.exists(parent) and not os.path.isdir(parent):
         raise NotADirectoryError(f"{flag} {path}: {parent} is not a directory")
+    if parent and not makes_dirs and not os.path.isdir(parent):
+        raise FileNotFoundError(f"{flag} {path}: no directory {parent}")
     if os.path.exists(path) and not (overwrite or replace):
         raise FileExistsError(f"{flag} {path} exists: pass --overwrite to replace it")
 
@@ -175,7 +182,7 @@ def take_lock(lock):
             if text == lock_text():
                 return
             if not stale(text):
-                raise RuntimeError(f"{os.path.dirname(lock) or '.'} is in use by another run (pid {text}, lock "
+                raise Refused(f"{os.path.dirname(lock) or '.'} is in use by another run (pid {text}, lock "
                                    f"file {lock}): wait for it or choose another --out-dir; delete {lock} only if "
                                    f"no run uses it") from None
             import fcntl  # NOTE: POSIX; only here, where a dead run's lock is taken over

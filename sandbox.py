@@ -26,6 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from tqdm import tqdm
 
+from runs import Refused
+
 SANDBOX_UID0 = 1 << 30  # each run has its own uid: SANDBOX_UID0 + the pid of its outer process (see BOOT)
 # The sandbox script, run by a fresh `python -I -B -c BOOT ...` (no preexec_fn, so sandboxes start from threads).
 # Three processes:
@@ -74,31 +76,39 @@ def mounts_under(top):
         points = [unescape(line.split()[4]) for line in f]
     return [m for m in points if m == top or m.startswith(top + "/")]
 
-# seccomp(): per machine, the audit arch, clone, clone3 and the syscalls refused with EPERM, in this order:
+# seccomp(): per machine, the audit arch, clone, clone3, socket and the syscalls refused with EPERM, in this order:
 # unshare setns mount umount2 pivot_root chroot add_key request_key keyctl memfd_create memfd_secret bpf
 # perf_event_open userfaultfd io_uring_setup open_tree move_mount fsopen fsconfig fsmount fspick mount_setattr
-SYSCALLS = {"x86_64": (0xC000003E, 56, 435, (272, 308, 165, 166, 155, 161, 248, 249, 250, 319, 447, 321, 298, 323,
-                                             425, 428, 429, 430, 431, 432, 433, 442)),
-            "aarch64": (0xC00000B7, 220, 435, (97, 268, 40, 39, 41, 51, 217, 218, 219, 279, 447, 280, 241, 282,
-                                               425, 428, 429, 430, 431, 432, 433, 442))}
+# shmget semget msgget
+SYSCALLS = {"x86_64": (0xC000003E, 56, 435, 41, (272, 308, 165, 166, 155, 161, 248, 249, 250, 319, 447, 321, 298, 323,
+                                                 425, 428, 429, 430, 431, 432, 433, 442, 29, 64, 68)),
+            "aarch64": (0xC00000B7, 220, 435, 198, (97, 268, 40, 39, 41, 51, 217, 218, 219, 279, 447, 280, 241, 282,
+                                                    425, 428, 429, 430, 431, 432, 433, 442, 194, 190, 186))}
+SOCKET_FAMILIES = (1, 2, 10, 16)  # AF_UNIX, AF_INET, AF_INET6, AF_NETLINK: each stays in the network namespace
 
 def seccomp():
     # Syscalls the program has no use for and that would undo the isolation: new namespaces (a user namespace
     # makes it root there, able to mount a tmpfs past the size bound), mounts, keyrings (they outlive the run
-    # and other uids can read them), memfd (memory outside the address-space limit), bpf, perf, io_uring.
+    # and other uids can read them), memfd and SysV IPC (memory past the address-space limit: a detached shared
+    # segment belongs to no process, so no OOM kill frees it), bpf, perf, io_uring.
     # They fail with EPERM; clone3 with ENOSYS, so that the C library falls back to clone, whose flags are checked.
-    arch, clone, clone3, deny = SYSCALLS.get(os.uname().machine, (None,) * 4)
+    # socket() only for SOCKET_FAMILIES: AF_VSOCK, for one, reaches the hypervisor past any network namespace.
+    arch, clone, clone3, sock, deny = SYSCALLS.get(os.uname().machine, (None,) * 5)
     if arch is None:
         return False
     LD, JEQ, JGE, JSET, RET = 0x20, 0x15, 0x35, 0x45, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ/JGE/JSET|K, BPF_RET|K
     ALLOW, KILL, EPERM, ENOSYS = 0x7FFF0000, 0x80000000, 0x50000 | 1, 0x50000 | 38
     NEW_NS = 0x02000000 | 0x04000000 | 0x08000000 | 0x10000000 | 0x20000000 | 0x40000000 | 0x00020000 | 0x00000080
-    n = len(deny)
+    n, F = len(deny), len(SOCKET_FAMILIES)
     prog = [(LD, 0, 0, 4), (JEQ, 1, 0, arch), (RET, 0, 0, KILL),  # seccomp_data.arch: another ABI is killed
             (LD, 0, 0, 0), (JGE, 0, 1, 0x40000000), (RET, 0, 0, KILL)]  # .nr; x32 syscalls (x86_64) killed
-    prog += [(JEQ, n - i + 4, 0, k) for i, k in enumerate(deny)]  # to the EPERM: jumps are relative, forward
-    prog += [(JEQ, 0, 1, clone3), (RET, 0, 0, ENOSYS), (JEQ, 0, 3, clone),
-             (LD, 0, 0, 16), (JSET, 0, 1, NEW_NS), (RET, 0, 0, EPERM), (RET, 0, 0, ALLOW)]  # 16: args[0], flags
+    # NOTE: BPF jumps are relative and forward (jt, jf: instructions to skip). After the deny list, in order:
+    # clone3 -> ENOSYS; socket: a family of the list -> ALLOW, else EPERM; clone with a namespace flag -> EPERM.
+    prog += [(JEQ, n - i + F + 3, 0, k) for i, k in enumerate(deny)]  # to the first EPERM
+    prog += [(JEQ, 0, 1, clone3), (RET, 0, 0, ENOSYS), (JEQ, 0, F + 2, sock), (LD, 0, 0, 16)]  # 16: args[0]
+    prog += [(JEQ, F - i + 4, 0, fam) for i, fam in enumerate(SOCKET_FAMILIES)]  # to the ALLOW
+    prog += [(RET, 0, 0, EPERM), (JEQ, 0, 3, clone), (LD, 0, 0, 16), (JSET, 0, 1, NEW_NS), (RET, 0, 0, EPERM),
+             (RET, 0, 0, ALLOW)]
     class Filter(ctypes.Structure):
         _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint)]
     class Prog(ctypes.Structure):
@@ -181,12 +191,12 @@ if child == 0:  # the program
     os.environ.update(HOME=os.path.dirname(prog), TMPDIR=os.path.dirname(prog))
     os.write(setup_fd, (f"ok without: {'; '.join(missing)}" if missing else "ok").encode() + b"\n")
     os.close(setup_fd)  # from here on, untrusted code
-    del ctypes, libc, resource, need, mount, make_root, mounts_under, seccomp, SYSCALLS, src
+    del ctypes, libc, resource, need, mount, make_root, mounts_under, seccomp, SYSCALLS, SOCKET_FAMILIES, src
     sys.argv = [prog]
     with open(prog, encoding="utf-8") as f:
         code = compile(f.read(), prog, "exec")
     exec(code, {"__name__": "__main__", "__file__": prog, "__builtins__": __builtins__})
-    sys.stdout.flush(); sys.stderr.flush()
+    [f.flush() for f in (sys.stdout, sys.stderr) if not f.closed]  # a program may close them: nothing to flush
     os.write(done_fd, os.read(secret_fd, 64))  # the pass marker: reached only if the program ran to its end
     os._exit(0)
 while True:  # init: reap orphans until the program exits, then exit with its status
@@ -232,7 +242,7 @@ def run_sandboxed(program, timeout=10.0, mem_mb=1024, tmp_mb=64, allow_unisolate
             p.stdout.close(), p.stderr.close(), os.close(setup_r), os.close(done_r)
     setup, err = setup.decode("utf-8", "replace").strip(), err.decode("utf-8", "replace")
     if setup.startswith("refused: "):
-        raise RuntimeError(f"sandbox refused to run the program: no {setup[9:]}. It needs Linux and root "
+        raise Refused(f"sandbox refused to run the program: no {setup[9:]}. It needs Linux and root "
                            "(CAP_SYS_ADMIN); allow_unisolated=True (eval_code.py --unsafe-no-isolation) runs "
                            "untrusted code without its isolation, at your own risk")
     if finished and not setup.startswith("ok"):
@@ -302,6 +312,10 @@ KERNEL = {  # kernel features the seccomp filter denies, each as a libc call tha
     "a key in the kernel keyring (outlives the run)": "libc.syscall({'aarch64': 217}.get(os.uname().machine, 248), "
                                                       "b'user', b'relay', b'x', 1, -4)",  # add_key
     "memfd (memory past the address-space limit)": "libc.memfd_create(b'x', 0)",
+    "SysV shared memory (the same, and no process holds it)": "libc.shmget(0, 1 << 20, 0o1600)",  # IPC_PRIVATE
+    "a SysV message queue (kernel memory)": "libc.msgget(0, 0o1600)",
+    "a SysV semaphore set": "libc.semget(0, 1, 0o1600)",
+    "an AF_VSOCK socket (to the hypervisor, past the network namespace)": "libc.socket(40, 1, 0)",
     "clone into a new user namespace": "libc.syscall({'aarch64': 220}.get(os.uname().machine, 56), "
                                        "0x10000000 | 17, 0, 0, 0, 0)"}  # CLONE_NEWUSER | SIGCHLD
 # python -c NO_SYS_ADMIN.format(code): runs code in a python without CAP_SYS_ADMIN (PR_CAPBSET_DROP, then exec)

@@ -344,6 +344,8 @@ def main():
     args = p.parse_args()
     if args.check and not os.path.isfile(args.check):
         p.error(f"--check {args.check}: no such file")
+    if args.check and args.out is not None:
+        p.error("--check validates a CSV and writes nothing: drop --out")
     if args.out is not None:
         check_out_file("--out", args.out, args.overwrite)  # before minutes of generating
     if args.check:

@@ -83,7 +83,7 @@ def read_seeds(path=SEEDS_PATH):
                 raise InputError(f"{path}:{n}: expected `train|test PUZZLE SOURCE`, got {line.strip()!r}")
             try:
                 parse_puzzle(fields[1])
-            except ValueError as e:
+            except InputError as e:
                 raise InputError(f"{path}:{n}: {e}") from None
             seeds[fields[0]].append(fields[1])
     if not all(seeds.values()):

@@ -58,7 +58,7 @@ from code_data import (Rows, data_digest, held_out_signatures, load_stdlib, read
                        synthetic_rows, synthetic_tokenizer)
 from model import QWEN2, SHAPES, ModelConfig, Transformer, device_flag, pick_device, shape_problem
 from relay import RolloutBuffer, add_relay, reveal_threshold_blocks, rollout_loss, sft_loss
-from runs import (InputError, StopOnInterrupt, claim_out_dir, given_flags, nonneg_float, nonneg_int, positive_float, positive_int,
+from runs import (InputError, Refused, StopOnInterrupt, claim_out_dir, given_flags, nonneg_float, nonneg_int, positive_float, positive_int,
                   run_cli, seed_int, unit_float)
 from eval_code import evaluate, with_check
 from sandbox import run_sandboxed
@@ -558,8 +558,8 @@ def check_sandbox(args):
     before training, not after it."""
     try:
         run_sandboxed("pass\n", allow_unisolated=args.unsafe_no_isolation)
-    except RuntimeError as e:
-        raise RuntimeError(f"--eval-problems {args.eval_problems} runs model code in a sandbox: {e}. Or train "
+    except Refused as e:
+        raise Refused(f"--eval-problems {args.eval_problems} runs model code in a sandbox: {e}. Or train "
                            f"with --eval-problems 0 and score later: sudo python eval_code.py ...") from None
 
 

@@ -465,7 +465,7 @@ def parse_puzzle(text):
     """--solve's argument -> (81,) uint8 board (sudoku_solver.parse_puzzle, errors naming the flag)."""
     try:
         return sudoku_solver.parse_puzzle(text)
-    except ValueError as e:
+    except InputError as e:
         raise InputError(f"--solve: {e}") from None
 
 
@@ -574,7 +574,10 @@ def main(argv=None):
     if args.init_from and not ck:  # resumed: the run's checkpoint holds the fine-tuned weights
         init_from(args.init_from, model, ema)
     train_model = torch.compile(model, mode=args.compile) if args.compile else model  # what the losses call
-    save = lambda: save_checkpoint(training_state(args, step, model, ema, opt, buf, stream, gen), ckpt_path)
+    def save():  # -> its seconds, which are not training time
+        t1 = time.time()
+        save_checkpoint(training_state(args, step, model, ema, opt, buf, stream, gen), ckpt_path)
+        return time.time() - t1
 
     # 5) the training loop. Losses stay on the device and are read every LOG_EVERY steps: a host
     #    read is a sync, and without one the host prepares the next step while the GPU runs this one.
@@ -590,7 +593,7 @@ def main(argv=None):
             if interrupted or out_of_time or (args.stop_after and step - step0 >= args.stop_after):
                 tqdm.write(f"stopping at step {step}: " + ("Ctrl-C" if interrupted else "--time-limit" if out_of_time
                                                            else "--stop-after"))
-                save()
+                t_off += save()
                 break
             loss, new_rows = train_step(args, step, train_model, model, ema, opt, buf, stream, gen, ctx)
             step += 1
@@ -617,9 +620,7 @@ def main(argv=None):
                            f"{seen / (time.time() - t0 - t_off):.0f} new puzzles/s")
             # b) checkpoint (atomic); its seconds, like the monitor's, are not training time
             if step % args.ckpt_every == 0 or step == args.max_steps:
-                t1 = time.time()
-                save()
-                t_off += time.time() - t1
+                t_off += save()
     losses += [x[0] for x in torch.stack(pending).tolist()] if pending else []  # a stop in mid-interval
     bar.close()
     if interrupted:

@@ -6,7 +6,8 @@
 #      (generated puzzles cached in data/: make them first on a CPU and carry data/ along, e.g.
 #      `python bench/sudoku_data.py --n-train 40000 --n-test 2000 --speed 0 --speed-hard 0`, ~40 min
 #      on 2 cores, then N_TRAIN=40000: the paper preset's set; RESULTS.md), relay first;
-#      a time budget stops the comparison and whatever finished is reported;
+#      a time budget stops the comparison (Ctrl-C's signal: the run in training saves a checkpoint at its
+#      step, which the same command resumes) and whatever finished is reported;
 #   3. the relay run's EMA weights in fp16 (replace checkpoints/sudoku_relay_hard.pt only if they beat it on
 #      checkpoints/sudoku_test_public.csv: the shipped file is fine-tuned on public hard puzzles, RESULTS.md).
 # Env: STEPS (5000), BUDGET (seconds for step 2, 450), N_TRAIN (12000), N_TEST (2000),
@@ -43,7 +44,7 @@ fi
 # 2) the four objectives at equal steps, compiled, relay first; each saves its result as it ends
 FLAGS="--preset paper --compile --max-steps $STEPS --n-train $N_TRAIN --eval-size $N_TEST --eval-every $STEPS \
        --ckpt-every $STEPS $EXTRA"
-timeout "$BUDGET" python bench/compare_objectives.py --out-dir out/compare --objectives relay mlm relay_sg rollout \
+timeout -k 60 -s INT "$BUDGET" python bench/compare_objectives.py --out-dir out/compare --objectives relay mlm relay_sg rollout \
     $FLAGS 2>&1 | grep -v "it/s\]" | log
 rc=${PIPESTATUS[0]}
 if [ "$rc" != 0 ] && [ "$rc" != 124 ]; then  # 124: the budget ran out, which is expected

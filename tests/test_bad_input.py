@@ -252,7 +252,8 @@ def test_generators_do_not_write_over_a_file_or_into_a_directory(tmp_path, argv)
     os.makedirs(tmp_path / "adir")
     cmd = [sys.executable, os.path.join(ROOT, argv[0]), *argv[1:], "--out"]
     for out, msg in (("keep.csv", "error: --out keep.csv exists: pass --overwrite"),
-                     ("adir", "error: --out adir is a directory"), ("adir/", "error: --out adir/ is a directory")):
+                     ("adir", "error: --out adir is a directory"), ("adir/", "error: --out adir/ is a directory"),
+                     ("nodir/x.csv", "error: --out nodir/x.csv: no directory nodir")):
         r = subprocess.run([*cmd, out], cwd=tmp_path, capture_output=True, text=True)
         assert r.returncode == 1 and r.stderr.startswith(msg) and "Traceback" not in r.stderr, r.stderr
         assert "puzzles/s" not in r.stdout and "families" not in r.stdout  # nothing was generated
@@ -268,13 +269,19 @@ def test_a_missing_file_or_bad_input_ends_the_run_in_one_line(tmp_path):
     (tmp_path / "bad.csv").write_text("question,answer\n123,456\n")  # and a check's first bad row: one line too
     (tmp_path / "bad.jsonl").write_text('{"messages": []}\n')
     (tmp_path / "garbage.pt").write_text("not a checkpoint")
+    os.makedirs(tmp_path / "busy")
+    (tmp_path / "busy" / ".lock").write_text(f"{os.getpid()} {socket.gethostname()}\n")  # a live run holds it
     for argv in (["train_sudoku.py", "--eval-only", "--checkpoint", "none.pt"], ["eval_code.py", "--checkpoint", "nodir"],
                  ["checkpoint.py", "empty"], ["tokenizer.py", "nodir", "some text"], ["sudoku.py", "--check", "bad.csv"],
                  ["code_data.py", "--check", "bad.jsonl"],
                  # input errors (runs.InputError) too: a damaged checkpoint, a bad puzzle, a bad problem file
                  ["train_sudoku.py", "--eval-only", "--checkpoint", "garbage.pt"],
                  ["train_sudoku.py", "--solve", "11" + "." * 79, "--checkpoint", "garbage.pt"],
-                 ["sampler.py", "--checkpoint", "garbage.pt"], ["eval_code.py", "--self-check", "--problems", "bad.jsonl"]):
+                 ["sampler.py", "--checkpoint", "garbage.pt"], ["eval_code.py", "--self-check", "--problems", "bad.jsonl"],
+                 # outputs that could not be written, before any work; a refusal (runs.Refused)
+                 ["eval_code.py", "--self-check", "--out", "empty"], ["train_sudoku.py", "--checkpoint", "garbage.pt",
+                                                                     "--export", "empty"],
+                 ["train_sudoku.py", "--out-dir", "busy"]):
         r = subprocess.run([sys.executable, os.path.join(ROOT, argv[0]), *argv[1:]], cwd=tmp_path, capture_output=True,
                            text=True, timeout=120)
         assert r.returncode == 1 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr, r.stderr
@@ -512,6 +519,10 @@ def test_chat_message_keys_that_would_be_lost_are_refused(tmp_path):
     p = chat_file(tmp_path, json.dumps(GOOD_ROW), json.dumps(bad))
     with pytest.raises(ValueError, match=f"{p}:2: message 1 \\(assistant\\) has key\\(s\\) \\['tool_calls'\\]"):
         code_data.read_chat_jsonl(str(p), byte_tokenizer(), 256, 16)
+    empty = {"messages": [{"role": "user", "content": "hi", "name": None},
+                          {"role": "assistant", "content": "ok", "tool_calls": []}]}  # as OpenAI-format exports have
+    p = chat_file(tmp_path, json.dumps(empty))
+    assert len(code_data.read_chat_jsonl(str(p), byte_tokenizer(), 256, 16)[0]) == 1
 
 
 def test_no_usable_rows_says_why(tmp_path):

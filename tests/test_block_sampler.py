@@ -199,6 +199,23 @@ def test_bench_reports_equal_tokens_for_every_mode(capsys):
     assert rows[1]["static"]["new_tokens"] == 3 * 40 and rows[1]["first_diff_from_alone"] is None
 
 
+def test_a_failing_profile_keeps_the_bench_rows(capsys, monkeypatch):
+    """The profile (a diagnostic) runs last; if the profiler fails, the measurements are still in the JSON line."""
+    import json
+    import sampler
+
+    def broken(*a, **k):
+        raise RuntimeError("profiler broke")
+
+    monkeypatch.setattr(sampler, "profile_decode", broken)
+    sampler.main(["--random-init", "tiny", "--bench", "--bench-lengths", "8", "--bench-prompts", "1",
+                  "--bench-batch", "2", "--bench-modes", "cached", "uncached", "--bench-profile"])
+    out, err = capsys.readouterr()
+    rows = json.loads(out.strip().splitlines()[-1])["bench"]
+    assert rows[0]["cached"]["same_tokens"] and rows[-1] == {"profile": {"error": "RuntimeError('profiler broke')"}}
+    assert any(r.get("batch") == 2 for r in rows) and "RuntimeError: profiler broke" in err
+
+
 class FakeGraph:
     """CUDA-graph semantics on the CPU, to test BlockGraphs here: the capture records every op with
     its tensors; a replay runs the ops again on those same tensors and writes each result into the

@@ -36,6 +36,13 @@ def test_held_out_prompts_are_distinct_and_still_a_prefix():
     assert len({p["prompt"] for p in first}) < 400
 
 
+def test_asking_for_more_distinct_held_out_prompts_than_there_are_is_a_named_error(monkeypatch):
+    one = ct.make_problem("test", 0, 0)
+    monkeypatch.setattr(ct, "draw_problem", lambda split, task_id, rng: one)  # a space of one prompt
+    with pytest.raises(ValueError, match="the test split has no more distinct prompts: 1 found, 3 asked for"):
+        ct.make_problems("test", 3)
+
+
 def test_splits_disjoint_and_test_has_unseen_compositions():
     train, test = ct.make_problems("train", 2000, seed=0), ct.make_problems("test", 500, seed=0)
     assert not {key(p) for p in train} & {key(p) for p in test}
