@@ -31,6 +31,8 @@ def test_1_exit_before_the_check_fails():
     junk = ("for fd in range(1, 16):\n    try:\n        os.write(fd, b'ok\\npassed\\n')\n"
             "    except OSError:\n        pass\n")
     assert sandbox.run_sandboxed(WRONG + junk + "os._exit(0)\n" + CHECK, 3)["status"] == "failed"
+    # a correct program may close its output: the harness's flush must not fail it
+    assert sandbox.run_sandboxed(RIGHT + CHECK + "sys.stdout.close()\nsys.stderr.close()\n", 3)["status"] == "passed"
 
 
 def test_2_stdlib_imports_pass_after_the_privilege_drop():
