@@ -216,6 +216,27 @@ def test_a_failing_profile_keeps_the_bench_rows(capsys, monkeypatch):
     assert any(r.get("batch") == 2 for r in rows) and "RuntimeError: profiler broke" in err
 
 
+def test_the_commit_forward_gives_the_next_blocks_first_token(tiny_llm):
+    """commit_block: the completed block's last (unshifted) logit is the next block's first token. Tiny random
+    models often predict one token at a block's last two positions, so equal-token tests miss a shifted read:
+    a hook makes token 5 win only at the commit forward's last position."""
+    seen = []
+
+    def hook(module, args, kwargs, out):
+        if kwargs.get("commit"):
+            logits = out[0].clone()
+            logits[:, -1, 5] += 100.0
+            seen.append(logits.shape)
+            return logits, out[1]
+
+    handle = tiny_llm.register_forward_hook(hook, with_kwargs=True)
+    try:
+        out, _ = generate(tiny_llm, [[1, 2, 3]], max_new_tokens=13, threshold=0.2, sub_block=4)
+    finally:
+        handle.remove()
+    assert seen and out[0][5] == 5  # new token 5 = position 8, the first of block 1 (bd_size 8)
+
+
 class FakeGraph:
     """CUDA-graph semantics on the CPU, to test BlockGraphs here: the capture records every op with
     its tensors; a replay runs the ops again on those same tensors and writes each result into the

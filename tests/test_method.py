@@ -2,6 +2,7 @@
 the Sudoku path and on the doubled [x_t ‖ x_0] LLM path, both reveal rules on hand-made
 confidences, the token shift in forward_doubled and in the block sampler, and the per-block SFT
 noise. Every oracle is a plain loop written here, not a call of the function it checks."""
+import math
 from functools import partial
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import relay
+import sampler
 from model import ModelConfig, Transformer, block_mask, forward_doubled
 from relay import RolloutBuffer, rollout_loss
 from sampler import generate
@@ -235,6 +237,23 @@ def test_confidence_mass_rule_is_per_row():
     # row 0: cumsum 0.01, 0.04, 0.09, 0.59; row 1: uncertainties 0.4, 0.3, 0.8 -> only its best
     want = [[True, True, False, True], [False, True, False, False]]
     assert relay.reveal_confidence_mass(conf, masked, 0.15).tolist() == want
+    # strictly below tau: uncertainties 0.25 then 0.5 (exact in binary), tau 0.5
+    assert relay.reveal_confidence_mass(torch.tensor([[0.75, 0.75]]), torch.ones(1, 2, dtype=torch.bool),
+                                        0.5).tolist() == [[True, False]]
+
+
+def test_decoding_reveal_rule_is_strict_and_falls_back_to_the_best():
+    """sampler.reveal_block on hand-made logits (position j is predicted from the logits at j - 1; token 3 is
+    MASK): > threshold is strict, and a sub-block where nothing passes still reveals its first most confident
+    position, else decoding would never end."""
+    NEG, none = -1e9, torch.tensor([], dtype=torch.long)
+    logits = torch.tensor([[[0.0, 0, 0, 0], [0, 0, NEG, NEG], [math.log(9), 0, NEG, NEG], [0, 0, 0, 0]]])
+    xb = torch.tensor([[1, 3, 3, 3]])  # confidences of positions 1, 2, 3: 0.25, exactly 0.5, 0.9
+    out, _ = sampler.reveal_block(logits, xb, xb == 3, 0.5, 4, 3, none)
+    assert out.tolist() == [[1, 3, 3, 0]]
+    xb = torch.tensor([[1, 2, 1, 2, 3, 3, 3, 3]])  # the first sub-block is done; nothing passes 0.5 in the second
+    out, _ = sampler.reveal_block(torch.zeros(1, 8, 4), xb, xb == 3, 0.5, 4, 3, none)
+    assert out.tolist() == [[1, 2, 1, 2, 0, 3, 3, 3]]
 
 
 def test_sft_noise_level_varies_between_blocks_of_a_row():

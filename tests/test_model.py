@@ -153,3 +153,12 @@ def test_written_out_attention_equals_sdpa(tiny_cfg):
     idx = torch.randint(0, 10, (3, 24))
     train = m.train()(idx)[0]
     torch.testing.assert_close(train, m.eval()(idx)[0])
+
+
+def test_eval_mode_has_no_dropout(tiny_cfg):
+    m = Transformer(dataclasses.replace(tiny_cfg, dropout=0.5))
+    idx = torch.randint(0, 10, (2, 81))
+    m.train()
+    assert not torch.equal(m(idx)[0], m(idx)[0])  # dropout is there to switch off
+    m.eval()
+    assert torch.equal(m(idx)[0], m(idx)[0])

@@ -83,3 +83,18 @@ def test_revealed_at_records_the_step_of_each_cell(tiny_cfg):
     assert torch.equal(when.max(1).values, st["nfe"])  # a row's last reveal is its last forward
     _, st2 = sample_mdm(m, x, tau=0.0, max_steps=2)  # one cell per loop step: the final fill is needed
     assert st2["revealed_at"].max() == 3  # two loop steps, then the final fill
+
+
+def test_the_first_sudoku_step_gets_the_relay_of_a_zero_state(tiny_cfg):
+    """h_0 = 0 goes through the relay channel's LayerNorm like every later state: its bias is added at step 1
+    too (relay=None would skip it, and step 1 would see another input than in training)."""
+    torch.manual_seed(0)
+    m = Transformer(dataclasses.replace(tiny_cfg, relay=True)).eval()
+    torch.nn.init.constant_(m.relay.norm.bias, 2.0)  # LN(0) = its bias: nonzero
+    x = torch.randint(1, 10, (3, 81))
+    x[:, ::2] = 0  # MASK
+    out, _ = sample_mdm(m, x, max_steps=0)  # the final fill only: one forward
+    with torch.no_grad():
+        p = m(x, relay=torch.zeros(3, 81, 32))[0].softmax(-1)
+    p[..., 0] = 0  # never MASK
+    assert torch.equal(out, torch.where(x == 0, p.argmax(-1), x))

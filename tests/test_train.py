@@ -1,7 +1,7 @@
 import dataclasses
 import json
-import runpy
 import os
+import runpy
 import signal
 import subprocess
 import sys
@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import relay
 import sudoku
 import sudoku_solver
 import train_sudoku
@@ -34,10 +35,12 @@ def run(tmp, data_dir, *extra):
     return train_sudoku.main([*TINY, "--out-dir", str(tmp), "--data-dir", data_dir, *extra])
 
 
-@pytest.mark.parametrize("objective,warm", [("mlm", "0"), ("relay", "0"), ("relay", "0.5")])
-def test_resume_reproduces_the_next_losses(tmp_path, data_dir, objective, warm):
-    """warm=0.5: an MLM warm start whose switch to relay happens right at the resume."""
-    common = ["--objective", objective, "--max-steps", "4", "--mlm-frac", warm]
+@pytest.mark.parametrize("objective,warm,dropout", [("mlm", "0", "0"), ("relay", "0", "0"), ("relay", "0.5", "0"),
+                                                    ("relay", "0", "0.3")])
+def test_resume_reproduces_the_next_losses(tmp_path, data_dir, objective, warm, dropout):
+    """warm=0.5: an MLM warm start whose switch to relay happens right at the resume; dropout (the paper preset
+    has 0.1): its masks come from torch's global generator, which the checkpoint must restore."""
+    common = ["--objective", objective, "--max-steps", "4", "--mlm-frac", warm, "--dropout", dropout]
     full = run(tmp_path / "a", data_dir, *common)
     run(tmp_path / "b", data_dir, *common, "--stop-after", "2")
     resumed = run(tmp_path / "b", data_dir, *common, "--resume")
@@ -245,10 +248,39 @@ def test_evaluation_runs_without_dropout(tmp_path, data_dir):
     test = train_sudoku.load_test(args)
     a = train_sudoku.evaluate(m, test, 0.15, 4, train_sudoku.nullcontext())
     assert not m.training
-    m.train()  # with dropout on, two evaluations would differ
+    m.train()
     b = train_sudoku.evaluate(m, test, 0.15, 4, train_sudoku.nullcontext())
     a.pop("puzzles_per_s"), b.pop("puzzles_per_s")
     assert a == b
+    x = torch.from_numpy(test["question"][:4]).long()
+    m.train()
+    assert not torch.equal(m(x)[0], m(x)[0])  # with dropout on, two evaluations could differ
+
+
+def test_one_training_step_moves_the_ema_towards_the_model(tmp_path, data_dir):
+    args = train_sudoku.get_args([*TINY, "--device", "cpu", "--data-dir", data_dir, "--max-steps", "2",
+                                  "--objective", "relay", "--ema", "0.9"])
+    torch.manual_seed(0)
+    model, ema, opt, stream, gen, buf = train_sudoku.training_objects(args, train_sudoku.load_train(args))
+    before = [p.detach().clone() for p in ema.parameters()]
+    step = 50
+    train_sudoku.train_step(args, step, model, model, ema, opt, buf, stream, gen, train_sudoku.nullcontext())
+    d = min(0.9, (2 + step) / (11 + step))  # the warm-up of the decay: 0.852 at step 50
+    for e, b, p in zip(ema.parameters(), before, model.parameters()):
+        torch.testing.assert_close(e, d * b + (1 - d) * p.detach())
+
+
+def test_the_training_threshold_is_drawn_at_every_rollout_step(tmp_path, data_dir, monkeypatch):
+    """The authors draw tau ~ max(0, N(0.15, 0.1)) afresh at each of the K rollout steps, not once per
+    optimizer step."""
+    args = train_sudoku.get_args([*TINY, "--device", "cpu", "--data-dir", data_dir, "--max-steps", "2",
+                                  "--objective", "relay", "--K", "3", "--train-tau", "0.5"])  # no clamp at 0
+    model, ema, opt, stream, gen, buf = train_sudoku.training_objects(args, train_sudoku.load_train(args))
+    taus, real = [], relay.reveal_confidence_mass
+    monkeypatch.setattr(relay, "reveal_confidence_mass", lambda conf, masked, tau: taus.append(float(tau)) or
+                        real(conf, masked, tau))
+    train_sudoku.train_step(args, 0, model, model, ema, opt, buf, stream, gen, train_sudoku.nullcontext())
+    assert len(taus) == 3 and len(set(taus)) == 3, taus
 
 
 def test_solve_prints_the_grid_and_draws_the_steps(tmp_path, data_dir, capsys):
