@@ -14,6 +14,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 import zipfile
 import zlib
 
@@ -134,9 +135,12 @@ def check_out_file(flag, path, overwrite=False, replace=False, makes_dirs=False)
     if os.path.isdir(path) or path.endswith(os.sep):
         raise IsADirectoryError(f"{flag} {path} is a directory: give a file name")
     parent = os.path.dirname(path)
-    if parent and os.path.exists(parent) and not os.path.isdir(parent):
-        raise NotADirectoryError(f"{flag} {path}: {parent} is not a directory")
-    if parent and not makes_dirs and not os.path.isdir(parent):
+    up = parent
+    while up and not os.path.exists(up):  # the first of its directories that exists
+        up = os.path.dirname(up)
+    if up and not os.path.isdir(up):
+        raise NotADirectoryError(f"{flag} {path}: {up} is not a directory")
+    if up != parent and not makes_dirs:  # (a run that makes them makes the missing ones)
         raise FileNotFoundError(f"{flag} {path}: no directory {parent}")
     if os.path.exists(path) and not (overwrite or replace):
         raise FileExistsError(f"{flag} {path} exists: pass --overwrite to replace it")
@@ -183,8 +187,8 @@ def take_lock(lock):
                 return
             if not stale(text):
                 raise Refused(f"{os.path.dirname(lock) or '.'} is in use by another run (pid {text}, lock "
-                                   f"file {lock}): wait for it or choose another --out-dir; delete {lock} only if "
-                                   f"no run uses it") from None
+                              f"file {lock}): wait for it or choose another --out-dir; delete {lock} only if "
+                              f"no run uses it") from None
             import fcntl  # NOTE: POSIX; only here, where a dead run's lock is taken over
             with open(f"{lock}.takeover", "a") as guard:  # one taker at a time: none removes a lock just taken
                 fcntl.flock(guard, fcntl.LOCK_EX)
@@ -249,21 +253,22 @@ def release_lock(lock):
 class StopOnInterrupt:
     """`with StopOnInterrupt() as stop:` a training loop that checks `if stop:` at each step: Ctrl-C
     (SIGINT) asks it to stop there, with a checkpoint, instead of losing the steps since the last one; a
-    second Ctrl-C interrupts at once, as usual. Outside the main thread (no signals there) it never stops."""
+    second Ctrl-C interrupts at once, as usual. Outside the main thread (no signals there) it never stops.
+    NOTE: `timeout -s INT` signals the process, then its group: a second SIGINT within a second is the same one."""
 
     def __enter__(self):
-        self.asked, self.previous = False, None
+        self.asked, self.previous = None, None  # asked: the time of the first Ctrl-C
         if threading.current_thread() is threading.main_thread():
             self.previous = signal.signal(signal.SIGINT, self.ask)
         return self
 
     def ask(self, signum, frame):
-        if self.asked:
+        if self.asked is not None and time.monotonic() - self.asked > 1.0:
             raise KeyboardInterrupt
-        self.asked = True
+        self.asked = self.asked or time.monotonic()
 
     def __bool__(self):
-        return self.asked
+        return self.asked is not None
 
     def __exit__(self, *exc):
         if self.previous is not None:

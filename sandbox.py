@@ -8,7 +8,7 @@ Each program runs in its own network, IPC, UTS, mount and PID namespaces, chroot
 a private root: a 64 MiB tmpfs holding /tmp, /var/tmp and /dev/shm, with /usr, /etc and the
 interpreter bind-mounted read-only (every mount below them too) and a fresh /proc; as its own uid with
 CPU-time, address-space, file-size, process-count and open-file limits, under a seccomp filter that
-refuses new namespaces, mounts, keyrings and memfd; killed with everything it started at the wall-clock
+refuses new namespaces, mounts, keyrings, memfd, SysV IPC and sockets other than Unix, IP and netlink; killed with everything it started at the wall-clock
 timeout. It passes only if it ran to its end (a per-run marker). Needs Linux and root (CAP_SYS_ADMIN),
 as CI has: otherwise it refuses to run, unless the caller allows running without isolation.
 """
@@ -109,6 +109,7 @@ def seccomp():
     prog += [(JEQ, F - i + 4, 0, fam) for i, fam in enumerate(SOCKET_FAMILIES)]  # to the ALLOW
     prog += [(RET, 0, 0, EPERM), (JEQ, 0, 3, clone), (LD, 0, 0, 16), (JSET, 0, 1, NEW_NS), (RET, 0, 0, EPERM),
              (RET, 0, 0, ALLOW)]
+    assert all(jt < 256 and jf < 256 for _, jt, jf, _ in prog)  # one byte each: a longer deny list must not wrap
     class Filter(ctypes.Structure):
         _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint)]
     class Prog(ctypes.Structure):
@@ -196,7 +197,11 @@ if child == 0:  # the program
     with open(prog, encoding="utf-8") as f:
         code = compile(f.read(), prog, "exec")
     exec(code, {"__name__": "__main__", "__file__": prog, "__builtins__": __builtins__})
-    [f.flush() for f in (sys.stdout, sys.stderr) if not f.closed]  # a program may close them: nothing to flush
+    for f in (sys.stdout, sys.stderr):  # a program may have closed or replaced them: a pass does not depend on it
+        try:
+            f.flush()
+        except Exception:
+            pass
     os.write(done_fd, os.read(secret_fd, 64))  # the pass marker: reached only if the program ran to its end
     os._exit(0)
 while True:  # init: reap orphans until the program exits, then exit with its status
@@ -212,7 +217,7 @@ WARNED = set()  # the unisolated setups already warned about, so each is printed
 def run_sandboxed(program, timeout=10.0, mem_mb=1024, tmp_mb=64, allow_unisolated=False):
     """Run a Python program in the sandbox (BOOT). Returns {"status": passed|failed|timed out, "stderr": its tail}:
     passed only if the program ran to its end (the pass marker), whatever its exit code. Returns by timeout + ~1 s
-    whatever the program started. Raises RuntimeError when the isolation cannot be set up, unless
+    whatever the program started. Raises runs.Refused when the isolation cannot be set up, unless
     allow_unisolated, which runs it with what could be set up and says so loudly on stderr."""
     secret = secrets.token_hex(16).encode()  # made now, after the program text is fixed
     with tempfile.TemporaryDirectory(prefix="relay-sandbox-") as d:
@@ -243,8 +248,8 @@ def run_sandboxed(program, timeout=10.0, mem_mb=1024, tmp_mb=64, allow_unisolate
     setup, err = setup.decode("utf-8", "replace").strip(), err.decode("utf-8", "replace")
     if setup.startswith("refused: "):
         raise Refused(f"sandbox refused to run the program: no {setup[9:]}. It needs Linux and root "
-                           "(CAP_SYS_ADMIN); allow_unisolated=True (eval_code.py --unsafe-no-isolation) runs "
-                           "untrusted code without its isolation, at your own risk")
+                      "(CAP_SYS_ADMIN); allow_unisolated=True (eval_code.py --unsafe-no-isolation) runs "
+                      "untrusted code without its isolation, at your own risk")
     if finished and not setup.startswith("ok"):
         raise RuntimeError(f"sandbox failed to start: {err[-2000:]}")
     if setup.startswith("ok without: ") and setup not in WARNED:

@@ -560,7 +560,7 @@ def check_sandbox(args):
         run_sandboxed("pass\n", allow_unisolated=args.unsafe_no_isolation)
     except Refused as e:
         raise Refused(f"--eval-problems {args.eval_problems} runs model code in a sandbox: {e}. Or train "
-                           f"with --eval-problems 0 and score later: sudo python eval_code.py ...") from None
+                      f"with --eval-problems 0 and score later: sudo python eval_code.py ...") from None
 
 
 def chunk_states(args, d, chunks, train_data, val_data, cfg, tok):

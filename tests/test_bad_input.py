@@ -6,9 +6,11 @@ import io
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -709,3 +711,34 @@ def test_a_mask_token_id_past_the_vocabulary_fails_at_load(hf_dir):
     (hf_dir / "added_tokens.json").write_text(json.dumps({MASK_TOKEN: 100}))
     with pytest.raises(ValueError, match="mask token id 100 .* outside the vocabulary"):
         from_pretrained(str(hf_dir), dtype=torch.float32)
+
+
+def test_two_ctrl_c_within_a_second_are_one(monkeypatch):
+    """`timeout -s INT` (bench/sudoku_gpu.sh) signals the process and then its group: the loop must still stop
+    at a step with a checkpoint. A second Ctrl-C a second later interrupts at once."""
+    now = [100.0]
+    monkeypatch.setattr(R.time, "monotonic", lambda: now[0])
+    with R.StopOnInterrupt() as stop:
+        assert not stop
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop
+        now[0] += 0.5
+        os.kill(os.getpid(), signal.SIGINT)  # the group's copy of the same signal
+        now[0] += 2.0
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs at the next bytecode; this is not reached
+
+
+def test_an_output_file_is_checked_before_any_work(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    os.makedirs(tmp_path / "adir")
+    cases = [("adir", {}, IsADirectoryError, "is a directory"), ("afile", {}, FileExistsError, "pass --overwrite"),
+             ("afile/x", {}, NotADirectoryError, "afile is not a directory"),
+             ("afile/sub/x", {"makes_dirs": True}, NotADirectoryError, "afile is not a directory"),
+             ("nodir/x", {}, FileNotFoundError, "no directory .*nodir"), ("", {}, ValueError, "empty")]
+    for name, kw, error, msg in cases:
+        with pytest.raises(error, match=msg):
+            R.check_out_file("--out", str(tmp_path / name) if name else "", **kw)
+    for name, kw in [("afile", {"overwrite": True}), ("nodir/sub/x", {"makes_dirs": True}), ("adir/x", {})]:
+        R.check_out_file("--out", str(tmp_path / name), **kw)  # fine
