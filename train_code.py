@@ -345,7 +345,9 @@ def gather_state(args, raw, opt, with_optimizer=True):
 
 
 def save(args, d, path, step, raw, opt, streams, gens, bufs):
-    """Every rank's data position, noise generators and rollout buffers, plus the gathered weights."""
+    """Every rank's data position, noise generators and rollout buffers, plus the gathered weights. -> its
+    seconds (not training time)."""
+    t0 = time.time()
     mine = {"streams": [s.state() for s in streams], "gens": [g.get_state() for g in gens],
             "bufs": [b.state_dict() for b in bufs], "torch_rng": torch.get_rng_state()}
     ranks = [None] * d.world
@@ -360,6 +362,7 @@ def save(args, d, path, step, raw, opt, streams, gens, bufs):
                          "objective": args.objective}, path)
     if d.ddp:
         dist.barrier()
+    return time.time() - t0
 
 
 DATA_FLAGS = ("batch_size", "micro_batch", "seq_len", "seed", "data", "train_problems", "val_every_n", "bpe_merges",
@@ -617,7 +620,7 @@ def train(args, d):
 
     # 4) the training loop
     bar = tqdm(total=args.max_steps, initial=step, desc=args.objective, disable=not d.master, dynamic_ncols=True)
-    t0, step0, losses, vals = time.time(), step, [], []
+    t0, step0, losses, vals, t_off = time.time(), step, [], [], 0.0  # t_off: validation and checkpoint seconds
     saved = step if args.resume else None  # the step of the last checkpoint
     # Ctrl-C stops at a step with a checkpoint in one process (ranks would have to agree on the step: a sync)
     with StopOnInterrupt() if d.world == 1 else nullcontext(False) as interrupted:
@@ -635,14 +638,16 @@ def train(args, d):
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.1e}", gnorm=f"{gnorm:.2f}")
             if step % args.eval_every == 0 or step == args.max_steps:  # c) held-out SFT loss
+                t1 = time.time()
                 vals.append({"step": step, "val_loss": validate(raw, val_rows, args, ctx)})
+                t_off += time.time() - t1
                 d.log(f"step {step}: train loss {np.mean(losses[-20:]):.4f}, val loss {vals[-1]['val_loss']:.4f}, "
-                      f"{(step - step0) * args.batch_size * args.seq_len / (time.time() - t0):.0f} tokens/s")
+                      f"{(step - step0) * args.batch_size * args.seq_len / (time.time() - t0 - t_off):.0f} tokens/s")
             if step % args.ckpt_every == 0 or step == args.max_steps:  # d) checkpoint (atomic)
-                checkpoint()
+                t_off += checkpoint()
                 saved = step
     bar.close()
-    train_seconds = time.time() - t0
+    train_seconds = time.time() - t0 - t_off  # training only: rows/s are the training speed
     if not vals or vals[-1]["step"] != step:  # stopped early: validate and save where we are
         vals.append({"step": step, "val_loss": validate(raw, val_rows, args, ctx)})
     if saved != step:
