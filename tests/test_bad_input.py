@@ -241,6 +241,7 @@ def test_a_bad_flag_stops_train_code_before_any_work(capsys, tmp_path):
     ("sudoku.py", ["--check", "none.csv"], "--check none.csv: no such file"),
     ("train_code.py", ["--data", "stdlb"], "--data stdlb: no such file (or synthetic, stdlib)"),  # a keyword's typo
     ("eval_code.py", ["--self-check", "--problems", "synthtic"], "--problems synthtic: no such file (or synthetic"),
+    ("train_code.py", ["--data", "."], "--data . is a directory"),
     ("code_data.py", ["--check", "none.jsonl", "--seq-len", "-5"], "argument --seq-len: need an integer >= 1"),
     ("bench/sudoku_seeds.py", ["none.txt", "--min-median", "nan"], "argument --min-median: need a number >= 0"),
 ])
