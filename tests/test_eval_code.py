@@ -122,9 +122,18 @@ def test_pass_at_1_says_how_many_of_its_prompts_differ(monkeypatch):
     monkeypatch.setattr(ev, "complete", lambda model, tok, problems, **kw: (
         [{"task_id": p["task_id"], "code": "", "nfe": 1, "nfe_ref": 1, "new_tokens": 1, "latency_s": 0.0}
          for p in problems], 1.0))
-    monkeypatch.setattr(ev, "check_all", lambda problems, rows, **kw: [r.update(passed=False) for r in rows])
+    monkeypatch.setattr(ev, "check_all", lambda problems, rows, **kw: [
+        r.update(passed=r["task_id"] != probs[1]["task_id"]) for r in rows])
     res, _ = ev.evaluate(None, None, probs, threshold=0.9, base=True)
-    assert res["n"] == 4 and res["distinct"] == 3
+    assert res["n"] == 4 and res["distinct"] == 3 and res["pass@1"] == 3 / 4  # over rows, not distinct prompts
+
+
+def test_mbpp_setup_code_runs_before_the_tests():
+    r = ev.problem_row({"text": "t", "code": "def f():\n    return K\n", "test_list": ["assert f() == 3"],
+                        "test_setup_code": "K = 3"}, "w:1", 1)
+    prog = ev.check_program(r, r["canonical_solution"], base=False)
+    assert prog.index("K = 3") < prog.index("assert f() == 3")
+    exec(prog, {})  # the setup defines K: the tests pass
 
 
 def test_a_repeated_task_id_is_refused(tmp_path):

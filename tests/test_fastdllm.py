@@ -354,3 +354,41 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_llm):
         grads.append([p.grad.clone() for p in tiny_llm.parameters() if p.grad is not None])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+# the tokenizer's own rules, pinned (the comparison with transformers builds its reference from these same rules)
+def test_qwen2_pre_tokenizer_splits_digits_one_by_one():
+    import regex
+    from tokenizer import QWEN2_PATTERN
+    assert regex.findall(QWEN2_PATTERN, "x=2024 it's") == ["x", "=", "2", "0", "2", "4", " it", "'s"]
+
+
+def edited_byte_tokenizer(path, edit):
+    from tokenizer import save_byte_tokenizer
+    save_byte_tokenizer(str(path))
+    spec = json.loads((path / "tokenizer.json").read_text())
+    edit(spec)
+    (path / "tokenizer.json").write_text(json.dumps(spec))
+    return load_tokenizer(str(path))
+
+
+def test_an_added_token_without_a_special_flag_is_special(tmp_path):
+    """tokenizers' default for an added token's "special" is true: decode(skip_special) drops it."""
+    tok = edited_byte_tokenizer(tmp_path, lambda s: [t.pop("special") for t in s["added_tokens"]])
+    assert tok.decode([65, tok.added["<|endoftext|>"]], skip_special=True) == "A"
+
+
+def test_no_normalizer_means_no_nfc(tmp_path):
+    tok = edited_byte_tokenizer(tmp_path, lambda s: s.update(normalizer=None))
+    assert tok.encode("e\u0301") == list("e\u0301".encode())
+
+
+def test_the_longest_added_token_wins():
+    from tokenizer import Tokenizer
+    tok = Tokenizer(byte_tokenizer().enc, {"<x>": 300, "<x>y": 301}, range(256))
+    assert tok.encode("<x>y<x>") == [301, 300]
+
+
+def test_bpe_merges_a_pair_that_is_the_only_one():
+    from tokenizer import train_bpe
+    assert train_bpe(["ab", "ab"], 3).merges == [(b"a", b"b")]

@@ -217,6 +217,29 @@ def test_presets_are_defaults_that_help_shows_and_flags_override(capsys):
     assert "(default: 300000)" in capsys.readouterr().out.replace("\n", " ").replace("  ", " ")
 
 
+@pytest.mark.parametrize("tamper", ["reshape", "dtype", "drop", "add"])
+def test_the_digest_covers_shape_dtype_and_the_set_of_tensors(tmp_path, tamper):
+    """The same bytes under another shape or dtype, or a tensor dropped or added, are a corrupt checkpoint."""
+    from checkpoint import load_checkpoint, save_checkpoint
+    p = str(tmp_path / "ck.pt")
+    save_checkpoint({"model": {"w": torch.arange(6.0).reshape(2, 3), "n": torch.arange(4, dtype=torch.int32)},
+                     "config": {}, "step": 0}, p)
+    load_checkpoint(p)  # as saved: fine
+    ck = torch.load(p, weights_only=False)
+    m = ck["model"]
+    if tamper == "reshape":
+        m["w"] = m["w"].reshape(3, 2)
+    elif tamper == "dtype":
+        m["n"] = m["n"].view(torch.float32)
+    elif tamper == "drop":
+        del m["n"]
+    else:
+        m["extra"] = torch.ones(1)
+    torch.save(ck, p)
+    with pytest.raises(ValueError, match="corrupt"):
+        load_checkpoint(p)
+
+
 def test_a_corrupt_checkpoint_names_the_file(tmp_path):
     from checkpoint import load_model
     bad = tmp_path / "ckpt.pt"

@@ -115,13 +115,15 @@ def test_resume_reproduces_the_next_losses(tmp_path, objective, warm):
         run_main(common + ["--out-dir", str(tmp_path / "b"), "--resume", "--max-steps", "6", "--micro-batch", "4"])
 
 
-def test_a_longer_resumed_run_does_not_go_back_to_its_warm_start(tmp_path):
-    """--max-steps x --sft-frac places the switch; raising --max-steps on a resume past it keeps it where it was."""
+def test_a_longer_resumed_run_does_not_go_back_to_its_warm_start(tmp_path, capsys):
+    """--max-steps x --sft-frac places the switch; raising --max-steps on a resume that stopped right at it keeps
+    it where it was."""
     common = ["--objective", "relay", "--sft-frac", "0.5", "--data-dir", str(tmp_path / "data"),
               "--out-dir", str(tmp_path / "r")]
-    run_main(common + ["--max-steps", "4", "--stop-after", "3"])  # sft for steps 0-1, relay at step 2
+    run_main(common + ["--max-steps", "4", "--stop-after", "2"])  # sft for steps 0-1; step 2 would be relay
     r = run_main(common + ["--max-steps", "8", "--resume"])  # 0.5 x 8 would put the switch at 4
     assert r["sft_steps"] == 2 and r["steps"] == 8
+    assert "step 2: sft warm start done, switching to relay" in capsys.readouterr().out  # at step 2, not 3
 
 
 def test_rows_come_in_epochs_dealt_to_the_chunks():
@@ -358,6 +360,7 @@ def test_lr_schedule_can_span_epochs_past_the_last_step():
     lrs = [train_code.lr_at(s, args) for s in range(751)]
     assert lrs.index(max(lrs)) == 22 and max(lrs) == 1e-3  # warmup: 3% of 750 steps
     assert lrs[99] > 0.9e-3 and abs(lrs[750] - 1e-4) < 1e-12  # at the last trained step still near the peak
+    assert all(abs(train_code.lr_at(s, args) - 1e-4) < 1e-12 for s in (751, 900, 3000))  # the floor, past the end
     args.lr_epochs = 0
     assert train_code.schedule_steps(args, [None] * 4000) == 100
 
@@ -426,3 +429,15 @@ def test_one_rollout_buffer_per_process_is_advanced_at_every_micro_step(tmp_path
     assert train_code.get_args(["--preset", "paper", "--init-from", "D"]).buffers == "process"
     with pytest.raises(ValueError, match="--buffers process vs chunk"):
         run_main(common + ["--buffers", "chunk", "--max-steps", "3", "--resume", "--out-dir", str(tmp_path / "process")])
+
+
+def test_chat_rows_are_padded_to_the_next_block_multiple_only(tmp_path):
+    """A row of a whole number of blocks gets no padding block; one token more gets one block's worth."""
+    p = tmp_path / "c.jsonl"
+    p.write_text(json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "ok"}]})
+                 + "\n")
+    tok = byte_tokenizer()
+    n = len(tok.encode("<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\nok<|im_end|>\n"))
+    for bd, want in ((1, n), (n, n), (n - 1, 2 * (n - 1)), (n + 1, n + 1)):
+        (ids, sup), = code_data.read_chat_jsonl(str(p), tok, 4096, bd)[0]
+        assert len(ids) == len(sup) == want, bd
