@@ -441,3 +441,23 @@ def test_chat_rows_are_padded_to_the_next_block_multiple_only(tmp_path):
     for bd, want in ((1, n), (n, n), (n - 1, 2 * (n - 1)), (n + 1, n + 1)):
         (ids, sup), = code_data.read_chat_jsonl(str(p), tok, 4096, bd)[0]
         assert len(ids) == len(sup) == want, bd
+
+
+def test_micro_steps_average_their_gradients():
+    """Two micro-steps on identical chunks give the gradient of one: the loss is the mean over chunks, as one
+    big batch (a sum would double it; AdamW hides the scale, clipping and weight decay do not)."""
+    args = train_code.get_args(["--preset", "tiny", "--objective", "sft", "--batch-size", "4", "--micro-batch", "2",
+                                "--clip", "1e9"])
+    d, tok = train_code.Dist(False, 0, 1, "cpu"), train_code.get_tokenizer(args)
+    train_data, val_data, _ = train_code.load_data(args, tok, d)
+    args.schedule = train_code.schedule_steps(args, train_data)
+    grads = []
+    for chunks in ([0], [0, 0]):  # one chunk; the same chunk twice (same rows, same noise)
+        torch.manual_seed(0)
+        raw = train_code.build_model(args, tok)
+        opt = torch.optim.AdamW(raw.parameters(), lr=0.0)
+        opt.step = lambda: grads.append([p.grad.clone() for p in raw.parameters()])
+        streams, _, gens, bufs = train_code.chunk_states(args, d, chunks, train_data, val_data, raw.cfg, tok)
+        train_code.train_step(args, d, 0, raw, raw, opt, streams, gens, bufs, contextlib.nullcontext())
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
