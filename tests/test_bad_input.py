@@ -745,3 +745,13 @@ def test_an_output_file_is_checked_before_any_work(tmp_path):
             R.check_out_file("--out", str(tmp_path / name) if name else "", **kw)
     for name, kw in [("afile", {"overwrite": True}), ("nodir/sub/x", {"makes_dirs": True}), ("adir/x", {})]:
         R.check_out_file("--out", str(tmp_path / name), **kw)  # fine
+
+
+def test_a_tokenizer_one_id_past_the_vocabulary_is_refused():
+    from types import SimpleNamespace
+    model = SimpleNamespace(cfg=SimpleNamespace(vocab_size=10, mask_id=9))
+    checkpoint.check_tokenizer(model, SimpleNamespace(n_vocab=10, mask_id=9), "d")  # ids 0-9: fits exactly
+    with pytest.raises(ValueError, match="d: tokenizer.json's ids go up to 10, past the model's vocabulary"):
+        checkpoint.check_tokenizer(model, SimpleNamespace(n_vocab=11, mask_id=9), "d")
+    with pytest.raises(ValueError, match="mask_token_id 9"):
+        checkpoint.check_tokenizer(model, SimpleNamespace(n_vocab=10, mask_id=8), "d")
