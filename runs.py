@@ -2,7 +2,8 @@
 runs.py — what every script checks before it starts work: numeric flags in range (argparse `type=`
 functions, so a bad value is a usage error naming its flag), an output directory that belongs to
 this run alone (a lock, and no new run over an earlier run's checkpoint), Ctrl-C ending a training
-loop at a step (StopOnInterrupt), a missing or existing file ending a run with one line (run_cli),
+loop at a step (StopOnInterrupt), bad input (InputError), a refusal (Refused) or a missing or existing
+file ending a run with one line (run_cli), an output file checked before any work (check_out_file),
 an npz cache of generated data (cached); the CPU's name and the GPU's busy time that benchmarks print beside their figures. No
 command of its own.
 """
