@@ -276,7 +276,7 @@ def check_args(p, args):
                 f"would write over it")
     for flag, path in (("--out", args.out), ("--plot", args.plot)):  # both are replaced when the run ends
         if path is not None:
-            check_out_file(flag, path, replace=True, makes_dirs=True)
+            check_out_file(flag, path, overwrite=True, makes_dirs=True)
 
 
 def main(argv=None):

@@ -4,8 +4,8 @@ functions, so a bad value is a usage error naming its flag), an output directory
 this run alone (a lock, and no new run over an earlier run's checkpoint), Ctrl-C ending a training
 loop at a step (StopOnInterrupt), bad input (InputError), a refusal (Refused) or a missing or existing
 file ending a run with one line (run_cli), an output file checked before any work (check_out_file),
-an npz cache of generated data (cached); the CPU's name and the GPU's busy time that benchmarks print beside their figures. No
-command of its own.
+an npz cache of generated data (cached); the CPU's name and the GPU's busy time that benchmarks print
+beside their figures. No command of its own.
 """
 import argparse
 import atexit
@@ -127,10 +127,10 @@ def claim_out_dir(out_dir, resume, overwrite, ckpt="ckpt.pt", also=()):
     return lock
 
 
-def check_out_file(flag, path, overwrite=False, replace=False, makes_dirs=False):
+def check_out_file(flag, path, overwrite=False, makes_dirs=False):
     """A file the run will write, checked before any work: not a directory, its directory there (unless the
-    run makes it: makes_dirs), and not an existing file unless overwrite (replace: the flag's own policy is to
-    replace it). A run whose results could not be written at its end would lose them."""
+    run makes it: makes_dirs), and not an existing file unless overwrite. A run whose results could not be
+    written at its end would lose them."""
     if not path:
         raise InputError(f"{flag}: empty")
     if os.path.isdir(path) or path.endswith(os.sep):
@@ -143,7 +143,7 @@ def check_out_file(flag, path, overwrite=False, replace=False, makes_dirs=False)
         raise NotADirectoryError(f"{flag} {path}: {up} is not a directory")
     if up != parent and not makes_dirs:  # (a run that makes them makes the missing ones)
         raise FileNotFoundError(f"{flag} {path}: no directory {parent}")
-    if os.path.exists(path) and not (overwrite or replace):
+    if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{flag} {path} exists: pass --overwrite to replace it")
 
 

@@ -4,13 +4,14 @@ the isolation holds (the hostile probes of `self_check`). Used by eval_code.py a
 
     python eval_code.py --self-check    # canonical solutions pass, wrong ones fail, every probe is contained
 
-Each program runs in its own network, IPC, UTS, mount and PID namespaces, chrooted (pivot_root) into
-a private root: a 64 MiB tmpfs holding /tmp, /var/tmp and /dev/shm, with /usr, /etc and the
-interpreter bind-mounted read-only (every mount below them too) and a fresh /proc; as its own uid with
-CPU-time, address-space, file-size, process-count and open-file limits, under a seccomp filter that
-refuses new namespaces, mounts, keyrings, memfd, SysV IPC and sockets other than Unix, IP and netlink; killed with everything it started at the wall-clock
-timeout. It passes only if it ran to its end (a per-run marker). Needs Linux and root (CAP_SYS_ADMIN),
-as CI has: otherwise it refuses to run, unless the caller allows running without isolation.
+Each program runs in its own network, IPC, UTS, mount and PID namespaces, chrooted (pivot_root) into a
+private root: a 64 MiB tmpfs holding /tmp, /var/tmp and /dev/shm, with /usr, /etc and the interpreter
+bind-mounted read-only (every mount below them too) and a fresh /proc; as its own uid with CPU-time,
+address-space, file-size, process-count and open-file limits, under a seccomp filter that refuses new
+namespaces, mounts, keyrings, memfd, SysV IPC and sockets other than Unix, IP and netlink; killed with
+everything it started at the wall-clock timeout. It passes only if it ran to its end (a per-run marker).
+Needs Linux and root (CAP_SYS_ADMIN), as CI has: otherwise it refuses to run, unless the caller allows
+running without isolation.
 """
 import os
 import resource

@@ -288,15 +288,16 @@ def read_csv(path, skip_invalid=False, limit=None):
 
 def write_csv(path, data):
     """Write question, answer, rating (0 when unknown) and, when known, tier: read_csv reads them
-    back unchanged."""
+    back unchanged. Whole or not at all (a temporary file, then a rename)."""
     n = len(data["question"])
     rating, tier = data.get("rating", np.zeros(n, np.int32)), data.get("tier")
-    with open(path, "w", newline="") as f:
+    with open(path + ".tmp", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["question", "answer", "rating"] + (["tier"] if tier is not None else []))
         for i, (q, a) in enumerate(zip(data["question"], data["answer"])):
             w.writerow([puzzle_text(q), "".join(map(str, a)), int(rating[i])]
                        + ([int(tier[i])] if tier is not None else []))
+    os.replace(path + ".tmp", path)
 
 
 def row_keys(q):
@@ -362,8 +363,7 @@ def main():
         dt = time.time() - t0
         print(f"{args.n} puzzles in {dt:.1f}s = {args.n / dt:.2f} puzzles/s\n{summary(d)}")
         if args.out is not None:
-            write_csv(args.out + ".tmp", d)
-            os.replace(args.out + ".tmp", args.out)
+            write_csv(args.out, d)
             print(f"wrote {args.out}")
 
 

@@ -58,8 +58,8 @@ from code_data import (Rows, data_digest, held_out_signatures, load_stdlib, read
                        synthetic_rows, synthetic_tokenizer)
 from model import QWEN2, SHAPES, ModelConfig, Transformer, device_flag, pick_device, shape_problem
 from relay import RolloutBuffer, add_relay, reveal_threshold_blocks, rollout_loss, sft_loss
-from runs import (InputError, Refused, StopOnInterrupt, claim_out_dir, given_flags, nonneg_float, nonneg_int, positive_float, positive_int,
-                  run_cli, seed_int, unit_float)
+from runs import (InputError, Refused, StopOnInterrupt, claim_out_dir, given_flags, nonneg_float, nonneg_int,
+                  positive_float, positive_int, run_cli, seed_int, unit_float)
 from eval_code import evaluate, with_check
 from sandbox import run_sandboxed
 from sampler import generate

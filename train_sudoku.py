@@ -36,8 +36,8 @@ import sudoku_solver
 from checkpoint import config_diff, export_weights, load_checkpoint, load_model, load_state, save_checkpoint
 from model import ModelConfig, Transformer, device_flag, pick_device, shape_problem
 from relay import OBJECTIVES, RolloutBuffer, mlm_loss, reveal_jittered_mass, rollout_loss
-from runs import (InputError, StopOnInterrupt, check_out_file, claim_out_dir, given_flags, nonneg_float, nonneg_int, positive_float, positive_int,
-                  run_cli, seed_int, unit_float)
+from runs import (InputError, StopOnInterrupt, check_out_file, claim_out_dir, given_flags, nonneg_float, nonneg_int,
+                  positive_float, positive_int, run_cli, seed_int, unit_float)
 from sampler import sample_mdm
 
 PRESETS = {  # flag defaults per preset; "cpu" is what the add_argument defaults below already say
