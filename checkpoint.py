@@ -11,7 +11,6 @@ checkpoint.py — weights on disk, in two formats:
 
 The network itself is model.py.
 """
-import argparse
 import errno
 import hashlib
 import json
@@ -24,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from model import ModelConfig, Transformer
-from runs import InputError, run_cli
+from runs import InputError, argparser, run_cli
 from tokenizer import MASK_TOKEN, find_token, load_tokenizer
 
 # ---------------------------------------------------------------------------------------------
@@ -377,7 +376,7 @@ def save_pretrained(model, path, dtype=None, max_shard_bytes=5 * 10**9):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparser(__doc__)
     p.add_argument("path", help="a training checkpoint (.pt) or a Fast-dLLM v2 / Qwen2 directory to load and describe")
     args = p.parse_args()
     if not os.path.exists(args.path):

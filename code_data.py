@@ -12,7 +12,6 @@ chat JSONL for fine-tuning, code_tasks.py's generated problems, and the row stre
   BPE learned from the training problems; synthetic_rows: prompt -> body rows, the body supervised.
 - Rows: random training rows as (x0, fixed) tensors; its numpy state is the data position.
 """
-import argparse
 import hashlib
 import json
 import os
@@ -27,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from code_tasks import make_problems
-from runs import InputError, cached, positive_int, run_cli
+from runs import InputError, argparser, cached, positive_int, run_cli
 from tokenizer import MASK_TOKEN, byte_tokenizer, train_bpe
 
 CHATML = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")  # turn markers: never inside a message's text
@@ -278,7 +277,7 @@ def held_out_signatures(val_text, n):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparser(__doc__)
     p.add_argument("--check", help="a chat JSONL file to validate")
     p.add_argument("--seq-len", type=positive_int, default=2048, help="--check: longest row kept, in tokens")
     p.add_argument("--data-dir", default="data", help="cache of the tokenized standard library")

@@ -17,14 +17,13 @@ before HumanEval means anything).
   pass, or where every expected output is the same, are redrawn, so trivial programs score ~0.
 - make_problems(split, n, seed): a set of n is a prefix of m > n; held-out prompts are distinct.
 """
-import argparse
 import json
 import random
 import zlib
 from collections import Counter
 from dataclasses import dataclass
 
-from runs import InputError, check_out_file, positive_int, run_cli, seed_int
+from runs import InputError, argparser, check_out_file, positive_int, run_cli, seed_int
 
 # ---------------------------------------------------------------------------------------------------------
 # Parameter sets: (train values, test values), disjoint so the test split only sees unseen values. Many values
@@ -301,7 +300,7 @@ def summary(problems):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparser(__doc__.split("\n\n")[0])
     ap.add_argument("--split", default="test", choices=SPLITS, help="which parameter values and pairs to draw")
     ap.add_argument("--n", type=positive_int, default=200, help="number of problems")
     ap.add_argument("--seed", type=seed_int, default=0, help="seed: (split, n, seed) fixes the output")

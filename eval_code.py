@@ -17,7 +17,6 @@ complete; nfe_ref = the reference sampler's count, as in the paper's tables (sam
 Model-written code runs in sandbox.py's isolation (namespaces, a private root, its own uid,
 limits); without root it refuses to run, unless --unsafe-no-isolation.
 """
-import argparse
 import gzip
 import json
 import math
@@ -33,7 +32,8 @@ from tqdm import tqdm
 from checkpoint import load_pretrained, meta_pretrained
 from code_tasks import TEST_ONLY, make_problems
 from model import SHAPES, device_flag, pick_device, random_model
-from runs import InputError, check_out_file, nonneg_int, positive_float, positive_int, run_cli, unit_float, unit_floats
+from runs import (InputError, argparser, check_out_file, nonneg_int, positive_float, positive_int, run_cli, unit_float,
+                  unit_floats)
 from sampler import SUB_BLOCK, check_generate_args, generate
 from sandbox import run_sandboxed, self_check
 from tokenizer import QWEN_SYSTEM
@@ -280,7 +280,7 @@ def check_args(p, args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparser(__doc__)
     p.add_argument("--checkpoint", nargs="+", help="Fast-dLLM v2 directories (or train_code.py's out/code/hf); "
                    "several: one curve each")
     p.add_argument("--random-init", choices=list(SHAPES), help="random weights (harness smoke test)")

@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from runs import InputError
+from runs import InputError, argparser
 from tokenizer import byte_tokenizer
 
 
@@ -615,7 +615,7 @@ def random_model(shape, device="cpu", dtype=torch.float32, seed=0, n_layer=None)
 
 
 if __name__ == "__main__":
-    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    argparser(__doc__).parse_args()
     shapes = [("sudoku xtiny (paper)", ModelConfig(relay=True)),  # as train_sudoku.py builds the presets
               ("sudoku cpu", ModelConfig(n_embd=128, n_head=4, n_kv_head=4, n_ffn=512, n_pos=81, relay=True))]
     shapes += [(f"qwen2 {name}", ModelConfig(**QWEN2, **s)) for name, s in SHAPES.items()]

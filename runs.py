@@ -1,11 +1,11 @@
 """
-runs.py — what every script checks before it starts work: numeric flags in range (argparse `type=`
-functions, so a bad value is a usage error naming its flag), an output directory that belongs to
-this run alone (a lock, and no new run over an earlier run's checkpoint), Ctrl-C ending a training
-loop at a step (StopOnInterrupt), bad input (InputError), a refusal (Refused) or a missing or existing
-file ending a run with one line (run_cli), an output file checked before any work (check_out_file),
-an npz cache of generated data (cached); the CPU's name and the GPU's busy time that benchmarks print
-beside their figures. No command of its own.
+runs.py — what every script checks before it starts work: flags matched by their whole name (argparser),
+numeric flags in range (argparse `type=` functions, so a bad value is a usage error naming its flag), an
+output directory that belongs to this run alone (a lock, and no new run over an earlier run's checkpoint),
+Ctrl-C ending a training loop at a step (StopOnInterrupt), bad input (InputError), a refusal (Refused) or
+a missing or existing file ending a run with one line (run_cli), an output file checked before any work
+(check_out_file), an npz cache of generated data (cached); the CPU's name and the GPU's busy time that
+benchmarks print beside their figures. No command of its own.
 """
 import argparse
 import atexit
@@ -47,6 +47,17 @@ def run_cli(main):
         main()
     except ENVIRONMENT_ERRORS + (InputError, Refused) as e:
         sys.exit(f"error: {e}")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, each flag's default after its help."""
+
+
+def argparser(doc, show_defaults=False, **kw):
+    """A script's parser. NOTE: flags are matched by their whole name, not by prefix (argparse's default):
+    `--check` would otherwise be read as `--checkpoint`, and `--max-step` as `--max-steps`."""
+    fmt = HelpFormatter if show_defaults else argparse.RawDescriptionHelpFormatter
+    return argparse.ArgumentParser(description=doc, formatter_class=fmt, allow_abbrev=False, **kw)
 
 
 def _number(s, parse, ok, need):

@@ -24,7 +24,6 @@ reveals a stop token, although positions before it may still be masked (the forw
 are run but not counted there). A stop made by a prefill or commit forward does not end that count,
 but it ends the row, whose count stops there too; the reference would decode on and count further.
 """
-import argparse
 import json
 import math
 import os
@@ -39,7 +38,7 @@ import sudoku
 from checkpoint import load_model, load_pretrained, save_pretrained
 from model import SHAPES, KVCache, StaticKVCache, block_mask, device_flag, pick_device, random_model, shift_right
 from relay import predict, reveal_confidence_mass
-from runs import InputError, kernel_ms, nonneg_int, positive_int, run_cli, seed_int, unit_float
+from runs import InputError, argparser, kernel_ms, nonneg_int, positive_int, run_cli, seed_int, unit_float
 from tokenizer import save_byte_tokenizer
 
 
@@ -578,7 +577,7 @@ def solve_sudoku(args):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparser(__doc__)
     p.add_argument("--checkpoint", help="a Fast-dLLM v2 directory, or a train_sudoku.py checkpoint (.pt)")
     p.add_argument("--random-init", choices=list(SHAPES), help="random weights of this shape, byte tokenizer")
     p.add_argument("--prompt", help="text to continue (see --chat)")

@@ -17,7 +17,6 @@ the beam search of `sudoku_hard.hard_island`, started next to hard 17-clue puzzl
 follow its rating (`tier_of_rating`). `load_tiered` builds and caches train/test sets that mix the
 three tiers.
 """
-import argparse
 import csv
 import glob
 import itertools
@@ -28,7 +27,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from runs import InputError, cached, check_out_file, positive_int, run_cli, seed_int
+from runs import InputError, argparser, cached, check_out_file, positive_int, run_cli, seed_int
 from sudoku_hard import HARD_SEEDS, HARD_VERSION, generate_hard
 from sudoku_solver import UNITS_NP, minimal_puzzle, puzzle_text, rate, rate_many
 
@@ -329,7 +328,7 @@ def summary(d):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparser(__doc__)
     p.add_argument("--n", type=positive_int, default=200, help="puzzles to generate")
     p.add_argument("--seed", type=seed_int, default=0, help="puzzle stream: puzzle i depends only on (seed, i)")
     p.add_argument("--tier", type=int, choices=(0, 1, 2), default=None,

@@ -11,7 +11,6 @@ tokenizer.py — text <-> token ids for the code model, with no network and no H
   save_byte_tokenizer(dir) writes it as a tokenizer.json so those models load like any checkpoint.
 - Tokenizer.chat(prompt): a ChatML user turn as Qwen2.5's template renders it (NOTES.md §5).
 """
-import argparse
 import hashlib
 import json
 import os
@@ -22,7 +21,7 @@ from collections import Counter
 import regex  # tiktoken's own dependency: the \p{L} classes of the pre-tokenizer patterns
 import tiktoken
 
-from runs import InputError, run_cli
+from runs import InputError, argparser, run_cli
 
 
 MASK_TOKEN = "|<MASK>|"
@@ -261,7 +260,7 @@ def train_bpe(texts, n_merges, pattern=TASK_PATTERN):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparser(__doc__)
     p.add_argument("dir", nargs="?", help="a checkpoint directory with tokenizer.json")
     p.add_argument("text", help="text to encode")
     p.add_argument("--bytes", action="store_true", help="use the byte tokenizer instead of DIR")

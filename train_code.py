@@ -31,7 +31,6 @@ Presets set the flags' defaults before parsing (`--help` shows them): cpu (defau
 The last stdout line is one JSON object (objective, steps, train/val loss, training tokens/s, pass@1, NFE,
 generated tokens/s, seconds).
 """
-import argparse
 import gc
 import glob
 import json
@@ -58,7 +57,7 @@ from code_data import (Rows, data_digest, held_out_signatures, load_stdlib, read
                        synthetic_rows, synthetic_tokenizer)
 from model import QWEN2, SHAPES, ModelConfig, Transformer, device_flag, pick_device, shape_problem
 from relay import RolloutBuffer, add_relay, reveal_threshold_blocks, rollout_loss, sft_loss
-from runs import (InputError, Refused, StopOnInterrupt, claim_out_dir, given_flags, nonneg_float, nonneg_int,
+from runs import (InputError, Refused, StopOnInterrupt, argparser, claim_out_dir, given_flags, nonneg_float, nonneg_int,
                   positive_float, positive_int, run_cli, seed_int, unit_float)
 from eval_code import evaluate, with_check
 from sandbox import run_sandboxed
@@ -80,15 +79,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "added_tokens.json
                    "vocab.json", "merges.txt", "generation_config.json")
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
-
-
 def get_args(argv=None):
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparser(None, add_help=False)
     pre.add_argument("--preset", choices=list(PRESETS), default="cpu")
     preset = pre.parse_known_args(argv)[0].preset
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = argparser(__doc__, show_defaults=True)
     p.add_argument("--preset", choices=list(PRESETS), default="cpu", help="flag defaults: cpu, paper or tiny")
     # the method
     p.add_argument("--objective", choices=OBJECTIVES, default="relay", help="training objective")

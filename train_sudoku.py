@@ -36,8 +36,8 @@ import sudoku_solver
 from checkpoint import config_diff, export_weights, load_checkpoint, load_model, load_state, save_checkpoint
 from model import ModelConfig, Transformer, device_flag, pick_device, shape_problem
 from relay import OBJECTIVES, RolloutBuffer, mlm_loss, reveal_jittered_mass, rollout_loss
-from runs import (InputError, StopOnInterrupt, check_out_file, claim_out_dir, given_flags, nonneg_float, nonneg_int,
-                  positive_float, positive_int, run_cli, seed_int, unit_float)
+from runs import (InputError, StopOnInterrupt, argparser, check_out_file, claim_out_dir, given_flags, nonneg_float,
+                  nonneg_int, positive_float, positive_int, run_cli, seed_int, unit_float)
 from sampler import sample_mdm
 
 PRESETS = {  # flag defaults per preset; "cpu" is what the add_argument defaults below already say
@@ -67,15 +67,11 @@ def shares(text):
     return v
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
-
-
 def get_args(argv=None):
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparser(None, add_help=False)
     pre.add_argument("--preset", choices=list(PRESETS), default="cpu")
     preset = pre.parse_known_args(argv)[0].preset
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = argparser(__doc__, show_defaults=True)
     p.add_argument("--preset", choices=list(PRESETS), default="cpu", help="flag defaults: cpu or the paper's")
     # the method
     p.add_argument("--objective", choices=OBJECTIVES, default="relay", help="a row of Table 1")

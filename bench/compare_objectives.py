@@ -15,7 +15,6 @@ stopped. A result or checkpoint of other flags is replaced only with --replace. 
 crashes prints its traceback and the next one runs; the exit status is then 1. Prints a markdown
 table and one JSON line (then the failed objectives, if any).
 """
-import argparse
 import json
 import os
 import sys
@@ -25,11 +24,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import train_sudoku  # noqa: E402
-from runs import nonneg_int  # noqa: E402
+from runs import argparser, nonneg_int  # noqa: E402
 from relay import OBJECTIVES  # noqa: E402
 
-p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                            allow_abbrev=False)  # else train_sudoku's --objective would be read as --objectives
+p = argparser(__doc__)
 p.add_argument("--objectives", nargs="*", choices=OBJECTIVES, default=list(OBJECTIVES),
                help="objectives to train now, in this order (saved results of the others are reused; none: only "
                     "report what is saved)")
@@ -38,12 +36,11 @@ p.add_argument("--threads", type=nonneg_int, default=0, help="torch threads (0 =
 p.add_argument("--replace", action="store_true", help="train an objective again whose saved result or checkpoint "
                "was made with other flags (without it, the run stops rather than replace them)")
 args, passthrough = p.parse_known_args()
-own = lambda f: len(f.split("=")[0]) > 3 and any(o.startswith(f.split("=")[0]) for o in ("--resume", "--overwrite"))
-if clash := [f for f in passthrough if own(f)]:  # (abbreviations too, as train_sudoku would read them)
+if clash := [f for f in passthrough if f.split("=")[0] in ("--resume", "--overwrite")]:
     p.error(f"{clash[0]}: this script resumes an unfinished objective itself, and --replace trains one again")
-if train_sudoku.get_args(passthrough).max_steps < 1:  # read as train_sudoku reads it (abbreviations too)
+if train_sudoku.get_args(passthrough).max_steps < 1:  # read as train_sudoku reads it
     p.error("--max-steps: a row of the table needs at least one training step")
-if not any("--mlm-frac".startswith(f.split("=")[0]) and len(f.split("=")[0]) > 3 for f in passthrough):  # or --mlm
+if not any(f.split("=")[0] == "--mlm-frac" for f in passthrough):
     passthrough += ["--mlm-frac", "0"]  # Table 1's rows are pure objectives (no MLM warm start)
 if args.threads:
     torch.set_num_threads(args.threads)

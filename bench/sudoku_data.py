@@ -15,7 +15,6 @@ island's seconds (with one core per island, the slowest island is the wall time)
 for training. Every rating is rate() of the puzzle as stored, which the hard tier stores in a fresh
 random symmetry (rate depends on the symmetry). Prints one JSON line last.
 """
-import argparse
 import json
 import os
 import sys
@@ -27,11 +26,11 @@ import numpy as np  # noqa: E402
 import sudoku  # noqa: E402
 import sudoku_hard  # noqa: E402
 import sudoku_solver  # noqa: E402
-from runs import cpu_name, nonneg_int, positive_int, seed_int  # noqa: E402
+from runs import argparser, cpu_name, nonneg_int, positive_int, seed_int  # noqa: E402
 
 NAMES = ("singles", "search", "hard")
 
-p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p = argparser(__doc__)
 p.add_argument("--n-train", type=positive_int, default=1000, help="puzzles in the training set")
 p.add_argument("--n-test", type=positive_int, default=500, help="puzzles in the test set")
 p.add_argument("--seed", type=seed_int, default=0, help="set seed (the test set uses other streams)")

@@ -23,7 +23,6 @@ top 1465, one puzzle per line (sudoku.read_list; Gordon Royle's 17-clue list rea
    stored in another orientation is not caught (exact symmetric copies are, in step 1).
 4. Write train.csv and test.csv (question, answer, rating) in --out-dir. Prints one JSON line last.
 """
-import argparse
 import json
 import multiprocessing as mp
 import os
@@ -37,9 +36,9 @@ from tqdm import tqdm  # noqa: E402
 
 import sudoku  # noqa: E402
 import sudoku_solver  # noqa: E402
-from runs import positive_int, seed_int  # noqa: E402
+from runs import argparser, positive_int, seed_int  # noqa: E402
 
-p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p = argparser(__doc__)
 p.add_argument("lists", nargs="+", help="puzzle lists, one 81-character puzzle per line")
 p.add_argument("--out-dir", default="data/public", help="where train.csv and test.csv go")
 p.add_argument("--n-test", type=positive_int, default=1000, help="test puzzles")

@@ -15,7 +15,6 @@ for blanks, '#' comment lines: sudoku.read_list; not shipped: pass its path).
    --test-every-th seeds the test streams, the rest the training streams.
 Prints one JSON line last.
 """
-import argparse
 import json
 import os
 import sys
@@ -29,9 +28,9 @@ import numpy as np  # noqa: E402
 import sudoku  # noqa: E402
 import sudoku_hard  # noqa: E402
 import sudoku_solver  # noqa: E402
-from runs import nonneg_float, nonneg_int, positive_int  # noqa: E402
+from runs import argparser, nonneg_float, nonneg_int, positive_int  # noqa: E402
 
-p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p = argparser(__doc__)
 p.add_argument("puzzles", help="text file, one 81-character puzzle per line")
 p.add_argument("--out", default="sudoku_seeds.txt", help="the seed file to write")
 p.add_argument("--min-median", type=nonneg_float, default=35, help="keep puzzles rating at least this (median of 32 draws)")

@@ -14,7 +14,6 @@ Generator: puzzles per second of sudoku.py's plain stream (tiers 0 and 1 as they
 tier on its own; the hard tier (2) only with --n-gen-hard N (minutes: its islands climb first).
 Prints one JSON line last.
 """
-import argparse
 import json
 import os
 import sys
@@ -28,11 +27,10 @@ import sudoku  # noqa: E402
 import train_sudoku as ts  # noqa: E402
 from checkpoint import load_model  # noqa: E402
 from relay import OBJECTIVES  # noqa: E402
-from runs import cpu_name, kernel_ms, nonneg_int, positive_int  # noqa: E402
+from runs import argparser, cpu_name, kernel_ms, nonneg_int, positive_int  # noqa: E402
 from sampler import sample_mdm  # noqa: E402
 
-p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                            allow_abbrev=False)  # else train_sudoku's --warmup would be read as --warmup-steps
+p = argparser(__doc__)
 p.add_argument("--steps", type=positive_int, default=20, help="timed optimizer steps per objective")
 p.add_argument("--warmup-steps", type=nonneg_int, default=3, help="untimed steps first")
 p.add_argument("--checkpoint", default="", help="trained checkpoint for the sampler timing")

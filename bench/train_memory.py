@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from functools import partial  # noqa: E402
 
 from model import SHAPES, device_flag, pick_device, random_model  # noqa: E402
-from runs import positive_int, run_cli  # noqa: E402
+from runs import argparser, positive_int, run_cli  # noqa: E402
 from relay import RolloutBuffer, reveal_threshold_blocks, rollout_loss, sft_loss  # noqa: E402
 
 
@@ -74,7 +74,7 @@ def one(args):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparser(__doc__)
     p.add_argument("--shape", choices=list(SHAPES), default="tiny", help="random Qwen2.5 shape (model.SHAPES)")
     p.add_argument("--batch", type=positive_int, default=2, help="rows per device")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per row")

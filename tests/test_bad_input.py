@@ -88,6 +88,7 @@ SUDOKU_BAD = [
     (["--dropout", "-0.1"], "argument --dropout"), (["--lr", "0"], "argument --lr"),
     (["--eval-size", "1"], "--eval-size"), (["--mix", "0.5,0.6,0"], "argument --mix"),
     (["--resume", "--overwrite"], "pick one"),
+    (["--max-step", "5"], "unrecognized arguments: --max-step"),  # a flag's prefix is not the flag
     (["--mix", "nan,0,1"], "argument --mix"), (["--seed", str(2 ** 64)], "argument --seed: need an integer in"),
     (["--device", "foo"], "argument --device: unknown device 'foo'"),
     (["--device", "cuda:99"], "argument --device: cuda:99: this machine has no such device"),
@@ -108,6 +109,7 @@ EVAL_BAD = [
     (["--sweep", "0.9,0.5", "--threshold", "0.1"], "--sweep gives the thresholds: drop --threshold"),
     (["--sweep", "0.9,0.5,0.9"], "--sweep: [0.9, 0.5, 0.9] repeats a threshold"),
     (["--plot", "f.png"], "--plot draws a --sweep: give one"),
+    (["--check", "c"], "unrecognized arguments: --check c"),  # not --checkpoint: a prefix is not the flag
     (["--sweep", "0.9", "--plot", "f.xyz"], "--plot f.xyz: a .png, .pdf or .svg file"),
 ]
 
@@ -228,10 +230,11 @@ def test_a_bad_flag_stops_train_code_before_any_work(capsys, tmp_path):
 
 @pytest.mark.parametrize("script,argv,msg", [
     ("bench/compare_objectives.py", ["--max-steps", "0"], "--max-steps: a row of the table needs at least one"),
-    ("bench/compare_objectives.py", ["--max-step", "0"], "--max-steps: a row of the table needs at least one"),
+    ("bench/compare_objectives.py", ["--max-step", "0"], "unrecognized arguments: --max-step 0"),
     ("bench/compare_objectives.py", ["--max-steps", "-1"], "argument --max-steps: need an integer >= 0"),
     ("bench/compare_objectives.py", ["--resume"], "--resume: this script resumes an unfinished objective itself"),
-    ("bench/compare_objectives.py", ["--overw"], "--overw: this script resumes an unfinished objective itself"),
+    ("bench/compare_objectives.py", ["--overwrite=1"], "--overwrite=1: this script resumes an unfinished objective"),
+    ("bench/compare_objectives.py", ["--overw"], "unrecognized arguments: --overw"),
     ("bench/throughput.py", ["--clip", "-1"], "argument --clip"),  # train_sudoku's flag, before the timings
     ("bench/sudoku_public.py", ["none.txt", "--near", "82"], "argument --near: a puzzle has 81 cells"),
     ("bench/sudoku_public.py", ["none.txt", "--seed", "-1"], "argument --seed"),
