@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from model import ModelConfig, Transformer
-from runs import InputError, argparser, run_cli
+from runs import InputError, argparser, run_cli, written_whole
 from tokenizer import MASK_TOKEN, find_token, load_tokenizer
 
 # ---------------------------------------------------------------------------------------------
@@ -56,21 +56,17 @@ def save_checkpoint(obj, path):
     if "kind" in obj and obj["kind"] not in KINDS:
         raise ValueError(f"checkpoint kind {obj['kind']!r} is not one of {KINDS}")
     obj = {**obj, "sha256": tensor_digests({k: v for k, v in obj.items() if k != "sha256"})}
-    tmp = path + ".tmp"
     try:
         # unbuffered: a full disk raises OSError(ENOSPC) from the write itself (through a buffer,
         # torch reports it as an opaque "unexpected pos" RuntimeError)
-        with open(tmp, "wb", buffering=0) as f:
+        with written_whole(path) as tmp, open(tmp, "wb", buffering=0) as f:
             torch.save(obj, f)
             os.fsync(f.fileno())
     except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
         if e.errno == errno.ENOSPC:
             raise OSError(errno.ENOSPC, f"no space left on {path}: the checkpoint was not written "
                                         f"(the previous one, if any, is intact)") from e
         raise
-    os.replace(tmp, path)
 
 
 def checkpoint_kind(ck):

@@ -33,7 +33,7 @@ from checkpoint import load_pretrained, meta_pretrained
 from code_tasks import TEST_ONLY, make_problems
 from model import SHAPES, device_flag, pick_device, random_model
 from runs import (InputError, argparser, check_out_file, nonneg_int, positive_float, positive_int, run_cli, unit_float,
-                  unit_floats)
+                  unit_floats, written_whole)
 from sampler import SUB_BLOCK, check_generate_args, generate
 from sandbox import run_sandboxed, self_check
 from tokenizer import QWEN_SYSTEM
@@ -351,26 +351,20 @@ def run_all(args, problems, device, dtype, p):
         check_model(*meta_pretrained(name), problems, args, name, p)
     runs, seen = [], {}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    tmp = args.out + ".tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for name in args.checkpoint or [args.random_init]:
-                if args.random_init:
-                    model, tok = random_model(args.random_init, device, dtype, 0)
-                    check_model(model, tok, problems, args, name, p)
-                else:
-                    model, tok = load_pretrained(name, device=device, dtype=dtype)
-                for threshold in args.sweep or [args.threshold]:
-                    res, rows = evaluate(model, tok, problems, threshold=threshold, base=args.base,
-                                         system=args.system or None, batch=args.batch, timeout=args.timeout,
-                                         workers=args.workers, allow_unisolated=args.unsafe_no_isolation, seen=seen,
-                                         **gen_kw)
-                    runs.append({**res, "model": name, "families": by_family(rows)})
-                    f.writelines(json.dumps({**r, "model": name, "threshold": threshold}) + "\n" for r in rows)
-    except BaseException:
-        os.remove(tmp)
-        raise
-    os.replace(tmp, args.out)
+    with written_whole(args.out) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for name in args.checkpoint or [args.random_init]:
+            if args.random_init:
+                model, tok = random_model(args.random_init, device, dtype, 0)
+                check_model(model, tok, problems, args, name, p)
+            else:
+                model, tok = load_pretrained(name, device=device, dtype=dtype)
+            for threshold in args.sweep or [args.threshold]:
+                res, rows = evaluate(model, tok, problems, threshold=threshold, base=args.base,
+                                     system=args.system or None, batch=args.batch, timeout=args.timeout,
+                                     workers=args.workers, allow_unisolated=args.unsafe_no_isolation, seen=seen,
+                                     **gen_kw)
+                runs.append({**res, "model": name, "families": by_family(rows)})
+                f.writelines(json.dumps({**r, "model": name, "threshold": threshold}) + "\n" for r in rows)
     return runs
 
 

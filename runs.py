@@ -9,6 +9,7 @@ benchmarks print beside their figures. No command of its own.
 """
 import argparse
 import atexit
+import contextlib
 import math
 import os
 import signal
@@ -158,6 +159,21 @@ def check_out_file(flag, path, overwrite=False, makes_dirs=False):
         raise FileExistsError(f"{flag} {path} exists: pass --overwrite to replace it")
 
 
+@contextlib.contextmanager
+def written_whole(path, suffix=".tmp"):
+    """A temporary name beside `path` to write to, renamed over `path` at the end: an error, a full disk or
+    a kill leaves the previous file (if any) as it was; an error leaves no temporary file either. Unique
+    per process: two runs may write the same file at once."""
+    tmp = f"{path}.{os.getpid()}{suffix}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
 def cached(path, make, compress=True):
     """The arrays of the npz at `path` (a damaged one names itself), or make()'s, saved atomically first (a unique
     temporary name: two runs may build the same file at once)."""
@@ -170,9 +186,8 @@ def cached(path, make, compress=True):
                              f"again") from None
     data = make()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp.npz"
-    (np.savez_compressed if compress else np.savez)(tmp, **data)
-    os.replace(tmp, path)
+    with written_whole(path, ".tmp.npz") as tmp:  # (.npz: np.savez would add it)
+        (np.savez_compressed if compress else np.savez)(tmp, **data)
     return data
 
 
@@ -202,10 +217,13 @@ def take_lock(lock):
                               f"file {lock}): wait for it or choose another --out-dir; delete {lock} only if "
                               f"no run uses it") from None
             import fcntl  # NOTE: POSIX; only here, where a dead run's lock is taken over
-            with open(f"{lock}.takeover", "a") as guard:  # one taker at a time: none removes a lock just taken
-                fcntl.flock(guard, fcntl.LOCK_EX)
+            guard = os.open(os.path.dirname(lock) or ".", os.O_RDONLY)  # the out-dir itself: no file left behind
+            try:
+                fcntl.flock(guard, fcntl.LOCK_EX)  # one taker at a time: none removes a lock just taken
                 if read_lock(lock) == text:
                     os.remove(lock)
+            finally:
+                os.close(guard)
     finally:
         os.remove(tmp)
 

@@ -27,7 +27,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from runs import InputError, argparser, cached, check_out_file, positive_int, run_cli, seed_int
+from runs import InputError, argparser, cached, check_out_file, written_whole, positive_int, run_cli, seed_int
 from sudoku_hard import HARD_SEEDS, HARD_VERSION, generate_hard
 from sudoku_solver import UNITS_NP, minimal_puzzle, puzzle_text, rate, rate_many
 
@@ -116,7 +116,7 @@ def load_tier(tier, stream, n, data_dir="data", workers=None, family="train"):
     """The first n puzzles of tier `tier` of stream `stream` (the hard tier seeded from
     HARD_SEEDS[family]): cut from any cached file of that stream that holds at least n (each stream
     is prefix-deterministic), else generated and cached."""
-    files = glob.glob(tier_path(data_dir, tier, stream, "*", family))
+    files = glob.glob(tier_path(glob.escape(data_dir), tier, stream, "*", family))
     for f in sorted(files, key=lambda f: int(f.rsplit("_n", 1)[1].split("_")[0])):
         d = cached(f, None)
         if len(d["question"]) >= n:
@@ -182,8 +182,9 @@ def _row_reason(row, cols, width):
         return "answer may hold only digits 1-9"
     if "." not in q and "0" not in q:
         return "question has no blank cell: nothing to predict, so no loss and no token accuracy"
-    if "rating" in cols and not row[cols["rating"]].strip().isdigit():
-        return f"rating must be a non-negative integer, got {row[cols['rating']]!r}"
+    rating = row[cols["rating"]].strip() if "rating" in cols else "0"
+    if not (rating.isascii() and rating.isdigit() and int(rating) < 2 ** 31):  # isdigit alone takes "²"
+        return f"rating must be an integer in [0, 2^31), got {row[cols['rating']]!r}"
     if "tier" in cols and row[cols["tier"]].strip() not in ("0", "1", "2"):
         return f"tier must be 0, 1 or 2, got {row[cols['tier']]!r}"
     return ""
@@ -290,13 +291,12 @@ def write_csv(path, data):
     back unchanged. Whole or not at all (a temporary file, then a rename)."""
     n = len(data["question"])
     rating, tier = data.get("rating", np.zeros(n, np.int32)), data.get("tier")
-    with open(path + ".tmp", "w", newline="") as f:
+    with written_whole(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["question", "answer", "rating"] + (["tier"] if tier is not None else []))
         for i, (q, a) in enumerate(zip(data["question"], data["answer"])):
             w.writerow([puzzle_text(q), "".join(map(str, a)), int(rating[i])]
                        + ([int(tier[i])] if tier is not None else []))
-    os.replace(path + ".tmp", path)
 
 
 def row_keys(q):

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -309,6 +310,8 @@ def test_the_value_checks_accept_their_range():
         with pytest.raises(Exception, match="need"):
             fn(s)
     assert R.seed_int(str(2 ** 32 - 1)) == 2 ** 32 - 1
+    with pytest.raises(Exception, match="need an integer in"):
+        R.seed_int(str(2 ** 32))
     # a checkpoint mode takes run flags (a preset's evaluation size and batch) but not model flags
     a = train_sudoku.get_args(["--checkpoint", "c.pt", "--eval-only", "--preset", "paper", "--eval-size", "8",
                                "--device", "cpu"])
@@ -333,6 +336,7 @@ def test_a_new_run_does_not_overwrite_a_checkpoint(tmp_path):
     assert (out / "ckpt.pt").read_bytes() == b"precious"
     with pytest.raises(FileNotFoundError, match="--resume: no checkpoint"):
         R.claim_out_dir(str(tmp_path / "empty"), resume=True, overwrite=False)
+    assert os.listdir(tmp_path / "empty") == []  # the refused run leaves no lock
     R.claim_out_dir(str(out), resume=False, overwrite=True)  # --overwrite: allowed
     exported = tmp_path / "exported"
     (exported / "hf").mkdir(parents=True)  # a finished run's export, its checkpoint deleted
@@ -366,16 +370,32 @@ def test_a_second_run_in_the_same_out_dir_refuses_and_a_stale_lock_is_taken_over
     with pytest.raises(RuntimeError, match=f"pid {other_process.pid} elsewhere"):
         R.claim_out_dir(str(out), resume=False, overwrite=False)
     with open(lock, "w") as f:
+        f.write(f"1 {socket.gethostname()}\n")  # another live run's: not ours to remove
+    R.release_lock(lock)
+    assert os.path.exists(lock)
+    with open(lock, "w") as f:
         f.write(f"{os.getpid()} {socket.gethostname()}\n")
     R.release_lock(lock)
     assert not os.path.exists(lock)
     open(lock, "w").close()  # an empty lock (a crash between creating and writing it, in older code): stale
     assert open(R.claim_out_dir(str(out), resume=False, overwrite=False)).read().split()[0] == str(os.getpid())
-    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+    assert os.listdir(out) == [".lock"]  # no temporary file, nothing left by the takeover
     R.release_lock(lock)
     with pytest.MonkeyPatch.context() as mp:  # a filesystem without hard links: the lock is created, then written
         mp.setattr(os, "link", lambda *a: (_ for _ in ()).throw(PermissionError(1, "Operation not permitted")))
         assert open(R.claim_out_dir(str(out), resume=False, overwrite=False)).read().split()[0] == str(os.getpid())
+
+
+def test_a_run_that_ends_releases_its_lock_and_another_users_process_is_alive(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    subprocess.run([sys.executable, "-c", f"import runs\nruns.claim_out_dir({str(out)!r}, False, False)"], cwd=ROOT,
+                   check=True)
+    assert os.listdir(out) == []  # released at exit
+
+    def not_ours(pid, sig):
+        raise PermissionError(1, "Operation not permitted")
+    monkeypatch.setattr(R.os, "kill", not_ours)
+    assert R.pid_alive(1)  # its lock is not stale
 
 
 def test_two_runs_taking_over_one_stale_lock_leave_one_owner(tmp_path, monkeypatch):
@@ -721,7 +741,8 @@ def test_a_mask_token_id_past_the_vocabulary_fails_at_load(hf_dir):
 
 def test_two_ctrl_c_within_a_second_are_one(monkeypatch):
     """`timeout -s INT` (bench/sudoku_gpu.sh) signals the process and then its group: the loop must still stop
-    at a step with a checkpoint. A second Ctrl-C a second later interrupts at once."""
+    at a step with a checkpoint. A Ctrl-C more than a second after the first interrupts at once, however many
+    came between."""
     now = [100.0]
     monkeypatch.setattr(R.time, "monotonic", lambda: now[0])
     with R.StopOnInterrupt() as stop:
@@ -730,7 +751,9 @@ def test_two_ctrl_c_within_a_second_are_one(monkeypatch):
         assert stop
         now[0] += 0.5
         os.kill(os.getpid(), signal.SIGINT)  # the group's copy of the same signal
-        now[0] += 2.0
+        now[0] += 0.4
+        os.kill(os.getpid(), signal.SIGINT)  # still within a second of the first
+        now[0] += 0.2  # 1.1 s after the first: a user pressing again
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)  # the handler runs at the next bytecode; this is not reached
@@ -746,8 +769,27 @@ def test_an_output_file_is_checked_before_any_work(tmp_path):
     for name, kw, error, msg in cases:
         with pytest.raises(error, match=msg):
             R.check_out_file("--out", str(tmp_path / name) if name else "", **kw)
+    with pytest.raises(IsADirectoryError):  # a trailing slash names a directory, made or not
+        R.check_out_file("--out", str(tmp_path / "newdir") + os.sep, makes_dirs=True)
     for name, kw in [("afile", {"overwrite": True}), ("nodir/sub/x", {"makes_dirs": True}), ("adir/x", {})]:
         R.check_out_file("--out", str(tmp_path / name), **kw)  # fine
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary_one(tmp_path, monkeypatch):
+    path = str(tmp_path / "set.npz")
+    with pytest.raises(OSError, match="disk full"):
+        with R.written_whole(path) as tmp:
+            open(tmp, "w").write("half")
+            raise OSError("disk full")
+    assert os.listdir(tmp_path) == []
+
+    def half(file, **data):
+        open(file, "wb").write(b"PK\x03\x04 half a zip")
+        raise OSError("disk full")
+    monkeypatch.setattr(np, "savez_compressed", half)
+    with pytest.raises(OSError, match="disk full"):
+        R.cached(path, lambda: {"x": np.arange(3)})
+    assert os.listdir(tmp_path) == []  # no half a cache, which would read as damaged
 
 
 def test_a_tokenizer_one_id_past_the_vocabulary_is_refused():

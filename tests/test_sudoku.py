@@ -51,6 +51,36 @@ def test_solver_counts_multiple_solutions():
     assert len(sols) == 2 and all(grid_ok(s) for s in sols)
 
 
+def one_swap(a):
+    """A grid with cells 1 and 2 of row 1 swapped: the row still holds every digit, two columns do not."""
+    bad = a.copy()
+    bad[[0, 1]] = a[[1, 0]]
+    return bad
+
+
+def test_one_broken_unit_makes_a_grid_illegal_and_an_answer_wrong():
+    q, a, _, _ = sudoku.make_puzzle(11, 0)
+    bad = one_swap(a)
+    assert sudoku_solver.is_legal(np.stack([a, bad])).tolist() == [True, False]
+    q = np.where((np.arange(81) < 9) | (q != bad), 0, q).astype(np.uint8)  # no clue it contradicts: only the rules
+    assert sudoku.board_errors(q[None], bad[None])[0].startswith("answer breaks a Sudoku rule")
+
+
+def test_a_search_that_ends_exactly_at_max_branches_is_complete():
+    q = sudoku_solver.parse_puzzle(sudoku_hard.HARD_SEEDS["train"][0])
+    b = sudoku_solver.solve(q, 2)[1]  # the branch points of the whole tree
+    for k in (b, b + 1):
+        assert sudoku_solver.solve_many(q[None], max_branches=k)[1][0] == 1, k
+
+
+def test_geometry_moves_lines_within_their_bands_and_transposes_half_the_time():
+    idx = sudoku_solver.random_geometry(400, np.random.default_rng(0)).reshape(400, 9, 9)  # target -> source cell
+    transposed = (idx[:, :, :1] // 9 != idx // 9).any((1, 2))  # a target row draws from several source rows
+    assert 0.3 < transposed.mean() < 0.7
+    lines = np.where(transposed[:, None], idx[:, 0, :] % 9, idx[:, :, 0] // 9)  # each target row's source line
+    assert (lines // 3 == (lines // 3).reshape(-1, 3, 3)[:, :, :1].repeat(3, 2).reshape(-1, 9)).all()  # bands whole
+
+
 def test_augment_preserves_puzzles():
     d = sudoku.generate(5, 3, workers=1)
     rng = np.random.default_rng(0)
@@ -202,6 +232,9 @@ def test_rate_many_equals_rate(hard):
     assert {0, 1} <= set(tier.tolist()) and rating.max() >= 10
     tree = sudoku_solver.search_trees(sudoku_solver.cands_many(b[:40]), 2)
     assert tree["branches"].tolist() == [sudoku_solver.solve(q, 2)[1] for q in b[:40]]
+    # 17-clue seeds: at the first branch point of the second, no cell has two candidates (ties among threes)
+    seeds = np.stack([sudoku_solver.parse_puzzle(s) for s in sudoku_hard.HARD_SEEDS["train"][:6]])
+    assert sudoku_solver.rate_many(seeds)[1].tolist() == [sudoku_solver.rate(q)[1] for q in seeds]
 
 
 def test_symmetry_key_is_a_class_invariant(hard):
@@ -216,6 +249,12 @@ def test_symmetry_key_is_a_class_invariant(hard):
     one_less = q.copy()
     one_less[np.arange(len(q)), (q > 0).argmax(1)] = 0  # drop the first clue
     assert all(k1 != k2 for k1, k2 in zip(sudoku_solver.symmetry_key(one_less), key))
+    rows = [r for r in range(len(q)) if (q[r] == 1).sum() >= 2 and (q[r] == 2).sum() >= 2]  # (a lone 1 and a lone 2
+    traded = q[rows].copy()  # trading cells is a renaming) a 1 and a 2 trade cells: same clue cells and counts
+    for t in traded:
+        i, j = np.flatnonzero(t == 1)[0], np.flatnonzero(t == 2)[0]
+        t[[i, j]] = 2, 1
+    assert len(rows) >= 20 and all(k1 != key[r] for k1, r in zip(sudoku_solver.symmetry_key(traded), rows))
 
 
 def test_rate_samples_are_rate_in_renamed_symmetries(hard):
@@ -402,6 +441,7 @@ def test_tiered_sets_mix_tiers_from_disjoint_streams(tiny_hard, tmp_path):
 
 
 def test_tier_cache_is_named_reused_and_serves_smaller_sets(tiny_hard, tmp_path, monkeypatch):
+    tmp_path = tmp_path / "data[1]"  # a glob pattern's characters in the name are only characters
     d = str(tmp_path)
     big = sudoku.load_tiered("train", 8, seed=0, data_dir=d, workers=1)
     counts = sudoku.tier_counts(sudoku.MIX["train"], 8)
@@ -440,8 +480,25 @@ def test_rating_and_tier_columns_round_trip(tmp_path):
     rows = [f"x,{q},{a},{r}" for r in (0, 5, sudoku.HARD_RATING)]
     got = sudoku.add_tiers(sudoku.read_csv(write(tmp_path, rows)))
     assert got["rating"].tolist() == [0, 5, sudoku.HARD_RATING] and got["tier"].tolist() == [0, 1, 2]
-    with pytest.raises(ValueError, match=":2: rating must be a non-negative integer"):
-        sudoku.read_csv(write(tmp_path, [f"x,{q},{a},hard"]))
+    for rating in ("hard", "-1", "\u00b2", str(2 ** 31)):  # "²" passes str.isdigit; 2^31 is past int32
+        with pytest.raises(ValueError, match=":2: rating must be an integer in"):
+            sudoku.read_csv(write(tmp_path, [f"x,{q},{a},{rating}"]))
+    with pytest.raises(ValueError, match=":2: tier must be 0, 1 or 2"):
+        sudoku.read_csv(write(tmp_path, [f"x,{q},{a},3"], header="source,question,answer,tier"))
+
+
+def test_a_failed_write_keeps_the_old_csv(tmp_path, monkeypatch):
+    d = sudoku.generate(6, 2, workers=1)
+    path = str(tmp_path / "o.csv")
+    sudoku.write_csv(path, d)
+    before = open(path).read()
+
+    def full_disk(q):
+        raise OSError("No space left on device")
+    monkeypatch.setattr(sudoku, "puzzle_text", full_disk)
+    with pytest.raises(OSError):
+        sudoku.write_csv(path, d)
+    assert open(path).read() == before and os.listdir(tmp_path) == ["o.csv"]
 
 
 def test_a_csv_with_tiers_and_no_ratings_is_summarised(tmp_path):
@@ -485,9 +542,10 @@ def test_read_list_reads_public_lists_and_names_bad_lines(tmp_path):
     q, lines = sudoku.read_list(str(p))
     assert lines.tolist() == [3, 5]
     assert (q == np.stack([sudoku.make_puzzle(11, i)[0] for i in range(2)])).all()
-    p.write_text(f"{q1}\n{q1[:-1]}\n")
-    with pytest.raises(ValueError, match=f"{p}:2: a puzzle is 81 characters"):
-        sudoku.read_list(str(p))
+    for bad in (q1[:-1], "x" + q1[1:]):
+        p.write_text(f"{q1}\n{bad}\n")
+        with pytest.raises(ValueError, match=f"{p}:2: a puzzle is 81 characters"):
+            sudoku.read_list(str(p))
     p.write_text("# nothing here\n")
     with pytest.raises(ValueError, match="no puzzles"):
         sudoku.read_list(str(p))
