@@ -293,6 +293,32 @@ def test_second_solution_screen_is_never_wrong_and_catches_most(hard):
     assert not sudoku_hard._second_solution(added, pa, pq, rng).any()
 
 
+def test_moves_keep_the_answer_and_drop_a_clue_at_the_cap():
+    rng = np.random.default_rng(0)
+    _, a, _, _ = sudoku.make_puzzle(11, 0)
+    q = a.copy()
+    q[np.random.default_rng(1).permutation(81)[:81 - sudoku_hard.MAX_CLUES]] = 0  # MAX_CLUES clues
+    moved = np.stack([sudoku_hard._propose(q, a, rng) for _ in range(200)])
+    assert ((moved == 0) | (moved == a)).all()
+    counts = (moved > 0).sum(1)
+    assert counts.max() == sudoku_hard.MAX_CLUES and counts.min() == sudoku_hard.MAX_CLUES - 1
+
+
+def test_a_beam_round_keeps_the_best_emits_only_unique_and_never_a_banned_class():
+    q0 = sudoku_solver.parse_puzzle(sudoku_hard.HARD_SEEDS["train"][0])
+    assert sudoku_hard._is_unique(boards(2)[-3:]).tolist() == [True, False, False]  # unique, empty, two solutions
+    pool = sudoku_hard._seed_pool(q0, np.random.default_rng(0), 4)
+    first = {}
+    sudoku_hard._beam_round(pool, np.random.default_rng(1), first, 2, 0)
+    assert first  # emit_rating 0: every unique child qualifies
+    again = {}
+    sudoku_hard._beam_round(pool, np.random.default_rng(1), again, 2, 0, banned=frozenset(first))
+    assert not again
+    best = dict(pool, total=np.array([100.0, 0, 0, 0]), count=np.ones(4))  # puzzle 0 scores far above any child
+    kept = sudoku_hard._beam_round(best, np.random.default_rng(0), {}, 4, 1000)
+    assert (kept["q"] == pool["q"][0]).all(1).any()
+
+
 def test_hard_island_valid_unique_distinct_deterministic(hard):
     q, a = hard["question"], hard["answer"]
     assert sudoku_solver.is_legal(a).all() and ((q == 0) | (q == a)).all()
