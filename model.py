@@ -426,6 +426,7 @@ class HeadCE(torch.autograd.Function):
             conf[i:i + chunk] = (logits.max(-1).values - lse).exp()
         ctx.save_for_backward(z, W, targets)
         ctx.chunk, ctx.dt = chunk, dt
+        ctx.mark_non_differentiable(conf)  # a loss built on it is an error, not a silently zero gradient
         return ce, conf
 
     @staticmethod

@@ -3,8 +3,9 @@ accounting, no MASK left, and the per-block relay reset."""
 import pytest
 import torch
 
-from model import random_model
-from sampler import generate
+import sampler
+from model import StaticKVCache, random_model
+from sampler import BlockGraphs, generate, left_pad
 
 PROMPTS = [[1, 2, 3], list(range(1, 17)), list(range(5, 30)), list(range(10, 18)) * 3, [7] * 8]
 KW = dict(max_new_tokens=37, threshold=0.2, sub_block=4, stop_ids=[])
@@ -102,6 +103,60 @@ def test_nfe_counts_denoising_forwards_and_no_mask_left(llm):
     assert llm.cfg.mask_id not in out[0]
 
 
+def test_no_output_ends_in_a_mask_and_the_length_limit_is_inclusive(llm):
+    for n in range(1, 17):  # without stops a row is done only when its last position is filled too
+        out, _ = generate(llm, PROMPTS, **{**KW, "max_new_tokens": n, "threshold": 0.99})
+        assert all(len(o) == n and llm.cfg.mask_id not in o for o in out), (n, out)
+    llm.hf_config = {"max_position_embeddings": 40}  # positions 0-39: 8 prompt + 32 new tokens fit exactly
+    assert len(generate(llm, [[1] * 8], **{**KW, "max_new_tokens": 32})[0][0]) == 32
+
+
+def test_positions_past_the_last_new_token_are_never_decoded(llm, monkeypatch):
+    canvases, real = [], sampler.retire
+
+    def record(st, left=None):
+        canvases.append((st.x.clone(), st.end.clone()))
+        return real(st, left)
+    monkeypatch.setattr(sampler, "retire", record)
+    # threshold 0 reveals a whole sub-block at once: a position past the end shares a step with the last one
+    out, _ = generate(llm, PROMPTS, **{**KW, "max_new_tokens": 10, "threshold": 0.0})
+    assert all(len(o) == 10 for o in out) and len(canvases) > 3
+    for x, end in canvases:
+        assert (x[torch.arange(x.shape[1])[None] >= end[:, None]] == llm.cfg.mask_id).all()
+
+
+def test_cached_equals_uncached_at_another_block_size(llm):
+    for bd in (4, 16):  # one unpadded prompt: padding happens to build the right mask
+        for p in PROMPTS[:2]:
+            kw = {**KW, "bd_size": bd, "max_new_tokens": 20}
+            assert generate(llm, [p], **kw)[0] == generate(llm, [p], use_cache=False, **kw)[0], (bd, p)
+
+
+def test_the_prefill_gives_the_first_token_and_a_stop_there_ends_the_row(tiny_llm):
+    def first_token_5(module, args, kwargs, out):
+        if kwargs.get("commit") and args[0].shape[1] == 16:  # the prefill of the 16-token prompt
+            logits = out[0].clone()
+            logits[:, -1, 5] += 100.0
+            return logits, out[1]
+    hook = tiny_llm.register_forward_hook(first_token_5, with_kwargs=True)
+    kw = dict(max_new_tokens=13, threshold=0.2, sub_block=4)
+    try:
+        out, _ = generate(tiny_llm, [PROMPTS[1]], **kw)
+        stopped, st = generate(tiny_llm, [PROMPTS[1]], stop_ids=[5], **kw)
+    finally:
+        hook.remove()
+    assert out[0][0] == 5
+    assert stopped == [[5]] and st["nfe"] == [0] and st["denoise_calls"] == 0
+
+
+def test_a_row_that_leaves_takes_its_relay_state_with_it():
+    st, _ = left_pad([[1], [2], [3]], 4, 8, 63, 0, "cpu")
+    st.h = torch.randn(3, 8, 32)
+    h = st.h.clone()
+    st.keep(torch.tensor([0, 2]))
+    assert torch.equal(st.h, h[[0, 2]]) and st.ids.tolist() == [0, 2]
+
+
 def test_relay_carry_resets_every_block(llm):
     """First denoising forward of each block injects nothing; later ones inject the previous state."""
     calls = []
@@ -186,7 +241,6 @@ def test_bench_reports_equal_tokens_for_every_mode(capsys, monkeypatch):
     and compares each with the oracle; in fp32 on the CPU all three must agree. The profile, a diagnostic,
     runs last: a profiler that fails leaves the measurements in the JSON line."""
     import json
-    import sampler
 
     def broken(*a, **k):
         raise RuntimeError("profiler broke")
@@ -253,7 +307,6 @@ class FakeGraph:
 def fake_cuda_graphs(monkeypatch):
     from contextlib import contextmanager, nullcontext
     from torch.utils._python_dispatch import TorchDispatchMode
-    import sampler
 
     class Record(TorchDispatchMode):
         def __init__(self, graph):
@@ -292,6 +345,17 @@ def fake_cuda_graphs(monkeypatch):
     monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: captures.append(1) or FakeGraph())  # no reference kept
     monkeypatch.setattr(torch.cuda, "graph", graph)
     return captures
+
+
+def test_block_graphs_drop_the_graphs_over_a_caches_old_buffers(monkeypatch):
+    captures = fake_cuda_graphs(monkeypatch)
+    cache = StaticKVCache(1, 4)
+    cache.allocate(2, 1, 2, torch.float32, "cpu")
+    graphs = BlockGraphs(lambda x: x * 2, cache)
+    assert torch.equal(graphs(torch.ones(2, 3)), torch.full((2, 3), 2.0))
+    cache.keep(torch.tensor([1]))  # a row left: new cache buffers
+    assert torch.equal(graphs(torch.ones(1, 3)), torch.full((1, 3), 2.0))
+    assert len(captures) == 2 and len(graphs.graphs) == 1  # the graph over the old buffers is gone
 
 
 @pytest.mark.parametrize("use_relay", [True, False])

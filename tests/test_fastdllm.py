@@ -48,6 +48,10 @@ def test_block_mask_is_default_and_cache_matches_full(tiny_llm):
     tail, _ = tiny_llm(idx[:, 16:], kv_cache=cache)
     assert cache.len == 16
     torch.testing.assert_close(tail, full[:, 16:], atol=1e-5, rtol=1e-5)
+    cache = KVCache(tiny_llm.cfg.n_layer, 12)  # a prefix off the block boundary: queries 4-7 share block 0
+    tiny_llm(idx[:, :4], kv_cache=cache, commit=True)
+    default, _ = tiny_llm(idx[:, 4:12], kv_cache=cache)
+    torch.testing.assert_close(default, tiny_llm(idx[:, 4:12], kv_cache=cache, attn_mask=block_mask(12, 8, q0=4))[0])
 
 
 def hf_checkpoint(tmp_path, tie):

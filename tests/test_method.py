@@ -337,3 +337,6 @@ def test_chunked_head_ce_equals_full_logits_in_fp32():
     torch.testing.assert_close(conf, logits.detach().softmax(-1).max(-1).values)
     torch.testing.assert_close(got[0], z.grad)
     torch.testing.assert_close(got[1], W.grad)
+    assert not conf.requires_grad  # the confidence has no gradient: a loss on it fails loudly
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        conf.sum().backward()
