@@ -42,12 +42,15 @@ class Refused(RuntimeError):
 
 def run_cli(main):
     """A script's entry point: an InputError, a Refused, or a file that is missing, in the way or not
-    readable, ends the run with its message and exit status 1, no traceback; any other error keeps its
-    traceback (it may be a bug)."""
+    readable, ends the run with its message and exit status 1, no traceback; Ctrl-C with "interrupted"
+    and status 130; any other error keeps its traceback (it may be a bug)."""
     try:
         main()
     except ENVIRONMENT_ERRORS + (InputError, Refused) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # Ctrl-C where no loop stops at a step for it
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):

@@ -313,13 +313,18 @@ def _island(job):
     return island, island.puzzles()
 
 
+def _advance(bar, to):
+    bar.total = max(bar.total, to)  # the islands emit more than PER_ROUND guessed: a bar never past its end
+    bar.update(to - bar.n)
+
+
 def _run_islands(islands, rounds, workers, bar):
     """Run every island on to `rounds` rounds, in parallel when workers > 1 -> (islands, their
     puzzles), in order. The islands come back from the workers with their state. The bar counts the
     puzzles the islands emit."""
     if workers == 1:  # in-process: no pool to start (tests, one island)
         for island in islands:
-            island.run(rounds, lambda k, before=bar.n - len(island.emit): bar.update(before + k - bar.n))
+            island.run(rounds, lambda k, before=bar.n - len(island.emit): _advance(bar, before + k))
         return islands, [island.puzzles() for island in islands]
     ctx = mp.get_context("fork" if hasattr(os, "fork") else "spawn")
     counter = ctx.Value("l", 0)
@@ -328,7 +333,7 @@ def _run_islands(islands, rounds, workers, bar):
         result = pool.map_async(_island, [(island, rounds) for island in islands], chunksize=1)  # islands differ in speed
         while not result.ready():
             result.wait(1.0)
-            bar.update(start + counter.value - bar.n)
+            _advance(bar, start + counter.value)
         return tuple(map(list, zip(*result.get())))
 
 
@@ -349,7 +354,8 @@ def generate_hard(seed, n, family="train", workers=None, desc="hard puzzles", re
     workers, rounds = min(workers or os.cpu_count() or 1, L), max(1, math.ceil(n / (L * PER_ROUND)))
     islands, last = [Island(seed, k, family) for k in range(L)], (0, 0)  # last: rounds and puzzles kept at the last step
     with tqdm(total=n, desc=desc, unit="puzzle", leave=False) as bar:  # counts emitted puzzles, repeats included
-        while True:
+        while True:  # every island runs whole rounds: the bar's total is what they should emit, n at least
+            bar.total = max(n, bar.n, round(L * rounds * PER_ROUND))
             bar.set_postfix(rounds=rounds)
             islands, parts = _run_islands(islands, rounds, workers, bar)
             key = np.concatenate([p["round"] * L + k for k, p in enumerate(parts)])  # round, then island

@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 from contextlib import nullcontext
 from functools import partial
@@ -82,8 +83,8 @@ def get_args(argv=None):
     p.add_argument("--train-tau", type=unit_float, default=0.15, help="training threshold mean (jitter 0.1 std)")
     # optimisation
     p.add_argument("--max-steps", type=nonneg_int, default=1200, help="optimizer steps")
-    p.add_argument("--stop-after", type=nonneg_int, default=0, help="stop (with a checkpoint) after this many steps of "
-                   "this invocation; --resume continues (0 = run to --max-steps)")
+    p.add_argument("--stop-after", type=nonneg_int, default=0, help="pause after this many steps of this invocation: "
+                   "a checkpoint, no evaluation; --resume continues (0 = run to --max-steps)")
     p.add_argument("--time-limit", type=nonneg_float, default=0.0,
                    help="stop training after this many minutes (0 = no limit), then evaluate and save")
     p.add_argument("--batch-size", type=positive_int, default=64, help="rows per step (= rollout buffer slots)")
@@ -431,9 +432,19 @@ def plot_curves(curves, path, title):
     plt.close(fig)
 
 
-def finish(args, model, test, ctx, step, t_start, train_seconds=0.0, losses=(), monitor=(), steady=None):
-    """Evaluate at tau, sweep tau, draw the curve, print the table and the JSON line. steady: training
-    rows/s after the first LOG_EVERY steps (no compilation or warm-up in it)."""
+def training_summary(args, step, losses, train_seconds, steady, monitor):
+    """A run's training figures for its JSON line. steady: training rows/s after the first LOG_EVERY steps
+    (no compilation or warm-up in it)."""
+    return {"objective": args.objective, "mlm_steps": min(args.mlm_steps, step), "steps": step,
+            "train_loss": float(np.mean(losses[-50:])) if len(losses) else None,
+            "train_rows_per_s": args.batch_size * len(losses) / max(train_seconds, 1e-9),
+            "train_seconds": train_seconds, "train_rows_per_s_steady": steady, "monitor": list(monitor)}
+
+
+def finish(args, model, test, ctx, step, t_start, trained=None):
+    """Evaluate at tau, sweep tau, draw the curve, print the table and the JSON line. trained: the
+    training_summary of a run (none for --eval-only)."""
+    trained = trained or training_summary(args, step, [], 0.0, None, [])
     model.eval()
     taus = sorted(set(([] if args.no_sweep else list(TAUS)) + [args.tau]))
     curve = [evaluate(model, test, t, args.eval_batch, ctx, desc=f"eval tau={t}") for t in taus]
@@ -444,17 +455,13 @@ def finish(args, model, test, ctx, step, t_start, train_seconds=0.0, losses=(), 
     if len(curve) > 1:
         plot_curves({args.objective: curve}, png, f"Sudoku, {len(test['question'])} test puzzles, step {step}")
         print(f"curve: {png}")
-    result = {"objective": args.objective, "mlm_steps": min(args.mlm_steps, step), **{k: main_r[k] for k in (
+    result = {**trained, **{k: main_r[k] for k in (
         "tau", "exact_match", "token_acc", "nfe", "nfe_batch", "legal_rate", "puzzles_per_s")},
-        **{g: main_r.get(g) for g in ("singles", "search", "hard", "rating40")}, "steps": step,
+        **{g: main_r.get(g) for g in ("singles", "search", "hard", "rating40")},
         "n_test": len(test["question"]), "test_data": args.test_data or "generated",
-        "train_loss": float(np.mean(losses[-50:])) if len(losses) else None,
-        "train_rows_per_s": args.batch_size * len(losses) / max(train_seconds, 1e-9), "train_seconds": train_seconds,
-        "train_rows_per_s_steady": steady,
-        "seconds": time.time() - t_start, "curve": [{k: r[k] for k in ("tau", "exact_match", "nfe")} for r in curve],
-        "monitor": list(monitor)}
+        "seconds": time.time() - t_start, "curve": [{k: r[k] for k in ("tau", "exact_match", "nfe")} for r in curve]}
     print(json.dumps(result))
-    return {**result, "losses": list(losses)}
+    return result
 
 
 def parse_puzzle(text):
@@ -582,24 +589,25 @@ def main(argv=None):
     t0, step0, losses, pending, monitor, seen, t_off = time.time(), step, [], [], [], 0, 0.0
     watch = monitor_set(test)
     warm = None  # (time, step, seconds off training) at the first read: the speed after it leaves out compilation
+    stop = None
     with StopOnInterrupt() as interrupted:  # Ctrl-C: stop at the next step, with a checkpoint
         while step < args.max_steps:
             # a budget of this invocation ends the loop with a checkpoint, so --resume continues exactly
-            out_of_time = args.time_limit and time.time() - t0 > 60 * args.time_limit
-            if interrupted or out_of_time or (args.stop_after and step - step0 >= args.stop_after):
-                tqdm.write(f"stopping at step {step}: " + ("Ctrl-C" if interrupted else "--time-limit" if out_of_time
-                                                           else "--stop-after"))
+            stop = "Ctrl-C" if interrupted else "--time-limit" if args.time_limit and time.time() - t0 > \
+                60 * args.time_limit else "--stop-after" if args.stop_after and step - step0 >= args.stop_after else None
+            if stop:
+                tqdm.write(f"stopping at step {step}: {stop}")
                 t_off += save()
                 break
             loss, new_rows = train_step(args, step, train_model, model, ema, opt, buf, stream, gen, ctx)
             step += 1
+            bar.update(1)  # host-side only; the loss in its postfix waits for the next read
             pending.append(torch.stack([loss.float(), new_rows.float()]))
             monitor_now = step % args.eval_every == 0 or step == args.max_steps
             if len(pending) == LOG_EVERY or monitor_now or step % args.ckpt_every == 0:
                 read = torch.stack(pending).tolist()  # the one sync
                 losses += [x[0] for x in read]
                 seen += sum(x[1] for x in read)  # fresh puzzles: with a cold rollout buffer few slots finish per step
-                bar.update(len(pending))
                 bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr_at(args, step - 1):.1e}")
                 pending = []
                 warm = warm or (time.time(), step, t_off)
@@ -621,12 +629,22 @@ def main(argv=None):
     bar.close()
     if interrupted:
         StopOnInterrupt.exit(step, ckpt_path, args.overwrite)
-    # 6) finish: evaluate at tau, sweep tau, curve, table, JSON line
+    # 6) finish: evaluate at tau, sweep tau, curve, table, JSON line (a pause: the training figures only)
     # train_seconds leave out the monitor's evaluations and the saves (rows/s is the training speed)
     steady = None
     if warm and step > warm[1]:
         steady = args.batch_size * (step - warm[1]) / (time.time() - warm[0] - (t_off - warm[2]))
-    return finish(args, ema or model, test, ctx, step, t_start, time.time() - t0 - t_off, losses, monitor, steady)
+    trained = training_summary(args, step, losses, time.time() - t0 - t_off, steady, monitor)
+    if stop == "--stop-after":
+        print(f"paused at step {step}: {ckpt_path} saved; the same command with --resume continues "
+              f"(--eval-only --checkpoint {ckpt_path} evaluates it)")
+        print(json.dumps({**trained, "seconds": time.time() - t_start}))
+        return {**trained, "losses": list(losses)}
+    try:
+        return {**finish(args, ema or model, test, ctx, step, t_start, trained), "losses": list(losses)}
+    except KeyboardInterrupt:  # the training is saved: only the evaluation is lost
+        sys.exit(f"interrupted in the evaluation: {ckpt_path} (step {step}) is saved; --eval-only --checkpoint "
+                 f"{ckpt_path} evaluates it")
 
 
 def checkpoint_mode(args, ctx, t_start):

@@ -739,6 +739,14 @@ def test_a_mask_token_id_past_the_vocabulary_fails_at_load(hf_dir):
         from_pretrained(str(hf_dir), dtype=torch.float32)
 
 
+def test_ctrl_c_outside_a_training_loop_ends_the_run_in_one_line(capsys):
+    def busy():
+        raise KeyboardInterrupt
+    with pytest.raises(SystemExit) as e:
+        R.run_cli(busy)
+    assert e.value.code == 130 and capsys.readouterr().err == "interrupted\n"
+
+
 def test_two_ctrl_c_within_a_second_are_one(monkeypatch):
     """`timeout -s INT` (bench/sudoku_gpu.sh) signals the process and then its group: the loop must still stop
     at a step with a checkpoint. A Ctrl-C more than a second after the first interrupts at once, however many

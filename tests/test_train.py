@@ -48,6 +48,26 @@ def test_resume_reproduces_the_next_losses(tmp_path, data_dir, objective, warm, 
     assert resumed["steps"] == 4
 
 
+def test_a_pause_saves_without_evaluating_and_ctrl_c_in_the_evaluation_keeps_the_run(tmp_path, data_dir,
+                                                                                     monkeypatch, capsys):
+    r = run(tmp_path, data_dir, "--max-steps", "4", "--stop-after", "2")
+    assert r["steps"] == 2 and len(r["losses"]) == 2 and "exact_match" not in r
+    assert f"paused at step 2: {tmp_path / 'ckpt.pt'} saved" in capsys.readouterr().out
+    real = train_sudoku.evaluate
+
+    def ctrl_c_in_the_final_evaluation(*a, desc="eval", **k):
+        if desc.startswith("eval tau"):
+            raise KeyboardInterrupt
+        return real(*a, desc=desc, **k)
+    monkeypatch.setattr(train_sudoku, "evaluate", ctrl_c_in_the_final_evaluation)
+    with pytest.raises(SystemExit, match=r"interrupted in the evaluation: .*ckpt.pt \(step 4\) is saved"):
+        run(tmp_path, data_dir, "--max-steps", "4", "--resume")
+    monkeypatch.undo()
+    release_lock(str(tmp_path / ".lock"))
+    assert train_sudoku.main(["--eval-only", "--checkpoint", str(tmp_path / "ckpt.pt"), "--eval-size", "4",
+                              "--no-sweep", "--out-dir", str(tmp_path), "--data-dir", data_dir])["steps"] == 4
+
+
 def test_resume_keeps_the_training_set_when_max_steps_grows(tmp_path, data_dir):
     """The generated set's size follows --max-steps (100 steps x 8 rows -> 100 puzzles); a resume
     that raises --max-steps must still draw from the checkpoint's set."""
