@@ -87,7 +87,7 @@ def load_checkpoint(path, device="cpu", kind=None):
     try:
         ck = torch.load(path, map_location=device, weights_only=False)
     except Exception as e:
-        raise InputError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+        raise InputError(f"{path}: corrupt checkpoint, truncated or not one at all ({type(e).__name__}: {e})") from None
     if not isinstance(ck, dict) or not {"model", "config", "step"} <= set(ck):
         raise InputError(f"{path}: not a training checkpoint of this repository (needs model, config, step)")
     if "sha256" in ck:
@@ -123,9 +123,9 @@ def export_weights(path, dtype=torch.float16):
             "exported_from": os.path.basename(path), "dtype": str(dtype)}
 
 
-def config_diff(model, ck):
-    """The config fields where checkpoint dict `ck` differs from `model`: {field: (ours, theirs)}."""
-    return {k: (v, ck["config"].get(k)) for k, v in model.config_dict().items() if ck["config"].get(k) != v}
+def config_diff(cfg, ck):
+    """The fields where checkpoint dict `ck`'s config differs from ModelConfig `cfg`: {field: (ours, theirs)}."""
+    return {k: (v, ck["config"].get(k)) for k, v in asdict(cfg).items() if ck["config"].get(k) != v}
 
 
 def load_state(model, sd, where, assign=False):

@@ -372,7 +372,7 @@ def resume(args, d, path, raw, opt, streams, gens, bufs):
     if not os.path.exists(path):
         raise FileNotFoundError(f"--resume: no checkpoint at {path} (check --out-dir)")
     ck = load_checkpoint(path, kind="code")
-    diff = config_diff(raw, ck)
+    diff = config_diff(raw.cfg, ck)
     buffers = ck["args"].get("buffers", "chunk")
     # the flags that deal the rows and draw the noise: another value would not continue this run's data
     data = {k: (getattr(args, k), ck["args"][k]) for k in DATA_FLAGS

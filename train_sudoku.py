@@ -252,18 +252,23 @@ class Stream:
 # model and checkpoints
 
 def build_model(args):
-    """The from-scratch Sudoku Transformer: 10 tokens (0 = MASK), 81 cells, full attention.
-    Embeddings start at std 1 (on the relay's scale, NOTES.md §1); tied to the head they start at
-    std d^-0.5 as the authors', so the first logits are O(1) (the first loss is about ln 9, not ~350)."""
-    cfg = ModelConfig(vocab_size=10, n_layer=args.n_layer, n_head=args.n_head, n_kv_head=args.n_head,
-                      n_embd=args.n_embd, n_ffn=args.n_ffn, dropout=args.dropout, mask_id=0,
-                      n_pos=81 if args.pos_emb == "sudoku" else 0,
-                      embed_std=args.n_embd ** -0.5 if args.tie_embeddings else 1.0,
-                      tie_embeddings=args.tie_embeddings, relay=args.objective in ("relay_sg", "relay"))
+    """The from-scratch Sudoku Transformer of model_config(args), its cell positions initialised."""
+    cfg = model_config(args)
     model = Transformer(cfg)
     if cfg.n_pos:
         init_sudoku_positions(model, torch.Generator().manual_seed(args.seed))
     return model.to(args.device)
+
+
+def model_config(args):
+    """The Sudoku model the flags describe: 10 tokens (0 = MASK), 81 cells, full attention.
+    Embeddings start at std 1 (on the relay's scale, NOTES.md §1); tied to the head they start at
+    std d^-0.5 as the authors', so the first logits are O(1) (the first loss is about ln 9, not ~350)."""
+    return ModelConfig(vocab_size=10, n_layer=args.n_layer, n_head=args.n_head, n_kv_head=args.n_head,
+                       n_embd=args.n_embd, n_ffn=args.n_ffn, dropout=args.dropout, mask_id=0,
+                       n_pos=81 if args.pos_emb == "sudoku" else 0,
+                       embed_std=args.n_embd ** -0.5 if args.tie_embeddings else 1.0,
+                       tie_embeddings=args.tie_embeddings, relay=args.objective in ("relay_sg", "relay"))
 
 
 def init_sudoku_positions(model, gen):
@@ -306,6 +311,7 @@ def check_resume(ck, path, args):
             if not same(theirs(k), getattr(args, k))}  # (--skip-invalid cannot change the set: a bad row stops a run)
     if (args.ema > 0) != (ck["ema"] is not None):  # an EMA cannot start late, nor be dropped without losing it
         diff["ema"] = (args.ema, theirs("ema"))
+    diff.update(config_diff(model_config(args), ck))  # the model flags
     if diff:
         raise InputError(f"{path} was trained with another configuration: {diff} (ours, theirs)")
     if args.max_steps < ck["step"]:  # it would train nothing and report the checkpoint as a run of max_steps
@@ -318,8 +324,6 @@ def check_resume(ck, path, args):
 
 def resume(ck, path, args, model, ema, opt, buf, stream, gen):
     """Restore training_state() `ck` (loaded from `path`, check_resume'd) into the live objects; returns the step."""
-    if diff := config_diff(model, ck):
-        raise InputError(f"{path} was trained with another configuration: {diff} (ours, theirs)")
     theirs = lambda k: ck["args"].get(k, getattr(args, k))
     if ck["step"] >= theirs("mlm_steps") != args.mlm_steps:  # a warm start that has ended stays ended
         print(f"MLM warm start: ended at step {theirs('mlm_steps')} of this run, which stays (--max-steps "
@@ -343,7 +347,7 @@ def init_from(path, model, ema):
     """--init-from: another run's evaluated weights (EMA when it kept one) become this run's model and EMA.
     The architecture must match exactly: a fine-tune that silently changed the model would not be one."""
     src, ck = load_model(path, kind="sudoku")  # fp32, whatever the file stores
-    if diff := config_diff(model, ck):
+    if diff := config_diff(model.cfg, ck):
         preset = (ck.get("args") or {}).get("preset", "?")
         raise InputError(f"--init-from {path}: its model differs from the one these flags build: {diff} (ours, "
                          f"theirs); give the model flags it was trained with (its run used --preset {preset})")

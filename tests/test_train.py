@@ -95,11 +95,14 @@ def test_the_monitor_sees_every_tier():
     assert (small["tier"] == test["tier"][:100]).all()
 
 
-def test_resume_with_another_config_names_the_mismatch(tmp_path, data_dir):
+def test_resume_with_another_config_names_the_mismatch(tmp_path, data_dir, monkeypatch, capsys):
     run(tmp_path, data_dir, "--max-steps", "1")
-    with pytest.raises(ValueError, match="n_embd"):
+    capsys.readouterr()
+    monkeypatch.setattr(train_sudoku, "training_data", lambda *a: pytest.fail("read the data before refusing"))
+    with pytest.raises(ValueError, match=r"another configuration: {.*'n_embd': \(48, 32\)}"):
         train_sudoku.main([*TINY[:4], "--n-embd", "48", *TINY[6:], "--out-dir", str(tmp_path),
                            "--data-dir", data_dir, "--max-steps", "2", "--resume"])
+    assert "resuming with other flags" not in capsys.readouterr().out  # refused first, not noted
     with pytest.raises(ValueError, match="mix"):
         run(tmp_path, data_dir, "--max-steps", "2", "--resume", "--mix", "1,0,0")
     for flags, name in ((["--ema", "0"], "ema"), (["--batch-size", "4"], "batch_size")):  # not a crash, not lost EMA
@@ -263,9 +266,12 @@ def test_the_digest_covers_shape_dtype_and_the_set_of_tensors(tmp_path, tamper):
 def test_a_corrupt_checkpoint_names_the_file(tmp_path):
     from checkpoint import load_model
     bad = tmp_path / "ckpt.pt"
-    bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match=f"{bad}: not a readable checkpoint"):
-        load_model(str(bad))
+    good = tmp_path / "good.pt"
+    torch.save({"model": {"w": torch.zeros(1000)}, "config": {}, "step": 0}, good)
+    for data in (b"not a checkpoint", good.read_bytes()[:-100]):  # (a copy cut short)
+        bad.write_bytes(data)
+        with pytest.raises(ValueError, match=f"{bad}: corrupt checkpoint, truncated or not one at all"):
+            load_model(str(bad))
     torch.save({"model": {}}, bad)
     with pytest.raises(ValueError, match="not a training checkpoint"):
         load_model(str(bad))
