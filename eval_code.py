@@ -17,6 +17,7 @@ complete; nfe_ref = the reference sampler's count, as in the paper's tables (sam
 Model-written code runs in sandbox.py's isolation (namespaces, a private root, its own uid,
 limits); without root it refuses to run, unless --unsafe-no-isolation.
 """
+import builtins
 import gzip
 import json
 import math
@@ -71,9 +72,10 @@ def problem_row(r, where, n):
                 or not isinstance(r.get("test_setup_code", ""), str):
             raise InputError(f"{where}: MBPP fields text (a string), test_list (a non-empty list of strings) "
                              f"and test_setup_code (a string, if given) expected")
-        name = re.search(r"assert\s+(\w+)\s*\(", tests[0])
+        calls = re.findall(r"(?<![.\w])([A-Za-z_]\w*)\s*\(", tests[0])  # not set(...), not math.isclose(...)
         sig = f"\nYour code should pass these tests:\n{chr(10).join(tests)}\n"
-        return {"task_id": task_id, "prompt": r["text"] + sig, "entry_point": name.group(1) if name else "",
+        return {"task_id": task_id, "prompt": r["text"] + sig,
+                "entry_point": next((c for c in calls if c not in vars(builtins)), ""),
                 "canonical_solution": r.get("code"), "mbpp": True,
                 "check": "\n" + r.get("test_setup_code", "") + "\n" + "\n".join(tests) + "\n"}
     raise InputError(f"{where}: neither HumanEval (prompt, entry_point, test) nor MBPP (text, test_list) fields; "

@@ -216,7 +216,8 @@ WARNED = set()  # the unisolated setups already warned about, so each is printed
 
 
 def run_sandboxed(program, timeout=10.0, mem_mb=1024, tmp_mb=64, allow_unisolated=False):
-    """Run a Python program in the sandbox (BOOT). Returns {"status": passed|failed|timed out, "stderr": its tail}:
+    """Run a Python program in the sandbox (BOOT). Returns {"status": passed|failed|timed out, "stderr": its tail,
+    "uid": the run's own uid}:
     passed only if the program ran to its end (the pass marker), whatever its exit code. Returns by timeout + ~1 s
     whatever the program started. Raises runs.Refused when the isolation cannot be set up, unless
     allow_unisolated, which runs it with what could be set up and says so loudly on stderr."""
@@ -241,7 +242,7 @@ def run_sandboxed(program, timeout=10.0, mem_mb=1024, tmp_mb=64, allow_unisolate
             (_, err, setup, done), finished = drain(fds, deadline)
             if not finished:  # the timeout: the outer kills init and waits for the namespace to die
                 os.kill(p.pid, signal.SIGTERM)  # NOTE: not p.terminate(), which may reap p (see below)
-                drain(fds, time.monotonic() + 1)
+                err += drain(fds, time.monotonic() + 1)[0][1]  # what it wrote in its last moments too
         finally:
             os.killpg(p.pid, signal.SIGKILL)  # the rest, if that failed; p is not reaped yet, so its pid is still ours
             p.wait()
@@ -257,7 +258,7 @@ def run_sandboxed(program, timeout=10.0, mem_mb=1024, tmp_mb=64, allow_unisolate
         WARNED.add(setup)
         print(f"\n{'!' * 80}\nWARNING: the sandbox runs untrusted code {setup[3:]}\n{'!' * 80}", file=sys.stderr)
     status = ("passed" if p.returncode == 0 and done == secret else "failed") if finished else "timed out"
-    return {"status": status, "stderr": err[-2000:]}
+    return {"status": status, "stderr": err[-2000:], "uid": SANDBOX_UID0 + p.pid}  # (BOOT's uid: its outer's pid)
 
 
 def drain(fds, deadline, keep=1 << 20):
@@ -344,12 +345,13 @@ def hostile_probes(run, d):
     r = run("while True:\n    pass\n", 2)
     yield "infinite loop", f"{r['status']} {time.time() - t:.1f}s", r["status"] == "timed out"
     r = run("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n", 2)
-    n = count_sandbox_processes()
+    n = count_sandbox_processes(r["uid"])  # this run's: another evaluation may be running sandboxes now
     yield "fork bomb", f"{r['status']}, {n} left", r["status"] != "passed" and n == 0
     for name, code in [("daemon (double fork, setsid, stdio closed)", DAEMON.format("os.closerange(0, 3)")),
                        ("daemon holding the pipes, program hangs", DAEMON.format("pass") + "time.sleep(60)\n")]:
         t = time.time()
-        r, n, dt = run(code, 2), count_sandbox_processes(wait=0), time.time() - t
+        r = run(code, 2)
+        n, dt = count_sandbox_processes(r["uid"], wait=0), time.time() - t
         yield name, f"{r['status']} {dt:.1f}s, {n} left", n == 0 and dt < 2 + 1.5
     with ThreadPoolExecutor(2) as ex:
         victim = ex.submit(run, "import time\ntime.sleep(2)\n", 5)
@@ -413,8 +415,9 @@ def hostile_probes(run, d):
     yield "read host /proc/*/cmdline", r["status"], r["status"] == "failed" and "AssertionError" in r["stderr"]
 
 
-def count_sandbox_processes(wait=3.0):
-    """Live (non-zombie) processes of any sandbox uid, after giving SIGKILL a moment to land."""
+def count_sandbox_processes(uid=None, wait=3.0):
+    """Live (non-zombie) processes of sandbox uid `uid` (None: of any sandbox, this run's or another's), after
+    giving SIGKILL a moment to land."""
     deadline = time.time() + wait
     while True:
         n = 0
@@ -422,7 +425,8 @@ def count_sandbox_processes(wait=3.0):
             try:
                 with open(f"/proc/{pid}/status") as f:
                     st = dict(line.split(":", 1) for line in f if ":" in line)
-                n += int(st["Uid"].split()[1]) >= SANDBOX_UID0 and not st["State"].strip().startswith("Z")
+                owner = int(st["Uid"].split()[1])
+                n += (owner == uid if uid else owner >= SANDBOX_UID0) and not st["State"].strip().startswith("Z")
             except (OSError, KeyError):
                 pass
         if n == 0 or time.time() > deadline:

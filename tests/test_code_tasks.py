@@ -191,3 +191,31 @@ def test_a_caesar_shift_after_uppercasing_keeps_the_uppercase_letters():
         for s in ("abcxyz", "hello world", "", "zz"):
             u = s[:n].upper() + s[n:]
             assert f(s) == "".join(chr((ord(c) - 97 + k) % 26 + 97) if c.islower() else c for c in u)
+
+
+def io_pairs(p):
+    """The (input, expected output) pairs of a problem's asserts."""
+    import ast
+    return [(ast.literal_eval(x), ast.literal_eval(y))
+            for x, y in re.findall(r"assert candidate\((.*)\) == (.*)$", p["test"], re.M)]
+
+
+def test_no_problem_is_passed_by_the_identity_or_a_constant_and_lists_are_long_enough():
+    probs = ct.make_problems("test", 300) + ct.make_problems("train", 300)
+    for p in probs:
+        pairs = io_pairs(p)
+        assert len(pairs) == 5 and any(x != y for x, y in pairs), p["task_id"]  # the identity fails
+        assert len({repr(y) for _, y in pairs}) > 1, p["task_id"]  # so does a constant
+    lens = [len(x) for p in probs[:300] for x, _ in io_pairs(p) if isinstance(x, list)]
+    assert max(lens) == 9 and sum(n >= 6 for n in lens) > len(lens) // 4  # long enough for "the first k" families
+
+
+def test_the_test_only_pairs_are_the_same_in_every_process_and_counted():
+    code = "import code_tasks; print(sorted(code_tasks.TEST_ONLY))"  # not hash(): PYTHONHASHSEED differs
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env={**__import__("os").environ, "PYTHONHASHSEED": s}).stdout.strip() for s in ("1", "2")}
+    assert outs == {str(sorted(ct.TEST_ONLY))}
+    probs = ct.make_problems("test", 200)
+    n_comp, n_new = sum("+" in p["family"] for p in probs), sum(p["family"] in ct.TEST_ONLY for p in probs)
+    assert 0 < n_new < n_comp
+    assert f"{n_comp} compositions, {n_new} of them from the {len(ct.TEST_ONLY)} test-only pairs" in ct.summary(probs)

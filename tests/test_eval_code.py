@@ -36,7 +36,7 @@ def test_fork_bomb_and_huge_allocation_are_contained():
     r = sandbox.run_sandboxed("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n",
                          timeout=1.0)
     assert r["status"] == "timed out"
-    assert sandbox.count_sandbox_processes() == 0
+    assert sandbox.count_sandbox_processes(r["uid"]) == 0
     r = sandbox.run_sandboxed("x = bytearray(64 * 2**30)\n", timeout=5)
     assert r["status"] == "failed" and "MemoryError" in r["stderr"]
 
@@ -134,6 +134,10 @@ def test_mbpp_setup_code_runs_before_the_tests():
     prog = ev.check_program(r, r["canonical_solution"], base=False)
     assert prog.index("K = 3") < prog.index("assert f() == 3")
     exec(prog, {})  # the setup defines K: the tests pass
+    for test, name in [("assert set(similar_elements((3, 4), (5, 4))) == set((4,))", "similar_elements"),
+                       ("assert math.isclose(volume_cone(5, 12), 314.159, rel_tol=0.001)", "volume_cone"),
+                       ("assert f(1) == 1", "f")]:  # the function under test, not a builtin or a module's
+        assert ev.problem_row({"text": "t", "test_list": [test]}, "w:1", 1)["entry_point"] == name
 
 
 def test_a_repeated_task_id_is_refused(tmp_path):
@@ -195,3 +199,84 @@ def test_synthetic_sweep_end_to_end(tmp_path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 6 and {r["threshold"] for r in rows} == {0.5, 0.9}
     assert all(r["family"] and r["nfe"] >= 1 for r in rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# reading completions, counting passes (the sandbox replaced where it is not the point)
+
+def test_completions_are_cut_at_the_first_fence_and_the_next_top_level_statement():
+    assert ev.extract_code("x = 1\n```\nprose\n```python\ny = 2\n```\n") == "x = 1\n"
+    body = "    return n + 1\n"
+    for tail in ("def g():\n    pass\n", "assert f(1) == 3\n", "print(f(1))\n", "# done\n", "class A:\n    pass\n",
+                 "if __name__ == '__main__':\n    f(1)\n"):
+        assert ev.truncate_base(body + "\n" + tail) == body, tail
+
+
+def fake_sandbox(monkeypatch, status_of):
+    monkeypatch.setattr(ev, "run_sandboxed", lambda prog, timeout, **kw: {"status": status_of(prog), "stderr": ""})
+
+
+def test_a_timeout_is_no_pass_and_another_completion_of_a_task_runs_again(monkeypatch):
+    (p,) = ev.load_problems("synthetic")[:1]
+    fake_sandbox(monkeypatch, lambda prog: "timed out")
+    (r,) = ev.check_all([p], [{"task_id": p["task_id"], "code": "x"}], base=True, timeout=1, workers=1)
+    assert r["status"] == "timed out" and r["passed"] is False
+    fake_sandbox(monkeypatch, lambda prog: "passed" if "#MARK_OK" in prog else "failed")
+    seen, row = {}, lambda code: [{"task_id": p["task_id"], "code": code}]
+    assert ev.check_all([p], row("#MARK_OK"), base=True, timeout=1, workers=1, seen=seen)[0]["passed"]
+    assert not ev.check_all([p], row("#wrong"), base=True, timeout=1, workers=1, seen=seen)[0]["passed"]
+
+
+def test_nfe_is_the_measured_count_and_nfe_ref_the_references(monkeypatch):
+    probs = ev.load_problems("synthetic")[:2]
+    monkeypatch.setattr(ev, "complete", lambda model, tok, problems, **kw: (
+        [{"task_id": p["task_id"], "code": "", "nfe": 6, "nfe_ref": 2, "new_tokens": 1, "latency_s": 0.0}
+         for p in problems], 1.0))
+    monkeypatch.setattr(ev, "check_all", lambda problems, rows, **kw: [r.update(passed=True) for r in rows])
+    res, _ = ev.evaluate(None, None, probs, threshold=0.9, base=True)
+    assert res["nfe"] == 6 and res["nfe_ref"] == 2
+
+
+def test_families_group_compositions_and_count_passes_at_each_models_first_threshold(capsys):
+    import code_tasks as ct
+    trained = next(f"{a.name}+{b.name}" for a, b in ct.PAIRS if f"{a.name}+{b.name}" not in ct.TEST_ONLY)
+    rows = [{"family": "add_k", "passed": True}, {"family": "add_k", "passed": False},
+            {"family": sorted(ct.TEST_ONLY)[0], "passed": False}, {"family": trained, "passed": True},
+            {"family": None, "passed": False}]
+    assert ev.by_family(rows) == {"?": (1, 0), "add_k": (2, 1), "composition, test-only pair": (1, 0),
+                                  "composition, trained pair": (1, 1)}
+    run = lambda t, fams: {"model": "m", "threshold": t, "pass@1": 0.5, "nfe": 1.0, "new_tokens": 1.0,
+                           "tokens_per_s": 1.0, "families": fams}
+    ev.print_runs([run(0.5, {"a": (2, 1), "b": (2, 2)}), run(0.9, {"a": (2, 0), "b": (2, 0)})])
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("pass@1 by family (threshold 0.5)") for line in lines)
+    assert [line.split()[1] for line in lines if line[:2] in ("a ", "b ")] == ["1/2", "2/2"]
+
+
+def evaluate_calls(monkeypatch, tmp_path, *argv):
+    """eval_code.main with evaluate() replaced: the keyword arguments each evaluate call got."""
+    calls = []
+
+    def evaluate(model, tok, problems, **kw):
+        calls.append(kw)
+        rows = [{"task_id": p["task_id"], "family": p.get("family"), "passed": False} for p in problems]
+        return {"pass@1": 0.0, "n": len(rows), "nfe": 1.0, "new_tokens": 1.0, "tokens_per_s": 1.0,
+                "threshold": kw["threshold"]}, rows
+    monkeypatch.setattr(ev, "evaluate", evaluate)
+    ev.main(["--random-init", "tiny", "--limit", "1", "--max-new-tokens", "8", "--out", str(tmp_path / "o.jsonl"),
+             *argv])
+    return calls
+
+
+def test_synthetic_problems_complete_the_raw_prompt_and_no_relay_reaches_the_decoder(monkeypatch, tmp_path):
+    (kw,) = evaluate_calls(monkeypatch, tmp_path, "--problems", "synthetic")
+    assert kw["base"] is True and kw["use_relay"] is True
+    (kw,) = evaluate_calls(monkeypatch, tmp_path / "b", "--problems", "synthetic", "--no-relay")
+    assert kw["use_relay"] is False
+
+
+def test_a_byte_order_mark_on_the_first_line_is_read(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_bytes(b"\xef\xbb\xbf" + json.dumps({"task_id": "a", "prompt": "def f():\n", "entry_point": "f",
+                                                "test": "x"}).encode() + b"\n")
+    assert [p["task_id"] for p in ev.load_problems(str(f))] == ["a"]

@@ -52,7 +52,7 @@ def test_3_nothing_outlives_the_run():
         t = time.time()
         r = sandbox.run_sandboxed(prog, 1.5)
         assert r["status"] == want and time.time() - t < 1.5 + 1.5
-        assert sandbox.count_sandbox_processes(wait=0) == 0
+        assert sandbox.count_sandbox_processes(r["uid"], wait=0) == 0
 
 
 def test_4_parallel_sandboxes_cannot_signal_each_other():
@@ -63,6 +63,16 @@ def test_4_parallel_sandboxes_cannot_signal_each_other():
     sandbox.run_sandboxed(sandbox.KILLER, 5)  # SIGKILL to -1 and to every pid in /proc, for 1.5 s
     t.join()
     assert victim["status"] == "passed"
+
+
+def test_leftovers_are_counted_per_run_so_parallel_runs_are_not_leaks():
+    other = threading.Thread(target=lambda: sandbox.run_sandboxed("import time\ntime.sleep(3)\n", 5))
+    other.start()
+    time.sleep(0.5)
+    r = sandbox.run_sandboxed(RIGHT + CHECK, 3)
+    assert r["status"] == "passed" and r["uid"] >= sandbox.SANDBOX_UID0
+    assert sandbox.count_sandbox_processes(r["uid"], wait=0) == 0 and sandbox.count_sandbox_processes(wait=0) >= 1
+    other.join()
 
 
 def test_5_refuses_without_isolation_unless_told():
@@ -167,3 +177,68 @@ def test_12_the_self_check_holds_on_this_machine():
     res = sandbox.self_check(eval_code.load_problems()[:2], timeout=10, workers=2)
     assert res["ok"], {k: v for k, v in res["probes"].items() if not v[1]}
     assert len(res["probes"]) >= 25 and res["canonical_passed"] == res["canonical_total"] == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# the limits and the filter, from inside
+
+def refused(call, setup=""):
+    """A sandboxed program that passes if `call` returns -1 with EPERM (the seccomp filter's answer)."""
+    return sandbox.run_sandboxed(f"import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n{setup}"
+                                 f"r = {call}\nassert r == -1 and ctypes.get_errno() == 1, (r, ctypes.get_errno())\n", 3)
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="x86_64 syscall numbers and machine code")
+def test_io_uring_perf_events_and_another_abis_syscalls_are_refused():
+    attr = ("a = (ctypes.c_uint32 * 32)()\na[1] = 112\na[0] = 1\n"  # perf_event_attr: software cpu-clock, user only
+            "ctypes.memmove(ctypes.byref(a, 40), (ctypes.c_uint64 * 1)((1 << 5) | (1 << 6)), 8)\n")
+    for call, setup in (("libc.syscall(425, 4, ctypes.create_string_buffer(120))", ""),  # io_uring_setup
+                        ("libc.syscall(298, a, 0, -1, -1, 0)", attr)):  # perf_event_open
+        r = refused(call, setup)
+        assert r["status"] == "passed", (call, r["stderr"])
+    i386 = ("import ctypes, mmap, sys\nm = mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)\n"
+            "m.write(bytes([0xb8, 20, 0, 0, 0, 0xcd, 0x80, 0xc3]))\n"  # mov eax, 20 (i386 getpid); int 0x80; ret
+            "r = ctypes.CFUNCTYPE(ctypes.c_int)(ctypes.addressof(ctypes.c_char.from_buffer(m)))()\n"
+            "sys.stderr.write(f'i386 getpid returned {r}')\n")
+    r = sandbox.run_sandboxed(i386, 3)
+    assert r["status"] == "failed" and "returned" not in r["stderr"]  # killed at the syscall
+
+
+def test_the_program_runs_under_its_limits_and_they_bite():
+    prog = ("import resource as r\nlims = {k: r.getrlimit(getattr(r, 'RLIMIT_' + k)) for k in "
+            "('AS', 'FSIZE', 'NPROC', 'NOFILE', 'CPU', 'CORE')}\n"
+            "assert lims == {'AS': (1 << 30, 1 << 30), 'FSIZE': (16 << 20, 16 << 20), 'NPROC': (64, 64), "
+            "'NOFILE': (256, 256), 'CPU': (3, 4), 'CORE': (0, 0)}, lims\n")
+    r = sandbox.run_sandboxed(prog, 2.5)  # mem_mb 1024 by default; CPU seconds: int(timeout) + 1
+    assert r["status"] == "passed", r["stderr"]
+    r = sandbox.run_sandboxed("import mmap\nmmap.mmap(-1, 2 << 30)\n", 3)  # never touched: only RLIMIT_AS stops it
+    assert r["status"] == "failed" and "Cannot allocate memory" in r["stderr"], r["stderr"]
+    r = sandbox.run_sandboxed("open('/tmp/big', 'wb').write(bytes(20 << 20))\n", 3)  # within the 64 MiB tmpfs
+    assert r["status"] == "failed" and "File too large" in r["stderr"], r["stderr"]
+    forks = ("import os, time\nn = 0\nfor _ in range(100):\n    try:\n        pid = os.fork()\n    except OSError:\n"
+             "        break\n    if pid == 0:\n        time.sleep(5)\n        os._exit(0)\n    n += 1\nassert n < 64, n\n")
+    r = sandbox.run_sandboxed(forks, 5)
+    assert r["status"] == "passed", r["stderr"]
+
+
+def test_each_run_has_its_own_uid_and_ipc_namespace():
+    prog = "import os, sys\nsys.stderr.write(f'uid={os.getuid()}')\n"
+    uids = {sandbox.run_sandboxed(prog, 3)["stderr"] for _ in range(2)}
+    assert len(uids) == 2 and all(u.startswith("uid=") for u in uids)
+    import ctypes
+    name = f"/relay-probe-{secrets.token_hex(4)}".encode()
+    prog = (f"import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+            f"assert libc.mq_open({name!r}, os.O_CREAT | os.O_RDWR, 0o666, None) >= 0, ctypes.get_errno()\n")
+    r = sandbox.run_sandboxed(prog, 3)
+    assert r["status"] == "passed", r["stderr"]  # it could make a POSIX message queue, in its own IPC namespace
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.mq_open(name, os.O_RDONLY)
+    if fd >= 0:
+        libc.mq_unlink(name)
+    assert fd == -1, "the run's message queue is on the host"
+
+
+def test_the_self_check_fails_when_a_probe_escapes(monkeypatch):
+    monkeypatch.setattr(sandbox, "hostile_probes", lambda run, d: iter([("escaped", "passed", False)]))
+    res = sandbox.self_check([], timeout=1, workers=1)
+    assert res["probes"] == {"escaped": ["passed", False]} and res["ok"] is False

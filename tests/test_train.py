@@ -420,6 +420,38 @@ def test_compare_objectives_goes_on_past_an_objective_that_crashes(tmp_path, dat
     assert (out / "relay" / "result.json").exists() and not (out / "mlm" / "result.json").exists()
 
 
+def compare_with_fake_training(monkeypatch, calls, *argv):
+    """bench/compare_objectives.py with train_sudoku.main (and the figure) replaced: calls gets each run's flags."""
+    def main(flags):
+        calls.append(flags)
+        return {"losses": [], "curve": [], "steps": 1, "exact_match": 0.5, "token_acc": 0.9, "nfe": 10.0,
+                "nfe_batch": 10.0, "train_seconds": 1.0}
+    monkeypatch.setattr(train_sudoku, "main", main)
+    monkeypatch.setattr(train_sudoku, "plot_curves", lambda *a, **k: None)
+    monkeypatch.setattr(sys, "argv", ["compare_objectives.py", *argv])
+    runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "bench", "compare_objectives.py"), run_name="__main__")
+
+
+def test_compare_objectives_prints_the_papers_numbers_and_trains_pure_objectives(monkeypatch, tmp_path, capsys):
+    calls = []
+    compare_with_fake_training(monkeypatch, calls, "--objectives", "relay", "relay_sg", "mlm", "rollout", "--out-dir",
+                               str(tmp_path), "--max-steps", "1")
+    out = capsys.readouterr().out
+    for obj, paper in (("mlm", 20.3), ("rollout", 38.7), ("relay_sg", 58.4), ("relay", 62.7)):
+        assert f"| {obj} | 50.0 | {paper} |" in out
+    assert len(calls) == 4 and all(f[f.index("--mlm-frac") + 1] == "0" for f in calls)  # no MLM warm start
+    out = tmp_path / "relay"  # a checkpoint of other flags, stopped before its result, is not replaced unasked
+    (out / "ckpt.pt").write_bytes(b"a run of 5 steps")
+    (out / "result.json").unlink()
+    (out / "started.json").write_text(json.dumps({"flags": ["--max-steps", "5", "--mlm-frac", "0", "--objective",
+                                                            "relay", "--out-dir", str(out)]}))
+    calls.clear()
+    with pytest.raises(SystemExit, match="ckpt.pt holds a run of other flags"):
+        compare_with_fake_training(monkeypatch, calls, "--objectives", "relay", "--out-dir", str(tmp_path),
+                                   "--max-steps", "1")
+    assert calls == [] and (out / "ckpt.pt").read_bytes() == b"a run of 5 steps"
+
+
 def test_compare_objectives_reuses_resumes_and_never_replaces_unasked(tmp_path, data_dir):
     """A saved result of the same flags is reused; one of other flags stops the script unless --replace;
     an objective stopped before its result resumes from its checkpoint."""
