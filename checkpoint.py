@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import re
+import zipfile
 from dataclasses import asdict, fields
 
 import torch
@@ -75,6 +76,17 @@ def checkpoint_kind(ck):
     return ck.get("kind") or ("code" if ck["config"].get("bd_size") else "sudoku")
 
 
+def damaged(path):
+    """torch.save writes a zip archive: a file that is not one, or holds a member that fails its CRC, is damaged."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return z.testzip() is not None
+    except (zipfile.BadZipFile, EOFError):
+        return True
+    except OSError:  # unreadable: that says nothing about its bytes
+        return False
+
+
 def load_checkpoint(path, device="cpu", kind=None):
     """A training checkpoint (one file: model, optimizer, step, config, args, RNG, data position).
     Verifies the tensor digests when the file has them (older files have none); kind: raise unless
@@ -86,8 +98,9 @@ def load_checkpoint(path, device="cpu", kind=None):
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     try:
         ck = torch.load(path, map_location=device, weights_only=False)
-    except Exception as e:
-        raise InputError(f"{path}: corrupt checkpoint, truncated or not one at all ({type(e).__name__}: {e})") from None
+    except Exception as e:  # a damaged file, or another failure (a device, memory, permissions): say which
+        what = "corrupt checkpoint, truncated or not one at all" if damaged(path) else "cannot read the checkpoint"
+        raise InputError(f"{path}: {what} ({type(e).__name__}: {e})") from None
     if not isinstance(ck, dict) or not {"model", "config", "step"} <= set(ck):
         raise InputError(f"{path}: not a training checkpoint of this repository (needs model, config, step)")
     if "sha256" in ck:

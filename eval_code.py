@@ -20,6 +20,7 @@ limits); without root it refuses to run, unless --unsafe-no-isolation.
 import builtins
 import gzip
 import json
+import keyword
 import math
 import os
 import re
@@ -75,7 +76,7 @@ def problem_row(r, where, n):
         calls = re.findall(r"(?<![.\w])([A-Za-z_]\w*)\s*\(", tests[0])  # not set(...), not math.isclose(...)
         sig = f"\nYour code should pass these tests:\n{chr(10).join(tests)}\n"
         return {"task_id": task_id, "prompt": r["text"] + sig,
-                "entry_point": next((c for c in calls if c not in vars(builtins)), ""),
+                "entry_point": next((c for c in calls if c not in vars(builtins) and not keyword.iskeyword(c)), ""),
                 "canonical_solution": r.get("code"), "mbpp": True,
                 "check": "\n" + r.get("test_setup_code", "") + "\n" + "\n".join(tests) + "\n"}
     raise InputError(f"{where}: neither HumanEval (prompt, entry_point, test) nor MBPP (text, test_list) fields; "

@@ -4,8 +4,9 @@ numeric flags in range (argparse `type=` functions, so a bad value is a usage er
 output directory that belongs to this run alone (a lock, and no new run over an earlier run's checkpoint),
 Ctrl-C ending a training loop at a step (StopOnInterrupt), bad input (InputError), a refusal (Refused) or
 a missing or existing file ending a run with one line (run_cli), an output file checked before any work
-(check_out_file), an npz cache of generated data (cached); the CPU's name and the GPU's busy time that
-benchmarks print beside their figures. No command of its own.
+(check_out_file), a file written whole or not at all (written_whole), an npz cache of generated data
+(cached); the CPU's name and the GPU's busy time that benchmarks print beside their figures. No command
+of its own.
 """
 import argparse
 import atexit
@@ -42,14 +43,16 @@ class Refused(RuntimeError):
 
 def run_cli(main):
     """A script's entry point: an InputError, a Refused, or a file that is missing, in the way or not
-    readable, ends the run with its message and exit status 1, no traceback; Ctrl-C with "interrupted"
-    and status 130; any other error keeps its traceback (it may be a bug)."""
+    readable, ends the run with its message and exit status 1, no traceback; Ctrl-C with its message
+    (or "interrupted") and death by SIGINT; any other error keeps its traceback (it may be a bug)."""
     try:
         main()
     except ENVIRONMENT_ERRORS + (InputError, Refused) as e:
         sys.exit(f"error: {e}")
-    except KeyboardInterrupt:  # Ctrl-C where no loop stops at a step for it
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # Ctrl-C: what was saved and how to go on, if the run says; then die of
+        print(str(e) or "interrupted", file=sys.stderr)  # SIGINT, so that a calling shell loop or script stops too
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
         sys.exit(130)
 
 
@@ -164,10 +167,11 @@ def check_out_file(flag, path, overwrite=False, makes_dirs=False):
 
 @contextlib.contextmanager
 def written_whole(path, suffix=".tmp"):
-    """A temporary name beside `path` to write to, renamed over `path` at the end: an error, a full disk or
-    a kill leaves the previous file (if any) as it was; an error leaves no temporary file either. Unique
-    per process: two runs may write the same file at once."""
-    tmp = f"{path}.{os.getpid()}{suffix}"
+    """A temporary name beside `path` (path + suffix) to write to, renamed over `path` at the end: an error, a
+    full disk or a kill leaves the previous file (if any) as it was; an error leaves no temporary file either,
+    and the next write reuses a killed one's name (a checkpoint's can be large). Two processes that may write
+    one file at once give suffixes of their own (cached)."""
+    tmp = path + suffix
     try:
         yield tmp
         os.replace(tmp, path)
@@ -189,7 +193,7 @@ def cached(path, make, compress=True):
                              f"again") from None
     data = make()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with written_whole(path, ".tmp.npz") as tmp:  # (.npz: np.savez would add it)
+    with written_whole(path, f".{os.getpid()}.tmp.npz") as tmp:  # two runs may build one set (.npz: savez adds it)
         (np.savez_compressed if compress else np.savez)(tmp, **data)
     return data
 
@@ -309,9 +313,12 @@ class StopOnInterrupt:
 
     @staticmethod
     def exit(step, ckpt_path, overwrite):
-        """End the run after the loop stopped on Ctrl-C and saved, saying how to go on."""
-        sys.exit(f"interrupted at step {step}: {ckpt_path} saved; the same command with --resume "
-                 f"{'in place of --overwrite ' if overwrite else ''}continues")
+        """End the run after the loop stopped on Ctrl-C and saved, saying how to go on (run_cli prints it)."""
+        raise KeyboardInterrupt(f"interrupted at step {step}: {ckpt_path} saved; {how_to_continue(overwrite)}")
+
+
+def how_to_continue(overwrite):
+    return f"the same command with --resume {'in place of --overwrite ' if overwrite else ''}continues"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -314,7 +314,7 @@ def _island(job):
 
 
 def _advance(bar, to):
-    bar.total = max(bar.total, to)  # the islands emit more than PER_ROUND guessed: a bar never past its end
+    bar.total = max(bar.total or 0, to)  # the islands emit more than PER_ROUND guessed: a bar never past its end
     bar.update(to - bar.n)
 
 

@@ -23,7 +23,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 from contextlib import nullcontext
 from functools import partial
@@ -37,7 +36,8 @@ import sudoku_solver
 from checkpoint import config_diff, export_weights, load_checkpoint, load_model, load_state, save_checkpoint
 from model import ModelConfig, Transformer, device_flag, pick_device, shape_problem
 from relay import OBJECTIVES, RolloutBuffer, mlm_loss, reveal_jittered_mass, rollout_loss
-from runs import (InputError, StopOnInterrupt, argparser, check_out_file, claim_out_dir, given_flags, nonneg_float,
+from runs import (InputError, StopOnInterrupt, argparser, check_out_file, claim_out_dir, given_flags, how_to_continue,
+                  nonneg_float,
                   nonneg_int, positive_float, positive_int, run_cli, seed_int, unit_float)
 from sampler import sample_mdm
 
@@ -640,15 +640,15 @@ def main(argv=None):
         steady = args.batch_size * (step - warm[1]) / (time.time() - warm[0] - (t_off - warm[2]))
     trained = training_summary(args, step, losses, time.time() - t0 - t_off, steady, monitor)
     if stop == "--stop-after":
-        print(f"paused at step {step}: {ckpt_path} saved; the same command with --resume continues "
-              f"(--eval-only --checkpoint {ckpt_path} evaluates it)")
+        print(f"paused at step {step}: {ckpt_path} saved; {how_to_continue(args.overwrite)} (--eval-only "
+              f"--checkpoint {ckpt_path} evaluates it)")
         print(json.dumps({**trained, "seconds": time.time() - t_start}))
         return {**trained, "losses": list(losses)}
     try:
         return {**finish(args, ema or model, test, ctx, step, t_start, trained), "losses": list(losses)}
-    except KeyboardInterrupt:  # the training is saved: only the evaluation is lost
-        sys.exit(f"interrupted in the evaluation: {ckpt_path} (step {step}) is saved; --eval-only --checkpoint "
-                 f"{ckpt_path} evaluates it")
+    except KeyboardInterrupt:  # the training is saved: only the evaluation is lost (run_cli prints this)
+        raise KeyboardInterrupt(f"interrupted in the evaluation: {ckpt_path} (step {step}) is saved; --eval-only "
+                                f"--checkpoint {ckpt_path} evaluates it") from None
 
 
 def checkpoint_mode(args, ctx, t_start):

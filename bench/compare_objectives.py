@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import train_sudoku  # noqa: E402
-from runs import argparser, nonneg_int  # noqa: E402
+from runs import argparser, nonneg_int, written_whole  # noqa: E402
 from relay import OBJECTIVES  # noqa: E402
 
 p = argparser(__doc__)
@@ -36,8 +36,9 @@ p.add_argument("--threads", type=nonneg_int, default=0, help="torch threads (0 =
 p.add_argument("--replace", action="store_true", help="train an objective again whose saved result or checkpoint "
                "was made with other flags (without it, the run stops rather than replace them)")
 args, passthrough = p.parse_known_args()
-if clash := [f for f in passthrough if f.split("=")[0] in ("--resume", "--overwrite")]:
-    p.error(f"{clash[0]}: this script resumes an unfinished objective itself, and --replace trains one again")
+if clash := [f for f in passthrough if f.split("=")[0] in ("--resume", "--overwrite", "--stop-after")]:
+    p.error(f"{clash[0]}: this script resumes an unfinished objective itself, and --replace trains one again "
+            f"(a budget: --time-limit, which still evaluates)")
 if train_sudoku.get_args(passthrough).max_steps < 1:  # read as train_sudoku reads it
     p.error("--max-steps: a row of the table needs at least one training step")
 if not any(f.split("=")[0] == "--mlm-frac" for f in passthrough):
@@ -78,9 +79,8 @@ def flag_diff(old, new):
 
 
 def write_json(path, obj):
-    with open(path + ".tmp", "w") as f:  # whole or not at all
+    with written_whole(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f)
-    os.replace(path + ".tmp", path)
 
 
 results, failed = {}, []
@@ -110,6 +110,8 @@ for obj in [*args.objectives, *(o for o in OBJECTIVES if o not in args.objective
     write_json(started, {"flags": flags})
     try:
         r = train_sudoku.main([*flags, mode])
+    except KeyboardInterrupt as e:  # the budget's Ctrl-C (timeout -s INT): saved at a step; this command resumes it
+        sys.exit(f"{obj}: {e or 'interrupted'}")
     except Exception:  # NOTE: one GPU call runs all four: a crash in one must not cost the others their turn
         traceback.print_exc()
         failed.append(obj)

@@ -1,6 +1,7 @@
 """code_tasks.py: deterministic prefixes, disjoint splits, canonical solutions pass their tests, trivial programs
 do not, and eval_code.load_problems reads the JSONL."""
 import json
+import os
 import re
 import signal
 import subprocess
@@ -212,8 +213,9 @@ def test_no_problem_is_passed_by_the_identity_or_a_constant_and_lists_are_long_e
 
 def test_the_test_only_pairs_are_the_same_in_every_process_and_counted():
     code = "import code_tasks; print(sorted(code_tasks.TEST_ONLY))"  # not hash(): PYTHONHASHSEED differs
-    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                           env={**__import__("os").environ, "PYTHONHASHSEED": s}).stdout.strip() for s in ("1", "2")}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
+                           env={**os.environ, "PYTHONHASHSEED": s}).stdout.strip() for s in ("1", "2")}
     assert outs == {str(sorted(ct.TEST_ONLY))}
     probs = ct.make_problems("test", 200)
     n_comp, n_new = sum("+" in p["family"] for p in probs), sum(p["family"] in ct.TEST_ONLY for p in probs)

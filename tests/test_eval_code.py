@@ -136,7 +136,7 @@ def test_mbpp_setup_code_runs_before_the_tests():
     exec(prog, {})  # the setup defines K: the tests pass
     for test, name in [("assert set(similar_elements((3, 4), (5, 4))) == set((4,))", "similar_elements"),
                        ("assert math.isclose(volume_cone(5, 12), 314.159, rel_tol=0.001)", "volume_cone"),
-                       ("assert f(1) == 1", "f")]:  # the function under test, not a builtin or a module's
+                       ("assert f(1) == 1", "f"), ("assert not(g(2))", "g")]:  # not a builtin, module or keyword
         assert ev.problem_row({"text": "t", "test_list": [test]}, "w:1", 1)["entry_point"] == name
 
 

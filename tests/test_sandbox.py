@@ -66,7 +66,7 @@ def test_4_parallel_sandboxes_cannot_signal_each_other():
 
 
 def test_leftovers_are_counted_per_run_so_parallel_runs_are_not_leaks():
-    other = threading.Thread(target=lambda: sandbox.run_sandboxed("import time\ntime.sleep(3)\n", 5))
+    other = threading.Thread(target=lambda: sandbox.run_sandboxed("import time\ntime.sleep(6)\n", 8))
     other.start()
     time.sleep(0.5)
     r = sandbox.run_sandboxed(RIGHT + CHECK, 3)

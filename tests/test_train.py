@@ -60,7 +60,7 @@ def test_a_pause_saves_without_evaluating_and_ctrl_c_in_the_evaluation_keeps_the
             raise KeyboardInterrupt
         return real(*a, desc=desc, **k)
     monkeypatch.setattr(train_sudoku, "evaluate", ctrl_c_in_the_final_evaluation)
-    with pytest.raises(SystemExit, match=r"interrupted in the evaluation: .*ckpt.pt \(step 4\) is saved"):
+    with pytest.raises(KeyboardInterrupt, match=r"interrupted in the evaluation: .*ckpt.pt \(step 4\) is saved"):
         run(tmp_path, data_dir, "--max-steps", "4", "--resume")
     monkeypatch.undo()
     release_lock(str(tmp_path / ".lock"))
@@ -139,7 +139,7 @@ def test_ctrl_c_stops_at_a_step_with_a_checkpoint_that_resumes_exactly(tmp_path,
             os.kill(os.getpid(), signal.SIGINT)  # as a Ctrl-C during step 2: it finishes, then the run stops
         return step(args, i, *rest)
     monkeypatch.setattr(train_sudoku, "train_step", interrupted_at_step_2)
-    with pytest.raises(SystemExit, match="interrupted at step 3: .*ckpt.pt saved; the same command with --resume"):
+    with pytest.raises(KeyboardInterrupt, match="interrupted at step 3: .*ckpt.pt saved; the same command with --resume"):
         run(tmp_path / "b", data_dir, "--max-steps", "5")
     monkeypatch.setattr(train_sudoku, "train_step", step)
     assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["step"] == 3
@@ -272,6 +272,10 @@ def test_a_corrupt_checkpoint_names_the_file(tmp_path):
         bad.write_bytes(data)
         with pytest.raises(ValueError, match=f"{bad}: corrupt checkpoint, truncated or not one at all"):
             load_model(str(bad))
+    with pytest.MonkeyPatch.context() as mp:  # a good file that this machine cannot load is not called corrupt
+        mp.setattr(torch, "load", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("CUDA out of memory")))
+        with pytest.raises(ValueError, match=f"{good}: cannot read the checkpoint \\(RuntimeError: CUDA out of"):
+            load_model(str(good))
     torch.save({"model": {}}, bad)
     with pytest.raises(ValueError, match="not a training checkpoint"):
         load_model(str(bad))

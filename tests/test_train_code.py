@@ -87,7 +87,7 @@ def test_ctrl_c_stops_at_a_step_with_a_checkpoint_that_resumes_exactly(tmp_path,
             os.kill(os.getpid(), signal.SIGINT)  # as a Ctrl-C during step 1: it finishes, then the run stops
         return step(args, d, i, *rest)
     monkeypatch.setattr(train_code, "train_step", interrupted_at_step_1)
-    with pytest.raises(SystemExit, match="interrupted at step 2: .*ckpt.pt saved; the same command with --resume"):
+    with pytest.raises(KeyboardInterrupt, match="interrupted at step 2: .*ckpt.pt saved; the same command with --resume"):
         run_main(common + ["--out-dir", str(tmp_path / "b")])
     monkeypatch.setattr(train_code, "train_step", step)
     assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["step"] == 2
