@@ -57,8 +57,8 @@ from code_data import (Rows, data_digest, held_out_signatures, load_stdlib, read
                        synthetic_rows, synthetic_tokenizer)
 from model import QWEN2, SHAPES, ModelConfig, Transformer, device_flag, pick_device, shape_problem
 from relay import RolloutBuffer, add_relay, reveal_threshold_blocks, rollout_loss, sft_loss
-from runs import (InputError, Refused, StopOnInterrupt, argparser, claim_out_dir, given_flags, nonneg_float, nonneg_int,
-                  positive_float, positive_int, run_cli, seed_int, unit_float)
+from runs import (InputError, Refused, StopOnInterrupt, argparser, claim_out_dir, given_flags, how_to_continue,
+                  nonneg_float, nonneg_int, positive_float, positive_int, run_cli, seed_int, unit_float)
 from eval_code import evaluate, with_check
 from sandbox import run_sandboxed
 from sampler import generate
@@ -95,8 +95,8 @@ def get_args(argv=None):
     # optimisation
     p.add_argument("--max-steps", type=positive_int, default=3000, help="optimizer steps")
     p.add_argument("--time-limit", type=nonneg_float, default=0.0, help="stop after this many minutes (0 = none)")
-    p.add_argument("--stop-after", type=nonneg_int, default=0, help="stop (with a checkpoint) after this many steps "
-                   "of this invocation; --resume continues (0 = run to --max-steps)")
+    p.add_argument("--stop-after", type=nonneg_int, default=0, help="pause after this many steps of this invocation: a "
+                   "checkpoint, no export or evaluation; --resume continues (0 = run to --max-steps)")
     p.add_argument("--batch-size", type=positive_int, default=16, help="global rows per optimizer step")
     p.add_argument("--micro-batch", type=nonneg_int, default=0, help="rows per process per forward (and rollout buffer "
                    "size); 0 = batch size / processes, no accumulation")
@@ -620,13 +620,14 @@ def train(args, d):
     t0, step0, losses, vals, t_off = time.time(), step, [], [], 0.0  # t_off: validation and checkpoint seconds
     saved = step if args.resume else None  # the step of the last checkpoint
     # Ctrl-C stops at a step with a checkpoint in one process (ranks would have to agree on the step: a sync)
+    stop = None
     with StopOnInterrupt() if d.world == 1 else nullcontext(False) as interrupted:
         while step < args.max_steps:
             # a) a budget of this invocation ends the loop; the checkpoint after it makes --resume exact
-            if interrupted or (args.stop_after and step - step0 >= args.stop_after) or \
-                    (args.time_limit and time.time() - t0 > 60 * args.time_limit):
-                d.log(f"stopping at step {step}: " + ("Ctrl-C" if interrupted else "--stop-after" if args.stop_after
-                                                      else "--time-limit"))
+            stop = "Ctrl-C" if interrupted else "--stop-after" if args.stop_after and step - step0 >= args.stop_after \
+                else "--time-limit" if args.time_limit and time.time() - t0 > 60 * args.time_limit else None
+            if stop:
+                d.log(f"stopping at step {step}: {stop}")
                 break
             # b) one optimizer step over all of this process's chunks
             loss, lr, gnorm = train_step(args, d, step, model, fwd_model, opt, streams, gens, bufs, ctx)
@@ -651,19 +652,23 @@ def train(args, d):
         checkpoint()
     if interrupted:
         StopOnInterrupt.exit(step, ckpt_path, args.overwrite)
+    result = {"objective": args.objective, "sft_steps": min(args.sft_steps, step), "steps": step,
+              "train_loss": float(np.mean(losses[-20:])) if losses else None, "val_loss": vals[-1]["val_loss"],
+              "val_curve": vals, "tokens_per_s": (step - step0) * args.batch_size * args.seq_len / max(train_seconds, 1e-9),
+              "train_seconds": train_seconds, "world": d.world}
+    if stop == "--stop-after":  # a pause: no export, no evaluation of a half-trained model
+        d.log(f"paused at step {step}: {ckpt_path} saved; {how_to_continue(args.overwrite)}")
+        return {**result, "seconds": time.time() - t_start, "losses": losses}
     # 5) finish: export in the Fast-dLLM v2 layout, complete held-out signatures, JSON line
     hf_dir, exported = export(args, d, raw, tok)
     samples = complete_signatures(args, exported, tok, val_text, ctx, d.device) \
         if d.master and args.samples and val_text else []
     solved = solve_held_out(args, exported, tok, ctx, d.device) \
         if d.master and args.data == "synthetic" and args.eval_problems else None
-    result = {"objective": args.objective, "sft_steps": min(args.sft_steps, step), "steps": step,
-              "train_loss": float(np.mean(losses[-20:])) if losses else None, "val_loss": vals[-1]["val_loss"],
-              "val_curve": vals, "tokens_per_s": (step - step0) * args.batch_size * args.seq_len / max(train_seconds, 1e-9),
-              "train_seconds": train_seconds, "seconds": time.time() - t_start, "world": d.world,
-              "samples": [{k: s[k] for k in ("nfe", "new_tokens")} for s in samples], "hf_dir": hf_dir,
-              **({"pass@1": solved["pass@1"], "nfe": solved["nfe"], "gen_tokens_per_s": solved["tokens_per_s"]}
-                 if solved else {})}
+    result.update({"seconds": time.time() - t_start, "hf_dir": hf_dir,
+                   "samples": [{k: s[k] for k in ("nfe", "new_tokens")} for s in samples],
+                   **({"pass@1": solved["pass@1"], "nfe": solved["nfe"], "gen_tokens_per_s": solved["tokens_per_s"]}
+                      if solved else {})})
     return {**result, "losses": losses}
 
 

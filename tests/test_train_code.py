@@ -101,7 +101,8 @@ def test_resume_reproduces_the_next_losses(tmp_path, objective, warm):
     common = ["--objective", objective, "--max-steps", "4", "--data-dir", str(tmp_path / "data"),
               "--sft-frac", str(warm)]
     straight = run_main(common + ["--out-dir", str(tmp_path / "a")])
-    run_main(common + ["--out-dir", str(tmp_path / "b"), "--stop-after", "2"])
+    paused = run_main(common + ["--out-dir", str(tmp_path / "b"), "--stop-after", "2"])
+    assert paused["steps"] == 2 and "hf_dir" not in paused and not (tmp_path / "b" / "hf").exists()  # a pause
     resumed = run_main(common + ["--out-dir", str(tmp_path / "b"), "--resume"])
     assert resumed["losses"] == straight["losses"][2:]
     a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=False)["model"]
