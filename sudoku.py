@@ -27,7 +27,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from runs import InputError, argparser, cached, check_out_file, written_whole, positive_int, run_cli, seed_int
+from runs import InputError, argparser, cached, check_out_file, positive_int, run_cli, seed_int, written_whole
 from sudoku_hard import HARD_SEEDS, HARD_VERSION, generate_hard
 from sudoku_solver import UNITS_NP, minimal_puzzle, puzzle_text, rate, rate_many
 

@@ -37,8 +37,7 @@ from checkpoint import config_diff, export_weights, load_checkpoint, load_model,
 from model import ModelConfig, Transformer, device_flag, pick_device, shape_problem
 from relay import OBJECTIVES, RolloutBuffer, mlm_loss, reveal_jittered_mass, rollout_loss
 from runs import (InputError, StopOnInterrupt, argparser, check_out_file, claim_out_dir, given_flags, how_to_continue,
-                  nonneg_float,
-                  nonneg_int, positive_float, positive_int, run_cli, seed_int, unit_float)
+                  nonneg_float, nonneg_int, positive_float, positive_int, run_cli, seed_int, unit_float)
 from sampler import sample_mdm
 
 PRESETS = {  # flag defaults per preset; "cpu" is what the add_argument defaults below already say
@@ -639,14 +638,20 @@ def main(argv=None):
     if warm and step > warm[1]:
         steady = args.batch_size * (step - warm[1]) / (time.time() - warm[0] - (t_off - warm[2]))
     trained = training_summary(args, step, losses, time.time() - t0 - t_off, steady, monitor)
+    return {**end_of_run(args, ema or model, test, ctx, step, t_start, trained, stop, ckpt_path), "losses": losses}
+
+
+def end_of_run(args, model, test, ctx, step, t_start, trained, stop, ckpt_path):
+    """After the loop (the checkpoint saved): a pause prints the training figures; a finished run, or one
+    out of time, is evaluated (finish), and Ctrl-C there loses only the evaluation."""
     if stop == "--stop-after":
         print(f"paused at step {step}: {ckpt_path} saved; {how_to_continue(args.overwrite)} (--eval-only "
               f"--checkpoint {ckpt_path} evaluates it)")
         print(json.dumps({**trained, "seconds": time.time() - t_start}))
-        return {**trained, "losses": list(losses)}
+        return trained
     try:
-        return {**finish(args, ema or model, test, ctx, step, t_start, trained), "losses": list(losses)}
-    except KeyboardInterrupt:  # the training is saved: only the evaluation is lost (run_cli prints this)
+        return finish(args, model, test, ctx, step, t_start, trained)
+    except KeyboardInterrupt:  # (run_cli prints this)
         raise KeyboardInterrupt(f"interrupted in the evaluation: {ckpt_path} (step {step}) is saved; --eval-only "
                                 f"--checkpoint {ckpt_path} evaluates it") from None
 
