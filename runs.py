@@ -225,8 +225,17 @@ def take_lock(lock):
                               f"no run uses it") from None
             import fcntl  # NOTE: POSIX; only here, where a dead run's lock is taken over
             guard = os.open(os.path.dirname(lock) or ".", os.O_RDONLY)  # the out-dir itself: no file left behind
-            try:
-                fcntl.flock(guard, fcntl.LOCK_EX)  # one taker at a time: none removes a lock just taken
+            try:  # one taker at a time, so none removes a lock just taken; a taker holds it for microseconds
+                for _ in range(100):
+                    try:
+                        fcntl.flock(guard, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        time.sleep(0.05)
+                else:
+                    raise Refused(f"{lock} is stale (pid {text} is dead), but something has held a lock on "
+                                  f"{os.path.dirname(lock) or '.'} for 5 s: delete {lock} if no run uses the "
+                                  "directory") from None
                 if read_lock(lock) == text:
                     os.remove(lock)
             finally:

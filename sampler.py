@@ -424,10 +424,17 @@ def generate(model, prompts, *, max_new_tokens=256, threshold=0.85, bd_size=None
         # 3) denoise the block, sub-block by sub-block (one NFE per step); the relay carry starts empty
         # in every block. A row that is not done has a masked position in this block (unless blocks
         # are one token, which the prefill or commit fills), so the first step has work; afterwards
-        # retire says whether any is left.
+        # retire says whether any is left. Every step reveals at least one position of each row with
+        # work, so bd_size steps always finish a block: more would mean a broken reveal rule, and an
+        # error beats an endless loop.
         st.h, left = None, bd_size > 1
-        while left:
+        for _ in range(bd_size):
+            if not left:
+                break
             left = denoise_step(model, st, q0, q1, relay_on)
+        if left:
+            raise RuntimeError(f"block {b} still has masked positions after {bd_size} denoising steps: "
+                               "the reveal rule revealed nothing in some step")
         # 4) commit it: cache its K/V and predict the first token of the next block
         if len(st.x) > 0:
             commit_block(model, st, q0, q1)

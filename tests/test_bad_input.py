@@ -399,6 +399,27 @@ def test_a_run_that_ends_releases_its_lock_and_another_users_process_is_alive(tm
     assert R.pid_alive(1)  # its lock is not stale
 
 
+def test_a_stale_lock_takeover_does_not_wait_for_ever_on_a_held_directory(tmp_path, monkeypatch):
+    """The takeover flocks the out-dir for microseconds; if something else holds that flock, the run
+    refuses with a clear error after a few seconds instead of hanging."""
+    import fcntl
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").write_text(f"999999999 {socket.gethostname()}\n")  # a dead pid: stale
+    held = os.open(out, os.O_RDONLY)
+    fcntl.flock(held, fcntl.LOCK_EX)  # another open file description: it conflicts even in this process
+    naps = []
+    monkeypatch.setattr(R.time, "sleep", naps.append)
+    try:
+        with pytest.raises(RuntimeError, match=r"is stale \(pid 999999999 .*held a lock on .* for 5 s"):
+            R.claim_out_dir(str(out), resume=False, overwrite=False)
+    finally:
+        os.close(held)
+    assert sum(naps) == pytest.approx(5.0)
+    assert sorted(os.listdir(out)) == [".lock"]  # the stale lock is still there, no temporary file
+    assert open(R.claim_out_dir(str(out), resume=False, overwrite=False)).read().split()[0] == str(os.getpid())
+
+
 def test_two_runs_taking_over_one_stale_lock_leave_one_owner(tmp_path, monkeypatch):
     """Run B finds a stale lock; before B removes it, run A takes it over. B must then see A's live lock and
     refuse, not remove it (both would run in one out-dir)."""

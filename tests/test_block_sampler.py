@@ -188,6 +188,20 @@ def test_stop_token_ends_a_row_and_rows_leave_the_batch(llm):
     assert out == generate(llm, PROMPTS, use_cache=False, **{**KW, "stop_ids": [stop]})[0]
 
 
+@pytest.mark.parametrize("broken", ["reveals nothing", "predicts MASK"])
+def test_a_reveal_rule_that_makes_no_progress_is_an_error_not_an_endless_loop(llm, monkeypatch, broken):
+    """A block of bd_size positions takes at most bd_size steps, each revealing at least one position
+    per row with work; a rule that breaks this must fail, not hang the caller (or the test suite)."""
+    real = sampler.reveal_block
+    if broken == "reveals nothing":
+        monkeypatch.setattr(sampler, "reveal_block", lambda logits, xb, todo, *a: (xb, real(logits, xb, todo, *a)[1]))
+    else:
+        monkeypatch.setattr(sampler, "predict", lambda logits, mask_id: (
+            torch.full(logits.shape[:-1], mask_id, device=logits.device), logits.softmax(-1).amax(-1)))
+    with pytest.raises(RuntimeError, match=r"block \d+ still has masked positions after 8 denoising steps"):
+        generate(llm, PROMPTS, **KW)
+
+
 def test_bad_arguments(llm):
     with pytest.raises(ValueError, match="mask token"):
         generate(llm, [[1, 63, 2]], **KW)
