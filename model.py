@@ -463,8 +463,6 @@ class Transformer(nn.Module):
         for emb in (self.embed_tokens, self.embed_pos):
             if emb is not None:
                 nn.init.normal_(emb.weight, std=cfg.embed_std)
-        if self.relay is not None:
-            self.relay.reset_parameters()  # LayerNorm init (weight 1 or 0), not the Linear init
 
     @staticmethod
     def _init(m):
@@ -475,8 +473,9 @@ class Transformer(nn.Module):
 
     def forward(self, idx, *, relay=None, pos=None, attn_mask=None, kv_cache=None, commit=False, out=None,
                 head=None, targets=None):
-        """idx (B, T) token ids; relay (B, T, D) carried state, or None = inject nothing (the first
-        step of a trajectory); pos (T,) or (B, T) positions (default: continue after the cache);
+        """idx (B, T) token ids; relay (B, T, D) carried state, or None = inject nothing (the LLM
+        sampler's first forward of a block; a Sudoku trajectory's first step passes zeros, which adds
+        the channel's bias); pos (T,) or (B, T) positions (default: continue after the cache);
         attn_mask bool (T, S) or (B, 1, T, S), True = may attend; default: block_mask for bd_size > 0,
         else full bidirectional. kv_cache: attend to its committed prefix too; commit=True appends
         this input's K/V to it. out: a slice of positions to return (the noisy half of [x_t ‖ x_0]).

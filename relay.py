@@ -29,7 +29,8 @@ OBJECTIVES = ("mlm", "rollout", "relay_sg", "relay")  # the four rows of Table 1
 def predict(logits, mask_id=None):
     """Greedy argmax and its probability under the softmax over the whole vocabulary, as the
     authors compute it -> (pred, conf), each logits.shape[:-1]. mask_id: never predict that token
-    (the sampler); its probability stays in the softmax, so conf is the number training uses."""
+    (the sampler); its probability stays in the softmax, so conf is the number training uses (except
+    where MASK is the argmax: training's conf is then p(MASK), the sampler's the best other token's)."""
     p = logits.float().softmax(-1)
     if mask_id is not None:
         p = p.index_fill(-1, torch.full((1,), mask_id, device=p.device), 0.0)  # no host copy: CUDA graphs
@@ -58,8 +59,8 @@ def reveal_jittered_mass(conf, masked, tau, gen, std=0.1):
 def reveal_threshold_blocks(conf, masked, threshold, bd_size):
     """The block-diffusion training rule: masked positions with conf > threshold, plus the most
     confident masked position of every bd_size-block that still has masks (every block advances).
-    conf, masked (B, T) with T a multiple of bd_size -> reveal (B, T) bool. (The sampler applies the
-    same rule per sub-block of the current block: sampler.reveal_block.)"""
+    conf, masked (B, T) with T a multiple of bd_size -> reveal (B, T) bool. (The sampler applies it
+    to the masked positions of the current sub-block only: sampler.reveal_block.)"""
     B, T = conf.shape
     reveal = masked & (conf > threshold)
     c = torch.where(masked, conf.float(), -1.0).view(B, T // bd_size, bd_size)

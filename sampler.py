@@ -37,7 +37,7 @@ import torch
 import sudoku
 from checkpoint import load_model, load_pretrained, save_pretrained
 from model import SHAPES, KVCache, StaticKVCache, block_mask, device_flag, pick_device, random_model, shift_right
-from relay import predict, reveal_confidence_mass
+from relay import predict, reveal_confidence_mass, reveal_threshold_blocks
 from runs import InputError, argparser, kernel_ms, nonneg_int, positive_int, run_cli, seed_int, unit_float
 from tokenizer import save_byte_tokenizer
 
@@ -187,8 +187,7 @@ def reveal_block(logits, xb, todo, threshold, sub_block, mask_id, stops):
     ar = torch.arange(bd, device=xb.device)[None]
     sub = todo.view(B, bd // sub_block, sub_block).any(-1).float().argmax(-1, keepdim=True)  # (B', 1)
     cand = todo & (ar // sub_block == sub)  # the masked positions of the current sub-block
-    best = torch.where(cand, conf, -1.0).argmax(-1, keepdim=True)  # a candidate whenever there is one
-    reveal = cand & ((conf > threshold) | (ar == best))
+    reveal = reveal_threshold_blocks(conf, cand, threshold, sub_block)  # training's rule, on those only
     is_stop = (pred[..., None] == stops).any(-1)  # not torch.isin: with many stops it sorts and syncs
     return torch.where(reveal, pred, xb), (reveal & is_stop).any(1)
 

@@ -85,7 +85,7 @@ def get_args(argv=None):
     p.add_argument("--stop-after", type=nonneg_int, default=0, help="pause after this many steps of this invocation: "
                    "a checkpoint, no evaluation; --resume continues (0 = run to --max-steps)")
     p.add_argument("--time-limit", type=nonneg_float, default=0.0,
-                   help="stop training after this many minutes (0 = no limit), then evaluate and save")
+                   help="stop training after this many minutes (0 = no limit), then save and evaluate")
     p.add_argument("--batch-size", type=positive_int, default=64, help="rows per step (= rollout buffer slots)")
     p.add_argument("--lr", type=positive_float, default=2e-3, help="AdamW learning rate after warmup (constant)")
     p.add_argument("--warmup", type=nonneg_int, default=50, help="linear warmup steps, then constant")
@@ -117,7 +117,7 @@ def get_args(argv=None):
     p.add_argument("--min-rating", type=nonneg_int, default=0,
                    help="with --data: train only on rows whose rating column is at least this (e.g. 10: the hard "
                         "part of a public set, RESULTS.md)")
-    p.add_argument("--n-train", type=positive_int, default=6000, help="generated training puzzles (before augmentation)")
+    p.add_argument("--n-train", type=positive_int, default=6000, help="generated training puzzles, at most (before augmentation; a short run makes only what it can use)")
     p.add_argument("--eval-size", type=positive_int, default=512, help="test puzzles")
     p.add_argument("--eval-batch", type=positive_int, default=256, help="puzzles per sampler batch (NFE batch depends on it)")
     p.add_argument("--eval-every", type=positive_int, default=500, help="steps between monitoring evals (128 test puzzles)")
@@ -179,7 +179,7 @@ def check_args(p, args, given):
 
 def load_train(args, n=None):
     """Training boards: a CSV (with --min-rating, its rows rated at least that; a rating of 0 means
-    unknown, so such rows go too), or n generated with the tiers mixed by --mix. The generator needs
+    unknown, so such rows are left out too), or n generated with the tiers mixed by --mix. The generator needs
     ~one base puzzle per 8 rows a run can consume; the symmetry group (~1e12 boards per puzzle)
     supplies the rest, so short runs only make what they need (n = None). Every tier is cached on
     its own in --data-dir and a later run, with any mix, takes a prefix of what is there."""
@@ -596,9 +596,7 @@ def main(argv=None):
     with StopOnInterrupt() as interrupted:  # Ctrl-C: stop at the next step, with a checkpoint
         while step < args.max_steps:
             # a budget of this invocation ends the loop with a checkpoint, so --resume continues exactly
-            stop = "Ctrl-C" if interrupted else "--time-limit" if args.time_limit and time.time() - t0 > \
-                60 * args.time_limit else "--stop-after" if args.stop_after and step - step0 >= args.stop_after else None
-            if stop:
+            if stop := stop_reason(args, interrupted, time.time() - t0, step - step0):
                 tqdm.write(f"stopping at step {step}: {stop}")
                 t_off += save()
                 break
@@ -682,6 +680,17 @@ def monitor_set(test, n=128):
     return {k: v[np.linspace(0, m - 1, min(m, n)).astype(int)] for k, v in test.items()}
 
 
+def stop_reason(args, interrupted, secs, steps):
+    """Why this invocation stops before --max-steps, after `secs` seconds and `steps` steps, or None."""
+    if interrupted:
+        return "Ctrl-C"
+    if args.time_limit and secs > 60 * args.time_limit:
+        return "--time-limit"
+    if args.stop_after and steps >= args.stop_after:
+        return "--stop-after"
+    return None
+
+
 def train_step(args, step, train_model, model, ema, opt, buf, stream, gen, ctx):
     """One optimizer step; returns (loss, fresh training rows it used), both 0-d tensors on the
     device: nothing here waits for the device, so a GPU runs step after step (read them rarely)."""
@@ -696,7 +705,7 @@ def train_step(args, step, train_model, model, ema, opt, buf, stream, gen, ctx):
             new_rows = torch.tensor(args.batch_size, device=x0.device)
         else:
             new_rows = buf.replace_finished(*stream(args.batch_size))  # the authors' way: draw B, keep what fits
-            # NOTE: as the authors train, a fresh threshold tau ~ max(0, N(0.15, 0.1)) at every rollout step
+            # NOTE: as the authors train, a fresh threshold tau ~ max(0, N(--train-tau, 0.1)) at every rollout step
             reveal = partial(reveal_jittered_mass, tau=args.train_tau, gen=gen)
             loss = rollout_loss(train_model, buf, args.K, args.objective, reveal)
     # 3) backward, clip, step
@@ -704,7 +713,8 @@ def train_step(args, step, train_model, model, ema, opt, buf, stream, gen, ctx):
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
     opt.step()
-    # 4) EMA of the weights, warmed so that short runs are not stuck near the initialisation
+    # 4) EMA of the weights, warmed so that short runs are not stuck near the initialisation: the decay
+    #    (2 + step) / (11 + step) reaches 0.99 at step 889 (RESULTS.md, Deviations)
     if ema is not None:
         d = min(args.ema, (2 + step) / (11 + step))
         with torch.no_grad():
