@@ -244,7 +244,8 @@ def read_config(path):
     tokenizer where config.json has none. No weight is read: a checkpoint can be checked before it is loaded."""
     if os.path.isfile(path):
         raise InputError(f"{path} is a file; expected a Fast-dLLM v2 / Qwen2 checkpoint directory (train_code.py "
-                         f"exports one as OUT_DIR/hf)")
+                         f"exports one as OUT_DIR/hf; a train_sudoku.py checkpoint is evaluated with "
+                         f"`train_sudoku.py --eval-only --checkpoint FILE`)")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file or directory")
     cfg_path = os.path.join(path, "config.json")

@@ -3,9 +3,11 @@ sampler.py — decoding only: the fixed-canvas sampler of the Sudoku model and t
 decoding of Fast-dLLM v2 (arXiv 2509.26328), both carrying the relay state between denoising
 forwards (arXiv 2605.22967; NOTES.md §1, §4, §6).
 
-    python sampler.py --checkpoint out/sudoku/ckpt.pt --n 64 --tau 0.15   # solve generated puzzles
     python sampler.py --random-init tiny --bench --bench-lengths 64 256   # tok/s per mode (~30 s on 2 cores)
     python sampler.py --checkpoint DIR --chat --prompt "Write a function that reverses a list."
+
+(The command line decodes LLMs; a Sudoku checkpoint is evaluated by `train_sudoku.py --eval-only`
+and solves one puzzle with `train_sudoku.py --solve`, both through sample_mdm.)
 
 - sample_mdm: a fixed-length canvas (Sudoku). Greedy argmax, the confidence-mass reveal rule, at most
   `max_steps` loop steps, then one final forward fills every cell still masked.
@@ -34,11 +36,10 @@ from dataclasses import dataclass
 
 import torch
 
-import sudoku
-from checkpoint import load_model, load_pretrained, save_pretrained
+from checkpoint import load_pretrained, save_pretrained
 from model import SHAPES, KVCache, StaticKVCache, block_mask, device_flag, pick_device, random_model, shift_right
 from relay import predict, reveal_confidence_mass, reveal_threshold_blocks
-from runs import InputError, argparser, kernel_ms, nonneg_int, positive_int, run_cli, seed_int, unit_float
+from runs import InputError, argparser, kernel_ms, positive_int, run_cli, seed_int, unit_float
 from tokenizer import save_byte_tokenizer
 
 
@@ -571,20 +572,9 @@ def bench(model, tok, args, gen_kw):
     return rows
 
 
-def solve_sudoku(args):
-    """--checkpoint FILE.pt: a train_sudoku.py checkpoint solves generated puzzles that need search."""
-    model, _ = load_model(args.checkpoint, args.device, kind="sudoku")  # a code model decodes from OUT_DIR/hf
-    data = sudoku.generate(args.seed + 12345, args.n, hard=True)
-    out, st = sample_mdm(model, torch.from_numpy(data["question"]).long().to(args.device), tau=args.tau,
-                         max_steps=args.max_steps, use_relay=not args.no_relay)
-    solved = (out.cpu().numpy() == data["answer"]).all(1)
-    print(json.dumps({"exact_match": float(solved.mean()), "nfe": float(st["nfe"].float().mean()),
-                      "nfe_batch": st["nfe_batch"], "seconds": st["seconds"]}))
-
-
 def get_args(argv=None):
     p = argparser(__doc__)
-    p.add_argument("--checkpoint", help="a Fast-dLLM v2 directory, or a train_sudoku.py checkpoint (.pt)")
+    p.add_argument("--checkpoint", help="a Fast-dLLM v2 / Qwen2 checkpoint directory (train_code.py: OUT_DIR/hf)")
     p.add_argument("--random-init", choices=list(SHAPES), help="random weights of this shape, byte tokenizer")
     p.add_argument("--prompt", help="text to continue (see --chat)")
     p.add_argument("--prompt-file", help="read the prompt from this file")
@@ -603,8 +593,7 @@ def get_args(argv=None):
     p.add_argument("--device", type=device_flag, default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="weights dtype; auto = bfloat16 on CUDA, float32 elsewhere")
-    p.add_argument("--seed", type=seed_int, default=0,
-                   help="random-init weights; Sudoku puzzles (decoding is greedy)")
+    p.add_argument("--seed", type=seed_int, default=0, help="random-init weights (decoding is greedy)")
     p.add_argument("--bench", action="store_true", help="static / cached / uncached decoding speed, JSON line last")
     p.add_argument("--bench-lengths", type=positive_int, nargs="+", default=[64, 256, 1024], help="--bench: new tokens")
     p.add_argument("--bench-prompts", type=positive_int, default=len(BENCH_PROMPTS),
@@ -617,9 +606,6 @@ def get_args(argv=None):
     p.add_argument("--bench-batch", type=positive_int, nargs="*", default=[8, 32],
                    help="--bench: static (or compiled) decoding of this many prompts at once (at the last length)")
     p.add_argument("--save", help="with --random-init: write the model and tokenizer as a checkpoint directory")
-    p.add_argument("--n", type=positive_int, default=64, help="Sudoku: generated puzzles that need search")
-    p.add_argument("--tau", type=unit_float, default=0.15, help="Sudoku: reveal threshold")
-    p.add_argument("--max-steps", type=nonneg_int, default=64, help="Sudoku: loop steps before the final fill")
     args = p.parse_args(argv)
     args.device = pick_device(args.device)
     if args.dtype == "auto":
@@ -635,11 +621,6 @@ def get_args(argv=None):
     if args.bd_size and args.sub_block and args.bd_size % args.sub_block:
         p.error(f"--bd-size {args.bd_size} is not a multiple of --sub-block {args.sub_block}")
     given = lambda *keys: [f"--{k.replace('_', '-')}" for k in keys if getattr(args, k) not in (None, False)]
-    llm_only = given("prompt", "prompt_file", "chat", "bench", "static", "compile", "save", "bd_size", "sub_block",
-                     "no_cache")
-    if args.checkpoint and os.path.isfile(args.checkpoint) and llm_only:  # a Sudoku .pt: solve_sudoku reads none
-        p.error(f"{' '.join(llm_only)}: for an LLM; {args.checkpoint} is a Sudoku checkpoint (--n, --tau, --max-steps, "
-                f"--no-relay)")
     if len(given("prompt", "prompt_file")) == 2:
         p.error("--prompt and --prompt-file: give one")
     if args.static and args.no_cache:
@@ -658,8 +639,6 @@ def get_args(argv=None):
 
 def main(argv=None):
     args, p = get_args(argv)
-    if args.checkpoint and os.path.isfile(args.checkpoint):
-        return solve_sudoku(args)
     dtype = getattr(torch, args.dtype)
     if args.random_init:
         model, tok = random_model(args.random_init, args.device, dtype, args.seed)

@@ -51,18 +51,18 @@ def _make(job):
 # data sets: dicts of numpy arrays {"question": (N,81) u8, "answer": (N,81) u8, "tier": (N,) i8,
 # "rating": (N,) i32}
 
-def generate(seed, n, hard=None, workers=None, desc="generating"):
-    """n puzzles from stream `seed`. hard=None: as they come; hard=True: tier 1 only; hard=False:
-    tier 0 only (the filter scans the stream in order, so results stay deterministic)."""
+def generate(seed, n, search=None, workers=None, desc="generating"):
+    """n puzzles from stream `seed`. search=None: as they come; search=True: tier 1 only (needs
+    search); search=False: tier 0 only (the filter scans the stream in order, so results stay deterministic)."""
     workers = workers or min(os.cpu_count() or 1, 8)
     out, i = [], 0
     bar = tqdm(total=n, desc=desc, unit="puzzle", leave=False)
     with mp.get_context("fork" if hasattr(os, "fork") else "spawn").Pool(workers) as pool:
         while len(out) < n:
-            chunk = max(workers * 4, 2 * (n - len(out)) if hard is not None else n - len(out))
+            chunk = max(workers * 4, 2 * (n - len(out)) if search is not None else n - len(out))
             for q, a, tier, rating in pool.imap(_make, [(seed, j) for j in range(i, i + chunk)],
                                                 chunksize=4):
-                if hard is None or (tier == 1) == hard:
+                if search is None or (tier == 1) == search:
                     out.append((q, a, tier, rating))
                     bar.update(1)
                     if len(out) == n:
@@ -80,7 +80,7 @@ def generate_tier(tier, seed, n, workers=None, family="train"):
     from HARD_SEEDS[family])."""
     if tier == 2:
         return generate_hard(seed, n, family, workers)
-    return generate(seed, n, hard=tier == 1, workers=workers, desc=f"tier {tier} puzzles")
+    return generate(seed, n, search=tier == 1, workers=workers, desc=f"tier {tier} puzzles")
 
 
 # Tiered sets mix the tiers as Sudoku-Extreme mixes ratings. Every tier of every set is a stream of

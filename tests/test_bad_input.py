@@ -64,11 +64,9 @@ TRAIN_CODE_BAD = [
     (["--bpe-merges", "64", "--init-from", "D"], "a checkpoint brings its own tokenizer"),
 ]
 SAMPLER_BAD = [
-    (["--tau", "nan"], "argument --tau"), (["--tau", "-0.5"], "argument --tau"),
     (["--threshold", "2"], "argument --threshold"), (["--max-new-tokens", "0"], "argument --max-new-tokens"),
     (["--bd-size", "0"], "argument --bd-size"), (["--sub-block", "0"], "argument --sub-block"),
     (["--seed", "-1"], "argument --seed"), (["--bench-lengths", "64", "0"], "argument --bench-lengths"),
-    (["--n", "0"], "argument --n"), (["--max-steps", "-1"], "argument --max-steps"),
     (["--bd-size", "12", "--sub-block", "8"], "--bd-size 12 is not a multiple of --sub-block 8"),
     (["--bench", "--bench-prompts", "9"], "--bench-prompts 9: there are 3 prompts"),
     (["--compile"], "--compile compiles the static cache's block forward: give --static"),
@@ -135,15 +133,6 @@ def test_train_sudoku_flags(capsys, argv, msg):
 @pytest.mark.parametrize("argv,msg", SAMPLER_BAD)
 def test_sampler_flags(capsys, argv, msg):
     assert msg in usage_error(capsys, sampler.get_args, ["--random-init", "tiny", *argv])
-
-
-def test_sampler_refuses_llm_flags_with_a_sudoku_checkpoint(capsys, tmp_path):
-    ck = tmp_path / "sudoku.pt"
-    ck.write_bytes(b"x")  # only its being a file counts here
-    err = usage_error(capsys, sampler.get_args, ["--checkpoint", str(ck), "--prompt", "hi", "--static"])
-    assert "--prompt --static: for an LLM" in err
-    assert "--bd-size: for an LLM" in usage_error(capsys, sampler.get_args, ["--checkpoint", str(ck), "--bd-size", "4"])
-    assert sampler.get_args(["--checkpoint", str(ck), "--no-relay"])[0].no_relay  # the Sudoku relay ablation
 
 
 def test_a_prompt_file_is_read_as_written(capsys, tmp_path):
@@ -516,10 +505,12 @@ def code_checkpoint(path, kind=True):
 
 
 @pytest.mark.parametrize("kind", [True, False])  # recorded, or inferred from an older file's bd_size
-def test_the_sudoku_sampler_refuses_a_code_checkpoint(tmp_path, kind):
+def test_a_sudoku_evaluation_refuses_a_code_checkpoint(tmp_path, kind):
     code_checkpoint(tmp_path / "ckpt.pt", kind)
     with pytest.raises(ValueError, match="holds a code model \\(train_code.py\\), not a sudoku model"):
-        sampler.main(["--checkpoint", str(tmp_path / "ckpt.pt"), "--device", "cpu", "--n", "1"])
+        load_model(str(tmp_path / "ckpt.pt"), kind="sudoku")
+    with pytest.raises(ValueError, match="ckpt.pt is a file; .*train_sudoku.py --eval-only"):
+        sampler.main(["--checkpoint", str(tmp_path / "ckpt.pt"), "--device", "cpu", "--prompt", "x"])
     with pytest.raises(ValueError, match="ckpt.pt is a file; expected a Fast-dLLM v2 / Qwen2 checkpoint directory"):
         from_pretrained(str(tmp_path / "ckpt.pt"))  # what eval_code.py and sampler.py --chat read
 

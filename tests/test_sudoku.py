@@ -31,8 +31,8 @@ def test_generator_unique_valid_deterministic():
 
 
 def test_generate_filter_and_tiers():
-    hard = sudoku.generate(3, 4, hard=True, workers=1)
-    easy = sudoku.generate(3, 4, hard=False, workers=1)
+    hard = sudoku.generate(3, 4, search=True, workers=1)
+    easy = sudoku.generate(3, 4, search=False, workers=1)
     assert (hard["tier"] == 1).all() and (easy["tier"] == 0).all()
     for q in hard["question"]:  # singles alone get stuck: search is needed
         c = sudoku_solver._cands(q)
@@ -354,7 +354,7 @@ def test_hard_tier_is_harder_than_the_search_tier():
     # one island with the real settings (a tiny search only tests the plumbing). Minimal puzzles that need search
     # rate median 2 (p90 5); the hard tier must be well clear of that in a fresh symmetry.
     hard = sudoku_hard.hard_island(0, 0, 12)  # a rich seed emits ~30 a round
-    search = sudoku.generate(0, 200, hard=True)
+    search = sudoku.generate(0, 200, search=True)
     assert np.median(hard["rating"]) >= 10 * np.median(search["rating"])
     assert hard["rating"].mean() >= 10 * search["rating"].mean()
 
