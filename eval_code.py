@@ -21,7 +21,6 @@ import builtins
 import gzip
 import json
 import keyword
-import math
 import os
 import re
 import sys
@@ -36,7 +35,7 @@ from code_tasks import TEST_ONLY, make_problems
 from model import SHAPES, device_flag, pick_device, random_model
 from runs import (InputError, argparser, check_out_file, nonneg_int, positive_float, positive_int, run_cli, unit_float,
                   unit_floats, written_whole)
-from sampler import SUB_BLOCK, check_generate_args, generate
+from sampler import block_sizes, check_generate_args, generate
 from sandbox import run_sandboxed, self_check
 from tokenizer import QWEN_SYSTEM
 
@@ -240,15 +239,15 @@ def plot_sweep(runs, path):
 def check_model(model, tok, problems, args, name, p):
     """Every prompt through generate()'s checks (length limit, mask token), and the sub-block against the
     model's block, before any decoding: a bad problem or flag is named before an hour of work, not after it."""
-    if args.sub_block and (args.bd_size or model.cfg.bd_size) % args.sub_block:
-        p.error(f"--sub-block {args.sub_block} does not divide {name}'s block size {model.cfg.bd_size}")
+    bd, sub = block_sizes(model, args.bd_size, args.sub_block)
+    if bd % sub:
+        p.error(f"--sub-block {sub} does not divide {name}'s block size {bd}")
     if not tok.stop_ids:
         raise InputError(f"{name}: the tokenizer has neither <|im_end|> nor <|endoftext|>: no completion would end")
-    bd = args.bd_size or model.cfg.bd_size
     for pr in problems:
         ids = tok.encode(pr["prompt"] if args.base else chat_prompt(tok, pr, args.system or None))
         try:
-            check_generate_args(model, [ids], args.max_new_tokens, bd, args.sub_block or math.gcd(SUB_BLOCK, bd))
+            check_generate_args(model, [ids], args.max_new_tokens, bd, sub)
         except InputError as e:
             raise InputError(f"{name}, problem {pr['task_id']}: {e}") from None
 

@@ -472,15 +472,15 @@ class Transformer(nn.Module):
             nn.init.zeros_(m.bias)
 
     def forward(self, idx, *, relay=None, pos=None, attn_mask=None, kv_cache=None, commit=False, out=None,
-                head=None, targets=None):
+                read_at=None, targets=None):
         """idx (B, T) token ids; relay (B, T, D) carried state, or None = inject nothing (the LLM
         sampler's first forward of a block; a Sudoku trajectory's first step passes zeros, which adds
         the channel's bias); pos (T,) or (B, T) positions (default: continue after the cache);
         attn_mask bool (T, S) or (B, 1, T, S), True = may attend; default: block_mask for bd_size > 0,
         else full bidirectional. kv_cache: attend to its committed prefix too; commit=True appends
         this input's K/V to it. out: a slice of positions to return (the noisy half of [x_t ‖ x_0]).
-        head: (rows, cols) index tensors -> logits (N, V) at those positions only (a loss needs a
-        few, and a 152k vocabulary makes full logits the largest tensor). targets (N,) with head: instead
+        read_at: (rows, cols) index tensors -> logits (N, V) at those positions only (a loss needs a
+        few, and a 152k vocabulary makes full logits the largest tensor). targets (N,) with read_at: instead
         of logits, (per-row CE (N,), the argmax's probability (N,)) from HeadCE, chunk by chunk.
         Returns logits (B, T, V) or (N, V) (or that pair), and h_out (B, T, D)."""
         B, T = idx.shape
@@ -488,7 +488,7 @@ class Transformer(nn.Module):
         bd = self.cfg.bd_size
         if pos is None:
             pos = torch.arange(P, P + T, device=idx.device)
-        one_block = T <= bd and P % bd == 0 and (P + T - 1) // bd == P // bd  # then the mask is all True
+        one_block = T <= bd and P % bd == 0  # the input is one block (or part of one): the mask is all True
         if attn_mask is None and bd and not one_block:
             attn_mask = block_mask(P + T, bd, q0=P, device=idx.device)
         x = self.embed_tokens(idx)  # (B, T, D)
@@ -510,9 +510,9 @@ class Transformer(nn.Module):
             x = x[:, out]
         hn = self.norm(x)
         h_out = hn if self.cfg.relay_after_norm else x  # what the relay hands to the next step
-        z = hn if head is None else hn[head]
+        z = hn if read_at is None else hn[read_at]
         W = self.lm_head.weight if self.lm_head is not None else self.embed_tokens.weight  # (V, D)
-        if targets is not None:
+        if targets is not None:  # the loss inside forward: DDP/FSDP/compile wrappers see it, and no (N, V) exists
             return HeadCE.apply(z, W, targets, HEAD_CHUNK), h_out
         return (self.lm_head(z) if self.lm_head is not None else z @ W.T), h_out
 
@@ -569,7 +569,7 @@ def forward_doubled(model, xt, x0, masked, relay=None, targets=None):
     src = shift_right(pos[None])[0]  # (L,): token j is read from position src[j]
     mask = block_mask(L, unwrap(model).cfg.bd_size, doubled=True, device=xt.device)  # (2L, 2L)
     logits, h = model(torch.cat([xt, x0], 1), pos=pos.repeat(2), attn_mask=mask, relay=relay,
-                      out=slice(0, L), head=(rows, src[cols]), targets=targets)  # (N, V), (B, L, D)
+                      out=slice(0, L), read_at=(rows, src[cols]), targets=targets)  # (N, V), (B, L, D)
     return logits, shift_right(h)
 
 

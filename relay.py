@@ -142,9 +142,11 @@ def sft_loss(model, x0, fixed, gen):
 
 class RolloutBuffer:
     """A persistent set of `capacity` trajectories. Per slot: clean target x0, current canvas x,
-    fixed mask (clues/prompt), relay state h (fp32, detached) and implicitly "finished" (no free
+    fixed mask (clues/prompt), relay state h (fp32, detached; what the next forward reads, so for the
+    LLM already indexed by token: forward_doubled shifts it) and implicitly "finished" (no free
     position is masked any more). Every slot walks its whole unmasking trajectory across optimizer
-    steps, so training sees early (all masked) and late (almost solved) canvases alike."""
+    steps, so training sees early (all masked) and late (almost solved) canvases alike. D = 0 keeps
+    no relay state (the rollout objective: an empty h)."""
 
     def __init__(self, capacity, T, D, mask_id, device):
         self.mask_id = mask_id
@@ -184,6 +186,8 @@ class RolloutBuffer:
 
     def load_state_dict(self, sd):
         for k, v in sd.items():
+            if k == "h" and self.h.numel() == 0:  # no relay: older checkpoints stored unused zeros
+                continue
             if v.shape != getattr(self, k).shape:
                 raise ValueError(f"rollout buffer {k}: checkpoint has {tuple(v.shape)}, "
                                  f"this run expects {tuple(getattr(self, k).shape)}")
@@ -200,10 +204,10 @@ def rollout_loss(model, buf, K, objective, reveal, doubled=False):
     follows the model's order but never its mistakes). doubled: the block-diffusion LLM's
     [x_t ‖ x_0] layout with x_t = the buffer's canvas (model.forward_doubled); else model(x, relay=h)."""
     assert objective in ("rollout", "relay_sg", "relay"), objective
-    use_relay = objective != "rollout"
+    carry_h = objective != "rollout"
     w = used_width(buf.fixed, unwrap(model).cfg.bd_size) if doubled else buf.x.shape[1]  # LLM rows: cut padding
     x, x0, free = buf.x[:, :w].clone(), buf.x0[:, :w], ~buf.fixed[:, :w]
-    h = buf.h[:, :w].clone() if use_relay else None  # detached: the truncation of BPTT between optimizer steps
+    h = buf.h[:, :w].clone() if carry_h else None  # detached: the truncation of BPTT between optimizer steps
     loss = 0.0
     for _ in range(K):
         # 1) forward on the current canvas, with the relay state of the previous step
@@ -222,10 +226,10 @@ def rollout_loss(model, buf, K, objective, reveal, doubled=False):
         with torch.no_grad():
             x = torch.where(reveal(conf, masked), x0, x)
         # 4) hand h to the next step: relay keeps the graph (BPTT), relay_sg cuts it
-        if use_relay:
+        if carry_h:
             h = h_out if objective == "relay" else h_out.detach()
     # 5) write back: the next optimizer step continues these trajectories, detached
     buf.x[:, :w] = x
-    if use_relay:
+    if carry_h:
         buf.h[:, :w] = h.detach().float()
     return loss

@@ -106,7 +106,8 @@ class Decode:
     nfe_ref: torch.Tensor  # (B',) the reference's count: nfe up to the denoising step that reveals a stop
     ref_done: torch.Tensor  # (B',) bool: a denoising step has revealed a stop token (the reference stops there)
     done: torch.Tensor  # (B',) bool: finished and written out; decodes nothing more while it waits to leave
-    h: torch.Tensor = None  # (B', bd_size, D) relay state of the block's last denoising forward
+    h: torch.Tensor = None  # (B', bd_size, D) the block's last denoising forward's relay state, by position
+    #                         (block_step shifts it to be by token, as the forward reads it)
     cache: KVCache = None  # committed blocks' keys/values; None = the uncached oracle
     bd_size: int = 32
     rule: object = None  # reveal_block(logits, xb, todo) with this call's threshold, sub-block and stops
@@ -130,6 +131,13 @@ class Decode:
         self.blk = None
         if self.cache is not None:
             self.cache.keep(rows)
+
+
+def block_sizes(model, bd_size=None, sub_block=None):
+    """The block and sub-block sizes of a decode: the block defaults to the model's, the sub-block to
+    gcd(8, block), Fast-dLLM v2's 8 when 8 divides the block. -> (bd_size, sub_block)"""
+    bd_size = bd_size or model.cfg.bd_size
+    return bd_size, sub_block or math.gcd(SUB_BLOCK, bd_size)
 
 
 def check_generate_args(model, prompts, max_new_tokens, bd_size, sub_block):
@@ -218,7 +226,7 @@ def block_forward(model, st, q0, q1, relay=None, commit=False):
                           kv_cache=st.cache)
         st.cache.advance(q1 - q0)
         return logits, h
-    one_block = q1 - k0 <= st.bd_size == model.cfg.bd_size  # the model's own default mask is all True
+    one_block = (q1 - k0 <= st.bd_size) and st.bd_size == model.cfg.bd_size  # the model's default mask: all True
     m = None if one_block else block_mask(q1, st.bd_size, q0=k0, device=st.x.device)  # (q1 - k0, q1)
     if st.padded:  # padding is seen by no real token (pads see everything, so no row is empty)
         m = (True if m is None else m) & (st.valid[:, None, None, :q1] | ~st.valid[:, None, k0:q1, None])
@@ -389,8 +397,7 @@ def generate(model, prompts, *, max_new_tokens=256, threshold=0.85, bd_size=None
     to the model's; sub_block to gcd(8, bd_size): Fast-dLLM v2's 8 when 8 divides the block."""
     t0 = time.time()
     dev = next(model.parameters()).device
-    bd_size = bd_size or model.cfg.bd_size  # one name for the block size, everywhere
-    sub_block = sub_block or math.gcd(SUB_BLOCK, bd_size)
+    bd_size, sub_block = block_sizes(model, bd_size, sub_block)  # one name for the block size, everywhere
     # 1) argument checks, and the batch layout: rows left-padded so generation starts in block G
     check_generate_args(model, prompts, max_new_tokens, bd_size, sub_block)
     st, G = left_pad(prompts, max_new_tokens, bd_size, model.cfg.mask_id, pad_id, dev)
@@ -651,10 +658,11 @@ def main(argv=None):
             return
     else:
         model, tok = load_pretrained(args.checkpoint, device=args.device, dtype=dtype)
-    if args.sub_block and (args.bd_size or model.cfg.bd_size) % args.sub_block:
-        p.error(f"--sub-block {args.sub_block} does not divide the block size {args.bd_size or model.cfg.bd_size}")
+    if (bs := block_sizes(model, args.bd_size, args.sub_block))[0] % bs[1]:
+        p.error(f"--sub-block {args.sub_block} does not divide the block size {bs[0]}")
     gen_kw = dict(threshold=args.threshold, bd_size=args.bd_size, sub_block=args.sub_block, stop_ids=tok.stop_ids,
-                  use_relay=not args.no_relay, pad_id=tok.stop_ids[-1] if tok.stop_ids else 0)
+                  use_relay=not args.no_relay,  # any pad id works: no real token attends to padding
+                  pad_id=tok.stop_ids[-1] if tok.stop_ids else 0)
     print(f"model: {model.num_params() / 1e6:.1f}M parameters, bd_size {model.cfg.bd_size}, relay "
           f"{model.relay is not None}, {args.device} {args.dtype}", file=sys.stderr)
     if args.bench:

@@ -387,7 +387,7 @@ def resume(args, d, path, raw, opt, streams, gens, bufs):
     if args.max_steps < ck["step"]:
         raise InputError(f"--max-steps {args.max_steps}: {path} is at step {ck['step']} already")
     theirs = ck["args"].get("sft_steps", args.sft_steps)
-    if ck["step"] >= theirs != args.sft_steps:  # a warm start that has ended stays ended
+    if ck["step"] >= theirs and theirs != args.sft_steps:  # a warm start that has ended stays ended
         d.log(f"sft warm start: ended at step {theirs} of this run, which stays (--max-steps {args.max_steps} x "
               f"--sft-frac {args.sft_frac:g} would move it to {args.sft_steps})")
         args.sft_steps = theirs
@@ -577,7 +577,8 @@ def chunk_states(args, d, chunks, train_data, val_data, cfg, tok):
     val_rows = Rows(val_data, args.seq_len, args.seed, 10 ** 6, pad_id, d.device)
     gens = [torch.Generator(device=d.device).manual_seed(args.seed * 1000 + c) for c in chunks]
     n_bufs = (len(chunks) if args.buffers == "chunk" else 1) if args.objective != "sft" else 0
-    bufs = [RolloutBuffer(args.micro_batch, args.seq_len, cfg.n_embd, cfg.mask_id, d.device) for _ in range(n_bufs)]
+    D = cfg.n_embd if cfg.relay else 0  # the rollout objective carries no relay state
+    bufs = [RolloutBuffer(args.micro_batch, args.seq_len, D, cfg.mask_id, d.device) for _ in range(n_bufs)]
     return streams, val_rows, gens, bufs
 
 

@@ -324,7 +324,7 @@ def check_resume(ck, path, args):
 def resume(ck, path, args, model, ema, opt, buf, stream, gen):
     """Restore training_state() `ck` (loaded from `path`, check_resume'd) into the live objects; returns the step."""
     theirs = lambda k: ck["args"].get(k, getattr(args, k))
-    if ck["step"] >= theirs("mlm_steps") != args.mlm_steps:  # a warm start that has ended stays ended
+    if ck["step"] >= theirs("mlm_steps") and theirs("mlm_steps") != args.mlm_steps:  # an ended warm start stays ended
         print(f"MLM warm start: ended at step {theirs('mlm_steps')} of this run, which stays (--max-steps "
               f"{args.max_steps} x --mlm-frac {args.mlm_frac:g} would move it to {args.mlm_steps})")
         args.mlm_steps = theirs("mlm_steps")
@@ -380,7 +380,7 @@ def evaluate(model, test, tau, batch, ctx, desc="eval"):
     exact = (out == a).all(1)
     tok = ((out == a) & blank).sum(1) / blank.sum(1)
     legal = sudoku_solver.is_legal(out)
-    res = {"tau": tau, "exact_match": exact.mean(), "token_acc": tok.mean(), "nfe": nfe.mean(),
+    res = {"tau": tau, "n": len(q), "exact_match": exact.mean(), "token_acc": tok.mean(), "nfe": nfe.mean(),
            "nfe_batch": float(np.mean(nfe_batch)), "legal_rate": legal.mean(),
            "puzzles_per_s": len(q) / max(secs, 1e-9)}
     for name, m in groups(test).items():
@@ -405,13 +405,16 @@ def jsonable(d):
 
 
 def print_table(results):
-    print(f"{'tau':>5} {'tier':>8} {'n':>5} {'exact':>7} {'token':>7} {'legal':>7} {'NFE':>6}")
+    """NFE/puz: the mean of each puzzle's own forwards; NFE batch: the authors' count (the paper's NFE,
+    per sampler batch: its slowest puzzle + 1), for all puzzles."""
+    print(f"{'tau':>5} {'tier':>8} {'n':>5} {'exact':>7} {'token':>7} {'legal':>7} {'NFE/puz':>8} {'NFE batch':>9}")
     for r in results:
         for name in ("all", "singles", "search", "hard", "rating40"):
             s = r if name == "all" else r.get(name)
             if s:
-                print(f"{r['tau']:>5.2f} {name:>8} {s.get('n', ''):>5} "
-                      f"{s['exact_match']:>7.1%} {s['token_acc']:>7.1%} {s['legal_rate']:>7.1%} {s['nfe']:>6.1f}")
+                batch = f"{r['nfe_batch']:>9.1f}" if name == "all" else ""
+                print(f"{r['tau']:>5.2f} {name:>8} {s.get('n', ''):>5} {s['exact_match']:>7.1%} "
+                      f"{s['token_acc']:>7.1%} {s['legal_rate']:>7.1%} {s['nfe']:>8.1f} {batch}".rstrip())
 
 
 def plot_curves(curves, path, title):
@@ -439,7 +442,7 @@ def training_summary(args, step, losses, train_seconds, steady, monitor):
     """A run's training figures for its JSON line. steady: training rows/s after the first LOG_EVERY steps
     (no compilation or warm-up in it)."""
     return {"objective": args.objective, "mlm_steps": min(args.mlm_steps, step), "steps": step,
-            "train_loss": float(np.mean(losses[-50:])) if len(losses) else None,
+            "train_loss": float(np.mean(losses[-LOG_EVERY:])) if len(losses) else None,
             "train_rows_per_s": args.batch_size * len(losses) / max(train_seconds, 1e-9),
             "train_seconds": train_seconds, "train_rows_per_s_steady": steady, "monitor": list(monitor)}
 
@@ -543,7 +546,7 @@ def training_objects(args, train):
     opt = torch.optim.AdamW(model.param_groups(args.weight_decay), lr=args.lr, fused=args.device.startswith("cuda"))
     stream = Stream(train, args.seed, args.device)
     gen = torch.Generator(device=args.device).manual_seed(args.seed)  # tau jitter and MLM noise
-    buf = RolloutBuffer(args.batch_size, 81, model.cfg.n_embd, model.cfg.mask_id, args.device)
+    buf = RolloutBuffer(args.batch_size, 81, model.cfg.n_embd if model.cfg.relay else 0, model.cfg.mask_id, args.device)
     return model, ema, opt, stream, gen, buf
 
 
@@ -620,7 +623,7 @@ def main(argv=None):
                 t_off += time.time() - t1
                 monitor.append({"step": step, "exact_match": r["exact_match"], "token_acc": r["token_acc"],
                                 "nfe": r["nfe"], "seconds": time.time() - t0})
-                tqdm.write(f"step {step}: loss {np.mean(losses[-50:]):.4f}, monitor exact {r['exact_match']:.1%} "
+                tqdm.write(f"step {step}: loss {np.mean(losses[-LOG_EVERY:]):.4f}, monitor exact {r['exact_match']:.1%} "
                            f"token {r['token_acc']:.1%} NFE {r['nfe']:.1f}, "
                            f"{seen / (time.time() - t0 - t_off):.0f} new puzzles/s")
             # b) checkpoint (atomic); its seconds, like the monitor's, are not training time

@@ -145,6 +145,17 @@ def test_a_prompt_file_is_read_as_written(capsys, tmp_path):
     assert counts[0] == counts[1] == len(b"def f():\r\n    return 1\r\n")  # byte tokenizer: one token a byte
 
 
+def test_a_sub_block_that_does_not_divide_the_models_block_is_a_usage_error(capsys, tmp_path):
+    """Known only once the model is loaded (tiny: blocks of 32), and named before any decoding."""
+    err = usage_error(capsys, sampler.main, ["--random-init", "tiny", "--sub-block", "12", "--prompt", "x"])
+    assert "--sub-block 12 does not divide the block size 32" in err
+    (tmp_path / "p.jsonl").write_text(json.dumps({"task_id": 1, "prompt": "def f():\n", "entry_point": "f",
+                                                  "test": "x"}) + "\n")
+    err = usage_error(capsys, eval_code.main, ["--random-init", "tiny", "--problems", str(tmp_path / "p.jsonl"),
+                                               "--out", str(tmp_path / "s.jsonl"), "--sub-block", "12"])
+    assert "--sub-block 12 does not divide" in err and "block size 32" in err and not (tmp_path / "s.jsonl").exists()
+
+
 def test_eval_code_never_writes_over_its_input_nor_loses_an_earlier_output(capsys, tmp_path):
     (tmp_path / "p.jsonl").write_text(json.dumps({"task_id": 1, "prompt": "def f():\n", "entry_point": "f",
                                                   "test": "x"}) + "\n")

@@ -1,5 +1,6 @@
 import dataclasses
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -119,6 +120,23 @@ def test_replace_finished_takes_the_row_of_its_own_slot(tiny_cfg):
     assert (buf.x[1] == torch.where(nfixed[1], nx0[1], 0)).all() and (buf.h[1] == 0).all()
     for k, v in before.items():
         assert (getattr(buf, k)[[0, 2]] == v[[0, 2]]).all(), k
+
+
+def test_the_rollout_objective_keeps_no_relay_state(tiny_cfg):
+    """D = 0: an empty h, nothing in the checkpoint; a buffer saved with unused zeros (older runs)
+    still loads, while a real mismatch still fails."""
+    m = Transformer(dataclasses.replace(tiny_cfg, relay=False))
+    buf = RolloutBuffer(3, 81, 0, 0, "cpu")
+    buf.refill(lambda n: rows(n))
+    buf.replace_finished(*rows(3, seed=1))
+    rollout_loss(m, buf, 2, "rollout", REVEAL).backward()
+    assert buf.h.numel() == 0 and buf.state_dict()["h"].numel() == 0
+    older = RolloutBuffer(3, 81, 32, 0, "cpu")
+    older.refill(lambda n: rows(n, seed=3))
+    buf.load_state_dict(older.state_dict())
+    assert (buf.x == older.x).all() and buf.h.numel() == 0
+    with pytest.raises(ValueError, match="rollout buffer x0: checkpoint has \\(2, 81\\), this run expects \\(3, 81\\)"):
+        buf.load_state_dict(RolloutBuffer(2, 81, 32, 0, "cpu").state_dict())
 
 
 def test_mlm_loss_never_masks_fixed_positions(tiny_cfg):
