@@ -537,7 +537,7 @@ def plot_solve(q, board, when, path, title):
 
 def training_objects(args, train):
     """What a training step works on: the model, its EMA copy (the evaluated weights), the optimizer,
-    the stream of training rows, the generator of noise and tau jitter, the rollout buffer."""
+    the rollout buffer, the stream of training rows, the generator of noise and tau jitter."""
     model = build_model(args)
     ema = None
     if args.ema > 0:
@@ -547,7 +547,7 @@ def training_objects(args, train):
     stream = Stream(train, args.seed, args.device)
     gen = torch.Generator(device=args.device).manual_seed(args.seed)  # tau jitter and MLM noise
     buf = RolloutBuffer(args.batch_size, 81, model.cfg.n_embd if model.cfg.relay else 0, model.cfg.mask_id, args.device)
-    return model, ema, opt, stream, gen, buf
+    return model, ema, opt, buf, stream, gen
 
 
 def main(argv=None):
@@ -575,7 +575,7 @@ def main(argv=None):
         check_resume(ck, ckpt_path, args)
     train, test = training_data(args, ck, ckpt_path)
     # 3) model, its EMA copy (the evaluated weights), optimizer, data stream, noise, rollout buffer
-    model, ema, opt, stream, gen, buf = training_objects(args, train)
+    model, ema, opt, buf, stream, gen = training_objects(args, train)
     print(f"model: {model.num_params() / 1e6:.2f}M parameters, objective {args.objective}, K={args.K}, "
           f"device {args.device}, {args.dtype}")
     # 4) resume: model, EMA, optimizer, buffer, data position and every RNG; or fine-tune from --init-from

@@ -72,7 +72,7 @@ out["generator_processes"] = min(os.cpu_count() or 1, 8)  # generate()'s default
 for obj in args.objectives:  # the trainer's own step (loss, clip, AdamW, EMA), so this is what a run gets
     a = ts.get_args([*rest, "--objective", obj, "--mlm-frac", "0"])
     ctx = torch.autocast(a.device.split(":")[0], dtype=torch.bfloat16) if a.dtype == "bfloat16" else nullcontext()
-    model, ema, opt, stream, gen, buf = ts.training_objects(a, gen_data)
+    model, ema, opt, buf, stream, gen = ts.training_objects(a, gen_data)
     train_model = torch.compile(model, mode=a.compile) if a.compile else model
     for i in range(args.warmup_steps + args.steps):
         if i == args.warmup_steps:

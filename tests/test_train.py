@@ -314,7 +314,7 @@ def test_one_training_step_moves_the_ema_towards_the_model(tmp_path, data_dir):
     args = train_sudoku.get_args([*TINY, "--device", "cpu", "--data-dir", data_dir, "--max-steps", "2",
                                   "--objective", "relay", "--ema", "0.9"])
     torch.manual_seed(0)
-    model, ema, opt, stream, gen, buf = train_sudoku.training_objects(args, train_sudoku.load_train(args))
+    model, ema, opt, buf, stream, gen = train_sudoku.training_objects(args, train_sudoku.load_train(args))
     before = [p.detach().clone() for p in ema.parameters()]
     step = 50
     train_sudoku.train_step(args, step, model, model, ema, opt, buf, stream, gen, train_sudoku.nullcontext())
@@ -328,7 +328,7 @@ def test_the_training_threshold_is_drawn_at_every_rollout_step(tmp_path, data_di
     optimizer step."""
     args = train_sudoku.get_args([*TINY, "--device", "cpu", "--data-dir", data_dir, "--max-steps", "2",
                                   "--objective", "relay", "--K", "3", "--train-tau", "0.5"])  # no clamp at 0
-    model, ema, opt, stream, gen, buf = train_sudoku.training_objects(args, train_sudoku.load_train(args))
+    model, ema, opt, buf, stream, gen = train_sudoku.training_objects(args, train_sudoku.load_train(args))
     taus, real = [], relay.reveal_confidence_mass
     monkeypatch.setattr(relay, "reveal_confidence_mass", lambda conf, masked, tau: taus.append(float(tau)) or
                         real(conf, masked, tau))
