@@ -228,8 +228,8 @@ def block_forward(model, st, q0, q1, relay=None, commit=False):
         return logits, h
     one_block = (q1 - k0 <= st.bd_size) and st.bd_size == model.cfg.bd_size  # the model's default mask: all True
     m = None if one_block else block_mask(q1, st.bd_size, q0=k0, device=st.x.device)  # (q1 - k0, q1)
-    if st.padded:  # padding is seen by no real token (pads see everything, so no row is empty)
-        m = (True if m is None else m) & (st.valid[:, None, None, :q1] | ~st.valid[:, None, k0:q1, None])
+    if st.padded:
+        m = (True if m is None else m) & padding_mask(st, k0, q1, q1)
     if relay is not None and st.cache is None:  # the recomputed prefix gets no relay
         relay = torch.cat([relay.new_zeros(len(st.x), q0, relay.shape[-1]), relay], 1)
     logits, h = model(st.x[:, k0:q1], pos=st.pos[:, k0:q1], attn_mask=m, relay=relay, kv_cache=st.cache,
@@ -242,7 +242,13 @@ def static_mask(st, q0, q1):
     the keys from q1 on (not written yet, or left by an earlier forward) and the padding."""
     m = torch.zeros(q1 - q0, st.x.shape[1], dtype=torch.bool, device=st.x.device)
     m[:, :q1] = block_mask(q1, st.bd_size, q0=q0, device=st.x.device)
-    return m & (st.valid[:, None, None, :] | ~st.valid[:, None, q0:q1, None])  # (B', 1, q1 - q0, T)
+    return m & padding_mask(st, q0, q1, st.x.shape[1])  # (B', 1, q1 - q0, T)
+
+
+def padding_mask(st, q0, q1, S):
+    """(B', 1, q1 - q0, S) bool: the queries [q0, q1) may attend to the keys [0, S) unless a key is
+    left padding; padding is seen by no real token (a pad query sees every key, so no row is empty)."""
+    return st.valid[:, None, None, :S] | ~st.valid[:, None, q0:q1, None]
 
 
 def block_inputs(st, q0, q1):
