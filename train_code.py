@@ -294,23 +294,34 @@ def load_data(args, tok, d):
     return corpus["train"], corpus["val"], tok.decode(corpus["val"][:200_000].tolist(), skip_special=True)
 
 
-def build_model(args, tok):
-    """Fast-dLLM v2 weights (+ a zero-init relay for the relay objectives), or a Qwen2.5-shaped model
-    from scratch. fp32 on the CPU; moved to the device by the caller."""
+def model_config(args, tok):
+    """The model the flags describe, before any weight is read (a resume is checked against it first):
+    --init-from's config.json, with a relay for the relay objectives, or a Qwen2.5 shape from scratch.
+    --init-from sets the block size (the rows are padded to it)."""
     relay = args.objective in ("relay_sg", "relay")
+    if args.init_from:
+        cfg = read_config(args.init_from)[0]
+        cfg.relay = cfg.relay or relay  # what add_relay does to the loaded model
+        args.bd_size = cfg.bd_size
+    else:
+        cfg = ModelConfig(**{**QWEN2, "vocab_size": tok.n_vocab, "n_layer": args.n_layer, "n_head": args.n_head,
+                             "n_kv_head": args.n_kv_head, "n_embd": args.n_embd, "n_ffn": args.n_ffn,
+                             "mask_id": tok.mask_id, "bd_size": args.bd_size, "relay": relay})
+    if args.seq_len % args.bd_size:
+        raise InputError(f"--seq-len {args.seq_len} is not a multiple of the block size {args.bd_size}")
+    return cfg
+
+
+def build_model(args, tok, cfg):
+    """Fast-dLLM v2 weights (+ a zero-init relay for the relay objectives), or a Qwen2.5-shaped model
+    from scratch, as model_config says. fp32 on the CPU; moved to the device by the caller."""
     if args.init_from:
         model = from_pretrained(args.init_from, device="cpu", dtype=torch.float32)
         check_tokenizer(model, tok, args.init_from)
-        args.bd_size = model.cfg.bd_size
-        if relay:
+        if cfg.relay:
             add_relay(model)
     else:
-        model = Transformer(ModelConfig(**{
-            **QWEN2, "vocab_size": tok.n_vocab, "n_layer": args.n_layer, "n_head": args.n_head,
-            "n_kv_head": args.n_kv_head, "n_embd": args.n_embd, "n_ffn": args.n_ffn, "mask_id": tok.mask_id,
-            "bd_size": args.bd_size, "relay": relay}))
-    if args.seq_len % args.bd_size:
-        raise InputError(f"--seq-len {args.seq_len} is not a multiple of the block size {args.bd_size}")
+        model = Transformer(cfg)
     model.grad_ckpt = args.grad_ckpt
     return model
 
@@ -367,16 +378,18 @@ DATA_FLAGS = ("batch_size", "micro_batch", "seq_len", "seed", "data", "train_pro
               "beta2", "weight_decay")  # (the optimizer's state brings its own: another value would be ignored)
 
 
-def resume(args, d, path, raw, opt, streams, gens, bufs):
-    """Restore save()'s state into the live objects (FSDP: scattered into the shards); returns the step."""
+def check_resume(args, d, path, cfg):
+    """Load OUT_DIR's checkpoint and refuse, before the weights or the data are read, one that this
+    run would not continue: another model, data flags, world size, objective, buffers. -> the checkpoint."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"--resume: no checkpoint at {path} (check --out-dir)")
     ck = load_checkpoint(path, kind="code")
-    diff = config_diff(raw.cfg, ck)
+    diff = config_diff(cfg, ck)
     buffers = ck["args"].get("buffers", "chunk")
     # the flags that deal the rows and draw the noise: another value would not continue this run's data
-    data = {k: (getattr(args, k), ck["args"][k]) for k in DATA_FLAGS
-            if ck["args"].get(k, getattr(args, k)) != getattr(args, k)}  # older checkpoints lack some
+    # (the rows' digest is compared once they are read: resume)
+    data = {k: (getattr(args, k), ck["args"][k]) for k in DATA_FLAGS  # older checkpoints lack some
+            if k != "data_digest" and ck["args"].get(k, getattr(args, k)) != getattr(args, k)}
     if diff or data or ck["world"] != d.world or ck["args"]["objective"] != args.objective or buffers != args.buffers:
         raise InputError(f"{path} was trained with another setup: config {diff}, data flags {data} (ours, theirs), "
                          f"world {ck['world']} vs {d.world}, objective {ck['args']['objective']} vs {args.objective}, "
@@ -386,6 +399,15 @@ def resume(args, d, path, raw, opt, streams, gens, bufs):
                          f"this code may hold out other rows and train on its validation rows; start a new run")
     if args.max_steps < ck["step"]:
         raise InputError(f"--max-steps {args.max_steps}: {path} is at step {ck['step']} already")
+    return ck
+
+
+def resume(args, d, ck, path, raw, opt, streams, gens, bufs):
+    """Restore save()'s state `ck` (check_resume'd) into the live objects (FSDP: scattered into the
+    shards); returns the step."""
+    if ck["args"].get("data_digest", args.data_digest) != args.data_digest:
+        raise InputError(f"{path} was trained with another setup: data flags {{'data_digest': "
+                         f"({args.data_digest!r}, {ck['args']['data_digest']!r})}} (ours, theirs): the rows have changed")
     theirs = ck["args"].get("sft_steps", args.sft_steps)
     if ck["step"] >= theirs and theirs != args.sft_steps:  # a warm start that has ended stays ended
         d.log(f"sft warm start: ended at step {theirs} of this run, which stays (--max-steps {args.max_steps} x "
@@ -593,9 +615,13 @@ def train(args, d):
     claim(args, d)  # before any work: never two runs in one OUT_DIR, never a new run over a checkpoint
     t_start = time.time()
     tok = get_tokenizer(args)
-    raw = build_model(args, tok)  # before the data: --init-from sets the block size the rows are padded to
+    args.tokenizer_digest = tok.digest()  # a resume must see the same tokenizer, and (below) the same rows
+    cfg = model_config(args, tok)  # before the data: --init-from sets the block size the rows are padded to
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    ck = check_resume(args, d, ckpt_path, cfg) if args.resume else None
+    raw = build_model(args, tok, cfg)
     train_data, val_data, val_text = load_data(args, tok, d)
-    args.data_digest, args.tokenizer_digest = data_digest(train_data), tok.digest()  # a resume must see the same
+    args.data_digest = data_digest(train_data)
     args.schedule = schedule_steps(args, train_data)
     if args.schedule != args.max_steps:
         d.log(f"lr schedule: {args.schedule} steps ({args.lr_epochs:g} epochs), training stops at {args.max_steps}")
@@ -611,8 +637,7 @@ def train(args, d):
                             fused=d.device.startswith("cuda"))
     streams, val_rows, gens, bufs = chunk_states(args, d, chunks, train_data, val_data, raw.cfg, tok)
     # 3) resume
-    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-    step = resume(args, d, ckpt_path, raw, opt, streams, gens, bufs) if args.resume else 0
+    step = resume(args, d, ck, ckpt_path, raw, opt, streams, gens, bufs) if ck else 0
     checkpoint = lambda: save(  # a collective under DDP/FSDP: every rank calls it
         args, d, ckpt_path, step, raw, opt, streams, gens, bufs)
 

@@ -215,6 +215,11 @@ def test_a_resume_refuses_other_rows_of_the_same_count_and_other_optimizer_flags
             run_main(common + ["--resume", *extra])
     with pytest.raises(ValueError, match="--max-steps 1: .* is at step 2 already"):
         run_main(common + ["--resume", "--max-steps", "1"])
+    with pytest.MonkeyPatch.context() as mp:  # another model is refused before it is built or the rows are read
+        for name in ("build_model", "load_data"):
+            mp.setattr(train_code, name, lambda *a, name=name: pytest.fail(f"{name} before the refusal"))
+        with pytest.raises(ValueError, match=r"another setup: config \{'n_embd': \(64, 32\)\}"):
+            run_main(common + ["--resume", "--n-embd", "64"])
     # a checkpoint from before held-out rows were chosen by their place in the file (no digest in its args)
     ck = torch.load(tmp_path / "o" / "ckpt.pt", weights_only=False)
     old = {**ck, "args": {k: v for k, v in ck["args"].items() if k != "data_digest"}}
@@ -455,7 +460,7 @@ def test_micro_steps_average_their_gradients():
     grads = []
     for chunks in ([0], [0, 0]):  # one chunk; the same chunk twice (same rows, same noise)
         torch.manual_seed(0)
-        raw = train_code.build_model(args, tok)
+        raw = train_code.build_model(args, tok, train_code.model_config(args, tok))
         opt = torch.optim.AdamW(raw.parameters(), lr=0.0)
         opt.step = lambda: grads.append([p.grad.clone() for p in raw.parameters()])
         streams, _, gens, bufs = train_code.chunk_states(args, d, chunks, train_data, val_data, raw.cfg, tok)
