@@ -326,6 +326,18 @@ class StopOnInterrupt:
         raise KeyboardInterrupt(f"interrupted at step {step}: {ckpt_path} saved; {how_to_continue(overwrite)}")
 
 
+def stop_reason(args, interrupted, secs, steps):
+    """Why a training loop stops before --max-steps, `secs` seconds and `steps` steps into this invocation,
+    or None. Each saves a checkpoint; --time-limit then evaluates, --stop-after is a pause (no evaluation)."""
+    if interrupted:
+        return "Ctrl-C"
+    if args.time_limit and secs > 60 * args.time_limit:
+        return "--time-limit"
+    if args.stop_after and steps >= args.stop_after:
+        return "--stop-after"
+    return None
+
+
 def how_to_continue(overwrite):
     return f"the same command with --resume {'in place of --overwrite ' if overwrite else ''}continues"
 

@@ -58,7 +58,7 @@ from code_data import (Rows, data_digest, held_out_signatures, load_stdlib, read
 from model import QWEN2, SHAPES, ModelConfig, Transformer, device_flag, pick_device, shape_problem
 from relay import RolloutBuffer, add_relay, reveal_threshold_blocks, rollout_loss, sft_loss
 from runs import (InputError, Refused, StopOnInterrupt, argparser, claim_out_dir, given_flags, how_to_continue,
-                  nonneg_float, nonneg_int, positive_float, positive_int, run_cli, seed_int, unit_float)
+                  nonneg_float, nonneg_int, positive_float, positive_int, run_cli, seed_int, stop_reason, unit_float)
 from eval_code import evaluate, with_check
 from sandbox import run_sandboxed
 from sampler import generate
@@ -352,9 +352,10 @@ def gather_state(args, raw, opt, with_optimizer=True):
             get_optimizer_state_dict(raw, opt, options=opts) if with_optimizer else None)
 
 
-def save(args, d, path, step, raw, opt, streams, gens, bufs):
-    """Every rank's data position, noise generators and rollout buffers, plus the gathered weights. -> its
-    seconds (not training time)."""
+def save(args, d, path, step, raw, opt, streams, gens, bufs, trained):
+    """Every rank's data position, noise generators and rollout buffers, plus the gathered weights, and
+    the run's training figures so far (`trained`, which a resumed run adds to). -> its seconds (not
+    training time)."""
     t0 = time.time()
     mine = {"streams": [s.state() for s in streams], "gens": [g.get_state() for g in gens],
             "bufs": [b.state_dict() for b in bufs], "torch_rng": torch.get_rng_state()}
@@ -367,7 +368,7 @@ def save(args, d, path, step, raw, opt, streams, gens, bufs):
     if d.master:
         save_checkpoint({"model": msd, "optimizer": osd, "step": step, "config": raw.config_dict(),
                          "args": vars(args), "world": d.world, "ranks": ranks, "kind": "code",
-                         "objective": args.objective}, path)
+                         "objective": args.objective, "trained": trained}, path)
     if d.ddp:
         dist.barrier()
     return time.time() - t0
@@ -638,8 +639,15 @@ def train(args, d):
     streams, val_rows, gens, bufs = chunk_states(args, d, chunks, train_data, val_data, raw.cfg, tok)
     # 3) resume
     step = resume(args, d, ck, ckpt_path, raw, opt, streams, gens, bufs) if ck else 0
+    before = (ck or {}).get("trained") or {}  # the training figures of the invocations this one continues
+
+    def trained():  # the run's training figures: this invocation's added to those it continues
+        secs, timed = before.get("train_seconds", 0.0) + time.time() - t0 - t_off, before.get("timed_steps", 0) + step - step0
+        return {"train_loss": float(np.mean(losses[-20:])) if losses else before.get("train_loss"),
+                "val_curve": before.get("val_curve", []) + vals, "train_seconds": secs, "timed_steps": timed,
+                "tokens_per_s": timed * args.batch_size * args.seq_len / max(secs, 1e-9)}
     checkpoint = lambda: save(  # a collective under DDP/FSDP: every rank calls it
-        args, d, ckpt_path, step, raw, opt, streams, gens, bufs)
+        args, d, ckpt_path, step, raw, opt, streams, gens, bufs, trained())
 
     # 4) the training loop
     bar = tqdm(total=args.max_steps, initial=step, desc=args.objective, disable=not d.master, dynamic_ncols=True)
@@ -650,9 +658,7 @@ def train(args, d):
     with StopOnInterrupt() if d.world == 1 else nullcontext(False) as interrupted:
         while step < args.max_steps:
             # a) a budget of this invocation ends the loop; the checkpoint after it makes --resume exact
-            stop = "Ctrl-C" if interrupted else "--stop-after" if args.stop_after and step - step0 >= args.stop_after \
-                else "--time-limit" if args.time_limit and time.time() - t0 > 60 * args.time_limit else None
-            if stop:
+            if stop := stop_reason(args, interrupted, time.time() - t0, step - step0):
                 d.log(f"stopping at step {step}: {stop}")
                 break
             # b) one optimizer step over all of this process's chunks
@@ -671,17 +677,19 @@ def train(args, d):
                 t_off += checkpoint()
                 saved = step
     bar.close()
-    train_seconds = time.time() - t0 - t_off  # training only: rows/s are the training speed
-    if not vals or vals[-1]["step"] != step:  # stopped early: validate and save where we are
+    curve = trained()["val_curve"]
+    if not curve or curve[-1]["step"] != step:  # stopped early: validate (not training time) and save where we are
+        t1 = time.time()
         vals.append({"step": step, "val_loss": validate(raw, val_rows, args, ctx)})
+        t_off += time.time() - t1
     if saved != step:
-        checkpoint()
+        t_off += checkpoint()
     if interrupted:
         StopOnInterrupt.exit(step, ckpt_path, args.overwrite)
+    # the training figures span every invocation of the run; rows/s is the training speed (no validation)
+    run = trained()
     result = {"objective": args.objective, "sft_steps": min(args.sft_steps, step), "steps": step,
-              "train_loss": float(np.mean(losses[-20:])) if losses else None, "val_loss": vals[-1]["val_loss"],
-              "val_curve": vals, "tokens_per_s": (step - step0) * args.batch_size * args.seq_len / max(train_seconds, 1e-9),
-              "train_seconds": train_seconds, "world": d.world}
+              "val_loss": run["val_curve"][-1]["val_loss"], **run, "world": d.world}
     if stop == "--stop-after":  # a pause: no export, no evaluation of a half-trained model
         d.log(f"paused at step {step}: {ckpt_path} saved; {how_to_continue(args.overwrite)}")
         return {**result, "seconds": time.time() - t_start, "losses": losses}

@@ -37,7 +37,7 @@ from checkpoint import config_diff, export_weights, load_checkpoint, load_model,
 from model import ModelConfig, Transformer, device_flag, pick_device, shape_problem
 from relay import OBJECTIVES, RolloutBuffer, mlm_loss, reveal_jittered_mass, rollout_loss
 from runs import (InputError, StopOnInterrupt, argparser, check_out_file, claim_out_dir, given_flags, how_to_continue,
-                  nonneg_float, nonneg_int, positive_float, positive_int, run_cli, seed_int, unit_float)
+                  nonneg_float, nonneg_int, positive_float, positive_int, run_cli, seed_int, stop_reason, unit_float)
 from sampler import sample_mdm
 
 PRESETS = {  # flag defaults per preset; "cpu" is what the add_argument defaults below already say
@@ -281,9 +281,10 @@ def init_sudoku_positions(model, gen):
         model.embed_pos.weight.copy_(r[cells // 9] + c[cells % 9] + b[(cells // 27) * 3 + (cells % 9) // 3])
 
 
-def training_state(args, step, model, ema, opt, buf, stream, gen):
-    """Everything a bit-exact resume needs, in one dict."""
-    return {"model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+def training_state(args, step, model, ema, opt, buf, stream, gen, trained):
+    """Everything a bit-exact resume needs, in one dict; trained: the run's training figures so far
+    (training_summary), which a resumed run adds to."""
+    return {"trained": trained, "model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
             "optimizer": opt.state_dict(), "buffer": buf.state_dict(), "step": step, "config": model.config_dict(),
             "args": vars(args), "kind": "sudoku", "objective": args.objective, "train_size": len(stream.q),
             "data_rng": stream.rng.bit_generator.state,
@@ -438,13 +439,18 @@ def plot_curves(curves, path, title):
     plt.close(fig)
 
 
-def training_summary(args, step, losses, train_seconds, steady, monitor):
-    """A run's training figures for its JSON line. steady: training rows/s after the first LOG_EVERY steps
-    (no compilation or warm-up in it)."""
+def training_summary(args, step, losses, train_seconds, steady, monitor, steps=None, before=None):
+    """A run's training figures for its JSON line: this invocation's `steps` (default len(losses)) in
+    train_seconds, added to `before`, the figures of the invocations it resumes (their checkpoint's
+    "trained"). steady: training rows/s after the first LOG_EVERY steps (no compilation or warm-up in it)."""
+    before = before or {}
+    timed = before.get("timed_steps", 0) + (len(losses) if steps is None else steps)
+    train_seconds += before.get("train_seconds", 0.0)
     return {"objective": args.objective, "mlm_steps": min(args.mlm_steps, step), "steps": step,
-            "train_loss": float(np.mean(losses[-LOG_EVERY:])) if len(losses) else None,
-            "train_rows_per_s": args.batch_size * len(losses) / max(train_seconds, 1e-9),
-            "train_seconds": train_seconds, "train_rows_per_s_steady": steady, "monitor": list(monitor)}
+            "train_loss": float(np.mean(losses[-LOG_EVERY:])) if len(losses) else before.get("train_loss"),
+            "train_rows_per_s": args.batch_size * timed / max(train_seconds, 1e-9), "train_seconds": train_seconds,
+            "timed_steps": timed, "train_rows_per_s_steady": steady or before.get("train_rows_per_s_steady"),
+            "monitor": before.get("monitor", []) + list(monitor)}
 
 
 def finish(args, model, test, ctx, step, t_start, trained=None):
@@ -580,12 +586,15 @@ def main(argv=None):
           f"device {args.device}, {args.dtype}")
     # 4) resume: model, EMA, optimizer, buffer, data position and every RNG; or fine-tune from --init-from
     step = resume(ck, ckpt_path, args, model, ema, opt, buf, stream, gen) if ck else 0
+    before = ck.get("trained") if ck else None  # the training figures of the invocations this one continues
     if args.init_from and not ck:  # resumed: the run's checkpoint holds the fine-tuned weights
         init_from(args.init_from, model, ema)
     train_model = torch.compile(model, mode=args.compile) if args.compile else model  # what the losses call
     def save():  # -> its seconds, which are not training time
         t1 = time.time()
-        save_checkpoint(training_state(args, step, model, ema, opt, buf, stream, gen), ckpt_path)
+        trained = training_summary(args, step, losses, t1 - t0 - t_off, steady_rate(args, warm, step, t_off), monitor,
+                                   steps=step - step0, before=before)
+        save_checkpoint(training_state(args, step, model, ema, opt, buf, stream, gen, trained), ckpt_path)
         return time.time() - t1
 
     # 5) the training loop. Losses stay on the device and are read every LOG_EVERY steps: a host
@@ -635,10 +644,8 @@ def main(argv=None):
         StopOnInterrupt.exit(step, ckpt_path, args.overwrite)
     # 6) finish: evaluate at tau, sweep tau, curve, table, JSON line (a pause: the training figures only)
     # train_seconds leave out the monitor's evaluations and the saves (rows/s is the training speed)
-    steady = None
-    if warm and step > warm[1]:
-        steady = args.batch_size * (step - warm[1]) / (time.time() - warm[0] - (t_off - warm[2]))
-    trained = training_summary(args, step, losses, time.time() - t0 - t_off, steady, monitor)
+    trained = training_summary(args, step, losses, time.time() - t0 - t_off, steady_rate(args, warm, step, t_off),
+                               monitor, steps=step - step0, before=before)
     return {**end_of_run(args, ema or model, test, ctx, step, t_start, trained, stop, ckpt_path), "losses": losses}
 
 
@@ -673,7 +680,7 @@ def checkpoint_mode(args, ctx, t_start):
     args.mlm_steps = ck.get("args", {}).get("mlm_steps", 0)
     print(f"model: {args.checkpoint}, {model.num_params() / 1e6:.2f}M parameters, objective {args.objective}, "
           f"step {ck['step']}")
-    return finish(args, model, load_test(args), ctx, ck["step"], t_start)
+    return finish(args, model, load_test(args), ctx, ck["step"], t_start, ck.get("trained"))  # how it was trained
 
 
 def monitor_set(test, n=128):
@@ -683,15 +690,12 @@ def monitor_set(test, n=128):
     return {k: v[np.linspace(0, m - 1, min(m, n)).astype(int)] for k, v in test.items()}
 
 
-def stop_reason(args, interrupted, secs, steps):
-    """Why this invocation stops before --max-steps, after `secs` seconds and `steps` steps, or None."""
-    if interrupted:
-        return "Ctrl-C"
-    if args.time_limit and secs > 60 * args.time_limit:
-        return "--time-limit"
-    if args.stop_after and steps >= args.stop_after:
-        return "--stop-after"
-    return None
+def steady_rate(args, warm, step, t_off):
+    """Training rows/s since `warm` = (time, step, seconds off training) of the first loss read, which
+    leaves compilation and warm-up out; None before a step after it."""
+    if not warm or step <= warm[1]:
+        return None
+    return args.batch_size * (step - warm[1]) / (time.time() - warm[0] - (t_off - warm[2]))
 
 
 def train_step(args, step, train_model, model, ema, opt, buf, stream, gen, ctx):

@@ -50,8 +50,8 @@ def test_resume_reproduces_the_next_losses(tmp_path, data_dir, objective, warm, 
 
 def test_a_pause_saves_without_evaluating_and_ctrl_c_in_the_evaluation_keeps_the_run(tmp_path, data_dir,
                                                                                      monkeypatch, capsys):
-    r = run(tmp_path, data_dir, "--max-steps", "4", "--stop-after", "2")
-    assert r["steps"] == 2 and len(r["losses"]) == 2 and "exact_match" not in r
+    r = run(tmp_path, data_dir, "--max-steps", "4", "--stop-after", "2", "--eval-every", "1")
+    assert r["steps"] == 2 and len(r["losses"]) == 2 and "exact_match" not in r and r["timed_steps"] == 2
     assert f"paused at step 2: {tmp_path / 'ckpt.pt'} saved" in capsys.readouterr().out
     real = train_sudoku.evaluate
 
@@ -64,8 +64,12 @@ def test_a_pause_saves_without_evaluating_and_ctrl_c_in_the_evaluation_keeps_the
         run(tmp_path, data_dir, "--max-steps", "4", "--resume")
     monkeypatch.undo()
     release_lock(str(tmp_path / ".lock"))
-    assert train_sudoku.main(["--eval-only", "--checkpoint", str(tmp_path / "ckpt.pt"), "--eval-size", "4",
-                              "--no-sweep", "--out-dir", str(tmp_path), "--data-dir", data_dir])["steps"] == 4
+    # the training figures span the invocations: a resume with nothing left to train reports the run's
+    for e in (train_sudoku.main(["--eval-only", "--checkpoint", str(tmp_path / "ckpt.pt"), "--eval-size", "4",
+                                 "--no-sweep", "--out-dir", str(tmp_path), "--data-dir", data_dir]),
+              run(tmp_path, data_dir, "--max-steps", "4", "--resume", "--eval-every", "1")):
+        assert e["steps"] == e["timed_steps"] == 4 and e["train_loss"] is not None and "exact_match" in e
+        assert e["train_seconds"] > r["train_seconds"] and [m["step"] for m in e["monitor"]] == [1, 2, 4]  # every 1, then at the end
 
 
 def test_resume_keeps_the_training_set_when_max_steps_grows(tmp_path, data_dir):

@@ -105,6 +105,9 @@ def test_resume_reproduces_the_next_losses(tmp_path, objective, warm):
     assert paused["steps"] == 2 and "hf_dir" not in paused and not (tmp_path / "b" / "hf").exists()  # a pause
     resumed = run_main(common + ["--out-dir", str(tmp_path / "b"), "--resume"])
     assert resumed["losses"] == straight["losses"][2:]
+    # the training figures span both invocations (the pause validated where it stopped)
+    assert resumed["timed_steps"] == straight["timed_steps"] == 4 and resumed["train_seconds"] > paused["train_seconds"]
+    assert resumed["val_curve"] == paused["val_curve"] + [v for v in straight["val_curve"] if v["step"] > 2]
     a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
