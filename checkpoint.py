@@ -128,12 +128,12 @@ def load_model(path, device="cpu", kind=None):
 
 def export_weights(path, dtype=torch.float16):
     """A training checkpoint -> a small one for sharing: the evaluated (EMA) weights in `dtype`, with
-    config, step, args, kind and objective, no optimizer or buffer. load_model() reads it (fp32)."""
+    config, step, args, kind, objective and training figures, no optimizer or buffer. load_model() reads it (fp32)."""
     ck = load_checkpoint(path)
     sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in (ck.get("ema") or ck["model"]).items()}
     return {"model": sd, "config": ck["config"], "step": ck["step"], "args": ck.get("args"),
             "kind": checkpoint_kind(ck), "objective": ck.get("objective", (ck.get("args") or {}).get("objective")),
-            "exported_from": os.path.basename(path), "dtype": str(dtype)}
+            "exported_from": os.path.basename(path), "dtype": str(dtype), "trained": ck.get("trained")}
 
 
 def config_diff(cfg, ck):

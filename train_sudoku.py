@@ -670,8 +670,9 @@ def checkpoint_mode(args, ctx, t_start):
         if os.path.exists(args.export) and os.path.samefile(args.export, args.checkpoint):
             raise FileExistsError(f"--export {args.export} is the checkpoint it reads: write the export elsewhere")
         check_out_file("--export", args.export, args.overwrite)  # it may be a training checkpoint, or a shipped one
-        save_checkpoint(export_weights(args.checkpoint), args.export)
-        return print(f"wrote {args.export} ({os.path.getsize(args.export) / 2 ** 20:.1f} MiB, fp16 weights)")
+        save_checkpoint(ex := export_weights(args.checkpoint), args.export)
+        return print(f"wrote {args.export} ({os.path.getsize(args.export) / 2 ** 20:.1f} MiB, fp16 weights of step "
+                     f"{ex['step']} of --max-steps {(ex['args'] or {}).get('max_steps', '?')})")
     if args.solve is not None:
         return solve_one(args, parse_puzzle(args.solve), ctx)
     model, ck = load_model(args.checkpoint, args.device, kind="sudoku")

@@ -111,7 +111,8 @@ for obj in [*args.objectives, *(o for o in OBJECTIVES if o not in args.objective
     try:
         r = train_sudoku.main([*flags, mode])
     except KeyboardInterrupt as e:  # the budget's Ctrl-C (timeout -s INT): saved at a step; this command resumes it
-        sys.exit(f"{obj}: {e or 'interrupted'}")
+        said = str(e).split("; the same command")[0] or "interrupted"  # train_sudoku's way on is not this script's
+        sys.exit(f"{obj}: {said}; the same compare_objectives.py command continues it")
     except Exception:  # NOTE: one GPU call runs all four: a crash in one must not cost the others their turn
         traceback.print_exc()
         failed.append(obj)

@@ -25,6 +25,8 @@ mkdir -p "$OUT"
 STAMP="$OUT/.started"; touch "$STAMP"  # a relay checkpoint older than this is an earlier run's
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=20
 log() { tee -a "$OUT/log.txt"; }
+# progress bars out of the log, keeping any line printed after a bar that ended without a newline
+nobars() { sed -u -e 's/\r/\n/g' -e 's/\x1b\[A//g' | grep --line-buffered -v -E '((it/s|s/it)(, [^]]*)?\]|^[[:space:]]*)$'; }
 for f in $(echo "$EXTRA" | grep -oE -- '--(test-)?data [^ ]+' | cut -d' ' -f2); do  # before a minute of GPU time
     [ -f "$f" ] || { echo "no $f (named in EXTRA): make it on a CPU and carry it along" | log; exit 1; }
 done
@@ -38,26 +40,29 @@ fi
 # 1) compiled speed, and where relay's step spends its time
 if [ "${SPEED:-1}" != 0 ]; then
     python bench/throughput.py --preset paper --compile --objectives relay mlm --steps 50 --n-gen 64 --profile $EXTRA 2>&1 \
-        | grep -v "it/s\]" | log | grep '^{' | tail -n 1 > "$OUT/throughput_compiled.json"
+        | nobars | log | grep '^{' | tail -n 1 > "$OUT/throughput_compiled.json"
 fi
 
-# 2) the four objectives at equal steps, compiled, relay first; each saves its result as it ends
+# 2) the four objectives at equal steps, compiled, relay first; each saves its result as it ends, in a folder
+#    named by the flags (the same command goes on where it stopped; other flags never meet its runs)
 FLAGS="--preset paper --compile --max-steps $STEPS --n-train $N_TRAIN --eval-size $N_TEST --eval-every $STEPS \
        --ckpt-every $STEPS $EXTRA"
-timeout -k 60 -s INT "$BUDGET" python bench/compare_objectives.py --out-dir out/compare --objectives relay mlm relay_sg rollout \
-    $FLAGS 2>&1 | grep -v "it/s\]" | log
+CMP="out/compare_$(printf '%s' "$FLAGS" | cksum | cut -d' ' -f1)"
+echo "runs in $CMP" | log
+timeout -k 60 -s INT "$BUDGET" python bench/compare_objectives.py --out-dir "$CMP" --objectives relay mlm relay_sg rollout \
+    $FLAGS 2>&1 | nobars | log
 rc=${PIPESTATUS[0]}
 if [ "$rc" != 0 ] && [ "$rc" != 124 ] && [ "$rc" != 137 ]; then  # 124 (137: killed 60 s later): the budget, expected
     echo "step 2 failed (exit $rc, see above): reporting what finished" | log
 fi
 # report what finished with these flags (saved results of other flags are left out)
-python bench/compare_objectives.py --out-dir out/compare --objectives $FLAGS 2>&1 | log \
+python bench/compare_objectives.py --out-dir "$CMP" --objectives $FLAGS 2>&1 | log \
     | grep '^{' | tail -n 1 > "$OUT/compare.json"
-cp out/compare/curves.png "$OUT/" 2>/dev/null
+cp "$CMP/curves.png" "$OUT/" 2>/dev/null
 
 # 3) the relay run's EMA weights (fp16), finished or not: a finished one with these flags, or one this run wrote
-if grep -q '"relay"' "$OUT/compare.json" || [ out/compare/relay/ckpt.pt -nt "$STAMP" ]; then
-    python train_sudoku.py --export "$OUT/sudoku_relay_hard.pt" --overwrite --checkpoint out/compare/relay/ckpt.pt 2>&1 | log
+if grep -q '"relay"' "$OUT/compare.json" || [ "$CMP/relay/ckpt.pt" -nt "$STAMP" ]; then
+    python train_sudoku.py --export "$OUT/sudoku_relay_hard.pt" --overwrite --checkpoint "$CMP/relay/ckpt.pt" 2>&1 | log
 else
     echo "no relay checkpoint from this run or with these flags: nothing exported" | log
 fi

@@ -8,7 +8,7 @@
 #      paper's 0.9999 would keep ~1/4 of the start after 15k steps);
 #   3. its EMA weights in fp16 to OUT/sudoku_relay_hard.pt, evaluated at τ 0.15 and 0.01.
 #   The run's full state stays in RUN (out/gpu_public_run, outside OUT: a device call brings back only
-#   files <= 16 MiB; train_sudoku.py refuses to start over it: another RUN, or --resume).
+#   files <= 16 MiB). The same command again continues that run for MINUTES more (a call cut short).
 # Replace checkpoints/sudoku_relay_hard.pt only if step 3 beats step 1 at τ 0.15.
 # Env: MINUTES (6), TRAIN (data/public/train.csv), MIN_RATING (10: the hard part, as in the
 #      shipped file's last CPU stage; 0: all), EXTRA (flags for every training and evaluation
@@ -21,6 +21,8 @@ TEST=checkpoints/sudoku_test_public.csv; RUN=${RUN:-out/gpu_public_run}  # the r
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=20
 log() { tee -a "$OUT/log.txt"; }
+# progress bars out of the log, keeping any line printed after a bar that ended without a newline
+nobars() { sed -u -e 's/\r/\n/g' -e 's/\x1b\[A//g' | grep --line-buffered -v -E '((it/s|s/it)(, [^]]*)?\]|^[[:space:]]*)$'; }
 { date -u; git rev-parse --short HEAD; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
   python -c "import torch; print('torch', torch.__version__)"; } 2>&1 | log
 if ! python -c "import sys, torch; sys.exit(not torch.cuda.is_available())" && ! [[ "$EXTRA" =~ --device[=\ ]cpu ]]; then
@@ -28,24 +30,25 @@ if ! python -c "import sys, torch; sys.exit(not torch.cuda.is_available())" && !
     exit 1
 fi
 [ -f "$TRAIN" ] || { echo "no $TRAIN: make data/public with bench/sudoku_public.py and carry data/" | log; exit 1; }
-[ -e "$RUN/ckpt.pt" ] && { echo "$RUN holds a run: pick another RUN, or continue it with train_sudoku.py --resume" | log; exit 1; }
+GO_ON=""
+[ -e "$RUN/ckpt.pt" ] && { GO_ON="--resume"; echo "$RUN holds a run: continuing it for $MINUTES more minutes" | log; }
 EVAL="--eval-only --test-data $TEST --eval-size 1000 --eval-batch 500 --no-sweep $EXTRA"
 
 # 1) the baseline: the shipped file on this device
 python train_sudoku.py --checkpoint checkpoints/sudoku_relay_hard.pt $EVAL 2>&1 \
-    | grep -v "it/s\]" | log | grep '^{' | tail -n 1 > "$OUT/shipped_tau0.15.json"
+    | nobars | log | grep '^{' | tail -n 1 > "$OUT/shipped_tau0.15.json"
 
 # 2) the fine-tune: batch 512, lr 5e-4 after 2000 warmup steps (the paper preset), stopped by the clock
 python train_sudoku.py --preset paper --init-from checkpoints/sudoku_relay_hard.pt --data "$TRAIN" --min-rating "$MIN_RATING" \
     --test-data "$TEST" --ema 0.999 --time-limit "$MINUTES" --max-steps 300000 --eval-every 2000 \
-    --ckpt-every 2000 --eval-size 1000 --eval-batch 500 --no-sweep --out-dir "$RUN" $FLAGS \
-    $EXTRA 2>&1 | grep -v "it/s\]" | log | grep '^{' | tail -n 1 > "$OUT/train.json"
+    --ckpt-every 2000 --eval-size 1000 --eval-batch 500 --no-sweep --out-dir "$RUN" $GO_ON $FLAGS \
+    $EXTRA 2>&1 | nobars | log | grep '^{' | tail -n 1 > "$OUT/train.json"
 [ -f "$RUN/ckpt.pt" ] || { echo "step 2 wrote no $RUN/ckpt.pt (see above): stopping" | log; exit 1; }
 
 # 3) its EMA weights (fp16), evaluated as the shipped file was
 python train_sudoku.py --checkpoint "$RUN/ckpt.pt" --export "$OUT/sudoku_relay_hard.pt" --overwrite 2>&1 | log
 for tau in 0.15 0.01; do
-    python train_sudoku.py --checkpoint "$OUT/sudoku_relay_hard.pt" $EVAL --tau $tau 2>&1 | grep -v "it/s\]" | log \
+    python train_sudoku.py --checkpoint "$OUT/sudoku_relay_hard.pt" $EVAL --tau $tau 2>&1 | nobars | log \
         | grep '^{' | tail -n 1 > "$OUT/finetuned_tau$tau.json"
 done
 ls -la "$OUT" | log

@@ -460,6 +460,21 @@ def test_compare_objectives_prints_the_papers_numbers_and_trains_pure_objectives
     assert calls == [] and (out / "ckpt.pt").read_bytes() == b"a run of 5 steps"
 
 
+def test_compare_objectives_says_how_to_go_on_after_its_budget(tmp_path, monkeypatch):
+    """The budget's Ctrl-C (timeout -s INT) ends an objective saved; the way on is this script again, not
+    train_sudoku.py --resume (which it refuses as a passthrough flag)."""
+    script = os.path.join(os.path.dirname(__file__), "..", "bench", "compare_objectives.py")
+
+    def interrupted(argv):
+        raise KeyboardInterrupt(f"interrupted at step 3: {tmp_path}/relay/ckpt.pt saved; the same command with "
+                                "--resume in place of --overwrite continues")
+    monkeypatch.setattr(train_sudoku, "main", interrupted)
+    monkeypatch.setattr(sys, "argv", [script, "--objectives", "relay", "--out-dir", str(tmp_path), *TINY])
+    with pytest.raises(SystemExit, match=r"^relay: interrupted at step 3: .*ckpt.pt saved; the same "
+                                         r"compare_objectives.py command continues it$"):
+        runpy.run_path(script, run_name="__main__")
+
+
 def test_compare_objectives_reuses_resumes_and_never_replaces_unasked(tmp_path, data_dir):
     """A saved result of the same flags is reused; one of other flags stops the script unless --replace;
     an objective stopped before its result resumes from its checkpoint."""
