@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from model import ModelConfig, Transformer
-from runs import InputError, argparser, run_cli, written_whole
+from runs import InputError, argparser, read_json, run_cli, written_whole
 from tokenizer import MASK_TOKEN, find_token, load_tokenizer
 
 # ---------------------------------------------------------------------------------------------
@@ -200,8 +200,7 @@ def shard_names(path):
         if os.path.isfile(os.path.join(path, SINGLE)):
             return [SINGLE]
         raise FileNotFoundError(f"{path}: neither {SINGLE} nor {INDEX}")
-    with open(index, encoding="utf-8") as f:
-        wm = json.load(f).get("weight_map")
+    wm = read_json(index).get("weight_map")
     if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
         raise InputError(f"{index}: weight_map must be an object of tensor name -> shard file name")
     outside = sorted({v for v in wm.values() if os.path.isabs(v) or os.path.normpath(v).split(os.sep)[0] == os.pardir})
@@ -251,11 +250,7 @@ def read_config(path):
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{path}: no config.json (expected a Fast-dLLM v2 / Qwen2 checkpoint directory)")
-    with open(cfg_path, encoding="utf-8") as f:
-        try:
-            hf_cfg = json.load(f)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{cfg_path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    hf_cfg = read_json(cfg_path)
     cfg = ModelConfig.from_hf(hf_cfg, cfg_path)
     if cfg.mask_id < 0:  # Fast-dLLM v2 keeps the mask token in the tokenizer, not in config.json
         cfg.mask_id = find_token(path, MASK_TOKEN)

@@ -279,6 +279,20 @@ def check_args(p, args):
     for flag, path in (("--out", args.out), ("--plot", args.plot)):  # both are replaced when the run ends
         if path is not None:
             check_out_file(flag, path, overwrite=True, makes_dirs=True)
+    if args.out and os.path.isfile(args.out) and not is_samples_file(args.out):  # never over a checkpoint or data
+        p.error(f"--out {args.out} exists and is not a samples file of this script: choose another --out (an "
+                f"earlier samples file is replaced)")
+
+
+def is_samples_file(path):
+    """An earlier run's --out: empty, or its first line a JSON object with the keys a sample row has."""
+    try:
+        with open(path, "rb") as f:
+            first = f.readline(1 << 20)
+        row = json.loads(first) if first else {"task_id", "completion", "model", "threshold"}
+        return {"task_id", "completion", "model", "threshold"} <= set(row) if isinstance(row, (dict, set)) else False
+    except ValueError:  # not JSON, not UTF-8
+        return False
 
 
 def main(argv=None):

@@ -11,6 +11,7 @@ of its own.
 import argparse
 import atexit
 import contextlib
+import json
 import math
 import os
 import signal
@@ -179,6 +180,21 @@ def written_whole(path, suffix=".tmp"):
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+def read_json(path, what="an object"):
+    """A checkpoint's JSON file (config, tokenizer, shard index) -> the dict in it; one error naming the
+    file and what is wrong (not UTF-8, not JSON, not an object) instead of a parser's traceback."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(obj, dict):
+        raise InputError(f"{path}: expected {what}, found a JSON {type(obj).__name__}")
+    return obj
 
 
 def cached(path, make, compress=True):

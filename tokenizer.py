@@ -21,7 +21,7 @@ from collections import Counter
 import regex  # tiktoken's own dependency: the \p{L} classes of the pre-tokenizer patterns
 import tiktoken
 
-from runs import InputError, argparser, run_cli
+from runs import InputError, argparser, read_json, run_cli
 
 
 MASK_TOKEN = "|<MASK>|"
@@ -47,18 +47,22 @@ def read_added_tokens(path):
     out, special = {}, set()
     tj = os.path.join(path, "tokenizer.json")
     if os.path.isfile(tj):
-        with open(tj, encoding="utf-8") as f:
-            for t in json.load(f).get("added_tokens", []):
-                if t.get("lstrip") or t.get("rstrip") or t.get("single_word"):
-                    raise InputError(f"{tj}: added token {t['content']!r} uses lstrip/rstrip/single_word, "
-                                     f"which this tokenizer does not implement")
-                out[t["content"]] = t["id"]
-                if t.get("special", True):
-                    special.add(t["id"])
+        tokens = read_json(tj).get("added_tokens", [])
+        if not isinstance(tokens, list) or not all(isinstance(t, dict) and isinstance(t.get("content"), str)
+                                                   and type(t.get("id")) is int for t in tokens):
+            raise InputError(f"{tj}: added_tokens must be a list of objects with a string content and an integer id")
+        for t in tokens:
+            if t.get("lstrip") or t.get("rstrip") or t.get("single_word"):
+                raise InputError(f"{tj}: added token {t['content']!r} uses lstrip/rstrip/single_word, "
+                                 f"which this tokenizer does not implement")
+            out[t["content"]] = t["id"]
+            if t.get("special", True):
+                special.add(t["id"])
     aj = os.path.join(path, "added_tokens.json")
     if os.path.isfile(aj):
-        with open(aj, encoding="utf-8") as f:
-            extra = json.load(f)
+        extra = read_json(aj, "an object of token -> id")
+        if not all(type(i) is int for i in extra.values()):
+            raise InputError(f"{aj}: every token's id must be an integer")
         if clash := [s for s, i in extra.items() if out.get(s, i) != i]:
             raise InputError(f"{aj}: {clash[0]!r} has id {extra[clash[0]]} here and {out[clash[0]]} in tokenizer.json")
         extra = {s: i for s, i in extra.items() if s not in out}
@@ -148,11 +152,13 @@ def load_tokenizer(path):
     tj = os.path.join(path, "tokenizer.json")
     if not os.path.isfile(tj):
         raise FileNotFoundError(f"{path}: no tokenizer.json")
-    with open(tj, encoding="utf-8") as f:
-        spec = json.load(f)
+    spec = read_json(tj)
     m = spec.get("model") or {}
-    if m.get("type") != "BPE":
-        raise InputError(f"{tj}: only byte-level BPE tokenizers are supported (model {m.get('type')})")
+    if not isinstance(m, dict) or m.get("type") != "BPE":
+        raise InputError(f"{tj}: only byte-level BPE tokenizers are supported (model "
+                         f"{m.get('type') if isinstance(m, dict) else repr(m)[:60]})")
+    if not isinstance(m.get("vocab"), dict) or not all(type(i) is int for i in m["vocab"].values()):
+        raise InputError(f"{tj}: model.vocab must be an object of token -> integer id")
     pattern = split_pattern(spec.get("pre_tokenizer"), tj)
     if spec.get("normalizer") not in (None, {"type": "NFC"}):
         raise InputError(f"{tj}: unsupported normalizer {json.dumps(spec['normalizer'])[:200]} (NFC or none)")

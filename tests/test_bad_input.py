@@ -163,13 +163,20 @@ def test_eval_code_never_writes_over_its_input_nor_loses_an_earlier_output(capsy
                                                "--out", str(tmp_path / "p.jsonl")])
     assert "--out" in err and "is also --problems" in err
     keep = tmp_path / "samples.jsonl"
-    keep.write_text("an earlier run's rows\n")
+    earlier = json.dumps({"task_id": 1, "completion": "pass", "model": "m", "threshold": 0.9}) + "\n"
+    keep.write_text(earlier)
     sampler.main(["--random-init", "tiny", "--save", str(tmp_path / "m")])
+    config = (tmp_path / "m" / "config.json").read_bytes()
+    for other in ("config.json", "model.safetensors"):  # not a samples file: never written over
+        err = usage_error(capsys, eval_code.main, ["--checkpoint", str(tmp_path / "m"), "--problems",
+                                                   str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "m" / other)])
+        assert f"--out {tmp_path / 'm' / other} exists and is not a samples file of this script" in err
+    assert (tmp_path / "m" / "config.json").read_bytes() == config
     w = tmp_path / "m" / "model.safetensors"
     w.write_bytes(w.read_bytes()[:1000])  # a truncated download: the run fails after it started
     with pytest.raises(ValueError, match="model.safetensors"):
         eval_code.main(["--checkpoint", str(tmp_path / "m"), "--problems", str(tmp_path / "p.jsonl"), "--out", str(keep)])
-    assert keep.read_text() == "an earlier run's rows\n"
+    assert keep.read_text() == earlier  # an earlier samples file may be replaced, but only by a finished run
     assert sorted(os.listdir(tmp_path)) == ["m", "p.jsonl", "samples.jsonl"]  # and no temporary file left
 
 
@@ -204,6 +211,32 @@ def test_a_tokenizer_that_does_not_fit_its_model_is_refused(tmp_path):
     (tmp_path / "m" / "added_tokens.json").write_text(json.dumps({"<|extra|>": 300}))  # a larger model's tokenizer
     with pytest.raises(ValueError, match="tokenizer.json's ids go up to 300, past the model's vocabulary"):
         checkpoint.load_pretrained(str(tmp_path / "m"))
+
+
+def tokenizer_with(change):
+    spec = json.load(open(os.path.join(ROOT, "checkpoints", "code_relay", "tokenizer.json"), encoding="utf-8"))
+    change(spec)
+    return json.dumps(spec)
+
+
+@pytest.mark.parametrize("name,content,msg", [
+    ("tokenizer.json", "{not json", r"tokenizer.json:1: not valid JSON"),
+    ("tokenizer.json", b"\xff{}", r"tokenizer.json: not UTF-8 text \(byte 0"),
+    ("tokenizer.json", "[]", r"tokenizer.json: expected an object, found a JSON list"),
+    ("tokenizer.json", tokenizer_with(lambda s: s.update(model="BPE")), r"only byte-level BPE .*'BPE'"),
+    ("tokenizer.json", tokenizer_with(lambda s: s["model"].pop("vocab")), r"model.vocab must be an object"),
+    ("tokenizer.json", tokenizer_with(lambda s: s["added_tokens"][0].pop("id")), r"added_tokens must be a list of obj"),
+    ("added_tokens.json", "{bad", r"added_tokens.json:1: not valid JSON"),
+    ("added_tokens.json", '{"<|x|>": "7"}', r"added_tokens.json: every token's id must be an integer"),
+    ("model.safetensors.index.json", "{bad", r"model.safetensors.index.json:1: not valid JSON"),
+    ("config.json", b"{\"a\": \"\xff\"}", r"config.json: not UTF-8 text \(byte 7"),
+])
+def test_a_damaged_checkpoint_file_is_named_not_a_traceback(tmp_path, name, content, msg):
+    path = tmp_path / "m"
+    shutil.copytree(os.path.join(ROOT, "checkpoints", "code_relay"), path)
+    (path / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(R.InputError, match=msg):
+        checkpoint.load_pretrained(str(path))
 
 
 def test_a_random_checkpoint_is_never_saved_over_another(tmp_path):
