@@ -52,6 +52,8 @@ def run_cli(main):
         sys.exit(f"error: {e}")
     except KeyboardInterrupt as e:  # Ctrl-C: what was saved and how to go on, if the run says; then die of
         print(str(e) or "interrupted", file=sys.stderr)  # SIGINT, so that a calling shell loop or script stops too
+        for lock in HELD_LOCKS:  # (atexit does not run for a death by signal)
+            release_lock(lock)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)
         sys.exit(130)
@@ -130,6 +132,10 @@ def claim_out_dir(out_dir, resume, overwrite, ckpt="ckpt.pt", also=()):
     a new run over OUT_DIR/ckpt without --resume or --overwrite. The lock goes at exit. A process may
     claim its own directory again (main() called twice). also: other outputs of a run (e.g. the
     exported hf/ directory) that a new run must not replace either. Returns the lock file's path."""
+    if not out_dir:
+        raise InputError("--out-dir: empty")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise InputError(f"--out-dir {out_dir} is a file: give a directory")
     os.makedirs(out_dir, exist_ok=True)
     lock = os.path.join(out_dir, ".lock")
     take_lock(lock)
@@ -143,7 +149,11 @@ def claim_out_dir(out_dir, resume, overwrite, ckpt="ckpt.pt", also=()):
         raise FileExistsError(f"{held[0]} exists: pass --resume to continue that run, or --overwrite to start "
                               f"a new run that replaces it (or choose another --out-dir)")
     atexit.register(release_lock, lock)
+    HELD_LOCKS.append(lock)
     return lock
+
+
+HELD_LOCKS = []  # this process's out-dir locks: released at exit, or by run_cli before it dies of Ctrl-C
 
 
 def check_out_file(flag, path, overwrite=False, makes_dirs=False):

@@ -172,6 +172,10 @@ def check_args(p, args, given):
         p.error("--preset paper fine-tunes pretrained weights: give --init-from DIR")
     if args.resume and args.overwrite:
         p.error("--resume continues OUT_DIR/ckpt.pt and --overwrite replaces it: give one")
+    if args.fsdp and "RANK" not in os.environ:
+        p.error("--fsdp shards the model over torchrun's processes: launch with torchrun --nproc_per_node N")
+    if args.beta2 >= 1:
+        p.error(f"--beta2 {args.beta2:g}: AdamW needs a decay below 1")
     if args.val_every_n < 2:
         p.error(f"--val-every-n {args.val_every_n} holds out every row, leaving none to train on: need >= 2")
     if args.data not in ("synthetic", "stdlib") and not os.path.exists(args.data):  # a keyword's typo, or a path
@@ -268,11 +272,14 @@ def get_tokenizer(args):
     return synthetic_tokenizer(args.train_problems, args.bpe_merges) if args.bpe_merges else byte_tokenizer()
 
 
+VAL_PROBLEMS = 200  # synthetic: the held-out problems of the validation loss, whatever --eval-problems solves
+
+
 def load_data(args, tok, d):
     """-> (training data, held-out data, held-out text for the samples)."""
     if args.data == "synthetic":  # train and held-out problems never share (family, parameters)
         train = synthetic_rows(synthetic_problems("train", args.train_problems), tok, args.seq_len, args.bd_size)
-        val = synthetic_rows(synthetic_problems("test", max(args.eval_problems, 64)), tok, args.seq_len, args.bd_size)
+        val = synthetic_rows(synthetic_problems("test", VAL_PROBLEMS), tok, args.seq_len, args.bd_size)
         d.log(f"data: code_tasks.py, {len(train)} training problems, {len(val)} held-out problems, "
               f"{tok.n_vocab} token ids ({len(tok.merges)} BPE merges)")
         return train, val, ""
@@ -300,9 +307,11 @@ def model_config(args, tok):
     --init-from sets the block size (the rows are padded to it)."""
     relay = args.objective in ("relay_sg", "relay")
     if args.init_from:
-        cfg = read_config(args.init_from)[0]
+        cfg, hf_cfg = read_config(args.init_from)
         cfg.relay = cfg.relay or relay  # what add_relay does to the loaded model
         args.bd_size = cfg.bd_size
+        if (limit := hf_cfg.get("max_position_embeddings")) and args.seq_len > limit:  # the export keeps the limit
+            raise InputError(f"--seq-len {args.seq_len} is past {args.init_from}'s max_position_embeddings ({limit})")
     else:
         cfg = ModelConfig(**{**QWEN2, "vocab_size": tok.n_vocab, "n_layer": args.n_layer, "n_head": args.n_head,
                              "n_kv_head": args.n_kv_head, "n_embd": args.n_embd, "n_ffn": args.n_ffn,
@@ -369,6 +378,9 @@ def save(args, d, path, step, raw, opt, streams, gens, bufs, trained):
         save_checkpoint({"model": msd, "optimizer": osd, "step": step, "config": raw.config_dict(),
                          "args": vars(args), "world": d.world, "ranks": ranks, "kind": "code",
                          "objective": args.objective, "trained": trained}, path)
+        if args.overwrite and os.path.isdir(hf := os.path.join(args.out_dir, "hf")):  # the replaced run's export
+            shutil.rmtree(hf)  # goes with its checkpoint: OUT_DIR never pairs this run with another's model
+            d.log(f"--overwrite: removed {hf}, the export of the run this one replaces")
     if d.ddp:
         dist.barrier()
     return time.time() - t0
@@ -379,22 +391,34 @@ DATA_FLAGS = ("batch_size", "micro_batch", "seq_len", "seed", "data", "train_pro
               "beta2", "weight_decay")  # (the optimizer's state brings its own: another value would be ignored)
 
 
+# what a resume may change without a note (the rest is compared above, or logged when it differs)
+RUN_FLAGS = {"resume", "overwrite", "max_steps", "stop_after", "time_limit", "eval_every", "ckpt_every", "device",
+             "compile", "samples", "out_dir", "data_dir", "unsafe_no_isolation", "eval_batches", "eval_problems",
+             "fsdp", "data", "sft_steps", "schedule", *DATA_FLAGS}
+
+
 def check_resume(args, d, path, cfg):
     """Load OUT_DIR's checkpoint and refuse, before the weights or the data are read, one that this
     run would not continue: another model, data flags, world size, objective, buffers. -> the checkpoint."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"--resume: no checkpoint at {path} (check --out-dir)")
     ck = load_checkpoint(path, kind="code")
+    theirs = {"buffers": "chunk", **ck["args"], "world": ck["world"]}  # older checkpoints lack some flags
+    ours = {**vars(args), "world": d.world}
+    # the flags that deal the rows and draw the noise: another value would not continue this run's data (a
+    # file's rows are compared by their digest once read, in resume(), so a moved or renamed file is fine)
+    same_run = [k for k in (*DATA_FLAGS, "world", "objective", "buffers") if k != "data_digest"
+                and not (k == "data" and args.data not in ("synthetic", "stdlib"))]
     diff = config_diff(cfg, ck)
-    buffers = ck["args"].get("buffers", "chunk")
-    # the flags that deal the rows and draw the noise: another value would not continue this run's data
-    # (the rows' digest is compared once they are read: resume)
-    data = {k: (getattr(args, k), ck["args"][k]) for k in DATA_FLAGS  # older checkpoints lack some
-            if k != "data_digest" and ck["args"].get(k, getattr(args, k)) != getattr(args, k)}
-    if diff or data or ck["world"] != d.world or ck["args"]["objective"] != args.objective or buffers != args.buffers:
-        raise InputError(f"{path} was trained with another setup: config {diff}, data flags {data} (ours, theirs), "
-                         f"world {ck['world']} vs {d.world}, objective {ck['args']['objective']} vs {args.objective}, "
-                         f"--buffers {buffers} vs {args.buffers}")
+    other = {k: (ours[k], theirs[k]) for k in same_run if k in theirs and theirs[k] != ours[k]}
+    if diff or other:
+        parts = ([f"config {diff}"] if diff else []) + ([f"flags {other}"] if other else [])
+        raise InputError(f"{path} was trained with another setup: {', '.join(parts)} (ours, theirs)")
+    if args.fsdp and not theirs.get("fsdp"):
+        raise InputError(f"{path} was saved without --fsdp: its optimizer state is keyed by parameter index, which a "
+                         f"sharded resume cannot place; resume without --fsdp")
+    if changed := {k: (v, theirs[k]) for k, v in ours.items() if k not in RUN_FLAGS and k in theirs and v != theirs[k]}:
+        d.log(f"resuming with other flags than the run so far: {changed} (ours, theirs)")
     if args.data not in ("synthetic", "stdlib") and "data_digest" not in ck["args"]:
         raise InputError(f"{path} was written before held-out chat rows were chosen by their place in the file: "
                          f"this code may hold out other rows and train on its validation rows; start a new run")
@@ -407,8 +431,11 @@ def resume(args, d, ck, path, raw, opt, streams, gens, bufs):
     """Restore save()'s state `ck` (check_resume'd) into the live objects (FSDP: scattered into the
     shards); returns the step."""
     if ck["args"].get("data_digest", args.data_digest) != args.data_digest:
-        raise InputError(f"{path} was trained with another setup: data flags {{'data_digest': "
-                         f"({args.data_digest!r}, {ck['args']['data_digest']!r})}} (ours, theirs): the rows have changed")
+        raise InputError(f"{path} was trained with another setup: flags {{'data_digest': ({args.data_digest!r}, "
+                         f"{ck['args']['data_digest']!r})}} (ours, theirs): the training rows have changed")
+    if ck["args"].get("schedule", args.schedule) != args.schedule:
+        d.log(f"lr schedule: {args.schedule} steps now, {ck['args']['schedule']} so far (--max-steps or --lr-epochs "
+              f"changed): the cosine continues on the new horizon")
     theirs = ck["args"].get("sft_steps", args.sft_steps)
     if ck["step"] >= theirs and theirs != args.sft_steps:  # a warm start that has ended stays ended
         d.log(f"sft warm start: ended at step {theirs} of this run, which stays (--max-steps {args.max_steps} x "

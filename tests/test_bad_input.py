@@ -62,6 +62,8 @@ TRAIN_CODE_BAD = [
     (["--bpe-merges", "-1"], "argument --bpe-merges"),
     (["--bpe-merges", "64", "--data", "stdlib"], "a vocabulary is learned only from scratch on --data synthetic"),
     (["--bpe-merges", "64", "--init-from", "D"], "a checkpoint brings its own tokenizer"),
+    (["--beta2", "1"], "--beta2 1: AdamW needs a decay below 1"),
+    (["--fsdp"], "--fsdp shards the model over torchrun's processes: launch with torchrun"),
 ]
 SAMPLER_BAD = [
     (["--threshold", "2"], "argument --threshold"), (["--max-new-tokens", "0"], "argument --max-new-tokens"),
@@ -802,6 +804,23 @@ def test_ctrl_c_ends_the_run_in_one_line_and_dies_of_sigint():
         r = subprocess.run([sys.executable, "-c", f"import runs\ndef main():\n    raise {raised}\nruns.run_cli(main)"],
                            cwd=ROOT, capture_output=True, text=True)
         assert r.returncode == -signal.SIGINT and r.stderr == line + "\n", r
+
+
+def test_ctrl_c_releases_the_out_dir_lock(tmp_path):
+    """A death by SIGINT skips atexit: run_cli releases the run's lock itself (a stale one would name a pid
+    that may be reused)."""
+    code = f"import runs\ndef main():\n    runs.claim_out_dir({str(tmp_path / 'run')!r}, False, False)\n" \
+           "    raise KeyboardInterrupt\nruns.run_cli(main)"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == -signal.SIGINT and os.listdir(tmp_path / "run") == []
+
+
+def test_an_out_dir_that_is_a_file_or_empty_is_named(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(R.InputError, match=f"--out-dir {tmp_path / 'f'} is a file: give a directory"):
+        R.claim_out_dir(str(tmp_path / "f"), False, False)
+    with pytest.raises(R.InputError, match="--out-dir: empty"):
+        R.claim_out_dir("", False, False)
 
 
 def test_two_ctrl_c_within_a_second_are_one(monkeypatch):

@@ -115,7 +115,7 @@ def test_resume_reproduces_the_next_losses(tmp_path, objective, warm):
         run_main(common[:1] + ["sft" if objective == "relay" else "relay"] + common[2:] +
                  ["--out-dir", str(tmp_path / "b"), "--resume"])
     # another split of the batch deals other rows and noise: not a continuation of this run
-    with pytest.raises(ValueError, match=r"data flags \{'micro_batch': \(4, 2\)\}"):
+    with pytest.raises(ValueError, match=r"flags \{'micro_batch': \(4, 2\)\}"):
         run_main(common + ["--out-dir", str(tmp_path / "b"), "--resume", "--max-steps", "6", "--micro-batch", "4"])
 
 
@@ -234,6 +234,47 @@ def test_a_resume_refuses_other_rows_of_the_same_count_and_other_optimizer_flags
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(ValueError, match="another setup: .*'data_digest'"):
         run_main(common + ["--resume"])
+
+
+def test_a_resume_goes_by_the_rows_not_the_path_and_says_what_else_changed(tmp_path, capsys):
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+            for i in range(12)]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = ["--val-every-n", "4", "--max-steps", "3", "--out-dir", str(tmp_path / "o")]
+    run_main(common + ["--data", str(tmp_path / "a" / "chat.jsonl"), "--stop-after", "1"])
+    shutil.move(tmp_path / "a" / "chat.jsonl", tmp_path / "moved.jsonl")  # the same rows elsewhere
+    r = run_main(common + ["--data", str(tmp_path / "moved.jsonl"), "--resume", "--stop-after", "1", "--lr", "1e-3",
+                           "--max-steps", "4"])
+    out = capsys.readouterr().out
+    assert r["steps"] == 2 and "resuming with other flags than the run so far: {'lr': (0.001, " in out
+    assert "lr schedule: 4 steps now, 3 so far" in out and "data" not in out.split("other flags")[1].split("\n")[0]
+    # a checkpoint of one unsharded process cannot give its optimizer state to a sharded run
+    args = train_code.get_args(["--preset", "tiny", *common, "--data", str(tmp_path / "moved.jsonl"), "--resume",
+                                "--max-steps", "4"])
+    args.fsdp, d = True, train_code.Dist(False, 0, 1, "cpu")  # as under torchrun
+    train_code.my_chunks(args, d)
+    tok = train_code.get_tokenizer(args)
+    args.tokenizer_digest = tok.digest()
+    with pytest.raises(ValueError, match="saved without --fsdp: .* resume without --fsdp"):
+        train_code.check_resume(args, d, str(tmp_path / "o" / "ckpt.pt"), train_code.model_config(args, tok))
+
+
+def test_overwrite_removes_the_replaced_runs_export_with_its_checkpoint(tmp_path, capsys):
+    common = ["--max-steps", "2", "--out-dir", str(tmp_path / "o"), "--data-dir", str(tmp_path / "data")]
+    run_main(common)  # a finished run: ckpt.pt and hf/
+    hf = tmp_path / "o" / "hf"
+    run_main(common + ["--overwrite", "--objective", "sft", "--stop-after", "1"])
+    assert not hf.exists() and "--overwrite: removed" in capsys.readouterr().out  # no other run's model beside it
+
+
+def test_a_sequence_past_the_models_positions_is_refused_before_training(tmp_path):
+    run_main(["--max-steps", "1", "--out-dir", str(tmp_path / "o"), "--data-dir", str(tmp_path / "data")])
+    cfg = json.loads((tmp_path / "o" / "hf" / "config.json").read_text())
+    (tmp_path / "o" / "hf" / "config.json").write_text(json.dumps({**cfg, "max_position_embeddings": 64}))
+    with pytest.raises(ValueError, match="--seq-len 384 is past .*hf's max_position_embeddings \\(64\\)"):
+        train_code.main(["--init-from", str(tmp_path / "o" / "hf"), "--out-dir", str(tmp_path / "p"), "--max-steps", "1", "--objective", "sft",
+                         "--samples", "0", "--seq-len", "384"])
 
 
 def test_init_from_refusals(tmp_path, capsys):
@@ -436,7 +477,7 @@ def test_one_rollout_buffer_per_process_is_advanced_at_every_micro_step(tmp_path
     assert masked["process"] < masked["chunk"]
     assert any(not torch.equal(ck["chunk"]["model"][k], ck["process"]["model"][k]) for k in ck["chunk"]["model"])
     assert train_code.get_args(["--preset", "paper", "--init-from", "D"]).buffers == "process"
-    with pytest.raises(ValueError, match="--buffers process vs chunk"):
+    with pytest.raises(ValueError, match=r"another setup: flags \{'buffers': \('chunk', 'process'\)\}"):
         run_main(common + ["--buffers", "chunk", "--max-steps", "3", "--resume", "--out-dir", str(tmp_path / "process")])
 
 
