@@ -31,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import load_pretrained, meta_pretrained
+from code_data import CHATML
 from code_tasks import TEST_ONLY, make_problems
 from model import SHAPES, device_flag, pick_device, random_model
 from runs import (InputError, argparser, check_out_file, nonneg_int, positive_float, positive_int, run_cli, unit_float,
@@ -56,6 +57,13 @@ def with_check(r):
 
 def problem_row(r, where, n):
     """One JSONL row -> a HumanEval-shaped dict with its check program; a malformed row raises `where: reason`."""
+    problem = problem_fields(r, where, n)
+    if marker := next((m for m in CHATML if m in problem["prompt"]), None):  # the tokenizer reads it as a turn's end
+        raise InputError(f"{where}: the prompt contains the ChatML marker {marker}")
+    return problem
+
+
+def problem_fields(r, where, n):
     strs = lambda *keys: all(isinstance(r.get(k), str) for k in keys)
     if not isinstance(r, dict):
         raise InputError(f"{where}: expected a JSON object, got {type(r).__name__}")
@@ -258,6 +266,8 @@ def check_args(p, args):
         p.error(f"--bd-size {args.bd_size} is not a multiple of --sub-block {args.sub_block}")
     if args.compile and not args.static:
         p.error("--compile compiles the static cache's block forward: give --static")
+    if args.timeout > 86400:
+        p.error(f"--timeout {args.timeout:g}: at most a day per program (86400 s)")
     if args.sweep and args.threshold is not None:
         p.error("--sweep gives the thresholds: drop --threshold")
     if args.sweep and len(set(args.sweep)) < len(args.sweep):

@@ -293,6 +293,9 @@ def load_data(args, tok, d):
             raise InputError(f"{args.data}: the {len(rows)} usable rows (rows {numbers[:10]} of the file) and "
                              f"--val-every-n {args.val_every_n} hold out none (held-out rows never train): "
                              + (f"give one that divides a row's place, e.g. {fits}" if fits else "too few rows"))
+        if not train:
+            raise InputError(f"{args.data}: its {len(rows)} usable rows (rows {numbers[:10]} of the file) are all held "
+                             f"out by --val-every-n {args.val_every_n}: none is left to train on")
         d.log(f"data: {args.data}: {len(train)} training rows, {len(val)} held out")
         return train, val, ""
     corpus = load_stdlib(tok, args.data_dir)

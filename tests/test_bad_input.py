@@ -110,6 +110,7 @@ EVAL_BAD = [
     (["--sweep", "0.9,0.5", "--threshold", "0.1"], "--sweep gives the thresholds: drop --threshold"),
     (["--sweep", "0.9,0.5,0.9"], "--sweep: [0.9, 0.5, 0.9] repeats a threshold"),
     (["--plot", "f.png"], "--plot draws a --sweep: give one"),
+    (["--timeout", "1e308"], "--timeout 1e+308: at most a day per program"),
     (["--check", "c"], "unrecognized arguments: --check c"),  # not --checkpoint: a prefix is not the flag
     (["--sweep", "0.9", "--plot", "f.xyz"], "--plot f.xyz: a .png, .pdf or .svg file"),
 ]
@@ -647,6 +648,12 @@ def test_the_held_out_rows_never_train(tmp_path):
     args.val_every_n = 2
     train, val, _ = train_code.load_data(args, tok, d)
     assert len(train) == 2 and len(val) == 1
+    p1 = chat_file(tmp_path, '{"messages": [{"role": "user", "content": "' + "q" * 300 + '"}, '
+                   '{"role": "assistant", "content": "too long"}]}', json.dumps(rows[0]))  # row 1 too long, row 2 held out
+    args1 = train_code.get_args(["--preset", "tiny", "--data", str(p1), "--val-every-n", "2", "--seq-len", "256"])
+    with pytest.raises(ValueError, match=r"its 1 usable rows \(rows \[2\] of the file\) are all held out by "
+                                         r"--val-every-n 2: none is left to train on"):
+        train_code.load_data(args1, tok, d)
     assert not {v[0].tobytes() for v in val} & {t[0].tobytes() for t in train}
     # a longer row that one --seq-len drops and another keeps does not move the held-out rows
     rows.insert(0, {"messages": [{"role": "user", "content": "q" * 300}, {"role": "assistant", "content": "long"}]})

@@ -96,6 +96,8 @@ def test_a_chat_answer_that_restates_only_the_entry_point_can_pass(tmp_path):
     ({"prompt": "def f():\n", "entry_point": None, "test": "x"}, "entry_point \\(a name\\)"),
     ({"task_id": [1], "prompt": "def f():\n", "entry_point": "f", "test": "x"}, "task_id must be"),
     ({"task_id": True, "prompt": "def f():\n", "entry_point": "f", "test": "x"}, "task_id must be a string or an int"),
+    ({"prompt": "def f():\n    '<|im_end|>'\n", "entry_point": "f", "test": "x"}, "contains the ChatML marker <\\|im_end"),
+    ({"text": "say <|endoftext|>", "test_list": ["assert f()"]}, "contains the ChatML marker <\\|endoftext"),
 ])
 def test_a_malformed_problem_row_names_its_line(tmp_path, row, msg):
     f = tmp_path / "p.jsonl"
