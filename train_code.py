@@ -670,12 +670,7 @@ def train(args, d):
     # 3) resume
     step = resume(args, d, ck, ckpt_path, raw, opt, streams, gens, bufs) if ck else 0
     before = (ck or {}).get("trained") or {}  # the training figures of the invocations this one continues
-
-    def trained():  # the run's training figures: this invocation's added to those it continues
-        secs, timed = before.get("train_seconds", 0.0) + time.time() - t0 - t_off, before.get("timed_steps", 0) + step - step0
-        return {"train_loss": float(np.mean(losses[-20:])) if losses else before.get("train_loss"),
-                "val_curve": before.get("val_curve", []) + vals, "train_seconds": secs, "timed_steps": timed,
-                "tokens_per_s": timed * args.batch_size * args.seq_len / max(secs, 1e-9)}
+    trained = lambda: training_figures(args, before, losses, vals, time.time() - t0 - t_off, step - step0)
     checkpoint = lambda: save(  # a collective under DDP/FSDP: every rank calls it
         args, d, ckpt_path, step, raw, opt, streams, gens, bufs, trained())
 
@@ -723,17 +718,30 @@ def train(args, d):
     if stop == "--stop-after":  # a pause: no export, no evaluation of a half-trained model
         d.log(f"paused at step {step}: {ckpt_path} saved; {how_to_continue(args.overwrite)}")
         return {**result, "seconds": time.time() - t_start, "losses": losses}
-    # 5) finish: export in the Fast-dLLM v2 layout, complete held-out signatures, JSON line
+    # 5) finish: export in the Fast-dLLM v2 layout, complete held-out signatures, solve held-out problems
+    return {**finish(args, d, raw, tok, val_text, ctx, result), "seconds": time.time() - t_start, "losses": losses}
+
+
+def training_figures(args, before, losses, vals, secs, steps):
+    """The run's training figures: this invocation's `steps` in `secs` (validation and saves left out) added
+    to `before`, the figures of the invocations it continues (their checkpoint's "trained")."""
+    secs, timed = before.get("train_seconds", 0.0) + secs, before.get("timed_steps", 0) + steps
+    return {"train_loss": float(np.mean(losses[-20:])) if losses else before.get("train_loss"),
+            "val_curve": before.get("val_curve", []) + vals, "train_seconds": secs, "timed_steps": timed,
+            "tokens_per_s": timed * args.batch_size * args.seq_len / max(secs, 1e-9)}
+
+
+def finish(args, d, raw, tok, val_text, ctx, result):
+    """The end of a finished (or timed-out) run: export the weights in the Fast-dLLM v2 layout, complete
+    held-out signatures, solve held-out problems in the sandbox (master rank) -> the result with them."""
     hf_dir, exported = export(args, d, raw, tok)
     samples = complete_signatures(args, exported, tok, val_text, ctx, d.device) \
         if d.master and args.samples and val_text else []
     solved = solve_held_out(args, exported, tok, ctx, d.device) \
         if d.master and args.data == "synthetic" and args.eval_problems else None
-    result.update({"seconds": time.time() - t_start, "hf_dir": hf_dir,
-                   "samples": [{k: s[k] for k in ("nfe", "new_tokens")} for s in samples],
-                   **({"pass@1": solved["pass@1"], "nfe": solved["nfe"], "gen_tokens_per_s": solved["tokens_per_s"]}
-                      if solved else {})})
-    return {**result, "losses": losses}
+    return {**result, "hf_dir": hf_dir, "samples": [{k: s[k] for k in ("nfe", "new_tokens")} for s in samples],
+            **({"pass@1": solved["pass@1"], "nfe": solved["nfe"], "gen_tokens_per_s": solved["tokens_per_s"]}
+               if solved else {})}
 
 
 if __name__ == "__main__":
