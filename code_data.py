@@ -27,9 +27,8 @@ from tqdm import tqdm
 
 from code_tasks import make_problems
 from runs import InputError, argparser, cached, positive_int, run_cli
-from tokenizer import MASK_TOKEN, byte_tokenizer, train_bpe
+from tokenizer import MASK_TOKEN, byte_tokenizer, chatml_marker, train_bpe
 
-CHATML = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")  # turn markers: never inside a message's text
 
 
 def stdlib_files():
@@ -120,8 +119,7 @@ def read_chat_jsonl(path, tok, seq_len, bd, log=print):
                     from None
             if MASK_TOKEN in m["content"]:  # it would tokenize to the mask id: a "position to fill" in x0
                 raise InputError(f"{where}: message {i} ({m['role']}) contains the mask token {MASK_TOKEN}")
-            marker = next((s for s in CHATML if s in m["content"]), None)  # it would end or open a turn
-            if marker:
+            if marker := chatml_marker(m["content"]):
                 raise InputError(f"{where}: message {i} ({m['role']}) contains the ChatML marker {marker}")
             head = tok.encode(f"<|im_start|>{m['role']}\n")
             body = tok.encode(m["content"] + "<|im_end|>")

@@ -31,14 +31,13 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import load_pretrained, meta_pretrained
-from code_data import CHATML
 from code_tasks import TEST_ONLY, make_problems
 from model import SHAPES, device_flag, pick_device, random_model
 from runs import (InputError, argparser, check_out_file, nonneg_int, positive_float, positive_int, run_cli, unit_float,
                   unit_floats, written_whole)
 from sampler import block_sizes, check_generate_args, generate
 from sandbox import run_sandboxed, self_check
-from tokenizer import QWEN_SYSTEM
+from tokenizer import QWEN_SYSTEM, chatml_marker
 
 INSTRUCTION = "Please provide a self-contained Python script that solves the following problem in a markdown code block:"
 RESPONSE = "Below is a Python script with a self-contained function that solves the problem and passes corresponding tests:"
@@ -58,7 +57,7 @@ def with_check(r):
 def problem_row(r, where, n):
     """One JSONL row -> a HumanEval-shaped dict with its check program; a malformed row raises `where: reason`."""
     problem = problem_fields(r, where, n)
-    if marker := next((m for m in CHATML if m in problem["prompt"]), None):  # the tokenizer reads it as a turn's end
+    if marker := chatml_marker(problem["prompt"]):
         raise InputError(f"{where}: the prompt contains the ChatML marker {marker}")
     return problem
 
@@ -295,12 +294,17 @@ def check_args(p, args):
 
 
 def is_samples_file(path):
-    """An earlier run's --out: empty, or its first line a JSON object with the keys a sample row has."""
+    """An earlier run's --out: empty, or its first line a JSON object with the keys a sample row has (a line
+    past 1 MiB: one that opens as the rows this script writes do)."""
+    with open(path, "rb") as f:
+        first = f.readline(1 << 20)
+    if not first:
+        return True
+    if not first.endswith(b"\n") and len(first) == 1 << 20:
+        return first.startswith(b'{"task_id": ')
     try:
-        with open(path, "rb") as f:
-            first = f.readline(1 << 20)
-        row = json.loads(first) if first else {"task_id", "completion", "model", "threshold"}
-        return {"task_id", "completion", "model", "threshold"} <= set(row) if isinstance(row, (dict, set)) else False
+        row = json.loads(first)
+        return isinstance(row, dict) and {"task_id", "completion", "model", "threshold"} <= set(row)
     except ValueError:  # not JSON, not UTF-8
         return False
 

@@ -126,17 +126,22 @@ def positive_int(s):
 # ---------------------------------------------------------------------------------------------
 # the output directory of a run
 
+def make_out_dir(out_dir):
+    """--out-dir, made if missing; an empty name or a file there is named as such (not an errno message)."""
+    if not out_dir:
+        raise InputError("--out-dir: empty")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise InputError(f"--out-dir {out_dir} is a file: give a directory")
+    os.makedirs(out_dir, exist_ok=True)
+
+
 def claim_out_dir(out_dir, resume, overwrite, ckpt="ckpt.pt", also=()):
     """Make OUT_DIR this run's before any work: refuse it while another live run holds it (the lock
     file OUT_DIR/.lock holds the owner's pid; a dead owner's lock is taken over), and refuse to start
     a new run over OUT_DIR/ckpt without --resume or --overwrite. The lock goes at exit. A process may
     claim its own directory again (main() called twice). also: other outputs of a run (e.g. the
     exported hf/ directory) that a new run must not replace either. Returns the lock file's path."""
-    if not out_dir:
-        raise InputError("--out-dir: empty")
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise InputError(f"--out-dir {out_dir} is a file: give a directory")
-    os.makedirs(out_dir, exist_ok=True)
+    make_out_dir(out_dir)
     lock = os.path.join(out_dir, ".lock")
     take_lock(lock)
     path = os.path.join(out_dir, ckpt)
@@ -203,7 +208,8 @@ def read_json(path, what="an object"):
     except json.JSONDecodeError as e:
         raise InputError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
     if not isinstance(obj, dict):
-        raise InputError(f"{path}: expected {what}, found a JSON {type(obj).__name__}")
+        kind = {list: "array", str: "string", bool: "boolean", int: "number", float: "number"}.get(type(obj), "null")
+        raise InputError(f"{path}: expected {what}, found a JSON {kind}")
     return obj
 
 
@@ -349,12 +355,22 @@ class StopOnInterrupt:
     @staticmethod
     def exit(step, ckpt_path, overwrite):
         """End the run after the loop stopped on Ctrl-C and saved, saying how to go on (run_cli prints it)."""
-        raise KeyboardInterrupt(f"interrupted at step {step}: {ckpt_path} saved; {how_to_continue(overwrite)}")
+        raise Interrupted(f"interrupted at step {step}: {ckpt_path} saved", how_to_continue(overwrite))
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C that ended a run once its work was saved: `saved` says what, the message adds how to go on
+    (a script that drives the run, such as bench/compare_objectives.py, has its own way on)."""
+
+    def __init__(self, saved, way_on):
+        super().__init__(f"{saved}; {way_on}")
+        self.saved = saved
 
 
 def stop_reason(args, interrupted, secs, steps):
     """Why a training loop stops before --max-steps, `secs` seconds and `steps` steps into this invocation,
-    or None. Each saves a checkpoint; --time-limit then evaluates, --stop-after is a pause (no evaluation)."""
+    or None. Each saves a checkpoint; --time-limit then evaluates, --stop-after is a pause (no evaluation).
+    When both come due at one step, --time-limit wins: the run is evaluated."""
     if interrupted:
         return "Ctrl-C"
     if args.time_limit and secs > 60 * args.time_limit:

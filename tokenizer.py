@@ -26,6 +26,13 @@ from runs import InputError, argparser, read_json, run_cli
 
 MASK_TOKEN = "|<MASK>|"
 QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."  # Qwen2.5's default
+CHATML = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")  # turn markers: never inside a message's text
+
+
+def chatml_marker(text):
+    """The first ChatML marker in `text`, or None: encode() reads one as the special token, so text holding
+    it would end or open a turn (or stop decoding) where the writer meant characters."""
+    return next((m for m in CHATML if m in text), None)
 # Qwen2's pre-tokenizer split (tokenizer.json pre_tokenizer.pretokenizers[0].pattern.Regex)
 QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -128,6 +135,9 @@ class Tokenizer:
     def chat(prompt, system=QWEN_SYSTEM):
         """A single user turn in ChatML, as Qwen2.5's chat template renders it (Fast-dLLM v2 ships the same):
         with no system message of its own the template adds QWEN_SYSTEM. system='' or None: no system turn."""
+        for name, text in (("prompt", prompt), ("system message", system or "")):
+            if marker := chatml_marker(text):
+                raise InputError(f"the {name} contains the ChatML marker {marker}")
         sys_part = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
         return f"{sys_part}<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
 

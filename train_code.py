@@ -581,7 +581,7 @@ def solve_held_out(args, model, tok, ctx, device):
     """pass@1 of the trained model on --eval-problems held-out synthetic problems (eval_code.py's
     sandbox, the --base layout it trained on); prints the result and --samples examples."""
     model = model.to(device).eval()
-    problems = [with_check(r) for r in synthetic_problems("test", args.eval_problems)]  # the val rows' problems
+    problems = [with_check(r) for r in synthetic_problems("test", args.eval_problems)]  # held out, like the val rows
     with ctx:
         res, rows = evaluate(model, tok, problems, threshold=args.threshold, base=True, batch=32,
                              max_new_tokens=192, allow_unisolated=args.unsafe_no_isolation)
@@ -630,7 +630,7 @@ def chunk_states(args, d, chunks, train_data, val_data, cfg, tok):
     val_rows = Rows(val_data, args.seq_len, args.seed, 10 ** 6, pad_id, d.device)
     gens = [torch.Generator(device=d.device).manual_seed(args.seed * 1000 + c) for c in chunks]
     n_bufs = (len(chunks) if args.buffers == "chunk" else 1) if args.objective != "sft" else 0
-    D = cfg.n_embd if cfg.relay else 0  # the rollout objective carries no relay state
+    D = cfg.n_embd if args.objective in ("relay_sg", "relay") else 0  # the rollout objective carries no relay state
     bufs = [RolloutBuffer(args.micro_batch, args.seq_len, D, cfg.mask_id, d.device) for _ in range(n_bufs)]
     return streams, val_rows, gens, bufs
 
@@ -670,6 +670,7 @@ def train(args, d):
     # 3) resume
     step = resume(args, d, ck, ckpt_path, raw, opt, streams, gens, bufs) if ck else 0
     before = (ck or {}).get("trained") or {}  # the training figures of the invocations this one continues
+    ck = None  # (weights and optimizer state: gigabytes of host memory for a real model)
     trained = lambda: training_figures(args, before, losses, vals, time.time() - t0 - t_off, step - step0)
     checkpoint = lambda: save(  # a collective under DDP/FSDP: every rank calls it
         args, d, ckpt_path, step, raw, opt, streams, gens, bufs, trained())

@@ -36,8 +36,9 @@ import sudoku_solver
 from checkpoint import config_diff, export_weights, load_checkpoint, load_model, load_state, save_checkpoint
 from model import ModelConfig, Transformer, device_flag, pick_device, shape_problem
 from relay import OBJECTIVES, RolloutBuffer, mlm_loss, reveal_jittered_mass, rollout_loss
-from runs import (InputError, StopOnInterrupt, argparser, check_out_file, claim_out_dir, given_flags, how_to_continue,
-                  nonneg_float, nonneg_int, positive_float, positive_int, run_cli, seed_int, stop_reason, unit_float)
+from runs import (InputError, Interrupted, StopOnInterrupt, argparser, check_out_file, claim_out_dir, given_flags,
+                  how_to_continue, make_out_dir, nonneg_float, nonneg_int, positive_float, positive_int, run_cli,
+                  seed_int, stop_reason, unit_float)
 from sampler import sample_mdm
 
 PRESETS = {  # flag defaults per preset; "cpu" is what the add_argument defaults below already say
@@ -455,7 +456,7 @@ def training_summary(args, step, losses, train_seconds, steady, monitor, steps=N
 
 def finish(args, model, test, ctx, step, t_start, trained=None):
     """Evaluate at tau, sweep tau, draw the curve, print the table and the JSON line. trained: the
-    training_summary of a run (none for --eval-only)."""
+    training_summary of the run (for --eval-only, the checkpoint's; none in older files)."""
     trained = trained or training_summary(args, step, [], 0.0, None, [])
     model.eval()
     taus = sorted(set(([] if args.no_sweep else list(TAUS)) + [args.tau]))
@@ -501,7 +502,7 @@ def solve_one(args, q, ctx):
         if r in (2, 5):
             print()
     png = os.path.join(args.out_dir, "solve.png")
-    os.makedirs(args.out_dir, exist_ok=True)
+    make_out_dir(args.out_dir)
     plot_solve(q, board, when, png, f"NFE {int(st['nfe'][0])}, tau {args.tau}, {'legal' if legal else 'NOT legal'}")
     result = {"solution": "".join(map(str, board)), "nfe": int(st["nfe"][0]), "legal": legal,
               "puzzle_solutions": len(sols), "correct": len(sols) == 1 and bool((sols[0] == board).all()), "picture": png,
@@ -552,7 +553,8 @@ def training_objects(args, train):
     opt = torch.optim.AdamW(model.param_groups(args.weight_decay), lr=args.lr, fused=args.device.startswith("cuda"))
     stream = Stream(train, args.seed, args.device)
     gen = torch.Generator(device=args.device).manual_seed(args.seed)  # tau jitter and MLM noise
-    buf = RolloutBuffer(args.batch_size, 81, model.cfg.n_embd if model.cfg.relay else 0, model.cfg.mask_id, args.device)
+    D = model.cfg.n_embd if args.objective in ("relay_sg", "relay") else 0  # rollout and mlm carry no relay state
+    buf = RolloutBuffer(args.batch_size, 81, D, model.cfg.mask_id, args.device)
     return model, ema, opt, buf, stream, gen
 
 
@@ -563,7 +565,7 @@ def main(argv=None):
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
     # bf16 autocast only when asked: on CPUs without AMX / AVX512-BF16 it is slower than fp32
     ctx = torch.autocast(args.device.split(":")[0], dtype=dtype) if dtype != torch.float32 else nullcontext()
-    os.makedirs(args.out_dir, exist_ok=True)
+    make_out_dir(args.out_dir)
     t_start = time.time()
     if args.checkpoint:  # --export, --solve or --eval-only (get_args: one of them)
         return checkpoint_mode(args, ctx, t_start)
@@ -660,8 +662,8 @@ def end_of_run(args, model, test, ctx, step, t_start, trained, stop, ckpt_path):
     try:
         return finish(args, model, test, ctx, step, t_start, trained)
     except KeyboardInterrupt:  # (run_cli prints this)
-        raise KeyboardInterrupt(f"interrupted in the evaluation: {ckpt_path} (step {step}) is saved; --eval-only "
-                                f"--checkpoint {ckpt_path} evaluates it") from None
+        raise Interrupted(f"interrupted in the evaluation: {ckpt_path} (step {step}) is saved",
+                          f"--eval-only --checkpoint {ckpt_path} evaluates it") from None
 
 
 def checkpoint_mode(args, ctx, t_start):

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import train_sudoku  # noqa: E402
-from runs import argparser, nonneg_int, written_whole  # noqa: E402
+from runs import Interrupted, argparser, nonneg_int, written_whole  # noqa: E402
 from relay import OBJECTIVES  # noqa: E402
 
 p = argparser(__doc__)
@@ -111,7 +111,7 @@ for obj in [*args.objectives, *(o for o in OBJECTIVES if o not in args.objective
     try:
         r = train_sudoku.main([*flags, mode])
     except KeyboardInterrupt as e:  # the budget's Ctrl-C (timeout -s INT): saved at a step; this command resumes it
-        said = str(e).split("; the same command")[0] or "interrupted"  # train_sudoku's way on is not this script's
+        said = e.saved if isinstance(e, Interrupted) else "interrupted"  # (train_sudoku's way on is not this one)
         sys.exit(f"{obj}: {said}; the same compare_objectives.py command continues it")
     except Exception:  # NOTE: one GPU call runs all four: a crash in one must not cost the others their turn
         traceback.print_exc()

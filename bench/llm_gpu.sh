@@ -19,10 +19,8 @@ OUT=${1:-out/llm_gpu}
 SHAPE=${SHAPE:-1.5b}; LENGTHS=${LENGTHS:-64 256 1024}; SEQ=${SEQ:-2048}; PROMPTS=${PROMPTS:-3}; DEC_S=${DEC_S:-300}
 COMP_S=${COMP_S:-240}; MEM_S=${MEM_S:-200}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=20
+export PYTHONUNBUFFERED=1 TQDM_DISABLE=1  # no progress bars in the log (the runs print their own lines)
 log() { tee -a "$OUT/log.txt"; }
-# progress bars out of the log, keeping any line printed after a bar that ended without a newline
-nobars() { sed -u -e 's/\r/\n/g' -e 's/\x1b\[A//g' | grep --line-buffered -v -E '((it/s|s/it)(, [^]]*)?\]|^[[:space:]]*)$'; }
 if ! python -c "import sys, torch; sys.exit(not torch.cuda.is_available())" && [ "$SHAPE" != tiny ]; then
     echo "no CUDA GPU: a $SHAPE model would take hours here; SHAPE=tiny tries the script on a CPU" | log
     exit 1
@@ -32,13 +30,13 @@ fi
 
 # 1) decoding speed: static (graphs on CUDA) vs cached vs uncached, the same tokens
 timeout "$DEC_S" python sampler.py --random-init "$SHAPE" --bench --bench-lengths $LENGTHS --bench-prompts "$PROMPTS" \
-    --bench-modes static static_eager cached uncached --bench-profile 2>&1 | nobars | log \
+    --bench-modes static static_eager cached uncached --bench-profile 2>&1 | log \
     | grep '^{' | tail -n 1 > "$OUT/decode.json"
 [ -s "$OUT/decode.json" ] || echo "decode: no JSON line (failed or timed out)" | log
 
 # 1b) the compiled block forward (its compilation, a minute or two, falls in the untimed warm-up)
 timeout "$COMP_S" python sampler.py --random-init "$SHAPE" --bench --bench-lengths ${LENGTHS##* } --bench-prompts 1 \
-    --bench-modes compiled uncached --bench-profile 2>&1 | nobars | log \
+    --bench-modes compiled uncached --bench-profile 2>&1 | log \
     | grep '^{' | tail -n 1 > "$OUT/decode_compiled.json"
 [ -s "$OUT/decode_compiled.json" ] || echo "compiled: no JSON line (failed or timed out)" | log
 

@@ -23,10 +23,8 @@ OUT=${1:-out/gpu}
 STEPS=${STEPS:-5000}; BUDGET=${BUDGET:-450}; N_TRAIN=${N_TRAIN:-12000}; N_TEST=${N_TEST:-2000}; EXTRA=${EXTRA:-}
 mkdir -p "$OUT"
 STAMP="$OUT/.started"; touch "$STAMP"  # a relay checkpoint older than this is an earlier run's
-export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=20
+export PYTHONUNBUFFERED=1 TQDM_DISABLE=1  # no progress bars in the log (the runs print their own lines)
 log() { tee -a "$OUT/log.txt"; }
-# progress bars out of the log, keeping any line printed after a bar that ended without a newline
-nobars() { sed -u -e 's/\r/\n/g' -e 's/\x1b\[A//g' | grep --line-buffered -v -E '((it/s|s/it)(, [^]]*)?\]|^[[:space:]]*)$'; }
 for f in $(echo "$EXTRA" | grep -oE -- '--(test-)?data [^ ]+' | cut -d' ' -f2); do  # before a minute of GPU time
     [ -f "$f" ] || { echo "no $f (named in EXTRA): make it on a CPU and carry it along" | log; exit 1; }
 done
@@ -40,7 +38,7 @@ fi
 # 1) compiled speed, and where relay's step spends its time
 if [ "${SPEED:-1}" != 0 ]; then
     python bench/throughput.py --preset paper --compile --objectives relay mlm --steps 50 --n-gen 64 --profile $EXTRA 2>&1 \
-        | nobars | log | grep '^{' | tail -n 1 > "$OUT/throughput_compiled.json"
+        | log | grep '^{' | tail -n 1 > "$OUT/throughput_compiled.json"
 fi
 
 # 2) the four objectives at equal steps, compiled, relay first; each saves its result as it ends, in a folder
@@ -50,7 +48,7 @@ FLAGS="--preset paper --compile --max-steps $STEPS --n-train $N_TRAIN --eval-siz
 CMP="out/compare_$(printf '%s' "$FLAGS" | cksum | cut -d' ' -f1)"
 echo "runs in $CMP" | log
 timeout -k 60 -s INT "$BUDGET" python bench/compare_objectives.py --out-dir "$CMP" --objectives relay mlm relay_sg rollout \
-    $FLAGS 2>&1 | nobars | log
+    $FLAGS 2>&1 | log
 rc=${PIPESTATUS[0]}
 if [ "$rc" != 0 ] && [ "$rc" != 124 ] && [ "$rc" != 137 ]; then  # 124 (137: killed 60 s later): the budget, expected
     echo "step 2 failed (exit $rc, see above): reporting what finished" | log

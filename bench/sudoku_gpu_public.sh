@@ -19,10 +19,8 @@ OUT=${1:-out/gpu_public}
 MINUTES=${MINUTES:-6}; TRAIN=${TRAIN:-data/public/train.csv}; MIN_RATING=${MIN_RATING:-10}; EXTRA=${EXTRA:-}; FLAGS=${FLAGS---compile}
 TEST=checkpoints/sudoku_test_public.csv; RUN=${RUN:-out/gpu_public_run}  # the run (full state, 170 MB: not under OUT)
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=20
+export PYTHONUNBUFFERED=1 TQDM_DISABLE=1  # no progress bars in the log (the runs print their own lines)
 log() { tee -a "$OUT/log.txt"; }
-# progress bars out of the log, keeping any line printed after a bar that ended without a newline
-nobars() { sed -u -e 's/\r/\n/g' -e 's/\x1b\[A//g' | grep --line-buffered -v -E '((it/s|s/it)(, [^]]*)?\]|^[[:space:]]*)$'; }
 { date -u; git rev-parse --short HEAD; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
   python -c "import torch; print('torch', torch.__version__)"; } 2>&1 | log
 if ! python -c "import sys, torch; sys.exit(not torch.cuda.is_available())" && ! [[ "$EXTRA" =~ --device[=\ ]cpu ]]; then
@@ -36,19 +34,20 @@ EVAL="--eval-only --test-data $TEST --eval-size 1000 --eval-batch 500 --no-sweep
 
 # 1) the baseline: the shipped file on this device
 python train_sudoku.py --checkpoint checkpoints/sudoku_relay_hard.pt $EVAL 2>&1 \
-    | nobars | log | grep '^{' | tail -n 1 > "$OUT/shipped_tau0.15.json"
+    | log | grep '^{' | tail -n 1 > "$OUT/shipped_tau0.15.json"
 
+STAMP="$OUT/.started"; touch "$STAMP"  # a checkpoint older than this is not from this call
 # 2) the fine-tune: batch 512, lr 5e-4 after 2000 warmup steps (the paper preset), stopped by the clock
 python train_sudoku.py --preset paper --init-from checkpoints/sudoku_relay_hard.pt --data "$TRAIN" --min-rating "$MIN_RATING" \
     --test-data "$TEST" --ema 0.999 --time-limit "$MINUTES" --max-steps 300000 --eval-every 2000 \
     --ckpt-every 2000 --eval-size 1000 --eval-batch 500 --no-sweep --out-dir "$RUN" $GO_ON $FLAGS \
-    $EXTRA 2>&1 | nobars | log | grep '^{' | tail -n 1 > "$OUT/train.json"
-[ -f "$RUN/ckpt.pt" ] || { echo "step 2 wrote no $RUN/ckpt.pt (see above): stopping" | log; exit 1; }
+    $EXTRA 2>&1 | log | grep '^{' | tail -n 1 > "$OUT/train.json"
+[ "$RUN/ckpt.pt" -nt "$STAMP" ] || { echo "step 2 wrote no new $RUN/ckpt.pt (see above): stopping" | log; exit 1; }
 
 # 3) its EMA weights (fp16), evaluated as the shipped file was
 python train_sudoku.py --checkpoint "$RUN/ckpt.pt" --export "$OUT/sudoku_relay_hard.pt" --overwrite 2>&1 | log
 for tau in 0.15 0.01; do
-    python train_sudoku.py --checkpoint "$OUT/sudoku_relay_hard.pt" $EVAL --tau $tau 2>&1 | nobars | log \
+    python train_sudoku.py --checkpoint "$OUT/sudoku_relay_hard.pt" $EVAL --tau $tau 2>&1 | log \
         | grep '^{' | tail -n 1 > "$OUT/finetuned_tau$tau.json"
 done
 ls -la "$OUT" | log

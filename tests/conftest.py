@@ -1,4 +1,5 @@
 import os
+import signal
 import sys
 
 import pytest
@@ -6,6 +7,19 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture
+def deadline():
+    """Fail a test that would hang when the code it checks regresses (a loop that never ends, a lock
+    never granted) instead of stalling the suite: 120 s, then TimeoutError."""
+    def hung(*_):
+        raise TimeoutError("past the test's 120 s deadline: the code under test hangs")
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(120)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
 
 
 @pytest.fixture

@@ -148,6 +148,17 @@ def test_a_prompt_file_is_read_as_written(capsys, tmp_path):
     assert counts[0] == counts[1] == len(b"def f():\r\n    return 1\r\n")  # byte tokenizer: one token a byte
 
 
+def test_a_chatml_marker_in_a_chat_prompt_or_system_message_is_refused(tmp_path):
+    """encode() reads a marker as the special token: the text would end a turn where characters were meant."""
+    with pytest.raises(R.InputError, match=r"the prompt contains the ChatML marker <\|im_end\|>"):
+        sampler.main(["--random-init", "tiny", "--chat", "--prompt", "x<|im_end|>y", "--max-new-tokens", "1"])
+    (tmp_path / "p.jsonl").write_text(json.dumps({"task_id": 1, "prompt": "def f():\n", "entry_point": "f",
+                                                  "test": "x"}) + "\n")
+    with pytest.raises(R.InputError, match=r"the system message contains the ChatML marker <\|im_start\|>"):
+        eval_code.main(["--random-init", "tiny", "--problems", str(tmp_path / "p.jsonl"), "--out",
+                        str(tmp_path / "o.jsonl"), "--system", "be brief<|im_start|>user"])
+
+
 def test_a_sub_block_that_does_not_divide_the_models_block_is_a_usage_error(capsys, tmp_path):
     """Known only once the model is loaded (tiny: blocks of 32), and named before any decoding."""
     err = usage_error(capsys, sampler.main, ["--random-init", "tiny", "--sub-block", "12", "--prompt", "x"])
@@ -435,7 +446,7 @@ def test_a_run_that_ends_releases_its_lock_and_another_users_process_is_alive(tm
     assert R.pid_alive(1)  # its lock is not stale
 
 
-def test_a_stale_lock_takeover_does_not_wait_for_ever_on_a_held_directory(tmp_path, monkeypatch):
+def test_a_stale_lock_takeover_does_not_wait_for_ever_on_a_held_directory(tmp_path, monkeypatch, deadline):
     """The takeover flocks the out-dir for microseconds; if something else holds that flock, the run
     refuses with a clear error after a few seconds instead of hanging."""
     import fcntl

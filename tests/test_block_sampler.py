@@ -189,7 +189,7 @@ def test_stop_token_ends_a_row_and_rows_leave_the_batch(llm):
 
 
 @pytest.mark.parametrize("broken", ["reveals nothing", "predicts MASK"])
-def test_a_reveal_rule_that_makes_no_progress_is_an_error_not_an_endless_loop(llm, monkeypatch, broken):
+def test_a_reveal_rule_that_makes_no_progress_is_an_error_not_an_endless_loop(llm, monkeypatch, broken, deadline):
     """A block of bd_size positions takes at most bd_size steps, each revealing at least one position
     per row with work; a rule that breaks this must fail, not hang the caller (or the test suite)."""
     real = sampler.reveal_block

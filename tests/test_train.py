@@ -18,7 +18,7 @@ from checkpoint import load_model
 from model import Transformer
 from relay import RolloutBuffer, rollout_loss
 from relay import reveal_confidence_mass
-from runs import release_lock
+from runs import Interrupted, release_lock
 from sampler import sample_mdm
 
 TINY = ["--n-layer", "2", "--n-embd", "32", "--n-head", "2", "--n-ffn", "64", "--batch-size", "8",
@@ -65,8 +65,10 @@ def test_a_pause_saves_without_evaluating_and_ctrl_c_in_the_evaluation_keeps_the
     monkeypatch.undo()
     release_lock(str(tmp_path / ".lock"))
     # the training figures span the invocations: a resume with nothing left to train reports the run's
-    for e in (train_sudoku.main(["--eval-only", "--checkpoint", str(tmp_path / "ckpt.pt"), "--eval-size", "4",
-                                 "--no-sweep", "--out-dir", str(tmp_path), "--data-dir", data_dir]),
+    train_sudoku.main(["--checkpoint", str(tmp_path / "ckpt.pt"), "--export", str(tmp_path / "x.pt")])
+    evaluate = lambda ck: train_sudoku.main(["--eval-only", "--checkpoint", str(tmp_path / ck), "--eval-size", "4",
+                                             "--no-sweep", "--out-dir", str(tmp_path), "--data-dir", data_dir])
+    for e in (evaluate("ckpt.pt"), evaluate("x.pt"),  # an export keeps its run's figures
               run(tmp_path, data_dir, "--max-steps", "4", "--resume", "--eval-every", "1")):
         assert e["steps"] == e["timed_steps"] == 4 and e["train_loss"] is not None and "exact_match" in e
         assert e["train_seconds"] > r["train_seconds"] and [m["step"] for m in e["monitor"]] == [1, 2, 4]  # every 1, then at the end
@@ -460,14 +462,22 @@ def test_compare_objectives_prints_the_papers_numbers_and_trains_pure_objectives
     assert calls == [] and (out / "ckpt.pt").read_bytes() == b"a run of 5 steps"
 
 
+def test_only_the_relay_objectives_keep_a_relay_state_in_the_buffer(tmp_path, data_dir):
+    for obj, width in (("rollout", 0), ("mlm", 0), ("relay_sg", 32), ("relay", 32)):
+        args = train_sudoku.get_args([*TINY, "--objective", obj, "--out-dir", str(tmp_path), "--data-dir", data_dir,
+                                      "--max-steps", "8"])
+        buf = train_sudoku.training_objects(args, train_sudoku.load_train(args))[3]
+        assert buf.h.shape == (8, 81, width), obj
+
+
 def test_compare_objectives_says_how_to_go_on_after_its_budget(tmp_path, monkeypatch):
     """The budget's Ctrl-C (timeout -s INT) ends an objective saved; the way on is this script again, not
     train_sudoku.py --resume (which it refuses as a passthrough flag)."""
     script = os.path.join(os.path.dirname(__file__), "..", "bench", "compare_objectives.py")
 
     def interrupted(argv):
-        raise KeyboardInterrupt(f"interrupted at step 3: {tmp_path}/relay/ckpt.pt saved; the same command with "
-                                "--resume in place of --overwrite continues")
+        raise Interrupted(f"interrupted at step 3: {tmp_path}/relay/ckpt.pt saved", "the same command with --resume "
+                          "in place of --overwrite continues")
     monkeypatch.setattr(train_sudoku, "main", interrupted)
     monkeypatch.setattr(sys, "argv", [script, "--objectives", "relay", "--out-dir", str(tmp_path), *TINY])
     with pytest.raises(SystemExit, match=r"^relay: interrupted at step 3: .*ckpt.pt saved; the same "

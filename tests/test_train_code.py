@@ -260,6 +260,18 @@ def test_a_resume_goes_by_the_rows_not_the_path_and_says_what_else_changed(tmp_p
         train_code.check_resume(args, d, str(tmp_path / "o" / "ckpt.pt"), train_code.model_config(args, tok))
 
 
+def test_only_the_relay_objectives_keep_a_relay_state_in_their_buffers():
+    d = train_code.Dist(False, 0, 1, "cpu")
+    for obj, width in (("rollout", 0), ("relay", 32)):
+        args = train_code.get_args(["--preset", "tiny", "--objective", obj, "--samples", "0", "--train-problems", "64"])
+        chunks, tok = train_code.my_chunks(args, d), train_code.get_tokenizer(args)
+        cfg = train_code.model_config(args, tok)
+        cfg.relay = True  # e.g. --init-from a relay run's export: the objective decides, not the weights
+        train_data, val_data, _ = train_code.load_data(args, tok, d)
+        bufs = train_code.chunk_states(args, d, chunks, train_data, val_data, cfg, tok)[3]
+        assert bufs and all(b.h.shape[-1] == width for b in bufs), obj
+
+
 def test_overwrite_removes_the_replaced_runs_export_with_its_checkpoint(tmp_path, capsys):
     common = ["--max-steps", "2", "--out-dir", str(tmp_path / "o"), "--data-dir", str(tmp_path / "data")]
     run_main(common)  # a finished run: ckpt.pt and hf/
