@@ -839,6 +839,9 @@ def test_an_out_dir_that_is_a_file_or_empty_is_named(tmp_path):
         R.claim_out_dir(str(tmp_path / "f"), False, False)
     with pytest.raises(R.InputError, match="--out-dir: empty"):
         R.claim_out_dir("", False, False)
+    for argv in (["--max-steps", "1"], ["--solve", "." * 81, "--checkpoint", os.path.join(ROOT, "checkpoints", "sudoku_relay_cpu.pt")]):
+        with pytest.raises(R.InputError, match="is a file: give a directory"):  # before any work, in every mode
+            train_sudoku.main([*argv, "--out-dir", str(tmp_path / "f")])
 
 
 def test_two_ctrl_c_within_a_second_are_one(monkeypatch):
