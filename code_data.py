@@ -75,6 +75,8 @@ def jsonl_lines(path):
     with open(path, "rb") as f:
         for n, raw in enumerate(iter(lambda: f.readline(MAX_ROW_BYTES + 2), b""), 1):
             where = f"{path}:{n}"
+            if n == 1 and raw.startswith(b"\x1f\x8b"):  # gzip's magic: not text at all
+                raise InputError(f"{path}: a gzip file; decompress it (or pass <(zcat {path}))")
             if len(raw.rstrip(b"\r\n")) > MAX_ROW_BYTES:
                 raise InputError(f"{where}: row longer than {MAX_ROW_BYTES} bytes (a row must fit --seq-len "
                                  f"tokens): refused before tokenizing")

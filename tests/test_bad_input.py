@@ -2,6 +2,7 @@
 or another run, corrupt or wrong-kind checkpoints, a full disk, bad chat JSONL, and bad Fast-dLLM v2 /
 Qwen2 directories (config.json types, shard index, vocabulary, mask token id)."""
 import errno
+import gzip
 import io
 import json
 import os
@@ -599,6 +600,12 @@ def chat_file(tmp_path, *lines, raw=None):
     return p
 
 
+def test_a_gzipped_chat_file_is_named_as_such(tmp_path):
+    p = chat_file(tmp_path, raw=gzip.compress(json.dumps(GOOD_ROW).encode() + b"\n"))
+    with pytest.raises(R.InputError, match=r"chat.jsonl: a gzip file; decompress it \(or pass <\(zcat "):
+        code_data.read_chat_jsonl(str(p), byte_tokenizer(), 256, 16)
+
+
 def test_chat_rows_with_the_mask_token_are_refused(tmp_path):
     bad = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": f"a {MASK_TOKEN} b"}]}
     p = chat_file(tmp_path, json.dumps(GOOD_ROW), json.dumps(bad))
@@ -839,7 +846,8 @@ def test_an_out_dir_that_is_a_file_or_empty_is_named(tmp_path):
         R.claim_out_dir(str(tmp_path / "f"), False, False)
     with pytest.raises(R.InputError, match="--out-dir: empty"):
         R.claim_out_dir("", False, False)
-    for argv in (["--max-steps", "1"], ["--solve", "." * 81, "--checkpoint", os.path.join(ROOT, "checkpoints", "sudoku_relay_cpu.pt")]):
+    shipped = os.path.join(ROOT, "checkpoints", "sudoku_relay_cpu.pt")
+    for argv in (["--max-steps", "1"], ["--solve", "." * 81, "--checkpoint", shipped]):
         with pytest.raises(R.InputError, match="is a file: give a directory"):  # before any work, in every mode
             train_sudoku.main([*argv, "--out-dir", str(tmp_path / "f")])
 
