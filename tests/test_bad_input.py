@@ -237,7 +237,7 @@ def tokenizer_with(change):
 @pytest.mark.parametrize("name,content,msg", [
     ("tokenizer.json", "{not json", r"tokenizer.json:1: not valid JSON"),
     ("tokenizer.json", b"\xff{}", r"tokenizer.json: not UTF-8 text \(byte 0"),
-    ("tokenizer.json", "[]", r"tokenizer.json: expected an object, found a JSON list"),
+    ("tokenizer.json", "[]", r"tokenizer.json: expected an object, found a JSON array"),
     ("tokenizer.json", tokenizer_with(lambda s: s.update(model="BPE")), r"only byte-level BPE .*'BPE'"),
     ("tokenizer.json", tokenizer_with(lambda s: s["model"].pop("vocab")), r"model.vocab must be an object"),
     ("tokenizer.json", tokenizer_with(lambda s: s["added_tokens"][0].pop("id")), r"added_tokens must be a list of obj"),
