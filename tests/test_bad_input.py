@@ -112,6 +112,7 @@ EVAL_BAD = [
     (["--sweep", "0.9,0.5,0.9"], "--sweep: [0.9, 0.5, 0.9] repeats a threshold"),
     (["--plot", "f.png"], "--plot draws a --sweep: give one"),
     (["--timeout", "1e308"], "--timeout 1e+308: at most a day per program"),
+    (["--timeout", "86401"], "--timeout 86401: at most a day per program"),
     (["--check", "c"], "unrecognized arguments: --check c"),  # not --checkpoint: a prefix is not the flag
     (["--sweep", "0.9", "--plot", "f.xyz"], "--plot f.xyz: a .png, .pdf or .svg file"),
 ]
@@ -164,6 +165,8 @@ def test_a_sub_block_that_does_not_divide_the_models_block_is_a_usage_error(caps
     """Known only once the model is loaded (tiny: blocks of 32), and named before any decoding."""
     err = usage_error(capsys, sampler.main, ["--random-init", "tiny", "--sub-block", "12", "--prompt", "x"])
     assert "--sub-block 12 does not divide the block size 32" in err
+    sampler.main(["--random-init", "tiny", "--bd-size", "24", "--sub-block", "12", "--prompt", "x", "--max-new-tokens",
+                  "2"])  # the block size given, not the model's
     (tmp_path / "p.jsonl").write_text(json.dumps({"task_id": 1, "prompt": "def f():\n", "entry_point": "f",
                                                   "test": "x"}) + "\n")
     err = usage_error(capsys, eval_code.main, ["--random-init", "tiny", "--problems", str(tmp_path / "p.jsonl"),
@@ -187,6 +190,10 @@ def test_eval_code_never_writes_over_its_input_nor_loses_an_earlier_output(capsy
                                                    str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "m" / other)])
         assert f"--out {tmp_path / 'm' / other} exists and is not a samples file of this script" in err
     assert (tmp_path / "m" / "config.json").read_bytes() == config
+    for text, ok in (("", True), ("5\n", False), ('["task_id", "completion", "model", "threshold"]\n', False)):
+        (tmp_path / "o.jsonl").write_text(text)  # an empty file is an earlier (empty) run's; a JSON number is not
+        assert eval_code.is_samples_file(str(tmp_path / "o.jsonl")) is ok, text
+    os.remove(tmp_path / "o.jsonl")
     w = tmp_path / "m" / "model.safetensors"
     w.write_bytes(w.read_bytes()[:1000])  # a truncated download: the run fails after it started
     with pytest.raises(ValueError, match="model.safetensors"):
@@ -240,6 +247,8 @@ def tokenizer_with(change):
     ("tokenizer.json", "[]", r"tokenizer.json: expected an object, found a JSON array"),
     ("tokenizer.json", tokenizer_with(lambda s: s.update(model="BPE")), r"only byte-level BPE .*'BPE'"),
     ("tokenizer.json", tokenizer_with(lambda s: s["model"].pop("vocab")), r"model.vocab must be an object"),
+    ("tokenizer.json", tokenizer_with(lambda s: s["model"]["vocab"].update(zzz="7")), r"model.vocab must be an object"),
+    ("model.safetensors.index.json", "[]", r"index.json: expected an object, found a JSON array"),
     ("tokenizer.json", tokenizer_with(lambda s: s["added_tokens"][0].pop("id")), r"added_tokens must be a list of obj"),
     ("added_tokens.json", "{bad", r"added_tokens.json:1: not valid JSON"),
     ("added_tokens.json", '{"<|x|>": "7"}', r"added_tokens.json: every token's id must be an integer"),

@@ -18,7 +18,7 @@ from checkpoint import load_model
 from model import Transformer
 from relay import RolloutBuffer, rollout_loss
 from relay import reveal_confidence_mass
-from runs import Interrupted, release_lock
+from runs import Interrupted, release_lock, stop_reason
 from sampler import sample_mdm
 
 TINY = ["--n-layer", "2", "--n-embd", "32", "--n-head", "2", "--n-ffn", "64", "--batch-size", "8",
@@ -91,6 +91,32 @@ def test_a_longer_resumed_run_does_not_go_back_to_mlm(tmp_path, data_dir, capsys
     r = run(tmp_path, data_dir, *common, "--max-steps", "8", "--resume")  # 0.5 x 8 would put the switch at 4
     assert r["mlm_steps"] == 2 and r["steps"] == 8
     assert "MLM warm start: ended at step 2 of this run, which stays" in capsys.readouterr().out
+
+
+def test_why_a_training_loop_stops_and_its_steady_rate():
+    from argparse import Namespace
+    a = Namespace(time_limit=1.0, stop_after=5, batch_size=8)
+    assert stop_reason(a, False, 59, 0) is None and stop_reason(a, False, 61, 0) == "--time-limit"  # minutes
+    assert stop_reason(a, True, 0, 0) == "Ctrl-C" and stop_reason(a, False, 0, 5) == "--stop-after"
+    assert stop_reason(a, False, 61, 5) == "--time-limit"  # both due: the run is evaluated
+    assert train_sudoku.steady_rate(a, (0.0, 5, 0.0), 5, 0.0) is None  # no step after the first read yet
+    assert train_sudoku.steady_rate(a, None, 9, 0.0) is None
+    # a resume with nothing left to train keeps the figures of the invocations before it
+    before = {"train_seconds": 2.0, "timed_steps": 4, "train_loss": 1.5, "train_rows_per_s_steady": 5.0,
+              "monitor": [{"step": 4}]}
+    a.objective, a.mlm_steps = "relay", 0
+    s = train_sudoku.training_summary(a, 4, [], 0.0, None, [], steps=0, before=before)
+    assert (s["train_seconds"], s["timed_steps"], s["train_loss"], s["train_rows_per_s_steady"]) == (2.0, 4, 1.5, 5.0)
+    assert s["train_rows_per_s"] == 8 * 4 / 2.0 and s["monitor"] == [{"step": 4}]
+
+
+def test_the_table_puts_the_batch_nfe_on_the_all_row_only(capsys):
+    tier = {"n": 2, "exact_match": 0.5, "token_acc": 0.5, "legal_rate": 0.5, "nfe": 3.0}
+    train_sudoku.print_table([{"tau": 0.15, "n": 4, "exact_match": 0.5, "token_acc": 0.5, "legal_rate": 0.5,
+                               "nfe": 3.5, "nfe_batch": 7.0, "singles": tier, "search": tier}])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[-3:] == ["NFE/puz", "NFE", "batch"] and lines[1].split()[-2:] == ["3.5", "7.0"]
+    assert [ln.split()[1] for ln in lines[2:]] == ["singles", "search"] and all(ln.split()[-1] == "3.0" for ln in lines[2:])
 
 
 def test_the_monitor_sees_every_tier():

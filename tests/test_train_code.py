@@ -260,6 +260,32 @@ def test_a_resume_goes_by_the_rows_not_the_path_and_says_what_else_changed(tmp_p
         train_code.check_resume(args, d, str(tmp_path / "o" / "ckpt.pt"), train_code.model_config(args, tok))
 
 
+def test_a_resume_with_another_objective_is_refused_and_one_at_its_end_validates_once(tmp_path):
+    common = ["--max-steps", "4", "--out-dir", str(tmp_path / "o"), "--data-dir", str(tmp_path / "data"),
+              "--sft-frac", "0.25"]
+    paused = run_main(common + ["--stop-after", "2"])
+    with pytest.raises(ValueError, match=r"another setup: flags \{'objective': \('relay_sg', 'relay'\)\}"):
+        run_main(common + ["--resume", "--objective", "relay_sg"])  # the same model: only the flag tells
+    again = run_main(common + ["--resume", "--max-steps", "2"])  # nothing left to train: no second validation
+    assert again["val_curve"] == paused["val_curve"] and again["timed_steps"] == 2
+
+
+def test_the_validation_set_does_not_depend_on_eval_problems_and_seq_len_may_reach_the_limit(tmp_path):
+    d = train_code.Dist(False, 0, 1, "cpu")
+    vals = []
+    for n in ("2", "300"):
+        args = train_code.get_args(["--preset", "tiny", "--eval-problems", n, "--train-problems", "64"])
+        tok = train_code.get_tokenizer(args)
+        vals.append(train_code.load_data(args, tok, d)[1])
+    assert len(vals[0]) == len(vals[1]) == train_code.VAL_PROBLEMS
+    assert all((a[0] == b[0]).all() for a, b in zip(*vals))
+    run_main(["--max-steps", "1", "--objective", "sft", "--out-dir", str(tmp_path / "o"), "--data-dir", str(tmp_path)])
+    cfg = json.loads((tmp_path / "o" / "hf" / "config.json").read_text())
+    (tmp_path / "o" / "hf" / "config.json").write_text(json.dumps({**cfg, "max_position_embeddings": 384}))
+    args = train_code.get_args(["--init-from", str(tmp_path / "o" / "hf"), "--seq-len", "384", "--objective", "sft"])
+    assert train_code.model_config(args, load_tokenizer(str(tmp_path / "o" / "hf"))).bd_size == 16  # at the limit: fine
+
+
 def test_only_the_relay_objectives_keep_a_relay_state_in_their_buffers():
     d = train_code.Dist(False, 0, 1, "cpu")
     for obj, width in (("rollout", 0), ("relay", 32)):
