@@ -664,8 +664,9 @@ def main(argv=None):
             return
     else:
         model, tok = load_pretrained(args.checkpoint, device=args.device, dtype=dtype)
-    if (bs := block_sizes(model, args.bd_size, args.sub_block))[0] % bs[1]:
-        p.error(f"--sub-block {args.sub_block} does not divide the block size {bs[0]}")
+    bd, sub = block_sizes(model, args.bd_size, args.sub_block)
+    if bd % sub:
+        p.error(f"--sub-block {sub} does not divide the block size {bd}")
     gen_kw = dict(threshold=args.threshold, bd_size=args.bd_size, sub_block=args.sub_block, stop_ids=tok.stop_ids,
                   use_relay=not args.no_relay,  # any pad id works: no real token attends to padding
                   pad_id=tok.stop_ids[-1] if tok.stop_ids else 0)

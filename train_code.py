@@ -397,7 +397,7 @@ DATA_FLAGS = ("batch_size", "micro_batch", "seq_len", "seed", "data", "train_pro
 # what a resume may change without a note (the rest is compared above, or logged when it differs)
 RUN_FLAGS = {"resume", "overwrite", "max_steps", "stop_after", "time_limit", "eval_every", "ckpt_every", "device",
              "compile", "samples", "out_dir", "data_dir", "unsafe_no_isolation", "eval_batches", "eval_problems",
-             "fsdp", "data", "sft_steps", "schedule", *DATA_FLAGS}
+             "fsdp", "sft_steps", "schedule", *DATA_FLAGS}
 
 
 def check_resume(args, d, path, cfg):

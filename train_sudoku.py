@@ -118,7 +118,8 @@ def get_args(argv=None):
     p.add_argument("--min-rating", type=nonneg_int, default=0,
                    help="with --data: train only on rows whose rating column is at least this (e.g. 10: the hard "
                         "part of a public set, RESULTS.md)")
-    p.add_argument("--n-train", type=positive_int, default=6000, help="generated training puzzles, at most (before augmentation; a short run makes only what it can use)")
+    p.add_argument("--n-train", type=positive_int, default=6000, help="generated training puzzles, at most (before "
+                   "augmentation; a short run makes only what it can use)")
     p.add_argument("--eval-size", type=positive_int, default=512, help="test puzzles")
     p.add_argument("--eval-batch", type=positive_int, default=256, help="puzzles per sampler batch (NFE batch depends on it)")
     p.add_argument("--eval-every", type=positive_int, default=500, help="steps between monitoring evals (128 test puzzles)")
@@ -440,12 +441,12 @@ def plot_curves(curves, path, title):
     plt.close(fig)
 
 
-def training_summary(args, step, losses, train_seconds, steady, monitor, steps=None, before=None):
-    """A run's training figures for its JSON line: this invocation's `steps` (default len(losses)) in
-    train_seconds, added to `before`, the figures of the invocations it resumes (their checkpoint's
-    "trained"). steady: training rows/s after the first LOG_EVERY steps (no compilation or warm-up in it)."""
+def training_summary(args, step, losses, train_seconds, steady, monitor, steps=0, before=None):
+    """A run's training figures for its JSON line: this invocation's `steps` in train_seconds, added to
+    `before`, the figures of the invocations it resumes (their checkpoint's "trained"). steady: training
+    rows/s after the first LOG_EVERY steps (no compilation or warm-up in it)."""
     before = before or {}
-    timed = before.get("timed_steps", 0) + (len(losses) if steps is None else steps)
+    timed = before.get("timed_steps", 0) + steps
     train_seconds += before.get("train_seconds", 0.0)
     return {"objective": args.objective, "mlm_steps": min(args.mlm_steps, step), "steps": step,
             "train_loss": float(np.mean(losses[-LOG_EVERY:])) if len(losses) else before.get("train_loss"),
@@ -592,11 +593,12 @@ def main(argv=None):
     if args.init_from and not ck:  # resumed: the run's checkpoint holds the fine-tuned weights
         init_from(args.init_from, model, ema)
     train_model = torch.compile(model, mode=args.compile) if args.compile else model  # what the losses call
+    summary = lambda: training_summary(args, step, losses, time.time() - t0 - t_off,  # noqa: E731
+                                       steady_rate(args, warm, step, t_off), monitor, steps=step - step0, before=before)
+
     def save():  # -> its seconds, which are not training time
         t1 = time.time()
-        trained = training_summary(args, step, losses, t1 - t0 - t_off, steady_rate(args, warm, step, t_off), monitor,
-                                   steps=step - step0, before=before)
-        save_checkpoint(training_state(args, step, model, ema, opt, buf, stream, gen, trained), ckpt_path)
+        save_checkpoint(training_state(args, step, model, ema, opt, buf, stream, gen, summary()), ckpt_path)
         return time.time() - t1
 
     # 5) the training loop. Losses stay on the device and are read every LOG_EVERY steps: a host
@@ -646,8 +648,7 @@ def main(argv=None):
         StopOnInterrupt.exit(step, ckpt_path, args.overwrite)
     # 6) finish: evaluate at tau, sweep tau, curve, table, JSON line (a pause: the training figures only)
     # train_seconds leave out the monitor's evaluations and the saves (rows/s is the training speed)
-    trained = training_summary(args, step, losses, time.time() - t0 - t_off, steady_rate(args, warm, step, t_off),
-                               monitor, steps=step - step0, before=before)
+    trained = summary()
     return {**end_of_run(args, ema or model, test, ctx, step, t_start, trained, stop, ckpt_path), "losses": losses}
 
 
