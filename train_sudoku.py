@@ -472,7 +472,7 @@ def finish(args, model, test, ctx, step, t_start, trained=None):
     result = {**trained, **{k: main_r[k] for k in (
         "tau", "exact_match", "token_acc", "nfe", "nfe_batch", "legal_rate", "puzzles_per_s")},
         **{g: main_r.get(g) for g in ("singles", "search", "hard", "rating40")},
-        "n_test": len(test["question"]), "test_data": args.test_data or "generated",
+        "n_test": len(test["question"]), "test_data": args.test_data or "generated", "dtype": args.dtype,
         "seconds": time.time() - t_start, "curve": [{k: r[k] for k in ("tau", "exact_match", "nfe")} for r in curve]}
     print(json.dumps(result))
     return result

@@ -104,14 +104,16 @@ for obj in args.objectives:  # the trainer's own step (loss, clip, AdamW, EMA), 
         flops = matmul * 81 * (1 if obj == "mlm" else a.K)
         out[f"mfu_bf16_{obj}"] = rows_per_s * flops / PEAK_BF16
     out["device"], out["preset"], out["batch_size"], out["compile"] = a.device, a.preset, a.batch_size, a.compile
-if trained is not None:
+    out["dtype"] = a.dtype
+if trained is not None:  # decoding as train_sudoku evaluates: the same --dtype (autocast)
     model = trained.to(out["device"])
     x = torch.from_numpy(gen_data["question"]).long().to(out["device"])
-    sample_mdm(model, x[:16])
-    sync(out["device"])
-    t = time.time()
-    res, st = sample_mdm(model, x)
-    sync(out["device"])
+    with ctx:
+        sample_mdm(model, x[:16])
+        sync(out["device"])
+        t = time.time()
+        res, st = sample_mdm(model, x)
+        sync(out["device"])
     out["sampler_puzzles_per_s"] = len(x) / (time.time() - t)
     out["sampler_nfe"] = float(st["nfe"].float().mean())
     out["sampler_exact_match_generated"] = float((res.cpu().numpy() == gen_data["answer"]).all(1).mean())

@@ -222,6 +222,7 @@ def test_trains_from_csv_files(tmp_path, data_dir, capsys):
     r = run(tmp_path, data_dir, "--max-steps", "2", "--data", str(tmp_path / "train.csv"),
             "--test-data", str(tmp_path / "test.csv"))
     assert r["steps"] == 2 and r["n_test"] == 4 and r["test_data"] == str(tmp_path / "test.csv")
+    assert r["dtype"] == "float32"  # the precision the numbers were measured in (bf16 gives others)
     assert sum(r[t]["n"] for t in ("singles", "search") if r.get(t)) == 4  # evaluated on the CSV's 4 puzzles
     assert "NOTE: 0 training puzzles repeat an earlier one; 4 test puzzles are training puzzles too" in \
         capsys.readouterr().out  # here on purpose, but a user hears of it
