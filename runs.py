@@ -5,13 +5,12 @@ output directory that belongs to this run alone (a lock, and no new run over an 
 Ctrl-C ending a training loop at a step (StopOnInterrupt), bad input (InputError), a refusal (Refused) or
 a missing or existing file ending a run with one line (run_cli), an output file checked before any work
 (check_out_file), a file written whole or not at all (written_whole), an npz cache of generated data
-(cached); freed memory kept for reuse (keep_freed_memory); the CPU's name and the GPU's busy time that
-benchmarks print beside their figures. No command of its own.
+(cached); the CPU's name and the GPU's busy time that benchmarks print beside their figures. No command
+of its own.
 """
 import argparse
 import atexit
 import contextlib
-import ctypes
 import json
 import math
 import os
@@ -47,7 +46,6 @@ def run_cli(main):
     """A script's entry point: an InputError, a Refused, or a file that is missing, in the way or not
     readable, ends the run with its message and exit status 1, no traceback; Ctrl-C with its message
     (or "interrupted") and death by SIGINT; any other error keeps its traceback (it may be a bug)."""
-    keep_freed_memory()
     try:
         main()
     except ENVIRONMENT_ERRORS + (InputError, Refused) as e:
@@ -59,22 +57,6 @@ def run_cli(main):
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)
         sys.exit(130)
-
-
-def keep_freed_memory():
-    """Let the process reuse the memory its tensors free. glibc's malloc gives every freed block of 32 MB
-    or more straight back to the kernel (and trims the heap past a threshold), so the next tensor that
-    size is fresh pages, each 4 KB a page fault on first touch: on a 2-core Xeon VM, a quarter of the time
-    of a batch-256 Sudoku decode (RESULTS.md, "Freed memory kept"). jemalloc and tcmalloc keep freed
-    memory; these two settings make glibc do so too. Memory is still returned past 1 GiB of free heap top.
-    Returns whether it applied: False where the C library is not glibc."""
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # <malloc.h>
-    # no block gets its own mapping: all come from the heap and are reused there
-    return mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):

@@ -28,7 +28,7 @@ import sudoku  # noqa: E402
 import train_sudoku as ts  # noqa: E402
 from checkpoint import load_model  # noqa: E402
 from relay import OBJECTIVES  # noqa: E402
-from runs import argparser, cpu_name, keep_freed_memory, kernel_ms, nonneg_int, positive_int  # noqa: E402
+from runs import argparser, cpu_name, kernel_ms, nonneg_int, positive_int  # noqa: E402
 from sampler import sample_mdm  # noqa: E402
 
 p = argparser(__doc__)
@@ -59,7 +59,6 @@ def processor():
     return cpu_name(), torch.cuda.get_device_name() if torch.cuda.is_available() else None
 
 
-keep_freed_memory()  # as every script does (run_cli), so these are the speeds a run gets
 out = {"torch": torch.__version__, "threads": torch.get_num_threads()}
 out["cpu"], out["gpu"] = processor()
 t0 = time.time()

@@ -93,30 +93,6 @@ def test_a_longer_resumed_run_does_not_go_back_to_mlm(tmp_path, data_dir, capsys
     assert "MLM warm start: ended at step 2 of this run, which stays" in capsys.readouterr().out
 
 
-def test_scripts_reuse_freed_memory_instead_of_faulting_in_fresh_pages(monkeypatch):
-    import runs
-    calls = []
-    monkeypatch.setattr(runs, "keep_freed_memory", lambda: calls.append(1))
-    runs.run_cli(lambda: None)
-    assert calls == [1]
-    # glibc maps each freed block of 32 MB or more back to the kernel: 64 MB of fresh pages is 16,384
-    # page faults at every allocation, unless run_cli's keep_freed_memory made it reuse the heap
-    probe = """if 1:
-        import resource, sys, torch, runs
-        if not runs.keep_freed_memory():
-            sys.exit(77)
-        def faults():
-            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            torch.ones(2 ** 24).sum()  # a 64 MB tensor, allocated, touched and freed
-            return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-        print(min(faults() for _ in range(6)))"""
-    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=os.path.dirname(relay.__file__))
-    if r.returncode == 77:
-        pytest.skip("the C library is not glibc")
-    assert r.returncode == 0, r.stderr
-    assert int(r.stdout) < 1000
-
-
 def test_why_a_training_loop_stops_and_its_steady_rate():
     from argparse import Namespace
     a = Namespace(time_limit=1.0, stop_after=5, batch_size=8)
