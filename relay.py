@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from model import RelayChannel, forward_doubled, unwrap
 
 OBJECTIVES = ("mlm", "rollout", "relay_sg", "relay")  # the four rows of Table 1
+RELAY_OBJECTIVES = ("relay_sg", "relay")  # the two that carry h from step to step (a relay channel, a buffered h)
 
 
 # ---------------------------------------------------------------------------------------------

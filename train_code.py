@@ -56,7 +56,7 @@ from checkpoint import (check_tokenizer, config_diff, from_pretrained, load_chec
 from code_data import (Rows, data_digest, held_out_signatures, load_stdlib, read_chat_jsonl, synthetic_problems,
                        synthetic_rows, synthetic_tokenizer)
 from model import QWEN2, SHAPES, ModelConfig, Transformer, device_flag, pick_device, shape_problem
-from relay import RolloutBuffer, add_relay, reveal_threshold_blocks, rollout_loss, sft_loss
+from relay import RELAY_OBJECTIVES, RolloutBuffer, add_relay, reveal_threshold_blocks, rollout_loss, sft_loss
 from runs import (InputError, Refused, StopOnInterrupt, argparser, claim_out_dir, given_flags, how_to_continue,
                   nonneg_float, nonneg_int, positive_float, positive_int, run_cli, seed_int, stop_reason, unit_float)
 from eval_code import evaluate, with_check
@@ -308,7 +308,7 @@ def model_config(args, tok):
     """The model the flags describe, before any weight is read (a resume is checked against it first):
     --init-from's config.json, with a relay for the relay objectives, or a Qwen2.5 shape from scratch.
     --init-from sets the block size (the rows are padded to it)."""
-    relay = args.objective in ("relay_sg", "relay")
+    relay = args.objective in RELAY_OBJECTIVES
     if args.init_from:
         cfg, hf_cfg = read_config(args.init_from)
         cfg.relay = cfg.relay or relay  # what add_relay does to the loaded model
@@ -630,7 +630,7 @@ def chunk_states(args, d, chunks, train_data, val_data, cfg, tok):
     val_rows = Rows(val_data, args.seq_len, args.seed, 10 ** 6, pad_id, d.device)
     gens = [torch.Generator(device=d.device).manual_seed(args.seed * 1000 + c) for c in chunks]
     n_bufs = (len(chunks) if args.buffers == "chunk" else 1) if args.objective != "sft" else 0
-    D = cfg.n_embd if args.objective in ("relay_sg", "relay") else 0  # the rollout objective carries no relay state
+    D = cfg.n_embd if args.objective in RELAY_OBJECTIVES else 0  # the rollout objective carries no relay state
     bufs = [RolloutBuffer(args.micro_batch, args.seq_len, D, cfg.mask_id, d.device) for _ in range(n_bufs)]
     return streams, val_rows, gens, bufs
 

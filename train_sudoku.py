@@ -35,7 +35,7 @@ import sudoku
 import sudoku_solver
 from checkpoint import config_diff, export_weights, load_checkpoint, load_model, load_state, save_checkpoint
 from model import ModelConfig, Transformer, device_flag, pick_device, shape_problem
-from relay import OBJECTIVES, RolloutBuffer, mlm_loss, reveal_jittered_mass, rollout_loss
+from relay import OBJECTIVES, RELAY_OBJECTIVES, RolloutBuffer, mlm_loss, reveal_jittered_mass, rollout_loss
 from runs import (InputError, Interrupted, StopOnInterrupt, argparser, check_out_file, claim_out_dir, given_flags,
                   how_to_continue, make_out_dir, nonneg_float, nonneg_int, positive_float, positive_int, run_cli,
                   seed_int, stop_reason, unit_float)
@@ -269,7 +269,7 @@ def model_config(args):
                        n_embd=args.n_embd, n_ffn=args.n_ffn, dropout=args.dropout, mask_id=0,
                        n_pos=81 if args.pos_emb == "sudoku" else 0,
                        embed_std=args.n_embd ** -0.5 if args.tie_embeddings else 1.0,
-                       tie_embeddings=args.tie_embeddings, relay=args.objective in ("relay_sg", "relay"))
+                       tie_embeddings=args.tie_embeddings, relay=args.objective in RELAY_OBJECTIVES)
 
 
 def init_sudoku_positions(model, gen):
@@ -554,7 +554,7 @@ def training_objects(args, train):
     opt = torch.optim.AdamW(model.param_groups(args.weight_decay), lr=args.lr, fused=args.device.startswith("cuda"))
     stream = Stream(train, args.seed, args.device)
     gen = torch.Generator(device=args.device).manual_seed(args.seed)  # tau jitter and MLM noise
-    D = model.cfg.n_embd if args.objective in ("relay_sg", "relay") else 0  # rollout and mlm carry no relay state
+    D = model.cfg.n_embd if args.objective in RELAY_OBJECTIVES else 0  # rollout and mlm carry no relay state
     buf = RolloutBuffer(args.batch_size, 81, D, model.cfg.mask_id, args.device)
     return model, ema, opt, buf, stream, gen
 
