@@ -281,23 +281,30 @@ def apply_rope(x, cos, sin):  # x: (B, H, T, hd); in x's dtype, as Qwen2 does
     return x * cos.to(x.dtype) + torch.cat([-x2, x1], dim=-1) * sin.to(x.dtype)
 
 
-def eager_cpu(x):
-    """Eager code on the CPU: where torch's dropout and SDPA-with-dropout are slow (dropout below)."""
-    return x.device.type == "cpu" and not torch.compiler.is_compiling()
+@torch.library.custom_op("relay::keep_mask", mutates_args=())
+def keep_mask(x: torch.Tensor, drop: int) -> torch.Tensor:
+    """bool (x.shape): True with probability (65536 - drop) / 65536, from 16 random bits per element
+    of torch's CPU generator. An op of its own, so torch.compile calls it as it is and fuses what is
+    around it: Inductor's own CPU random numbers made a compiled step slower than an eager one."""
+    bits = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_(-2 ** 63, 2 ** 63 - 1)
+    return bits.view(torch.int16)[:x.numel()].view(x.shape) >= drop - 32768
+
+
+@keep_mask.register_fake
+def _(x, drop):
+    return torch.empty_like(x, dtype=torch.bool)
 
 
 def dropout(x, p, training=True):
-    """F.dropout, but eager on the CPU the mask comes from 16 random bits per element: torch's CPU
-    Bernoulli sampler takes about 3x as long and was 13-18 % of a bf16 Sudoku training step
-    (RESULTS.md, "CPU training throughput"). An element is kept with probability q = 1 - round(p 2^16)
-    / 2^16 (within 2^-17 of 1 - p) and scaled by 1/q, so the output's mean is x exactly. Seeded by
-    torch's CPU generator like F.dropout, though the two draw different masks."""
-    if not training or not 0 < p < 1 or not eager_cpu(x):
-        return F.dropout(x, p, training)  # on GPUs and in compiled code torch's own is fused and fast
+    """F.dropout, but on the CPU the mask comes from keep_mask: torch's CPU Bernoulli sampler takes
+    about 3x as long and was 13-18 % of a bf16 Sudoku training step (RESULTS.md, "CPU training
+    throughput"). An element is kept with probability q = 1 - round(p 2^16) / 2^16 (within 2^-17 of
+    1 - p) and scaled by 1/q, so the output's mean is x exactly. Seeded by torch's CPU generator like
+    F.dropout, though the two draw different masks."""
+    if not training or not 0 < p < 1 or x.device.type != "cpu":
+        return F.dropout(x, p, training)  # on GPUs torch's own is fused and fast, compiled or not
     drop = round(p * 65536)
-    bits = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_(-2 ** 63, 2 ** 63 - 1)
-    keep = bits.view(torch.int16)[:x.numel()].view(x.shape) >= drop - 32768  # P = (65536 - drop) / 65536
-    return torch.where(keep, x * (65536 / (65536 - drop)), 0)
+    return torch.where(keep_mask(x, drop), x * (65536 / (65536 - drop)), 0)
 
 
 def attention_math(q, k, v, attn_mask=None, dropout_p=0.0):
@@ -333,7 +340,7 @@ class Attention(nn.Module):
             k, v = kv_cache.update(self.i, k, v)  # (B, Hkv, P + T, hd): committed prefix + this input
         dropout_p = self.dropout if self.training else 0.0
         g = self.n_head // self.n_kv_head  # query head h reads K/V head h // g
-        if dropout_p and eager_cpu(q):  # CPU training: attention_math's faster mask and bf16 matmuls
+        if dropout_p and q.device.type == "cpu":  # CPU training: attention_math's faster mask, bf16 matmuls
             if g > 1:
                 k, v = (t.repeat_interleave(g, 1) for t in (k, v))
             y = attention_math(q, k, v, attn_mask, dropout_p)

@@ -387,12 +387,24 @@ def how_to_continue(overwrite):
 # ---------------------------------------------------------------------------------------------
 # the machine a figure was measured on
 
-def cpu_name():
-    """The CPU's model name from /proc/cpuinfo (Linux), else 'unknown': CPU figures mean little without it."""
-    if not os.path.exists("/proc/cpuinfo"):
-        return "unknown"
-    return next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                "unknown")
+def cpu_info(cpuinfo="/proc/cpuinfo"):
+    """(model name, bf16 units) of the first core in /proc/cpuinfo: the units, a list of AMX and
+    AVX512-BF16, decide bf16 speed. ('unknown', None) where there is no such file (not Linux)."""
+    if not os.path.exists(cpuinfo):
+        return "unknown", None
+    info = {}
+    for line in open(cpuinfo):
+        key, _, value = line.partition(":")
+        info.setdefault(key.strip(), value.strip())
+    flags = info.get("flags", "").split()
+    return info.get("model name", "unknown"), [u for f, u in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16"))
+                                                if f in flags]
+
+
+def cpu_name(cpuinfo="/proc/cpuinfo"):
+    """The CPU's model name and bf16 units: CPU figures mean little without them (a VM often masks the model)."""
+    name, bf16 = cpu_info(cpuinfo)
+    return name if bf16 is None else f"{name} ({', '.join(bf16) or 'no bf16 hardware'})"
 
 
 def kernel_ms(prof):

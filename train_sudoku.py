@@ -36,9 +36,9 @@ import sudoku_solver
 from checkpoint import config_diff, export_weights, load_checkpoint, load_model, load_state, save_checkpoint
 from model import ModelConfig, Transformer, device_flag, pick_device, shape_problem
 from relay import OBJECTIVES, RELAY_OBJECTIVES, RolloutBuffer, mlm_loss, reveal_jittered_mass, rollout_loss
-from runs import (InputError, Interrupted, StopOnInterrupt, argparser, check_out_file, claim_out_dir, given_flags,
-                  how_to_continue, make_out_dir, nonneg_float, nonneg_int, positive_float, positive_int, run_cli,
-                  seed_int, stop_reason, unit_float)
+from runs import (InputError, Interrupted, StopOnInterrupt, argparser, check_out_file, claim_out_dir, cpu_info,
+                  given_flags, how_to_continue, make_out_dir, nonneg_float, nonneg_int, positive_float,
+                  positive_int, run_cli, seed_int, stop_reason, unit_float)
 from sampler import sample_mdm
 
 PRESETS = {  # flag defaults per preset; "cpu" is what the add_argument defaults below already say
@@ -450,7 +450,8 @@ def training_summary(args, step, losses, train_seconds, steady, monitor, steps=0
     train_seconds += before.get("train_seconds", 0.0)
     return {"objective": args.objective, "mlm_steps": min(args.mlm_steps, step), "steps": step,
             "train_loss": float(np.mean(losses[-LOG_EVERY:])) if len(losses) else before.get("train_loss"),
-            "train_rows_per_s": args.batch_size * timed / max(train_seconds, 1e-9), "train_seconds": train_seconds,
+            "train_rows_per_s": args.batch_size * timed / max(train_seconds, 1e-9) if timed else None,
+            "train_seconds": train_seconds if timed else None,
             "timed_steps": timed, "train_rows_per_s_steady": steady or before.get("train_rows_per_s_steady"),
             "monitor": before.get("monitor", []) + list(monitor)}
 
@@ -574,6 +575,9 @@ def main(argv=None):
     if args.device.startswith("cuda") and args.preset == "cpu":
         print(f"CUDA found, running the cpu preset. The paper's recipe is `python train_sudoku.py --preset paper --compile`: "
               f"300k steps, about {300_000 / H100_STEPS_PER_S / 3600:.0f} h on one H100.")
+    if args.device == "cpu" and args.dtype == "bfloat16" and cpu_info()[1] == []:
+        print(f"NOTE: {cpu_info()[0]} has no AMX or AVX512-BF16: bf16 autocast is emulated here and far slower "
+              "than --dtype float32")
 
     # 2) data: training puzzles (augmented on the fly) and the tiered test set; a resumed run keeps
     #    its checkpoint's training set (its size follows --max-steps, which a resume may raise)
@@ -614,6 +618,7 @@ def main(argv=None):
             # a budget of this invocation ends the loop with a checkpoint, so --resume continues exactly
             if stop := stop_reason(args, interrupted, time.time() - t0, step - step0):
                 tqdm.write(f"stopping at step {step}: {stop}")
+                losses += [x[0] for x in torch.stack(pending).tolist()] if pending else []  # in the checkpoint too
                 t_off += save()
                 break
             loss, new_rows = train_step(args, step, train_model, model, ema, opt, buf, stream, gen, ctx)
@@ -642,7 +647,6 @@ def main(argv=None):
             # b) checkpoint (atomic); its seconds, like the monitor's, are not training time
             if step % args.ckpt_every == 0 or step == args.max_steps:
                 t_off += save()
-    losses += [x[0] for x in torch.stack(pending).tolist()] if pending else []  # a stop in mid-interval
     bar.close()
     if interrupted:
         StopOnInterrupt.exit(step, ckpt_path, args.overwrite)

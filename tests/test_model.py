@@ -97,20 +97,25 @@ def test_strict_load_names_the_problem(tiny_cfg):
 
 def test_compiled_equals_eager(tiny_cfg):
     """torch.compile (as --compile runs the training forward, RoPE outside the graph) computes the
-    same logits, relay state and gradients as the eager model, relay given or not."""
+    same logits, relay state and gradients as the eager model, relay given or not, with dropout on:
+    the compiled graph draws the same CPU masks in the same order and its backward uses the masks
+    of its forward (the mask op is never recomputed there)."""
     torch.manual_seed(0)
-    m = Transformer(dataclasses.replace(tiny_cfg, relay=True))
+    m = Transformer(dataclasses.replace(tiny_cfg, relay=True, dropout=0.3))
     fast = torch.compile(m)
     idx = torch.randint(0, 10, (3, 81))
     relay = torch.randn(3, 81, tiny_cfg.n_embd)
     out = {}
     for name, model in (("eager", m), ("compiled", fast)):
+        torch.manual_seed(1)
         logits, h = model(idx)
         logits2, h2 = model(idx, relay=h)
         (logits2.square().mean() + h2.mean()).backward()
         out[name] = [logits, h, logits2, h2], [p.grad.clone() for p in m.parameters()]
         m.zero_grad()
     torch.testing.assert_close(out["compiled"], out["eager"], rtol=1e-4, atol=1e-5)
+    assert not torch.equal(m(idx)[0], m(idx)[0])  # dropout was on
+    m.eval()
     torch.testing.assert_close(fast(idx, relay=relay), m(idx, relay=relay), rtol=1e-4, atol=1e-5)
 
 

@@ -53,6 +53,8 @@ def test_a_pause_saves_without_evaluating_and_ctrl_c_in_the_evaluation_keeps_the
     r = run(tmp_path, data_dir, "--max-steps", "4", "--stop-after", "2", "--eval-every", "1")
     assert r["steps"] == 2 and len(r["losses"]) == 2 and "exact_match" not in r and r["timed_steps"] == 2
     assert f"paused at step 2: {tmp_path / 'ckpt.pt'} saved" in capsys.readouterr().out
+    ck = torch.load(tmp_path / "ckpt.pt", weights_only=False)  # the pause's losses are in its checkpoint
+    assert ck["trained"]["train_loss"] == pytest.approx(np.mean(r["losses"]))
     real = train_sudoku.evaluate
 
     def ctrl_c_in_the_final_evaluation(*a, desc="eval", **k):
@@ -108,6 +110,28 @@ def test_why_a_training_loop_stops_and_its_steady_rate():
     s = train_sudoku.training_summary(a, 4, [], 0.0, None, [], steps=0, before=before)
     assert (s["train_seconds"], s["timed_steps"], s["train_loss"], s["train_rows_per_s_steady"]) == (2.0, 4, 1.5, 5.0)
     assert s["train_rows_per_s"] == 8 * 4 / 2.0 and s["monitor"] == [{"step": 4}]
+    # --eval-only of a checkpoint with no training figures: none, rather than 0 rows/s in 0 s
+    s = train_sudoku.training_summary(a, 4, [], 0.0, None, [])
+    assert s["train_rows_per_s"] is None and s["train_seconds"] is None and s["train_loss"] is None
+
+
+def test_the_cpu_name_says_whether_it_has_bf16_hardware(tmp_path):
+    """A benchmark's CPU label: a VM's masked model name, plus what decides bf16 speed (AMX: 2x)."""
+    from runs import cpu_info, cpu_name
+    core = "model name\t: Intel(R) Xeon(R) Processor\nflags\t\t: fpu sse2 avx2 {}\n\n"
+    (tmp_path / "a").write_text(core.format("avx512_bf16 amx_bf16 amx_tile") * 2)
+    (tmp_path / "b").write_text(core.format("avx512f"))
+    assert cpu_name(str(tmp_path / "a")) == "Intel(R) Xeon(R) Processor (AMX, AVX512-BF16)"
+    assert cpu_name(str(tmp_path / "b")) == "Intel(R) Xeon(R) Processor (no bf16 hardware)"
+    assert cpu_name(str(tmp_path / "none")) == "unknown"
+    assert cpu_info(str(tmp_path / "b")) == ("Intel(R) Xeon(R) Processor", [])
+
+
+def test_bf16_on_a_cpu_without_bf16_hardware_is_named(tmp_path, data_dir, monkeypatch, capsys):
+    """--preset paper picks bf16, which such a CPU emulates (README: 150x slower than fp32): said at the start."""
+    monkeypatch.setattr(train_sudoku, "cpu_info", lambda: ("Some CPU", []))
+    run(tmp_path, data_dir, "--max-steps", "2", "--stop-after", "1", "--dtype", "bfloat16", "--device", "cpu")
+    assert "NOTE: Some CPU has no AMX or AVX512-BF16: bf16 autocast is emulated here" in capsys.readouterr().out
 
 
 def test_the_table_puts_the_batch_nfe_on_the_all_row_only(capsys):
