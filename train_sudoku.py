@@ -107,6 +107,8 @@ def get_args(argv=None):
     p.add_argument("--compile", nargs="?", const="default", default="", metavar="MODE",
                    choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
                    help="torch.compile the training forward, in this mode (default; reduce-overhead: CUDA graphs)")
+    p.add_argument("--threads", type=nonneg_int, default=0, help="CPU threads (0: torch's default, one per core; "
+                   "on a small machine with other work running, 1 is often many times faster)")
     # data, evaluation, files
     p.add_argument("--data", default="", help="training CSV (question,answer[,...]); default: generated")
     p.add_argument("--test-data", default="", help="test CSV; default: generated, tiers mixed by --test-mix")
@@ -297,7 +299,7 @@ def training_state(args, step, model, ema, opt, buf, stream, gen, trained):
 
 # what a resume may change without a note (tau: the evaluation's; --init-from: the checkpoint has the weights now)
 RUN_FLAGS = {"resume", "overwrite", "max_steps", "stop_after", "time_limit", "eval_every", "ckpt_every", "device",
-             "compile", "no_sweep", "eval_batch", "eval_size", "mlm_steps", "data_dir", "out_dir", "test_data",
+             "compile", "threads", "no_sweep", "eval_batch", "eval_size", "mlm_steps", "data_dir", "out_dir", "test_data",
              "test_mix", "skip_invalid", "export", "solve", "checkpoint", "eval_only", "init_from", "tau"}
 
 
@@ -564,6 +566,8 @@ def main(argv=None):
     # 1) arguments and device
     args = get_args(argv)
     torch.manual_seed(args.seed)  # model init; data order and noise have their own generators below
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
     # bf16 autocast only when asked: on CPUs without AMX / AVX512-BF16 it is slower than fp32
     ctx = torch.autocast(args.device.split(":")[0], dtype=dtype) if dtype != torch.float32 else nullcontext()

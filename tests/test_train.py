@@ -127,6 +127,17 @@ def test_the_cpu_name_says_whether_it_has_bf16_hardware(tmp_path):
     assert cpu_info(str(tmp_path / "b")) == ("Intel(R) Xeon(R) Processor", [])
 
 
+def test_threads_is_a_flag_of_the_invocation(tmp_path, data_dir, capsys):
+    n = torch.get_num_threads()
+    try:
+        run(tmp_path, data_dir, "--max-steps", "2", "--stop-after", "1", "--threads", "1")
+        assert torch.get_num_threads() == 1
+        r = run(tmp_path, data_dir, "--max-steps", "2", "--resume", "--threads", "2")  # no note: not the run's config
+        assert torch.get_num_threads() == 2 and r["steps"] == 2 and "other flags" not in capsys.readouterr().out
+    finally:
+        torch.set_num_threads(n)
+
+
 def test_bf16_on_a_cpu_without_bf16_hardware_is_named(tmp_path, data_dir, monkeypatch, capsys):
     """--preset paper picks bf16, which such a CPU emulates (README: 150x slower than fp32): said at the start."""
     monkeypatch.setattr(train_sudoku, "cpu_info", lambda: ("Some CPU", []))
