@@ -73,6 +73,23 @@ def test_batched_rows_match_single_rows(tiny_cfg):
         assert (o[0] == out[i]).all() and s["nfe"][0] == st["nfe"][i]
 
 
+def test_cpu_pieces_decode_what_one_forward_does(tiny_cfg, monkeypatch):
+    """rows_forward splits a CPU forward into pieces of CPU_ROWS rows (small temporaries): the same tokens,
+    NFE and forward count as the whole batch in one forward."""
+    import sampler
+    torch.manual_seed(0)
+    m = Counter(Transformer(dataclasses.replace(tiny_cfg, relay=True)).eval())
+    x = canvas(5)
+    whole, st = sample_mdm(m, x)
+    assert len(m.seen[0]) == 5
+    m.seen.clear()
+    monkeypatch.setattr(sampler, "CPU_ROWS", 2)
+    out, st2 = sample_mdm(m, x)
+    assert [len(s) for s in m.seen[:3]] == [2, 2, 1]  # the first forward, in pieces
+    assert torch.equal(out, whole) and torch.equal(st2["nfe"], st["nfe"])
+    assert st2["forward_calls"] == st["forward_calls"] and torch.equal(st2["revealed_at"], st["revealed_at"])
+
+
 def test_revealed_at_records_the_step_of_each_cell(tiny_cfg):
     torch.manual_seed(0)
     m = Transformer(dataclasses.replace(tiny_cfg, relay=True)).eval()
