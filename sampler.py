@@ -53,7 +53,7 @@ def rows_forward(model, x, relay):
     """model(x, relay=relay) -> (logits, h), on a CPU in pieces of CPU_ROWS rows. Rows are independent;
     the pieces only keep each temporary small: a batch-256 forward of the paper model makes tensors
     of 40 MB that glibc maps fresh and unmaps every time (a page fault per 4 KB touched), and
-    misses the caches. In pieces a CPU decodes 1.3x (fp32) to 1.5x (bf16) faster (RESULTS.md)."""
+    misses the caches. In pieces a CPU decodes 1.3-2x faster, the same tokens (RESULTS.md)."""
     if x.device.type != "cpu" or len(x) <= CPU_ROWS:
         return model(x, relay=relay)
     parts = [model(x[i:i + CPU_ROWS], relay=None if relay is None else relay[i:i + CPU_ROWS])

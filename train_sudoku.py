@@ -299,8 +299,8 @@ def training_state(args, step, model, ema, opt, buf, stream, gen, trained):
 
 # what a resume may change without a note (tau: the evaluation's; --init-from: the checkpoint has the weights now)
 RUN_FLAGS = {"resume", "overwrite", "max_steps", "stop_after", "time_limit", "eval_every", "ckpt_every", "device",
-             "compile", "threads", "no_sweep", "eval_batch", "eval_size", "mlm_steps", "data_dir", "out_dir", "test_data",
-             "test_mix", "skip_invalid", "export", "solve", "checkpoint", "eval_only", "init_from", "tau"}
+             "compile", "threads", "no_sweep", "eval_batch", "eval_size", "mlm_steps", "data_dir", "out_dir",
+             "test_data", "test_mix", "skip_invalid", "export", "solve", "checkpoint", "eval_only", "init_from", "tau"}
 
 
 def check_resume(ck, path, args):
