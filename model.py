@@ -581,6 +581,25 @@ def forward_doubled(model, xt, x0, masked, relay=None, targets=None):
 
 
 # ---------------------------------------------------------------------------------------------
+# a Sudoku canvas forward in pieces of rows on a CPU
+
+CPU_ROWS = 64  # rows per piece of a CPU training forward (rows_forward; the sampler's pieces are smaller)
+
+
+def rows_forward(model, x, relay=None, rows=None):
+    """model(x, relay=relay) -> (logits, h) of a Sudoku canvas x (B, T), on a CPU in pieces of `rows`
+    (default CPU_ROWS) rows, gradients and all. Rows are independent, so only the temporaries change
+    size: a batch-512 forward of the paper model makes ones of 40-85 MB, which glibc maps fresh and
+    unmaps every time (a page fault per 4 KB touched) and no cache holds. In pieces a CPU trains
+    batch 512 1.7x faster (relay, bf16) and decodes 1.3-2x faster, the same tokens (RESULTS.md)."""
+    rows = rows or CPU_ROWS
+    if x.device.type != "cpu" or len(x) <= rows:
+        return model(x, relay=relay)
+    parts = [model(x[i:i + rows], relay=None if relay is None else relay[i:i + rows]) for i in range(0, len(x), rows)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+# ---------------------------------------------------------------------------------------------
 # devices, and a random LLM for speed and memory checks
 
 def device_flag(name):

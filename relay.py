@@ -18,7 +18,7 @@ network and lives in model.py. No command of its own: `python train_sudoku.py` a
 import torch
 import torch.nn.functional as F
 
-from model import RelayChannel, forward_doubled, unwrap
+from model import RelayChannel, forward_doubled, rows_forward, unwrap
 
 OBJECTIVES = ("mlm", "rollout", "relay_sg", "relay")  # the four rows of Table 1
 RELAY_OBJECTIVES = ("relay_sg", "relay")  # the two that carry h from step to step (a relay channel, a buffered h)
@@ -103,7 +103,7 @@ def mlm_loss(model, x0, fixed, gen):
     t = torch.rand(B, 1, generator=gen, device=x0.device)
     masked = (torch.rand(B, T, generator=gen, device=x0.device) < t) & ~fixed
     xt = torch.where(masked, unwrap(model).cfg.mask_id, x0)
-    logits, _ = model(xt)  # (B, T, V)
+    logits, _ = rows_forward(model, xt)  # (B, T, V)
     return dense_masked_ce(logits, x0, masked)
 
 
@@ -220,7 +220,7 @@ def rollout_loss(model, buf, K, objective, reveal, doubled=False):
             loss = loss + ce.sum() / max(len(ce), 1)
             conf = torch.zeros(x.shape, device=x.device).masked_scatter_(masked, conf_m)
         else:  # Sudoku: full logits and no boolean indexing, so a GPU step never waits for the host
-            logits, h_out = model(x, relay=h)  # (B, T, V), (B, T, D)
+            logits, h_out = rows_forward(model, x, relay=h)  # (B, T, V), (B, T, D)
             loss = loss + dense_masked_ce(logits, x0, masked)
             conf = torch.where(masked, predict(logits.detach())[1], 0.0)
         # 3) reveal the ground truth where the model is most confident

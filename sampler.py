@@ -37,7 +37,8 @@ from dataclasses import dataclass
 import torch
 
 from checkpoint import load_pretrained, save_pretrained
-from model import SHAPES, KVCache, StaticKVCache, block_mask, device_flag, pick_device, random_model, shift_right
+from model import (SHAPES, KVCache, StaticKVCache, block_mask, device_flag, pick_device, random_model, rows_forward,
+                   shift_right)
 from relay import predict, reveal_confidence_mass, reveal_threshold_blocks
 from runs import InputError, argparser, kernel_ms, positive_int, run_cli, seed_int, unit_float
 from tokenizer import save_byte_tokenizer
@@ -46,19 +47,7 @@ from tokenizer import save_byte_tokenizer
 # ---------------------------------------------------------------------------------------------
 # Sudoku: a fixed canvas (NOTES.md §4)
 
-CPU_ROWS = 32  # rows per piece of a CPU forward (rows_forward)
-
-
-def rows_forward(model, x, relay):
-    """model(x, relay=relay) -> (logits, h), on a CPU in pieces of CPU_ROWS rows. Rows are independent;
-    the pieces only keep each temporary small: a batch-256 forward of the paper model makes tensors
-    of 40 MB that glibc maps fresh and unmaps every time (a page fault per 4 KB touched), and
-    misses the caches. In pieces a CPU decodes 1.3-2x faster, the same tokens (RESULTS.md)."""
-    if x.device.type != "cpu" or len(x) <= CPU_ROWS:
-        return model(x, relay=relay)
-    parts = [model(x[i:i + CPU_ROWS], relay=None if relay is None else relay[i:i + CPU_ROWS])
-             for i in range(0, len(x), CPU_ROWS)]
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+CPU_ROWS = 32  # rows per piece of a CPU forward (model.rows_forward): no activations are kept, smaller pays
 
 
 @torch.no_grad()
@@ -81,7 +70,7 @@ def sample_mdm(model, x, *, tau=0.15, max_steps=64, use_relay=True):
             break
         xa = x[rows]
         # 2) one denoising forward with the relay state of the previous one
-        logits, h_out = rows_forward(model, xa, None if h is None else h[rows])  # (B', T, V), (B', T, D)
+        logits, h_out = rows_forward(model, xa, None if h is None else h[rows], CPU_ROWS)  # (B', T, V), (B', T, D)
         nfe[rows] += 1
         calls += 1
         fwd_tokens += xa.numel()

@@ -89,6 +89,24 @@ def test_one_rollout_step_is_the_masked_ce_with_teacher_forcing(tiny_cfg):
     assert (buf.x[~masked] == x_before[~masked]).all()
 
 
+def test_cpu_pieces_train_as_the_whole_batch(tiny_cfg, monkeypatch):
+    """model.rows_forward runs a CPU training forward in pieces of rows (here 2, 2, 1 of 5): the rollout
+    and MLM losses, the buffer's new state and every gradient are the whole batch's."""
+    import model
+    out = {}
+    for rows_ in (1000, 2):
+        monkeypatch.setattr(model, "CPU_ROWS", rows_)
+        m, buf = make(tiny_cfg, "relay", B=5)
+        sizes = []
+        m.register_forward_hook(lambda mod, args, o: sizes.append(len(args[0])))
+        g = torch.Generator().manual_seed(0)
+        loss = rollout_loss(m, buf, 2, "relay", REVEAL) + mlm_loss(m, buf.x0, buf.fixed, g)
+        loss.backward()
+        assert sizes == ([5] * 3 if rows_ == 1000 else [2, 2, 1] * 3)  # two rollout forwards, one MLM
+        out[rows_] = [loss.detach(), buf.x.clone(), buf.h.clone()] + [p.grad.clone() for p in m.parameters()]
+    torch.testing.assert_close(out[2], out[1000], rtol=1e-5, atol=1e-6)
+
+
 def test_buffer_refills_only_finished_slots(tiny_cfg):
     buf = RolloutBuffer(3, 81, 32, 0, "cpu")
     assert buf.refill(lambda n: rows(n, seed=1)) == 3  # cold start fills every slot
