@@ -591,7 +591,7 @@ def rows_forward(model, x, relay=None, rows=None):
     (default CPU_ROWS) rows, gradients and all. Rows are independent, so only the temporaries change
     size: a batch-512 forward of the paper model makes ones of 40-85 MB, which glibc maps fresh and
     unmaps every time (a page fault per 4 KB touched) and no cache holds. In pieces a CPU trains
-    batch 512 1.7x faster (relay, bf16) and decodes 1.3-2x faster, the same tokens (RESULTS.md)."""
+    batch 512 1.25-1.4x faster (relay, bf16) and decodes 1.3-2x faster, the same tokens (RESULTS.md)."""
     rows = rows or CPU_ROWS
     if x.device.type != "cpu" or len(x) <= rows:
         return model(x, relay=relay)
