@@ -130,7 +130,7 @@ if results:
                              f"{first.get('gpu') or 'CPU'}, torch {first['torch']}")
     pct = lambda r, g: f"{100 * r[g]['exact_match']:.1f}" if r.get(g) else "-"
     steady = lambda r: (f"{r['train_rows_per_s_steady']:.0f}" if r.get("train_rows_per_s_steady") else
-                        f"{r['train_rows_per_s']:.0f} (mean, warm-up in it)")  # a run too short for a steady rate
+                        f"{r['train_rows_per_s']:.0f} (mean, warm-up in it)" if r.get("train_rows_per_s") else "-")
     print("| objective | exact % (tau 0.15) | paper's exact % (300k steps) | singles | search | hard | "
           "hard, rating >= 40 | token acc % | NFE / puzzle | NFE batch | train rows/s | train s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")

@@ -497,7 +497,7 @@ def compare_with_fake_training(monkeypatch, calls, *argv):
     def main(flags):
         calls.append(flags)
         return {"losses": [], "curve": [], "steps": 1, "exact_match": 0.5, "token_acc": 0.9, "nfe": 10.0,
-                "nfe_batch": 10.0, "train_seconds": 1.0}
+                "nfe_batch": 10.0, "train_seconds": 1.0, "train_rows_per_s": 8.0, "train_rows_per_s_steady": None}
     monkeypatch.setattr(train_sudoku, "main", main)
     monkeypatch.setattr(train_sudoku, "plot_curves", lambda *a, **k: None)
     monkeypatch.setattr(sys, "argv", ["compare_objectives.py", *argv])
@@ -511,6 +511,7 @@ def test_compare_objectives_prints_the_papers_numbers_and_trains_pure_objectives
     out = capsys.readouterr().out
     for obj, paper in (("mlm", 20.3), ("rollout", 38.7), ("relay_sg", 58.4), ("relay", 62.7)):
         assert f"| {obj} | 50.0 | {paper} |" in out
+    assert "| 8 (mean, warm-up in it) | 1 |" in out  # one step: no steady rate, the mean (so marked)
     assert len(calls) == 4 and all(f[f.index("--mlm-frac") + 1] == "0" for f in calls)  # no MLM warm start
     out = tmp_path / "relay"  # a checkpoint of other flags, stopped before its result, is not replaced unasked
     (out / "ckpt.pt").write_bytes(b"a run of 5 steps")
