@@ -70,7 +70,7 @@ def sample_mdm(model, x, *, tau=0.15, max_steps=64, use_relay=True):
             break
         xa = x[rows]
         # 2) one denoising forward with the relay state of the previous one
-        logits, h_out = rows_forward(model, xa, None if h is None else h[rows], CPU_ROWS)  # (B', T, V), (B', T, D)
+        logits, h_out = rows_forward(model, xa, None if h is None else h[rows], rows=CPU_ROWS)  # (B', T, V), (B', T, D)
         nfe[rows] += 1
         calls += 1
         fwd_tokens += xa.numel()

@@ -579,8 +579,8 @@ def main(argv=None):
     if args.device.startswith("cuda") and args.preset == "cpu":
         print(f"CUDA found, running the cpu preset. The paper's recipe is `python train_sudoku.py --preset paper --compile`: "
               f"300k steps, about {300_000 / H100_STEPS_PER_S / 3600:.0f} h on one H100.")
-    if args.device == "cpu" and args.dtype == "bfloat16" and cpu_info()[1] == []:
-        print(f"NOTE: {cpu_info()[0]} has no AMX or AVX512-BF16: bf16 autocast is emulated here and far slower "
+    if args.device == "cpu" and args.dtype == "bfloat16" and (cpu := cpu_info())[1] == []:
+        print(f"NOTE: {cpu[0]} has no AMX or AVX512-BF16: bf16 autocast is emulated here and far slower "
               "than --dtype float32")
 
     # 2) data: training puzzles (augmented on the fly) and the tiered test set; a resumed run keeps
